@@ -1,0 +1,1430 @@
+"""wakaq.py - a Redis-backed background task queue in one file.
+
+    python wakaq.py worker myapp:wakaq       # a parent that forks `concurrency` children
+    python wakaq.py scheduler myapp:wakaq    # enqueues the app's CronTasks on time
+    python wakaq.py info myapp:wakaq         # queues, in-flight, dead letters, workers
+
+Quick start:
+
+    from wakaq import WakaQ
+    wakaq = WakaQ(queues=["default"], url="redis://localhost:6379/0")
+
+    @wakaq.task
+    def send_email(to):
+        ...
+
+    send_email.delay("ann@example.com")              # returns the task id
+    send_email.delay("bob@example.com", eta=60)      # in a minute
+    send_email.delay_many([("a@x.io",), ("b@x.io",)])  # bulk: one round trip per 1,000
+
+Delivery is at least once: a task leaves Redis only after its attempt ends. A failed
+attempt (soft timeout, hard timeout, the child or the whole worker dying) is retried
+at the end of its queue while it has retries left, then dead-lettered with the reason.
+Any other exception is logged with its traceback and the task is done.
+
+Redis keys ({p} = "wakaq"):
+    {p}:q:{queue}       LIST  ready payloads. Children LPOP from the left. Pushed to the
+                              right (end): new (.delay), retried, due delayed, cron ticks,
+                              requeued dead letters. Pushed to the left (front): tasks that
+                              a stop interrupted (they keep their retry count).
+    {p}:eta:{queue}     ZSET  delayed payloads, score = due time (unix seconds, float).
+                              Worker parents move due ones to {p}:q:{queue} in batches.
+    {p}:wake:{queue}    LIST  wake-up tokens (at most 1,000): every push to {p}:q:{queue}
+                              adds one; idle children BLPOP them; a claim that finds all
+                              its queues empty deletes them.
+    {p}:inflight:{wid}  HASH  child slot -> the payload it is running (set in the same
+                              script that pops it). Worker {wid}'s parent releases a dead
+                              child's entry; a live worker adopts a dead worker's hash.
+    {p}:workers         ZSET  worker id -> last heartbeat (unix seconds).
+    {p}:bcast:{wid}     LIST  broadcast payloads for one worker; claimed before queues.
+    {p}:wake:{wid}      LIST  wake-up tokens for that worker's broadcasts.
+    {p}:dead            LIST  dead letters: JSON {id, name, queue, attempts, reason, at,
+                              payload}, payload = the original payload as a string.
+    {p}:cron:{digest}:{tick}  STRING  SET NX by the scheduler that enqueues that tick.
+
+Payload: JSON {"id", "name", "queue", "retry", "args", "kwargs"} (+ "bcast": 1);
+retry = failed attempts so far. Values beyond JSON travel as {"__wakaq__": TYPE, "v": ...}.
+
+Sections: errors and helpers - serializer - Queue and CronTask - Task - WakaQ - Redis
+scripts - logging - OS helpers - worker parent - worker child - scheduler - command line.
+"""
+import argparse
+import ast
+import asyncio
+import base64
+import contextvars
+import decimal
+import hashlib
+import itertools
+import json
+import logging
+import mmap
+import os
+import re
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+from datetime import date, datetime, timedelta, timezone
+from typing import NamedTuple, Optional
+
+import redis
+from croniter import croniter
+
+try:
+    from zoneinfo import ZoneInfo
+except ImportError:  # Python 3.8 has no zoneinfo; the contract needs 3.9+
+    ZoneInfo = None
+
+__version__ = "1.0.0"
+__all__ = [
+    # defining an app
+    "WakaQ", "Queue", "CronTask", "Task",
+    # inside your tasks
+    "SoftTimeout", "current_task",
+    # errors
+    "WakaQError",
+]
+
+log = logging.getLogger("wakaq")
+
+PREFIX = "wakaq"
+WAKE_TOKENS = 1000        # wake-up tokens kept per queue at most
+DUE_BATCH = 1000          # delayed payloads moved per script call (bounded command time)
+BULK_CHUNK = 1000         # payloads per command in delay_many()
+TICK = 0.1                # worker parent loop period, seconds
+IDLE_WAIT = 1             # a child's BLPOP timeout, seconds (it re-checks its flags after)
+
+
+# ===================================================================== errors and helpers
+
+class WakaQError(Exception):
+    """Base class for the errors wakaq raises at runtime."""
+
+
+class SoftTimeout(WakaQError):
+    """Raised inside a running task when its soft timeout elapses (SIGALRM).
+
+    A subclass of Exception, as in the original WakaQ and Celery: a task's broad
+    `except Exception` can swallow it, and then the hard timeout is the backstop."""
+
+
+class _Stop(BaseException):
+    """Raised by a child's SIGTERM handler while it waits idle, to leave the wait."""
+
+
+def _seconds(value, name):
+    """A duration as float seconds; None stays None (unset), 0 stays 0."""
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be seconds or a timedelta, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must not be negative, got {value!r}")
+    return float(value)
+
+
+def _count(value, name, minimum=0):
+    """A whole number setting; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
+    return value
+
+
+def _first_set(*values):
+    return next((v for v in values if v is not None), None)
+
+
+class _Limits(NamedTuple):
+    soft: Optional[float]
+    hard: Optional[float]
+    retries: int
+
+
+def _limits_for(app, task, queue):
+    """Per-setting precedence: task decorator, then queue, then app."""
+    layers = [x for x in (task, queue, app) if x is not None]
+    return _Limits(
+        soft=_first_set(*(x.soft_timeout for x in layers)),
+        hard=_first_set(*(x.hard_timeout for x in layers)),
+        retries=_first_set(*(x.max_retries for x in layers)) or 0)
+
+
+def _check_timeouts(limits, where):
+    if limits.soft is not None and limits.hard is not None and limits.hard <= limits.soft:
+        raise ValueError(f"{where}: hard_timeout ({limits.hard:g}s) must be greater than "
+                         f"soft_timeout ({limits.soft:g}s)")
+
+
+_ALLOWED_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
+                ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b,
+                ast.FloorDiv: lambda a, b: a // b}
+
+
+def _concurrency(value, cores=None):
+    """An int, or arithmetic of `cores` such as "cores*2" or "cores - 1" (at least 1)."""
+    cores = cores or os.cpu_count() or 1
+
+    def ev(node):
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return node.value
+        if isinstance(node, ast.Name) and node.id == "cores":
+            return cores
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in _ALLOWED_OPS:
+            return _ALLOWED_OPS[type(node.op)](ev(node.left), ev(node.right))
+        raise ValueError("only numbers, `cores` and + - * / // are allowed")
+
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"concurrency must be an int or an expression of cores, got {value!r}")
+    try:
+        n = value if isinstance(value, int) else int(ev(ast.parse(value, mode="eval").body))
+    except (SyntaxError, ValueError, ZeroDivisionError) as e:
+        raise ValueError(f"bad concurrency expression {value!r}: {e}") from None
+    if n < 1:
+        raise ValueError(f"concurrency must come to at least 1, got {value!r} = {n}")
+    return n
+
+
+def _import_app(spec):
+    """Load a WakaQ from "module:attribute" or "module.attribute"."""
+    import importlib
+    module, sep, attr = spec.partition(":")
+    if not sep:
+        module, _, attr = spec.rpartition(".")
+    if not module or not attr:
+        raise ValueError(f"APP must look like module:attribute, got {spec!r}")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not isinstance(obj, WakaQ):
+        raise TypeError(f"{spec} is a {type(obj).__name__}, not a WakaQ")
+    return obj
+
+
+# ===================================================================== serializer
+
+_TAG = "__wakaq__"
+
+
+def _encode(o):
+    """json.dumps default=: the types we carry beyond JSON; anything else is a TypeError."""
+    if isinstance(o, datetime):          # aware -> naive UTC; naive is taken as UTC
+        if o.tzinfo is not None:
+            o = o.astimezone(timezone.utc).replace(tzinfo=None)
+        return {_TAG: "datetime", "v": o.isoformat()}
+    if isinstance(o, date):
+        return {_TAG: "date", "v": o.isoformat()}
+    if isinstance(o, timedelta):
+        return {_TAG: "timedelta", "v": [o.days, o.seconds, o.microseconds]}
+    if isinstance(o, decimal.Decimal):
+        return {_TAG: "decimal", "v": str(o)}
+    if isinstance(o, (bytes, bytearray)):
+        return {_TAG: "bytes", "v": base64.b64encode(o).decode()}
+    if isinstance(o, (set, frozenset)):
+        return list(o)
+    raise TypeError(f"wakaq cannot serialize {type(o).__name__} value {o!r:.80}; "
+                    "pass JSON types, datetime, date, timedelta, Decimal, bytes, set or tuple")
+
+
+_DECODERS = {
+    "datetime": datetime.fromisoformat,
+    "date": date.fromisoformat,
+    "timedelta": lambda v: timedelta(*v),
+    "decimal": decimal.Decimal,
+    "bytes": base64.b64decode,
+}
+
+
+def _decode(d):
+    if _TAG not in d:
+        return d
+    if d[_TAG] not in _DECODERS:
+        raise ValueError(f"unknown type tag {d[_TAG]!r}")
+    return _DECODERS[d[_TAG]](d["v"])
+
+
+_dumps = json.JSONEncoder(separators=(",", ":"), default=_encode, allow_nan=True).encode
+_TAG_BYTES = _TAG.encode()
+
+
+def _loads(raw):
+    """Decode a payload; object_hook only when a tag is present (it slows every dict)."""
+    if _TAG_BYTES in raw if isinstance(raw, bytes) else _TAG in raw:
+        return json.loads(raw, object_hook=_decode)
+    return json.loads(raw)
+
+
+_BAD_PAYLOAD = (ValueError, TypeError, KeyError, RecursionError, UnicodeDecodeError,
+                decimal.InvalidOperation)
+
+
+def _loads_msg(raw):
+    """A task payload, checked for shape; raises one of _BAD_PAYLOAD."""
+    msg = _loads(raw)
+    if not (isinstance(msg, dict) and isinstance(msg.get("name"), str)
+            and isinstance(msg.get("args"), list) and isinstance(msg.get("kwargs"), dict)
+            and isinstance(msg.get("retry"), int) and isinstance(msg.get("queue"), str)):
+        raise ValueError("not a wakaq payload (need name, queue, retry, args, kwargs)")
+    return msg
+
+
+_ids = None
+
+
+def _new_id():
+    """Unique task ids without a syscall per call: a random prefix per process + a counter."""
+    global _ids
+    if _ids is None or _ids[0] != os.getpid():
+        _ids = (os.getpid(), os.urandom(8).hex(), itertools.count())
+    return f"{_ids[1]}{next(_ids[2]):x}"
+
+
+# ===================================================================== Queue and CronTask
+
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+class Queue:
+    """A named list of tasks. Lower priority number = served first."""
+
+    __slots__ = ("name", "priority", "max_retries", "soft_timeout", "hard_timeout",
+                 "key", "eta_key", "wake_key")
+
+    def __init__(self, name, priority=None, max_retries=None, soft_timeout=None,
+                 hard_timeout=None):
+        if not isinstance(name, str) or not _QUEUE_NAME.match(name):
+            raise ValueError(f"queue name must be letters, digits, _ . or -, got {name!r}")
+        self.name = name
+        self.priority = _count(priority, f"priority of queue {name!r}", minimum=-2**31)
+        self.max_retries = _count(max_retries, f"max_retries of queue {name!r}")
+        self.soft_timeout = _seconds(soft_timeout, f"soft_timeout of queue {name!r}")
+        self.hard_timeout = _seconds(hard_timeout, f"hard_timeout of queue {name!r}")
+        self.key, self.eta_key, self.wake_key = (f"{PREFIX}:{k}:{name}" for k in ("q", "eta", "wake"))
+
+    def __repr__(self):
+        return f"Queue({self.name!r}, priority={self.priority})"
+
+
+def _coerce_queue(q):
+    if isinstance(q, Queue):
+        return q
+    if isinstance(q, str):
+        return Queue(q)
+    if isinstance(q, (tuple, list)) and len(q) == 2:
+        return Queue(q[1], priority=q[0])
+    raise TypeError(f"a queue is a Queue, a (priority, name) tuple or a name, got {q!r}")
+
+
+class CronTask:
+    """Enqueue task `task_name` on `queue` at every time matched by `schedule`
+    (croniter syntax: 5 fields, or 6 with seconds as the sixth)."""
+
+    __slots__ = ("schedule", "task_name", "queue", "args", "kwargs")
+
+    def __init__(self, schedule, task_name, queue=None, args=None, kwargs=None):
+        if not isinstance(schedule, str) or len(schedule.split()) not in (5, 6) \
+                or not croniter.is_valid(schedule):
+            raise ValueError(f"bad cron expression {schedule!r} (5 fields, or 6 with seconds)")
+        if not isinstance(task_name, str):
+            raise TypeError(f"CronTask task_name must be a str, got {task_name!r}")
+        self.schedule, self.task_name, self.queue = schedule, task_name, queue
+        self.args, self.kwargs = list(args or ()), dict(kwargs or {})
+
+    def __repr__(self):
+        return f"CronTask({self.schedule!r}, {self.task_name!r})"
+
+
+# ===================================================================== Task
+
+class Task:
+    """A registered task: call it to run here and now, .delay() to enqueue it."""
+
+    def __init__(self, app, fn, name, queue, max_retries, soft_timeout, hard_timeout):
+        self.app, self.fn, self.name = app, fn, name
+        self.queue = app._queue(queue) if queue is not None else None
+        self.max_retries = _count(max_retries, f"max_retries of task {name!r}")
+        self.soft_timeout = _seconds(soft_timeout, f"soft_timeout of task {name!r}")
+        self.hard_timeout = _seconds(hard_timeout, f"hard_timeout of task {name!r}")
+        _check_timeouts(_limits_for(app, self, self.queue or app.default_queue), f"task {name!r}")
+        self.__doc__, self.__wrapped__ = fn.__doc__, fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self):
+        return f"<Task {self.name}>"
+
+    def delay(self, *args, queue=None, eta=None, **kwargs):
+        """Enqueue one call; returns its id. `queue` and `eta` are reserved keywords:
+        eta = seconds or timedelta from now, or a datetime (naive = UTC)."""
+        return self.app._enqueue(self, [(args, kwargs)], queue, eta)[0]
+
+    def delay_many(self, calls, queue=None, eta=None):
+        """Enqueue many calls in bulk; each item is a tuple of positional args, or an
+        (args, kwargs) pair given as a dict {"args": [...], "kwargs": {...}}. Returns the ids."""
+        items = [(c.get("args", ()), c.get("kwargs", {})) if isinstance(c, dict) else (c, {})
+                 for c in calls]
+        for args, _ in items:
+            if not isinstance(args, (tuple, list)):
+                raise TypeError(f"delay_many() items are tuples of args, got {args!r}")
+        return self.app._enqueue(self, items, queue, eta)
+
+    def broadcast(self, *args, **kwargs):
+        """Run once on every live worker (in one of its children); returns how many."""
+        return self.app._broadcast(self, args, kwargs)
+
+
+# ===================================================================== WakaQ (the app)
+
+class WakaQ:
+    """The app: queues, settings, the task registry and the Redis connection."""
+
+    def __init__(self, queues=("default",), url=None, host="localhost", port=6379, db=0,
+                 username=None, password=None, concurrency="cores", exclude_queues=(),
+                 soft_timeout=None, hard_timeout=None, max_retries=None, max_mem_percent=None,
+                 max_tasks_per_worker=None, heartbeat_timeout=60, schedules=(), timezone=None,
+                 eager=False, worker_log_file=None, scheduler_log_file=None,
+                 worker_log_level=logging.INFO, scheduler_log_level=logging.INFO):
+        if isinstance(queues, (str, Queue)) or not queues:
+            raise TypeError(f"queues must be a non-empty list, got {queues!r}")
+        qs = [_coerce_queue(q) for q in queues]
+        names = [q.name for q in qs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate queue names in {names!r}")
+        numbered = [q.priority for q in qs if q.priority is not None]
+        lowest = max(numbered, default=-1)
+        plain = [q for q in qs if q.priority is None]   # rank below all others, in order
+        ranked = sorted((q for q in qs if q.priority is not None), key=lambda q: q.priority)
+        self.queues = ranked + plain
+        self._priority = {q.name: q.priority if q.priority is not None
+                          else lowest + 1 + plain.index(q) for q in self.queues}
+        self._queues = {q.name: q for q in self.queues}
+        self.default_queue = self.queues[-1]
+        if isinstance(exclude_queues, str):
+            raise TypeError(f"exclude_queues must be a list of names, got {exclude_queues!r}")
+        for name in exclude_queues:
+            self._queue(name)
+        self.exclude_queues = list(exclude_queues)
+        if len(self.exclude_queues) == len(self.queues):
+            raise ValueError(f"exclude_queues {self.exclude_queues!r} leaves no queue to serve")
+
+        self.concurrency = _concurrency(concurrency)
+        self.soft_timeout = _seconds(soft_timeout, "soft_timeout")
+        self.hard_timeout = _seconds(hard_timeout, "hard_timeout")
+        self.max_retries = _count(max_retries, "max_retries")
+        for q in [None] + self.queues:
+            _check_timeouts(_limits_for(self, None, q), f"queue {q.name!r}" if q else "WakaQ")
+        if max_mem_percent is not None and (isinstance(max_mem_percent, bool) or not isinstance(
+                max_mem_percent, (int, float)) or not 1 <= max_mem_percent <= 99):
+            raise ValueError(f"max_mem_percent must be a number from 1 to 99, got {max_mem_percent!r}")
+        self.max_mem_percent = max_mem_percent
+        self.max_tasks_per_worker = _count(max_tasks_per_worker, "max_tasks_per_worker", 1)
+        self.heartbeat_timeout = _seconds(heartbeat_timeout, "heartbeat_timeout")
+        if not self.heartbeat_timeout:
+            raise ValueError(f"heartbeat_timeout must be above 0, got {heartbeat_timeout!r}")
+
+        if timezone is not None and not isinstance(timezone, str):
+            raise TypeError(f"timezone must be an IANA name such as 'UTC', got {timezone!r}")
+        try:
+            self.tz = ZoneInfo(timezone or "UTC")
+        except (ValueError, KeyError, OSError) as e:   # ZoneInfoNotFoundError is a KeyError
+            raise ValueError(f"unknown timezone {timezone!r}: {e}") from None
+        self.schedules = list(schedules)
+        for cron in self.schedules:
+            if not isinstance(cron, CronTask):
+                raise TypeError(f"schedules holds CronTask objects, got {cron!r}")
+            if cron.queue is not None:
+                self._queue(cron.queue)
+        self.eager = bool(eager)
+        self.worker_log_file, self.scheduler_log_file = worker_log_file, scheduler_log_file
+        self.worker_log_level = _level(worker_log_level, "worker_log_level")
+        self.scheduler_log_level = _level(scheduler_log_level, "scheduler_log_level")
+
+        if url is not None:
+            self._redis_args = dict(url=url)
+        else:
+            self._redis_args = dict(host=host, port=port, db=db, username=username,
+                                    password=password)
+        self.url = url or f"redis://{host}:{port}/{db}"
+        self.tasks = {}
+        self._hooks = {"after_worker_started": [], "before_task_started": [],
+                       "after_task_finished": [], "wrap_tasks_with": []}
+        self.dead_key, self.workers_key = f"{PREFIX}:dead", f"{PREFIX}:workers"
+        self._redis, self._redis_pid = None, None
+
+    # --- the registry and hooks
+
+    def task(self, fn=None, *, name=None, queue=None, max_retries=None, soft_timeout=None,
+             hard_timeout=None):
+        """Register a task: @wakaq.task or @wakaq.task(queue=..., max_retries=...)."""
+        def register(fn):
+            task_name = name or fn.__name__
+            if task_name in self.tasks:
+                raise ValueError(f"a task named {task_name!r} is already registered")
+            t = Task(self, fn, task_name, queue, max_retries, soft_timeout, hard_timeout)
+            self.tasks[task_name] = t
+            return t
+        return register(fn) if fn is not None else register
+
+    def _hook(kind):
+        def decorator(self, fn):
+            self._hooks[kind].append(fn)
+            return fn
+        decorator.__name__ = kind
+        decorator.__doc__ = f"Decorator: register a function called {kind.replace('_', ' ')}."
+        return decorator
+
+    after_worker_started = _hook("after_worker_started")     # in each child, after fork
+    before_task_started = _hook("before_task_started")
+    after_task_finished = _hook("after_task_finished")
+    wrap_tasks_with = _hook("wrap_tasks_with")                 # wrapper(fn, args, kwargs)
+    del _hook
+
+    def _queue(self, name):
+        if isinstance(name, Queue):
+            name = name.name
+        if name not in self._queues:
+            raise ValueError(f"unknown queue {name!r}; the app has {list(self._queues)!r}")
+        return self._queues[name]
+
+    # --- Redis
+
+    def _client(self, retries=2):
+        """A new client. Workers pass retries=0 and handle outages themselves; producers
+        retry twice quickly, then the ConnectionError reaches the caller."""
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
+        kw = dict(self._redis_args, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
+                  socket_timeout=max(10.0, IDLE_WAIT * 5), socket_connect_timeout=5)
+        url = kw.pop("url", None)
+        return redis.Redis.from_url(url, **kw) if url else redis.Redis(**kw)
+
+    @property
+    def redis(self):
+        """This process's client (a new one after fork)."""
+        if self._redis is None or self._redis_pid != os.getpid():
+            self._redis, self._redis_pid = self._client(), os.getpid()
+        return self._redis
+
+    # --- enqueueing
+
+    def _payload(self, task, args, kwargs, queue, bcast=False):
+        msg = {"id": _new_id(), "name": task.name, "queue": queue.name, "retry": 0,
+               "args": list(args), "kwargs": kwargs}
+        if bcast:
+            msg["bcast"] = 1
+        return msg["id"], _dumps(msg)
+
+    def _enqueue(self, task, calls, queue, eta):
+        q = self._queue(queue) if queue is not None else task.queue or self.default_queue
+        built = [self._payload(task, a, k, q) for a, k in calls]   # TypeError before any push
+        if self.eager:
+            for _, raw in built:
+                msg = _loads(raw)
+                self._run_task(task, msg["args"], msg["kwargs"])
+            return [i for i, _ in built]
+        due = _due_time(eta)
+        payloads = [raw for _, raw in built]
+        r = self.redis
+        for start in range(0, len(payloads), BULK_CHUNK):
+            chunk = payloads[start:start + BULK_CHUNK]
+            if due is None:
+                _ENQUEUE(r, [q.key, q.wake_key], chunk)
+            else:
+                r.execute_command("ZADD", q.eta_key, *itertools.chain.from_iterable(
+                    (due, p) for p in chunk))
+        return [i for i, _ in built]
+
+    def _broadcast(self, task, args, kwargs):
+        _, raw = self._payload(task, args, kwargs, task.queue or self.default_queue, bcast=True)
+        if self.eager:
+            self._run_task(task, list(args), kwargs)
+            return 1
+        return _BROADCAST(self.redis, [self.workers_key],
+                          [time.time() - self.heartbeat_timeout, raw, PREFIX])
+
+    def _run_task(self, task, args, kwargs):
+        """Run a task with the hooks; `async def` tasks run to completion here."""
+        for hook in self._hooks["before_task_started"]:
+            hook()
+        try:
+            if self._hooks["wrap_tasks_with"]:
+                result = self._hooks["wrap_tasks_with"][-1](task.fn, args, kwargs)
+            else:
+                result = task.fn(*args, **kwargs)
+            if asyncio.iscoroutine(result):
+                result = asyncio.run(result)
+            return result
+        finally:
+            for hook in self._hooks["after_task_finished"]:
+                hook()
+
+    # --- the retry rule
+
+    def _outcome(self, raw, reason, bcast_key=None):
+        """The one retry rule, for every path that fails an attempt: where the task goes.
+        Returns (list key, wake key or None, value). bcast_key is the worker's own broadcast
+        list; None means the broadcast's worker is gone, so it cannot be retried."""
+        try:
+            msg = _loads_msg(raw)
+        except _BAD_PAYLOAD as e:
+            return self.dead_key, None, _dead_entry(raw, None, f"{reason}; bad payload: {e}")
+        task, queue = self.tasks.get(msg["name"]), self._queues.get(msg["queue"])
+        if msg.get("bcast") and bcast_key is None or queue is None:
+            return self.dead_key, None, _dead_entry(raw, msg, reason)
+        if msg["retry"] < _limits_for(self, task, queue).retries:
+            msg["retry"] += 1
+            if msg.get("bcast"):
+                return bcast_key, None, _dumps(msg)
+            return queue.key, queue.wake_key, _dumps(msg)
+        return self.dead_key, None, _dead_entry(raw, msg, reason)
+
+    def _front(self, raw, bcast_key):
+        """Where a task that a stop interrupted goes back: the front, retry unchanged."""
+        try:
+            msg = _loads_msg(raw)
+        except _BAD_PAYLOAD as e:
+            return self.dead_key, None, _dead_entry(raw, None, f"bad payload: {e}")
+        if msg.get("bcast"):
+            return bcast_key, None, raw
+        q = self._queues.get(msg["queue"]) or self.default_queue
+        return q.key, q.wake_key, raw
+
+
+def _level(value, name):
+    if isinstance(value, str) and isinstance(logging.getLevelName(value.upper()), int):
+        return logging.getLevelName(value.upper())
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"{name} must be a logging level such as 'INFO', got {value!r}")
+
+
+def _due_time(eta):
+    """eta -> unix time, or None for now. Numbers and timedeltas are from now."""
+    if eta is None:
+        return None
+    if isinstance(eta, datetime):
+        if eta.tzinfo is None:
+            eta = eta.replace(tzinfo=timezone.utc)
+        return eta.timestamp()
+    return time.time() + _seconds(eta, "eta")
+
+
+def _dead_entry(raw, msg, reason):
+    text = raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else raw
+    msg = msg or {}
+    return json.dumps({"id": msg.get("id"), "name": msg.get("name"), "queue": msg.get("queue"),
+                       "attempts": msg.get("retry", 0) + 1, "reason": reason, "at": time.time(),
+                       "payload": text})
+
+
+# ===================================================================== Redis scripts
+
+class _Script:
+    """A Lua script called by EVALSHA, loaded again if Redis lost it (after a restart)."""
+
+    def __init__(self, source):
+        self.source = _LUA_WAKE + source
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+    def __call__(self, r, keys, args):
+        try:
+            return r.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return r.execute_command("EVAL", self.source, len(keys), *keys, *args)
+
+
+# Push up to n wake-up tokens, keeping at most WAKE_TOKENS in the list.
+_LUA_WAKE = f"""
+local function wake(key, n)
+  n = math.min(n, {WAKE_TOKENS} - redis.call('LLEN', key))
+  if n > 0 then
+    local t = {{}}
+    for i = 1, n do t[i] = '1' end
+    redis.call('RPUSH', key, unpack(t))
+  end
+end
+"""
+
+# Append payloads ARGV to queue KEYS[1] and wake as many idle children (tokens KEYS[2]).
+_ENQUEUE = _Script("""
+redis.call('RPUSH', KEYS[1], unpack(ARGV))
+wake(KEYS[2], #ARGV)
+return #ARGV
+""")
+
+# A child's claim. KEYS[1] = its worker's in-flight hash, KEYS[2..n+1] = its sources in
+# priority order (broadcasts first), the rest = their wake lists. ARGV = slot, the payload
+# it finished (acked here by being overwritten), n. If the slot holds another payload,
+# a claim's reply was lost: hand that payload out again. Empty: ack, clear stale tokens.
+_CLAIM = _Script("""
+local n = tonumber(ARGV[3])
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur and cur ~= ARGV[2] then return {0, cur} end
+for i = 2, n + 1 do
+  local p = redis.call('LPOP', KEYS[i])
+  if p then
+    redis.call('HSET', KEYS[1], ARGV[1], p)
+    return {i - 1, p}
+  end
+end
+if cur then redis.call('HDEL', KEYS[1], ARGV[1]) end
+redis.call('DEL', unpack(KEYS, n + 2))
+return false
+""")
+
+# Ack: drop in-flight field ARGV[1] of hash KEYS[1] if it still holds payload ARGV[2].
+_ACK = _Script("""
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+""")
+
+# Release in-flight field ARGV[1] of KEYS[1], if it still holds ARGV[2], by pushing ARGV[3]
+# onto list KEYS[2] (front if ARGV[4] == 'front') and waking KEYS[3] if given. The check
+# makes a release happen once even if the hash was adopted by another worker meanwhile.
+_RELEASE = _Script("""
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call(ARGV[4] == 'front' and 'LPUSH' or 'RPUSH', KEYS[2], ARGV[3])
+if KEYS[3] then wake(KEYS[3], 1) end
+return 1
+""")
+
+# Move up to ARGV[2] payloads due by ARGV[1] from each (eta zset, queue, wake) triple in
+# KEYS to the end of the queue. Returns {moved, earliest remaining due time or ''}.
+_MOVE_DUE = _Script("""
+local moved, nextdue = 0, nil
+for i = 1, #KEYS, 3 do
+  local due = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+  if #due > 0 then
+    redis.call('RPUSH', KEYS[i + 1], unpack(due))
+    redis.call('ZREM', KEYS[i], unpack(due))
+    wake(KEYS[i + 2], #due)
+    moved = moved + #due
+  end
+  local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+  if first[2] and (nextdue == nil or tonumber(first[2]) < nextdue) then
+    nextdue = tonumber(first[2])
+  end
+end
+return {moved, nextdue and tostring(nextdue) or ''}
+""")
+
+# Push payload ARGV[2] to the broadcast list of every worker whose heartbeat (zset KEYS[1])
+# is newer than ARGV[1]. Keys are built from prefix ARGV[3]: the set of workers is data.
+_BROADCAST = _Script("""
+local ws = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
+for _, w in ipairs(ws) do
+  redis.call('RPUSH', ARGV[3] .. ':bcast:' .. w, ARGV[2])
+  wake(ARGV[3] .. ':wake:' .. w, 1)
+end
+return #ws
+""")
+
+# Adopt worker ARGV[1] if its heartbeat in KEYS[1] is older than ARGV[2]: move its in-flight
+# hash KEYS[2] and pending broadcasts KEYS[3] into our hash KEYS[5] as "adopted:..." fields,
+# delete its keys (KEYS[4] = its wake list). Returns the new fields and payloads, flattened.
+_ADOPT = _Script("""
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not s or tonumber(s) > tonumber(ARGV[2]) then return {} end
+redis.call('ZREM', KEYS[1], ARGV[1])
+local out = {}
+local function take(field, p)
+  redis.call('HSET', KEYS[5], field, p)
+  out[#out + 1] = field
+  out[#out + 1] = p
+end
+local h = redis.call('HGETALL', KEYS[2])
+for i = 1, #h, 2 do take('adopted:' .. ARGV[1] .. ':' .. h[i], h[i + 1]) end
+for i, p in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do
+  take('adopted:' .. ARGV[1] .. ':b' .. i, p)
+end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+return out
+""")
+
+# Enqueue one cron tick once: SET NX lock KEYS[1] (expires ARGV[2] s), then append payload
+# ARGV[1] to queue KEYS[2] and wake KEYS[3]. Several schedulers may race; one wins.
+_CRON = _Script("""
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+wake(KEYS[3], 1)
+return 1
+""")
+
+
+# ===================================================================== logging
+
+_current = contextvars.ContextVar("wakaq_current_task", default=None)
+
+
+def current_task():
+    """Inside a running task: {"id", "name", "queue", "attempt"} (attempt 1 = first run);
+    None elsewhere."""
+    msg = _current.get()
+    if msg is None:
+        return None
+    return {"id": msg.get("id"), "name": msg["name"], "queue": msg["queue"],
+            "attempt": msg["retry"] + 1}
+
+
+class _TaskFilter(logging.Filter):
+    """Adds %(task)s to every record: ' task=NAME' inside a task, '' elsewhere."""
+
+    def filter(self, record):
+        msg = _current.get()
+        record.task = f" task={msg['name']}" if msg else ""
+        return True
+
+
+def _setup_logging(path, level):
+    """Send this process's (and its children's) logs, stdout and stderr to `path` or
+    stderr, line-buffered, so that a task's print() and log lines reach the same place."""
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 2)
+        os.close(fd)
+    os.dup2(2, 1)
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_TaskFilter())
+    handler.setFormatter(logging.Formatter(
+        "[%(asctime)s] %(levelname)s %(name)s pid=%(process)d%(task)s: %(message)s"))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+class _Outage:
+    """Log once per Redis outage, and back off from 0.1 s to 5 s between tries."""
+
+    def __init__(self, who):
+        self.who, self.delay = who, 0.0
+
+    def failed(self, e):
+        if not self.delay:
+            log.warning("%s lost Redis (%s); retrying with backoff", self.who, e)
+        self.delay = min(max(self.delay * 2, 0.1), 5.0)
+        return self.delay
+
+    def ok(self):
+        if self.delay:
+            log.info("%s reconnected to Redis", self.who)
+        self.delay = 0.0
+
+
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+
+
+# ===================================================================== OS helpers
+
+def _parse_meminfo(text):
+    """Percent of memory in use from /proc/meminfo text."""
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    total = int(fields["MemTotal"].split()[0])
+    available = int(fields["MemAvailable"].split()[0])
+    return 100.0 * (total - available) / total
+
+
+def _parse_cgroup(max_text, current_text):
+    """Percent of the cgroup v2 limit in use, or None without a limit."""
+    if max_text.strip() == "max":
+        return None
+    return 100.0 * int(current_text) / int(max_text)
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def _mem_percent():
+    """The container's use of its limit if it has one, else the machine's."""
+    try:
+        pct = _parse_cgroup(_read("/sys/fs/cgroup/memory.max"),
+                            _read("/sys/fs/cgroup/memory.current"))
+        if pct is not None:
+            return pct
+    except (OSError, ValueError):
+        pass   # no cgroup v2 memory controller here: the machine's numbers apply
+    return _parse_meminfo(_read("/proc/meminfo"))
+
+
+def _rss(pid):
+    """Resident set size of `pid` in bytes from /proc/<pid>/statm (0 if it is gone)."""
+    try:
+        return int(_read(f"/proc/{pid}/statm").split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _kill(pid, sig):
+    """Signal pid; a process that is already gone is fine."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+# ===================================================================== worker parent
+
+class _Child:
+    """The parent's record of one slot's child process."""
+
+    __slots__ = ("pid", "killed_for", "term_sent")
+
+    def __init__(self, pid):
+        self.pid, self.killed_for, self.term_sent = pid, None, False
+
+
+class _Worker:
+    """The parent. It never runs task code. Each child owns a slot: its field in the
+    in-flight hash and 8 bytes of shared memory where it writes the hard deadline of the
+    task it runs (0 = idle), so the parent enforces hard timeouts without a message per task.
+    Signal handlers only count signals; the wake-up pipe ends the parent's select()."""
+
+    def __init__(self, app):
+        self.app = app
+        self.wid = f"{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
+        self.inflight_key = f"{PREFIX}:inflight:{self.wid}"
+        self.bcast_key, self.wake_key = f"{PREFIX}:bcast:{self.wid}", f"{PREFIX}:wake:{self.wid}"
+        n = app.concurrency
+        self.slots = [None] * n           # slot -> _Child, or None
+        self.unreleased = {}              # slot -> reason: a dead child's task to release
+        self.shm = mmap.mmap(-1, 8 * n)
+        self.signals = 0
+        self.outage = _Outage("worker")
+        self.next_beat = self.next_adopt = self.next_mem = self.next_due = 0.0
+        self.mem_high = False
+
+    def run(self):
+        app = self.app
+        self.r = app._client(retries=0)
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        os.set_blocking(wake_r, False)
+        self.pipe = (wake_r, wake_w)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop_signal)
+        signal.signal(signal.SIGCHLD, lambda s, f: None)   # only to wake select()
+        served = [q.name for q in app.queues if q.name not in app.exclude_queues]
+        log.info("worker %s started: concurrency=%d queues=%s", self.wid, app.concurrency,
+                 ",".join(served))
+        while True:
+            now = time.time()
+            self._reap()
+            if self.signals >= 2:
+                self._stop_now()
+                break
+            if self.signals == 1:
+                self._begin_stop()
+                if not any(self.slots) and (not self.unreleased or self.outage.delay):
+                    break
+            self._enforce_hard_timeouts(now)
+            self._redis_duties(now)
+            if not self.signals:
+                self._check_memory(now)
+                self._fork_missing()
+            timeout = max(0.0, min(TICK, self.next_due - time.time()))
+            if select.select([wake_r], [], [], timeout)[0]:
+                while True:
+                    try:
+                        if not os.read(wake_r, 512):
+                            break
+                    except BlockingIOError:
+                        break
+        self._leave()
+        log.info("worker %s stopped", self.wid)
+        return 0
+
+    def _on_stop_signal(self, signum, frame):
+        self.signals += 1
+
+    def _begin_stop(self):
+        for child in self.slots:
+            if child and not child.term_sent:
+                child.term_sent = True
+                _kill(child.pid, signal.SIGTERM)
+        if not getattr(self, "stop_logged", False):
+            self.stop_logged = True
+            log.info("worker %s stopping: letting running tasks finish", self.wid)
+
+    def _fork_missing(self):
+        if self.mem_high:
+            return
+        for slot, child in enumerate(self.slots):
+            if child is None and slot not in self.unreleased:
+                self._spawn(slot)
+
+    def _spawn(self, slot):
+        struct.pack_into("d", self.shm, slot * 8, 0.0)
+        pid = os.fork()
+        if pid == 0:                                    # child: this branch never returns
+            code = 1
+            try:
+                signal.set_wakeup_fd(-1)
+                os.close(self.pipe[0])
+                os.close(self.pipe[1])
+                code = _ChildProcess(self, slot).run()
+            except _Stop:
+                code = 0
+            except BaseException:
+                log.exception("worker child crashed")
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        self.slots[slot] = _Child(pid)
+
+    def _reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            for slot, child in enumerate(self.slots):
+                if child and child.pid == pid:
+                    self.slots[slot] = None
+                    self.unreleased[slot] = child.killed_for or (
+                        "interrupted by stop" if self.signals else "worker died")
+                    code = os.waitstatus_to_exitcode(status)
+                    if child.killed_for or code != 0:
+                        log.warning("child %d exited with %s (%s)", pid, code,
+                                    child.killed_for or "died")
+
+    def _enforce_hard_timeouts(self, now):
+        for slot, child in enumerate(self.slots):
+            if child and not child.killed_for:
+                deadline = struct.unpack_from("d", self.shm, slot * 8)[0]
+                if deadline and now > deadline:
+                    child.killed_for = "hard timeout"
+                    _kill(child.pid, signal.SIGKILL)
+
+    def _check_memory(self, now):
+        if not self.app.max_mem_percent or now < self.next_mem:
+            return
+        self.next_mem = now + 1.0
+        pct = _mem_percent()
+        self.mem_high = pct >= self.app.max_mem_percent
+        live = [c for c in self.slots if c and not c.term_sent]
+        if self.mem_high and live:
+            biggest = max(live, key=lambda c: _rss(c.pid))
+            log.warning("memory at %.0f%% (max_mem_percent=%s): stopping child %d",
+                        pct, self.app.max_mem_percent, biggest.pid)
+            biggest.term_sent = True
+            _kill(biggest.pid, signal.SIGTERM)
+
+    def _redis_duties(self, now):
+        """Release dead children's tasks, heartbeat, adopt dead workers, move due tasks."""
+        try:
+            for slot, reason in list(self.unreleased.items()):
+                self._release(str(slot), reason)
+                del self.unreleased[slot]
+            if now >= self.next_beat:
+                self.r.zadd(self.app.workers_key, {self.wid: now})
+                self.next_beat = now + min(self.app.heartbeat_timeout / 4, 5.0)
+            if now >= self.next_adopt:
+                self._adopt(now)
+                self.next_adopt = now + min(self.app.heartbeat_timeout / 4, 5.0)
+            if now >= self.next_due:
+                self._move_due(now)
+            self.outage.ok()
+        except _REDIS_DOWN as e:
+            self.next_due = time.time() + self.outage.failed(e)
+
+    def _release(self, field, reason):
+        """Put the task in our in-flight hash under `field` back: by the retry rule, or
+        at the front of its queue if a stop interrupted it."""
+        raw = self.r.hget(self.inflight_key, field)
+        if raw is None:
+            return
+        front = reason == "interrupted by stop"
+        if front:
+            key, wake, value = self.app._front(raw, self.bcast_key)
+        else:
+            own = None if field.startswith("adopted:") else self.bcast_key
+            key, wake, value = self.app._outcome(raw, reason, own)
+        keys = [self.inflight_key, key] + ([wake] if wake else [])
+        if _RELEASE(self.r, keys, [field, raw, value, "front" if front else "back"]):
+            log.warning("task released (%s) to %s", reason, key)
+
+    def _adopt(self, now):
+        cutoff = now - self.app.heartbeat_timeout
+        for wid in self.r.zrangebyscore(self.app.workers_key, "-inf", cutoff, start=0, num=10):
+            wid = wid.decode()
+            keys = [self.app.workers_key] + [f"{PREFIX}:{k}:{wid}" for k in
+                                             ("inflight", "bcast", "wake")] + [self.inflight_key]
+            fields = _ADOPT(self.r, keys, [wid, cutoff])
+            log.warning("worker %s is silent for over %ss: taking back its %d task(s)",
+                        wid, self.app.heartbeat_timeout, len(fields) // 2)
+            for field in fields[::2]:
+                self._release(field.decode(), "worker died")
+
+    def _move_due(self, now):
+        keys = [k for q in self.app.queues for k in (q.eta_key, q.key, q.wake_key)]
+        for _ in range(20):           # then the loop's other duties get their turn
+            moved, nextdue = _MOVE_DUE(self.r, keys, [now, DUE_BATCH])
+            if moved < DUE_BATCH:
+                break
+        self.next_due = min(float(nextdue), now + TICK) if nextdue else now + TICK
+
+    def _stop_now(self):
+        log.warning("worker %s: second stop signal, stopping now", self.wid)
+        for child in self.slots:
+            if child:
+                _kill(child.pid, signal.SIGKILL)
+        for slot, child in enumerate(self.slots):
+            if child:
+                os.waitpid(child.pid, 0)
+                self.slots[slot] = None
+                self.unreleased[slot] = child.killed_for or "interrupted by stop"
+        try:
+            for slot, reason in list(self.unreleased.items()):
+                self._release(str(slot), reason)
+            self.unreleased.clear()
+        except _REDIS_DOWN as e:
+            log.error("cannot put interrupted tasks back (%s); a live worker will take them "
+                      "back after heartbeat_timeout", e)
+
+    def _leave(self):
+        """Deregister. Broadcasts still waiting for us go to the dead-letter list."""
+        if self.unreleased:
+            return            # Redis is down: keep our heartbeat entry so others adopt us
+        try:
+            for raw in self.r.lrange(self.bcast_key, 0, -1):
+                self.r.rpush(self.app.dead_key, _dead_entry(raw, None, "worker stopped"))
+            self.r.delete(self.bcast_key, self.wake_key, self.inflight_key)
+            self.r.zrem(self.app.workers_key, self.wid)
+        except _REDIS_DOWN as e:
+            log.error("could not deregister worker %s (%s)", self.wid, e)
+
+
+# ===================================================================== worker child
+
+class _ChildProcess:
+    """One forked child: claim the next task (and record it in-flight, atomically), run
+    it, ack it inside the next claim. Waits for work by BLPOP on wake-up tokens."""
+
+    def __init__(self, worker, slot):
+        self.worker, self.app, self.slot = worker, worker.app, slot
+        self.ppid = os.getppid()
+        self.stopping = self.idle = self.in_task = False
+        self.prev = ""          # payload finished and not acked yet ('' = none)
+        self.outage = _Outage(f"child {slot}")
+        app = self.app
+        served = [q for q in app.queues if q.name not in app.exclude_queues]
+        self.sources = [worker.bcast_key] + [q.key for q in served]
+        self.wakes = [worker.wake_key] + [q.wake_key for q in served]
+        self.claim_keys = [worker.inflight_key] + self.sources + self.wakes
+
+    def run(self):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent decides on Ctrl-C
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGALRM, self._on_alarm)
+        self.r = self.app._client(retries=0)
+        for hook in self.app._hooks["after_worker_started"]:
+            hook()
+        limit = self.app.max_tasks_per_worker or float("inf")
+        done = 0
+        while not self.stopping and done < limit and os.getppid() == self.ppid:
+            item = self._call(self._claim)
+            if item is None:
+                self.prev = ""           # the claim acked it
+                self._call(self._wait)
+                continue
+            self.prev = self._run(item[1])
+            done += 1
+        if self.prev:
+            self._call(lambda: _ACK(self.r, [self.worker.inflight_key],
+                                    [self.slot, self.prev]))
+        return 0
+
+    def _on_term(self, signum, frame):
+        self.stopping = True
+        if self.idle:
+            raise _Stop()
+
+    def _on_alarm(self, signum, frame):
+        if self.in_task:
+            raise SoftTimeout(f"soft timeout after {self.soft:g}s")
+
+    def _call(self, fn):
+        """Run a Redis step until it succeeds; outages are logged once, with backoff."""
+        while True:
+            try:
+                result = fn()
+                self.outage.ok()
+                return result
+            except _REDIS_DOWN as e:
+                delay = self.outage.failed(e)
+            if self.stopping or os.getppid() != self.ppid:
+                raise _Stop()
+            time.sleep(delay)
+
+    def _claim(self):
+        return _CLAIM(self.r, self.claim_keys, [self.slot, self.prev, len(self.sources)])
+
+    def _wait(self):
+        self.idle = True
+        try:
+            if not self.stopping:
+                self.r.blpop(self.wakes, timeout=IDLE_WAIT)
+        finally:
+            self.idle = False
+
+    def _release(self, raw, key, wake, value):
+        keys = [self.worker.inflight_key, key] + ([wake] if wake else [])
+        self._call(lambda: _RELEASE(self.r, keys, [self.slot, raw, value, "back"]))
+
+    def _run(self, raw):
+        """Run one claimed payload; returns it if done (to ack in the next claim), else ''."""
+        app = self.app
+        try:
+            msg = _loads_msg(raw)
+        except _BAD_PAYLOAD as e:
+            log.error("bad payload dead-lettered: %s", e)
+            self._release(raw, app.dead_key, None, _dead_entry(raw, None, f"bad payload: {e}"))
+            return ""
+        task, queue = app.tasks.get(msg["name"]), app._queues.get(msg["queue"])
+        if task is None or queue is None:
+            what = "unknown task" if task is None else "unknown queue"
+            log.error("%s %r dead-lettered", what, msg["name"] if task is None else msg["queue"])
+            self._release(raw, app.dead_key, None, _dead_entry(raw, msg, what))
+            return ""
+        limits = _limits_for(app, task, queue)
+        start = time.time()
+        struct.pack_into("d", self.worker.shm, self.slot * 8,
+                         start + limits.hard if limits.hard else 0.0)
+        token = _current.set(msg)
+        failed = None
+        try:  # SoftTimeout is raised only while in_task is set, so only inside this try
+            if limits.soft:
+                self.soft = limits.soft
+                self.in_task = True
+                signal.setitimer(signal.ITIMER_REAL, limits.soft)
+            app._run_task(task, msg["args"], msg["kwargs"])
+        except SoftTimeout:
+            failed = "soft timeout"
+        except Exception:
+            log.exception("task %s raised", task.name)
+        finally:
+            if self.in_task:
+                self.in_task = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            struct.pack_into("d", self.worker.shm, self.slot * 8, 0.0)
+            _current.reset(token)
+        if failed:
+            log.warning("task %s: %s after %.1fs", task.name, failed, time.time() - start)
+            self._release(raw, *app._outcome(raw, failed, self.worker.bcast_key))
+            return ""
+        return raw
+
+
+# ===================================================================== scheduler
+
+def _due(schedules, last, now):
+    """(CronTask, fire time) for each schedule with a fire time in (last, now]; a schedule
+    that missed several ticks fires once, for the latest of them."""
+    due = []
+    for cron in schedules:
+        it = croniter(cron.schedule, last)
+        fire = it.get_next(datetime)
+        if fire <= now:
+            while True:
+                nxt = it.get_next(datetime)
+                if nxt > now:
+                    break
+                fire = nxt
+            due.append((cron, fire))
+    return due
+
+
+def _next_fire(schedules, now):
+    return min(croniter(c.schedule, now).get_next(datetime) for c in schedules)
+
+
+def _run_scheduler(app, stop):
+    """Enqueue each tick exactly once across schedulers; re-read the clock every pass."""
+    for cron in app.schedules:
+        if cron.task_name not in app.tasks:
+            raise ValueError(f"schedule {cron.schedule!r} names unknown task {cron.task_name!r}")
+    if not app.schedules:
+        log.warning("the app has no schedules; the scheduler has nothing to do")
+    r, outage = app._client(retries=0), _Outage("scheduler")
+    last = datetime.now(app.tz)
+    log.info("scheduler started with %d schedule(s)", len(app.schedules))
+    while not stop():
+        now = datetime.now(app.tz)
+        try:
+            for cron, fire in _due(app.schedules, last, now):
+                task = app.tasks[cron.task_name]
+                q = app._queue(cron.queue) if cron.queue else task.queue or app.default_queue
+                _, raw = app._payload(task, cron.args, cron.kwargs, q)
+                digest = hashlib.sha1(json.dumps([cron.schedule, cron.task_name, q.name,
+                                                  cron.args, cron.kwargs], sort_keys=True,
+                                                 default=str).encode()).hexdigest()[:16]
+                lock = f"{PREFIX}:cron:{digest}:{int(fire.timestamp())}"
+                if _CRON(r, [lock, q.key, q.wake_key], [raw, 600]):
+                    log.info("enqueued %s for %s", cron.task_name, fire.isoformat())
+            last = now
+            outage.ok()
+            pause = 1.0 if not app.schedules else \
+                (_next_fire(app.schedules, now) - datetime.now(app.tz)).total_seconds()
+        except _REDIS_DOWN as e:
+            pause = outage.failed(e)
+        deadline = time.monotonic() + min(max(pause, 0.01), 1.0)
+        while not stop() and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+
+# ===================================================================== command line
+
+def _cmd_worker(app, args):
+    _setup_logging(app.worker_log_file, app.worker_log_level)
+    return _Worker(app).run()
+
+
+def _cmd_scheduler(app, args):
+    _setup_logging(app.scheduler_log_file, app.scheduler_log_level)
+    stopped = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, f: stopped.append(s))
+    _run_scheduler(app, lambda: bool(stopped))
+    return 0
+
+
+def _info(app):
+    r = app.redis
+    pipe = r.pipeline(transaction=False)
+    for q in app.queues:
+        pipe.llen(q.key)
+        pipe.zcard(q.eta_key)
+    pipe.llen(app.dead_key)
+    pipe.zcount(app.workers_key, time.time() - app.heartbeat_timeout, "+inf")
+    counts = pipe.execute()
+    inflight = sum(r.hlen(k) for k in r.scan_iter(f"{PREFIX}:inflight:*"))
+    return {"queues": {q.name: {"priority": app._priority[q.name], "pending": counts[2 * i],
+                                "delayed": counts[2 * i + 1]} for i, q in enumerate(app.queues)},
+            "inflight": inflight, "dead": counts[-2], "workers": counts[-1]}
+
+
+def _cmd_info(app, args):
+    info = _info(app)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"{'queue':<20} {'priority':>8} {'pending':>10} {'delayed':>10}")
+    for name, q in info["queues"].items():
+        print(f"{name:<20} {q['priority']:>8} {q['pending']:>10} {q['delayed']:>10}")
+    print(f"in-flight: {info['inflight']}  dead: {info['dead']}  workers: {info['workers']}")
+    return 0
+
+
+def _cmd_purge(app, args):
+    q = app._queue(args.queue)
+    pipe = app.redis.pipeline(transaction=True)
+    pipe.llen(q.key)
+    pipe.zcard(q.eta_key)
+    pipe.delete(q.key, q.eta_key, q.wake_key)
+    pending, delayed, _ = pipe.execute()
+    print(pending + delayed)
+    return 0
+
+
+def _cmd_dead(app, args):
+    r = app.redis
+    entries = r.lrange(app.dead_key, 0, -1)
+    if args.purge:
+        r.delete(app.dead_key)   # what arrived since the LRANGE is counted and deleted too
+        print(f"deleted {len(entries)} dead task(s)")
+        return 0
+    moved = 0
+    for raw in entries:
+        e = json.loads(raw)
+        if not args.requeue:
+            print(f"{e['name']} queue={e['queue']} attempts={e['attempts']} "
+                  f"reason={e['reason']!r} id={e['id']}")
+            continue
+        q = app._queues.get(e["queue"]) or app.default_queue
+        payload = e["payload"]
+        try:
+            msg = _loads_msg(payload)
+            msg["retry"] = 0
+            payload = _dumps(msg)
+        except _BAD_PAYLOAD:
+            pass       # requeued as it was; it will be dead-lettered again
+        pipe = r.pipeline(transaction=True)
+        pipe.lrem(app.dead_key, 1, raw)
+        pipe.rpush(q.key, payload)
+        pipe.rpush(q.wake_key, 1)
+        moved += pipe.execute()[0]
+    if args.requeue:
+        print(f"requeued {moved} dead task(s)")
+    elif not entries:
+        print("no dead tasks")
+    return 0
+
+
+_COMMANDS = {"worker": (_cmd_worker, "run a worker: a parent that forks `concurrency` children"),
+             "scheduler": (_cmd_scheduler, "enqueue the app's CronTasks on time"),
+             "info": (_cmd_info, "show queues, in-flight and dead tasks, live workers"),
+             "purge": (_cmd_purge, "delete a queue's pending and delayed tasks"),
+             "dead": (_cmd_dead, "list, requeue or delete dead-lettered tasks")}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="wakaq", description="wakaq: a Redis task queue.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, text) in _COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("app", metavar="APP", help="your WakaQ, as module:attribute")
+        if name == "info":
+            p.add_argument("--json", action="store_true", help="print one JSON object")
+        if name == "purge":
+            p.add_argument("queue", metavar="QUEUE")
+        if name == "dead":
+            group = p.add_mutually_exclusive_group()
+            group.add_argument("--requeue", action="store_true", help="put them back on their queues")
+            group.add_argument("--purge", action="store_true", help="delete them")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, os.getcwd())       # a script's sys.path[0] is its own folder
+    try:
+        app = _import_app(args.app)
+    except Exception as e:                # any import-time error: one line, no traceback
+        line = traceback.format_exception_only(type(e), e)[-1].strip()
+        print(f"wakaq: cannot load app {args.app!r}: {line}", file=sys.stderr)
+        return 2
+    try:
+        return _COMMANDS[args.command][0](app, args)
+    except ValueError as e:               # e.g. an unknown queue or cron task name
+        print(f"wakaq: {e}", file=sys.stderr)
+        return 2
+    except _REDIS_DOWN as e:
+        print(f"wakaq: cannot reach Redis at {app.url}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    # Let `import wakaq` in the app find this module instead of loading a second copy.
+    sys.modules.setdefault(__spec__.name if __spec__ else "wakaq", sys.modules[__name__])
+    sys.exit(main())
