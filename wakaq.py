@@ -832,6 +832,18 @@ class _Outage:
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 
+class _Conn:
+    """One connection used directly, for a worker child's hot path: no pool and no retry
+    layer per command (the child's own loop handles outages). It reconnects on next use."""
+
+    def __init__(self, client):
+        self.conn = client.connection_pool.make_connection()
+
+    def execute_command(self, *args):
+        self.conn.send_command(*args)
+        return self.conn.read_response()
+
+
 # ===================================================================== OS helpers
 
 def _parse_meminfo(text):
@@ -1135,13 +1147,14 @@ class _ChildProcess:
         self.sources = [worker.bcast_key] + [q.key for q in served]
         self.wakes = [worker.wake_key] + [q.wake_key for q in served]
         self.claim_keys = [worker.inflight_key] + self.sources + self.wakes
+        self.limits = {}        # (task, queue) -> _Limits
 
     def run(self):
         signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent decides on Ctrl-C
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGALRM, self._on_alarm)
-        self.r = self.app._client(retries=0)
+        self.r = _Conn(self.app._client(retries=0))
         for hook in self.app._hooks["after_worker_started"]:
             hook()
         limit = self.app.max_tasks_per_worker or float("inf")
@@ -1173,7 +1186,8 @@ class _ChildProcess:
         while True:
             try:
                 result = fn()
-                self.outage.ok()
+                if self.outage.delay:
+                    self.outage.ok()
                 return result
             except _REDIS_DOWN as e:
                 delay = self.outage.failed(e)
@@ -1188,7 +1202,7 @@ class _ChildProcess:
         self.idle = True
         try:
             if not self.stopping:
-                self.r.blpop(self.wakes, timeout=IDLE_WAIT)
+                self.r.execute_command("BLPOP", *self.wakes, IDLE_WAIT)
         finally:
             self.idle = False
 
@@ -1211,7 +1225,8 @@ class _ChildProcess:
             log.error("%s %r dead-lettered", what, msg["name"] if task is None else msg["queue"])
             self._release(raw, app.dead_key, None, _dead_entry(raw, msg, what))
             return ""
-        limits = _limits_for(app, task, queue)
+        limits = self.limits.get((task, queue)) or self.limits.setdefault(
+            (task, queue), _limits_for(app, task, queue))
         start = time.time()
         struct.pack_into("d", self.worker.shm, self.slot * 8,
                          start + limits.hard if limits.hard else 0.0)
