@@ -1083,6 +1083,8 @@ class _Worker:
         cutoff = now - self.app.heartbeat_timeout
         for wid in self.r.zrangebyscore(self.app.workers_key, "-inf", cutoff, start=0, num=10):
             wid = wid.decode()
+            if wid == self.wid:       # we were cut off from Redis for a while: still alive
+                continue
             keys = [self.app.workers_key] + [f"{PREFIX}:{k}:{wid}" for k in
                                              ("inflight", "bcast", "wake")] + [self.inflight_key]
             fields = _ADOPT(self.r, keys, [wid, cutoff])
