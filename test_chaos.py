@@ -502,6 +502,11 @@ BAD_PAYLOADS = {
     "not-utf8": (_valid_payload(myid="XX").encode().replace(b"XX", b"\xff\xfe"),
                  "bad payload"),
     "not-utf8-bare": (b"\xff\xfe\xfd\xc3\x28", "bad payload"),
+    "unknown-queue": (_valid_payload(queue="nowhere").encode(), "unknown queue"),
+    "tag-unknown": (_valid_payload(myid={"__wakaq__": "pickle", "v": "x"}).encode(),
+                    "bad payload"),
+    "tag-overflow": (_valid_payload(myid={"__wakaq__": "timedelta", "v": [1e300]}).encode(),
+                     "bad payload"),
     "nested-100k": (b"[" * 100_000, "bad payload"),
     "nested-100k-closed": (b"[" * 100_000 + b"]" * 100_000, "bad payload"),
 }
@@ -531,6 +536,7 @@ def test_bad_payload_is_dead_lettered_and_worker_carries_on(r, workers, bad_work
     assert set(entry) >= {"id", "name", "queue", "attempts", "reason", "at", "payload"}
     assert entry["reason"].startswith(reason), entry["reason"]
     assert isinstance(entry["payload"], str) and entry["payload"]
+    print(f"\n{kind}: dead-lettered with reason {entry['reason']!r}")
     if kind == "unknown-task":
         assert entry["name"] == "no_such_task" and entry["queue"] == "default"
     elif raw.isascii():

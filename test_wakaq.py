@@ -751,8 +751,8 @@ def test_redis_restart_mid_run_loses_nothing_and_is_logged_once(r, spawn, redis_
     add.delay(4, 4)
     wait_for(lambda: len(runs(r, "add")) == 4, "all four adds after the restart", 25)
     assert sorted(x[0] for x in runs(r, "add")) == [1, 2, 3, 4]
-    assert runs(r, "finished") == [["running"]]
     log = w.log()
+    assert runs(r, "finished") == [["running"]], log
     assert w.alive()
     assert log.count("worker lost Redis") == 1
     assert all(log.count(f"child {i} lost Redis") <= 1 for i in range(app.concurrency))

@@ -358,6 +358,7 @@ class Task:
         self.hard_timeout = _seconds(hard_timeout, f"hard_timeout of task {name!r}")
         _check_timeouts(_limits_for(app, self, self.queue or app.default_queue), f"task {name!r}")
         self.__doc__, self.__wrapped__ = fn.__doc__, fn
+        self._json_name = json.dumps(name)
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
@@ -520,11 +521,11 @@ class WakaQ:
     # --- enqueueing
 
     def _payload(self, task, args, kwargs, queue, bcast=False):
-        msg = {"id": _new_id(), "name": task.name, "queue": queue.name, "retry": 0,
-               "args": list(args), "kwargs": kwargs}
-        if bcast:
-            msg["bcast"] = 1
-        return msg["id"], _dumps(msg)
+        """(id, payload). Formatted by hand: the same JSON as dumping a dict, twice as fast.
+        Queue names need no escaping (see Queue); the task's name is escaped once."""
+        msg_id, tail = _new_id(), ',"bcast":1}' if bcast else "}"
+        return msg_id, (f'{{"id":"{msg_id}","name":{task._json_name},"queue":"{queue.name}",'
+                        f'"retry":0,"args":{_dumps(args)},"kwargs":{_dumps(kwargs)}{tail}')
 
     def _enqueue(self, task, calls, queue, eta):
         q = self._queue(queue) if queue is not None else task.queue or self.default_queue
@@ -1142,7 +1143,7 @@ class _ChildProcess:
         self.worker, self.app, self.slot = worker, worker.app, slot
         self.ppid = os.getppid()
         self.stopping = self.idle = self.in_task = False
-        self.prev = ""          # payload finished and not acked yet ('' = none)
+        self.prev = b""         # payload finished and not acked yet (b'' = none)
         self.outage = _Outage(f"child {slot}")
         app = self.app
         served = [q for q in app.queues if q.name not in app.exclude_queues]
@@ -1150,6 +1151,11 @@ class _ChildProcess:
         self.wakes = [worker.wake_key] + [q.wake_key for q in served]
         self.claim_keys = [worker.inflight_key] + self.sources + self.wakes
         self.limits = {}        # (task, queue) -> _Limits
+        head = ["EVALSHA", _CLAIM.sha, len(self.claim_keys)] + self.claim_keys + [slot]
+        bulk = [str(x).encode() for x in head]
+        self.claim_head = b"*%d\r\n" % (len(head) + 2) + b"".join(
+            b"$%d\r\n%s\r\n" % (len(b), b) for b in bulk)
+        self.claim_tail = b"$%d\r\n%d\r\n" % (len(str(len(self.sources))), len(self.sources))
 
     def run(self):
         signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent decides on Ctrl-C
@@ -1164,7 +1170,7 @@ class _ChildProcess:
         while not self.stopping and done < limit and os.getppid() == self.ppid:
             item = self._call(self._claim)
             if item is None:
-                self.prev = ""           # the claim acked it
+                self.prev = b""          # the claim acked it
                 self._call(self._wait)
                 continue
             self.prev = self._run(item[1])
@@ -1198,7 +1204,14 @@ class _ChildProcess:
             time.sleep(delay)
 
     def _claim(self):
-        return _CLAIM(self.r, self.claim_keys, [self.slot, self.prev, len(self.sources)])
+        """The hot path: the claim's command bytes are packed once, all but `prev`."""
+        try:
+            self.r.conn.send_packed_command(
+                [self.claim_head + b"$%d\r\n%s\r\n" % (len(self.prev), self.prev) + self.claim_tail])
+            return self.r.conn.read_response()
+        except redis.exceptions.NoScriptError:
+            self.r.execute_command("SCRIPT", "LOAD", _CLAIM.source)
+            return self._claim()
 
     def _wait(self):
         self.idle = True
