@@ -480,6 +480,9 @@ class WakaQ:
 
     def _hook(kind):
         def decorator(self, fn):
+            if kind == "wrap_tasks_with" and self._hooks[kind]:
+                raise ValueError(f"wrap_tasks_with is already {self._hooks[kind][0]!r}; "
+                                 "compose your wrappers in one function")
             self._hooks[kind].append(fn)
             return fn
         decorator.__name__ = kind
@@ -561,7 +564,7 @@ class WakaQ:
             hook()
         try:
             if self._hooks["wrap_tasks_with"]:
-                result = self._hooks["wrap_tasks_with"][-1](task.fn, args, kwargs)
+                result = self._hooks["wrap_tasks_with"][0](task.fn, args, kwargs)
             else:
                 result = task.fn(*args, **kwargs)
             if asyncio.iscoroutine(result):
