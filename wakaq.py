@@ -265,8 +265,9 @@ def _loads(raw):
     return json.loads(raw)
 
 
-_BAD_PAYLOAD = (ValueError, TypeError, KeyError, RecursionError, UnicodeDecodeError,
-                decimal.InvalidOperation)
+# What decoding hostile bytes may raise (UnicodeDecodeError and binascii.Error are
+# ValueErrors, decimal.InvalidOperation and OverflowError ArithmeticErrors).
+_BAD_PAYLOAD = (ValueError, TypeError, KeyError, RecursionError, ArithmeticError)
 
 
 def _loads_msg(raw):
@@ -1051,7 +1052,12 @@ class _Worker:
 
     def _redis_duties(self, now):
         """Release dead children's tasks, heartbeat, adopt dead workers, move due tasks."""
+        if self.outage.delay and now < self.next_due:
+            return                    # backing off
         try:
+            if self.outage.delay:
+                self.r.ping()
+                self.outage.ok()
             for slot, reason in list(self.unreleased.items()):
                 self._release(str(slot), reason)
                 del self.unreleased[slot]
@@ -1063,7 +1069,6 @@ class _Worker:
                 self.next_adopt = now + min(self.app.heartbeat_timeout / 4, 5.0)
             if now >= self.next_due:
                 self._move_due(now)
-            self.outage.ok()
         except _REDIS_DOWN as e:
             self.next_due = time.time() + self.outage.failed(e)
 
@@ -1236,13 +1241,13 @@ class _ChildProcess:
         except _BAD_PAYLOAD as e:
             log.error("bad payload dead-lettered: %s", e)
             self._release(raw, app.dead_key, None, _dead_entry(raw, None, f"bad payload: {e}"))
-            return ""
+            return b""
         task, queue = app.tasks.get(msg["name"]), app._queues.get(msg["queue"])
         if task is None or queue is None:
             what = "unknown task" if task is None else "unknown queue"
             log.error("%s %r dead-lettered", what, msg["name"] if task is None else msg["queue"])
             self._release(raw, app.dead_key, None, _dead_entry(raw, msg, what))
-            return ""
+            return b""
         limits = self.limits.get((task, queue)) or self.limits.setdefault(
             (task, queue), _limits_for(app, task, queue))
         start = time.time()
@@ -1269,7 +1274,7 @@ class _ChildProcess:
         if failed:
             log.warning("task %s: %s after %.1fs", task.name, failed, time.time() - start)
             self._release(raw, *app._outcome(raw, failed, self.worker.bcast_key))
-            return ""
+            return b""
         return raw
 
 
@@ -1309,6 +1314,9 @@ def _run_scheduler(app, stop):
     while not stop():
         now = datetime.now(app.tz)
         try:
+            if outage.delay:
+                r.ping()
+                outage.ok()
             for cron, fire in _due(app.schedules, last, now):
                 task = app.tasks[cron.task_name]
                 q = app._queue(cron.queue) if cron.queue else task.queue or app.default_queue
@@ -1320,7 +1328,6 @@ def _run_scheduler(app, stop):
                 if _CRON(r, [lock, q.key, q.wake_key], [raw, 600]):
                     log.info("enqueued %s for %s", cron.task_name, fire.isoformat())
             last = now
-            outage.ok()
             pause = 1.0 if not app.schedules else \
                 (_next_fire(app.schedules, now) - datetime.now(app.tz)).total_seconds()
         except _REDIS_DOWN as e:

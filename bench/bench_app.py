@@ -21,7 +21,9 @@ import redis
 from wakaq import WakaQ
 
 HOST = os.environ.get("BENCH_REDIS_HOST", "127.0.0.1")
-PORT = int(os.environ.get("BENCH_REDIS_PORT", "6379"))
+if "BENCH_REDIS_PORT" not in os.environ:   # never fall back to a shared redis on 6379
+    raise RuntimeError("bench_app needs BENCH_REDIS_PORT (bench.py sets it)")
+PORT = int(os.environ["BENCH_REDIS_PORT"])
 
 wakaq = WakaQ(queues=["default"], concurrency=2, host=HOST, port=PORT)
 
