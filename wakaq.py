@@ -928,15 +928,13 @@ class _Worker:
         self.signals = 0
         self.outage = _Outage("worker")
         self.next_beat = self.next_adopt = self.next_mem = self.next_due = 0.0
-        self.mem_high = False
+        self.mem_high = self.stop_logged = False
 
     def run(self):
         app = self.app
         self.r = app._client(retries=0)
-        wake_r, wake_w = os.pipe()
+        self.pipe = wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
-        os.set_blocking(wake_r, False)
-        self.pipe = (wake_r, wake_w)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_stop_signal)
@@ -961,12 +959,7 @@ class _Worker:
                 self._fork_missing()
             timeout = max(0.0, min(TICK, self.next_due - time.time()))
             if select.select([wake_r], [], [], timeout)[0]:
-                while True:
-                    try:
-                        if not os.read(wake_r, 512):
-                            break
-                    except BlockingIOError:
-                        break
+                os.read(wake_r, 4096)         # signal numbers: we only needed the wake-up
         self._leave()
         log.info("worker %s stopped", self.wid)
         return 0
@@ -979,7 +972,7 @@ class _Worker:
             if child and not child.term_sent:
                 child.term_sent = True
                 _kill(child.pid, signal.SIGTERM)
-        if not getattr(self, "stop_logged", False):
+        if not self.stop_logged:
             self.stop_logged = True
             log.info("worker %s stopping: letting running tasks finish", self.wid)
 
