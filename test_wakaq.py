@@ -142,6 +142,10 @@ def r(redis_server):
     client.close()
 
 
+# print() must reach the log without help from the environment's buffering settings
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+
 class Proc:
     """A `python wakaq.py ...` process; stdout and stderr go to a temp file."""
 
@@ -149,7 +153,7 @@ class Proc:
         fd, self.log_path = tempfile.mkstemp(prefix="wakaq-", suffix=".log", dir=folder)
         with os.fdopen(fd, "w") as out:
             self.popen = subprocess.Popen([sys.executable, "wakaq.py", *args], cwd=HERE,
-                                          stdin=subprocess.DEVNULL, stdout=out,
+                                          stdin=subprocess.DEVNULL, stdout=out, env=ENV,
                                           stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.popen.pid
 
@@ -256,8 +260,8 @@ def attempt():
     return current_task()["attempt"]
 
 
-app = WakaQ(queues=[(0, "high"), "default"], url=URL, concurrency=1, heartbeat_timeout=2,
-            hard_timeout=20)
+app = WakaQ(queues=[(1, "mid"), "default", (0, "high")], url=URL, concurrency=1,
+            heartbeat_timeout=2, hard_timeout=20)
 
 
 @app.task
@@ -351,6 +355,10 @@ def _wrap(fn, args, kwargs):
 def hooked(x, y=0):
     rec("hooks", "task", x, y)
 
+
+excluding_app = WakaQ(queues=[(0, "high"), "default"], url=URL, concurrency=1,
+                      exclude_queues=["high"])
+excluding_app.task(note.fn)
 
 recycle_app = WakaQ(url=URL, concurrency=1, max_tasks_per_worker=2)
 pid_task = recycle_app.task(lambda: rec("pids", os.getpid()), name="pid_task")
@@ -543,6 +551,11 @@ def test_plain_queue_names_rank_below_numbered_ones_and_the_last_is_the_default(
 
 # ===================================================================== enqueue against real Redis
 
+def test_calling_a_task_runs_it_here_and_now(r):
+    note("here")
+    assert runs(r, "order") == [["here"]] and r.keys("wakaq:*") == []
+
+
 def test_delay_returns_a_str_id_and_pushes_onto_the_task_queue(r):
     task_id = add.delay(1, b=2)
     assert isinstance(task_id, str) and task_id
@@ -652,11 +665,12 @@ def test_a_due_eta_task_runs_and_a_future_one_waits(r, spawn):
 
 @slow
 def test_the_lower_priority_number_is_served_first(r, spawn):
-    for q, tag in (("default", "d1"), ("high", "h1"), ("default", "d2"), ("high", "h2")):
+    for q, tag in (("default", "d1"), ("mid", "m1"), ("high", "h1"), ("default", "d2"),
+                   ("mid", "m2"), ("high", "h2")):
         note.delay(tag, queue=q)
     spawn("worker")
-    wait_for(lambda: len(runs(r, "order")) == 4, "four tasks to run")
-    assert [t for [t] in runs(r, "order")] == ["h1", "h2", "d1", "d2"]
+    wait_for(lambda: len(runs(r, "order")) == 6, "six tasks to run")
+    assert [t for [t] in runs(r, "order")] == ["h1", "h2", "m1", "m2", "d1", "d2"]
 
 
 @slow
@@ -733,6 +747,17 @@ def test_kill_9_of_a_child_mid_task_retries_the_task_in_a_new_child(r, spawn):
 
 
 @slow
+def test_a_child_killed_on_its_last_attempt_is_dead_lettered_as_worker_died(r, spawn):
+    w = spawn("worker")
+    sleepy.delay(30, "doomed")                       # max_retries 0
+    [[_, _, pid]] = wait_for(lambda: runs(r, "started"), "the task to start")
+    os.kill(pid, signal.SIGKILL)
+    [entry] = wait_for(lambda: dead(r), "the dead letter")
+    assert (entry["name"], entry["attempts"], entry["reason"]) == ("sleepy", 1, "worker died")
+    assert w.alive()
+
+
+@slow
 def test_kill_9_of_a_whole_worker_lets_another_worker_take_its_task_back(r, spawn):
     a = spawn("worker")
     sleeps_on_first_attempt.delay()
@@ -802,6 +827,16 @@ def test_second_stop_signal_stops_at_once_and_requeues_the_task_at_the_front(r, 
 
 
 @slow
+def test_a_worker_does_not_serve_its_excluded_queues(r, spawn):
+    note.delay("excluded", queue="high")          # would run first if it were served
+    note.delay_many([("served",), ("later",)])
+    spawn("worker", "excluding_app")
+    wait_for(lambda: len(runs(r, "order")) == 2, "the default queue's tasks")
+    assert runs(r, "order") == [["served"], ["later"]]
+    assert [m["args"] for m in queue(r, "high")] == [["excluded"]]
+
+
+@slow
 def test_max_tasks_per_worker_recycles_the_child(r, spawn):
     spawn("worker", "recycle_app")
     for _ in range(5):
@@ -859,7 +894,8 @@ def test_the_app_sees_one_wakaq_module_when_run_as_a_script(r, spawn):
 # ===================================================================== scheduler
 
 @slow
-def test_two_schedulers_enqueue_each_tick_exactly_once(r, spawn):
+@pytest.mark.parametrize("log_file", [SCHED_LOG_FILE], indirect=True)
+def test_two_schedulers_enqueue_each_tick_exactly_once(r, spawn, log_file):
     started = time.time()
     spawn("scheduler", "sched_app")
     spawn("scheduler", "sched_app")
@@ -917,7 +953,8 @@ def test_info_json_reports_queues_inflight_dead_and_workers(r):
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     assert info["queues"] == {"high": {"priority": 0, "pending": 0, "delayed": 1},
-                              "default": {"priority": 1, "pending": 2, "delayed": 0}}
+                              "mid": {"priority": 1, "pending": 0, "delayed": 0},
+                              "default": {"priority": 2, "pending": 2, "delayed": 0}}
     assert (info["inflight"], info["dead"], info["workers"]) == (0, 1, 0)
     assert cli("info", "test_wakaq:app").returncode == 0
 
