@@ -31,6 +31,7 @@ import wakaq
 from wakaq import WakaQ
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+MODULE = os.path.splitext(os.path.basename(__file__))[0]    # workers import MODULE:APP
 
 
 def _free_port():
@@ -68,19 +69,27 @@ def _rc():
     return c
 
 
+# Record a run once even if a lost reply makes _record() send it again: KEYS = the run
+# tokens set, done set, runs hash, log list; ARGV = run token, myid, log line.
+_RECORD_LUA = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
+redis.call('RPUSH', KEYS[4], ARGV[3])
+return 1
+"""
+
+
 def _record(myid, **extra):
     """Record one finished run; survives connection kills and a Redis restart."""
     cur = wakaq.current_task()
+    token = os.urandom(8).hex()
     line = json.dumps({"myid": myid, "id": cur["id"], "attempt": cur["attempt"],
                        "pid": os.getpid(), **extra})
     deadline = time.monotonic() + 15
     while True:
         try:
-            pipe = _rc().pipeline(transaction=True)
-            pipe.sadd(DONE, myid)
-            pipe.hincrby(RUNS, myid, 1)
-            pipe.rpush(LOG, line)
-            pipe.execute()
+            _rc().eval(_RECORD_LUA, 4, "chaos:tokens", DONE, RUNS, LOG, token, myid, line)
             return
         except (redis.ConnectionError, redis.TimeoutError):
             if time.monotonic() > deadline:
@@ -191,8 +200,8 @@ def redis_server(tmp_path_factory):
             pytest.fail(message)
         pytest.skip(message)
     server = RedisServer(binary, PORT, str(tmp_path_factory.mktemp("redis")))
-    server.start()
     try:
+        server.start()
         yield server
     finally:
         server.kill()
@@ -221,7 +230,7 @@ class Workers:
         path = os.path.join(self.logdir, f"worker-{len(self.procs)}.log")
         with open(path, "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "wakaq.py", "worker", f"test_chaos:{app_name}"], cwd=HERE,
+                [sys.executable, "wakaq.py", "worker", f"{MODULE}:{app_name}"], cwd=HERE,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, env=dict(os.environ, WAKAQ_CHAOS_PORT=str(PORT)))
         self.procs.append(proc)
@@ -405,13 +414,26 @@ def test_chaos_kills_restarts_and_disconnects_lose_nothing(r, redis_server, work
                 f"dead: {r.llen('wakaq:dead')}\nworkers: "
                 f"{r.zrange('wakaq:workers', 0, -1, withscores=True)}\n{workers.tails()}")
 
-    dead = []
+    dead, quiet_since = [], None
 
     def finished():
-        nonlocal dead
+        nonlocal dead, quiet_since
         dead = dead_entries(r)
         dead_myids = {dead_myid(e) for e in dead if e.get("reason") in KILL_REASONS}
-        return (done_ids(r) | dead_myids) >= set(expected) and not leftovers(r, chaos_app)
+        complete = (done_ids(r) | dead_myids) >= set(expected)
+        left = leftovers(r, chaos_app)
+        long_dead = {w.decode() for w in r.zrangebyscore(
+            "wakaq:workers", "-inf", time.time() - 3 * chaos_app.heartbeat_timeout - 5)}
+        if any(k.rpartition(":")[2] in long_dead for k in left):
+            raise AssertionError("a dead worker's in-flight tasks were not taken back\n"
+                                 + diag())
+        if left:
+            quiet_since = None
+        elif not complete:          # nothing queued, delayed or in flight, yet tasks missing
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since > 5:
+                raise AssertionError("tasks lost: nothing is left to run them\n" + diag())
+        return complete and not left
 
     wait_for(finished, deadline_left, "every task done and nothing queued or in flight", diag)
 
@@ -434,7 +456,15 @@ def test_chaos_kills_restarts_and_disconnects_lose_nothing(r, redis_server, work
         assert line["id"] == expected[line["myid"]], line
         assert 1 <= line["attempt"] <= CHAOS_RETRIES + 1, line
     retried = sum(line["attempt"] > 1 for line in lines)
-    print(f"{retried} runs were retries (attempt > 1)")
+    twice = {}
+    for line in lines:
+        if runs.get(line["myid"], 0) > 1:
+            twice.setdefault(line["myid"], []).append(line["attempt"])
+    print(f"{retried} runs were retries (attempt > 1); attempts of the duplicated: {twice}")
+    # A task runs again only after a failed attempt was counted (kills, adoption; no stop
+    # here), so the runs of one task never share an attempt number.
+    assert all(len(set(a)) == len(a) for a in twice.values()), \
+        f"a task ran twice as the same attempt: {twice}"
     assert retried, "no kill hit a running task: the chaos did not test anything"
 
     # The survivor and the replacement still run and heartbeat; the victim was taken back.
@@ -448,6 +478,8 @@ def test_chaos_kills_restarts_and_disconnects_lose_nothing(r, redis_server, work
     print(f"worker logs: {logs.count('task released (worker died)')} tasks released after "
           f"a kill, {logs.count('taking back')} dead worker(s) taken back, "
           f"{logs.count('lost Redis')} outages logged, {logs.count('Traceback')} tracebacks")
+    assert "Traceback" not in logs, "a worker process crashed or a task failed\n" + logs[
+        logs.index("Traceback") - 300:][:3000]
     wait_for(lambda: all(len(children(p.pid)) == chaos_app.concurrency
                          for p in (survivor, replacement)), 10,
              "both workers to have their children", diag)
@@ -499,6 +531,7 @@ def test_deploy_sigterm_while_tasks_run_loses_and_repeats_nothing(r, workers):
     assert dead_entries(r) == []
     assert all(line["attempt"] == 1 for line in run_log(r)), "a stop used up a retry"
     assert all(p.poll() is None for p in old)
+    assert "Traceback" not in "".join(workers.log(p) for p in workers.procs), workers.tails(40)
 
 
 # ===================================================================== bad input

@@ -741,10 +741,11 @@ return #ws
 
 # Adopt worker ARGV[1] if its heartbeat in KEYS[1] is older than ARGV[2]: move its in-flight
 # hash KEYS[2] and pending broadcasts KEYS[3] into our hash KEYS[5] as "adopted:..." fields,
-# delete its keys (KEYS[4] = its wake list). Returns the new fields and payloads, flattened.
+# delete its keys (KEYS[4] = its wake list). Returns the new fields and payloads, flattened,
+# or nil if another worker adopted it first.
 _ADOPT = _Script("""
 local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not s or tonumber(s) > tonumber(ARGV[2]) then return {} end
+if not s or tonumber(s) > tonumber(ARGV[2]) then return false end  -- alive, or taken
 redis.call('ZREM', KEYS[1], ARGV[1])
 local out = {}
 local function take(field, p)
@@ -1090,6 +1091,8 @@ class _Worker:
             keys = [self.app.workers_key] + [f"{PREFIX}:{k}:{wid}" for k in
                                              ("inflight", "bcast", "wake")] + [self.inflight_key]
             fields = _ADOPT(self.r, keys, [wid, cutoff])
+            if fields is None:
+                continue
             log.warning("worker %s is silent for over %ss: taking back its %d task(s)",
                         wid, self.app.heartbeat_timeout, len(fields) // 2)
             for field in fields[::2]:
