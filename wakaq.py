@@ -1389,11 +1389,11 @@ def _cmd_purge(app, args):
 
 def _cmd_dead(app, args):
     r = app.redis
-    entries = r.lrange(app.dead_key, 0, -1)
     if args.purge:
-        r.delete(app.dead_key)   # what arrived since the LRANGE is counted and deleted too
-        print(f"deleted {len(entries)} dead task(s)")
+        count, _ = r.pipeline().llen(app.dead_key).delete(app.dead_key).execute()
+        print(f"deleted {count} dead task(s)")
         return 0
+    entries = r.lrange(app.dead_key, 0, -1)
     moved = 0
     for raw in entries:
         e = json.loads(raw)
