@@ -66,6 +66,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 import traceback
 from datetime import date, datetime, timedelta, timezone
@@ -97,6 +98,7 @@ DUE_BATCH = 1000          # delayed payloads moved per script call (bounded comm
 BULK_CHUNK = 1000         # payloads per command in delay_many()
 TICK = 0.1                # worker parent loop period, seconds
 IDLE_WAIT = 1             # a child's BLPOP timeout, seconds (it re-checks its flags after)
+CRON_CATCH_UP = 1800      # a missed cron tick older than this is skipped; its lock lasts 2x
 
 
 # ===================================================================== errors and helpers
@@ -270,25 +272,43 @@ def _loads(raw):
 _BAD_PAYLOAD = (ValueError, TypeError, KeyError, RecursionError, ArithmeticError)
 
 
-def _loads_msg(raw):
-    """A task payload, checked for shape; raises one of _BAD_PAYLOAD."""
-    msg = _loads(raw)
-    if not (isinstance(msg, dict) and isinstance(msg.get("name"), str)
-            and isinstance(msg.get("args"), list) and isinstance(msg.get("kwargs"), dict)
-            and isinstance(msg.get("retry"), int) and isinstance(msg.get("queue"), str)):
-        raise ValueError("not a wakaq payload (need name, queue, retry, args, kwargs)")
+def _loads_msg(raw, decode=True):
+    """A task payload, checked for shape; raises one of _BAD_PAYLOAD. With decode=False
+    tagged values stay as they are (to move a payload on without re-encoding them)."""
+    msg = _loads(raw) if decode else json.loads(raw)
+    if not (isinstance(msg, dict) and isinstance(msg.get("id"), str)
+            and isinstance(msg.get("name"), str) and isinstance(msg.get("queue"), str)
+            and type(msg.get("retry")) is int and isinstance(msg.get("args"), list)
+            and isinstance(msg.get("kwargs"), dict)):
+        raise ValueError("not a wakaq payload (need id, name, queue, retry, args, kwargs)")
     return msg
 
 
-_ids = None
+def _check_keys(o):
+    """JSON would turn non-str dict keys into strings, silently; refuse them (and our tag)."""
+    if isinstance(o, dict):
+        for k, v in o.items():
+            if not isinstance(k, str) or k == _TAG:
+                raise TypeError(f"wakaq cannot serialize the dict key {k!r}: use str keys")
+            _check_keys(v)
+    elif isinstance(o, (list, tuple)):
+        for v in o:
+            _check_keys(v)
+
+
+def _after_fork():
+    """Per process: the id prefix and counter, and the producer connections (per thread)."""
+    global _ids, _local
+    _ids, _local = (os.urandom(8).hex(), itertools.count()), threading.local()
+
+
+_after_fork()
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _new_id():
     """Unique task ids without a syscall per call: a random prefix per process + a counter."""
-    global _ids
-    if _ids is None or _ids[0] != os.getpid():
-        _ids = (os.getpid(), os.urandom(8).hex(), itertools.count())
-    return f"{_ids[1]}{next(_ids[2]):x}"
+    return f"{_ids[0]}{next(_ids[1]):x}"
 
 
 # ===================================================================== Queue and CronTask
@@ -341,6 +361,8 @@ class CronTask:
             raise TypeError(f"CronTask task_name must be a str, got {task_name!r}")
         self.schedule, self.task_name, self.queue = schedule, task_name, queue
         self.args, self.kwargs = list(args or ()), dict(kwargs or {})
+        _check_keys([self.args, self.kwargs])
+        _dumps([self.args, self.kwargs])          # TypeError now, not at the first tick
 
     def __repr__(self):
         return f"CronTask({self.schedule!r}, {self.task_name!r})"
@@ -516,6 +538,14 @@ class WakaQ:
         return redis.Redis.from_url(url, **kw) if url else redis.Redis(**kw)
 
     @property
+    def _conn(self):
+        """This thread's own connection for enqueueing (see _Conn)."""
+        conns = _local.__dict__.setdefault("conns", {})
+        if self not in conns:
+            conns[self] = _Conn(self._client(), retries=1)
+        return conns[self]
+
+    @property
     def redis(self):
         """This process's client (a new one after fork)."""
         if self._redis is None or self._redis_pid != os.getpid():
@@ -527,9 +557,12 @@ class WakaQ:
     def _payload(self, task, args, kwargs, queue, bcast=False):
         """(id, payload). Formatted by hand: the same JSON as dumping a dict, twice as fast.
         Queue names need no escaping (see Queue); the task's name is escaped once."""
+        _check_keys(args)
+        _check_keys(kwargs)
         msg_id, tail = _new_id(), ',"bcast":1}' if bcast else "}"
         return msg_id, (f'{{"id":"{msg_id}","name":{task._json_name},"queue":"{queue.name}",'
-                        f'"retry":0,"args":{_dumps(args)},"kwargs":{_dumps(kwargs)}{tail}')
+                        f'"retry":0,"args":{_dumps(args)},"kwargs":'
+                        f'{_dumps(kwargs) if kwargs else "{}"}{tail}')
 
     def _enqueue(self, task, calls, queue, eta):
         q = self._queue(queue) if queue is not None else task.queue or self.default_queue
@@ -541,7 +574,7 @@ class WakaQ:
             return [i for i, _ in built]
         due = _due_time(eta)
         payloads = [raw for _, raw in built]
-        r = self.redis
+        r = self._conn
         for start in range(0, len(payloads), BULK_CHUNK):
             chunk = payloads[start:start + BULK_CHUNK]
             if due is None:
@@ -556,19 +589,23 @@ class WakaQ:
         if self.eager:
             self._run_task(task, list(args), kwargs)
             return 1
-        return _BROADCAST(self.redis, [self.workers_key],
+        return _BROADCAST(self._conn, [self.workers_key],
                           [time.time() - self.heartbeat_timeout, raw, PREFIX])
 
-    def _run_task(self, task, args, kwargs):
-        """Run a task with the hooks; `async def` tasks run to completion here."""
-        for hook in self._hooks["before_task_started"]:
-            hook()
+    def _run_task(self, task, args, kwargs, soft_deadline=None):
+        """Run a task with the hooks. `async def` tasks run to completion here, with the
+        soft timeout kept by asyncio (a SIGALRM could land inside asyncio's own callbacks)."""
         try:
+            for hook in self._hooks["before_task_started"]:
+                hook()
             if self._hooks["wrap_tasks_with"]:
                 result = self._hooks["wrap_tasks_with"][0](task.fn, args, kwargs)
             else:
                 result = task.fn(*args, **kwargs)
             if asyncio.iscoroutine(result):
+                if soft_deadline:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    result = _within(result, soft_deadline)
                 result = asyncio.run(result)
             return result
         finally:
@@ -582,7 +619,7 @@ class WakaQ:
         Returns (list key, wake key or None, value). bcast_key is the worker's own broadcast
         list; None means the broadcast's worker is gone, so it cannot be retried."""
         try:
-            msg = _loads_msg(raw)
+            msg = _loads_msg(raw, decode=False)
         except _BAD_PAYLOAD as e:
             return self.dead_key, None, _dead_entry(raw, None, f"{reason}; bad payload: {e}")
         task, queue = self.tasks.get(msg["name"]), self._queues.get(msg["queue"])
@@ -591,20 +628,30 @@ class WakaQ:
         if msg["retry"] < _limits_for(self, task, queue).retries:
             msg["retry"] += 1
             if msg.get("bcast"):
-                return bcast_key, None, _dumps(msg)
-            return queue.key, queue.wake_key, _dumps(msg)
+                return bcast_key, None, json.dumps(msg)
+            return queue.key, queue.wake_key, json.dumps(msg)
         return self.dead_key, None, _dead_entry(raw, msg, reason)
 
     def _front(self, raw, bcast_key):
         """Where a task that a stop interrupted goes back: the front, retry unchanged."""
         try:
-            msg = _loads_msg(raw)
+            msg = _loads_msg(raw, decode=False)
         except _BAD_PAYLOAD as e:
             return self.dead_key, None, _dead_entry(raw, None, f"bad payload: {e}")
         if msg.get("bcast"):
             return bcast_key, None, raw
         q = self._queues.get(msg["queue"]) or self.default_queue
         return q.key, q.wake_key, raw
+
+
+async def _within(coro, deadline):
+    """Await coro until the monotonic deadline, then raise SoftTimeout inside it."""
+    try:
+        return await asyncio.wait_for(coro, max(0.0, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        if time.monotonic() < deadline:
+            raise               # the task's own TimeoutError
+        raise SoftTimeout("soft timeout") from None
 
 
 def _level(value, name):
@@ -623,7 +670,11 @@ def _due_time(eta):
         if eta.tzinfo is None:
             eta = eta.replace(tzinfo=timezone.utc)
         return eta.timestamp()
-    return time.time() + _seconds(eta, "eta")
+    if isinstance(eta, timedelta):
+        eta = eta.total_seconds()
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
+        raise TypeError(f"eta must be seconds, a timedelta or a datetime, got {eta!r}")
+    return time.time() + max(0.0, eta)
 
 
 def _dead_entry(raw, msg, reason):
@@ -669,23 +720,27 @@ wake(KEYS[2], #ARGV)
 return #ARGV
 """)
 
-# A child's claim. KEYS[1] = its worker's in-flight hash, KEYS[2..n+1] = its sources in
-# priority order (broadcasts first), the rest = their wake lists. ARGV = slot, the payload
-# it finished (acked here by being overwritten), n. If the slot holds another payload,
-# a claim's reply was lost: hand that payload out again. Empty: ack, clear stale tokens.
+# A child's claim. KEYS[1] = its worker's in-flight hash, KEYS[2] = the workers zset,
+# KEYS[3..n+2] = its sources in priority order (broadcasts first), the rest = their wake
+# lists. ARGV = slot, the payload it finished (acked here by being overwritten), n, worker
+# id. If the slot holds another payload, a claim's reply was lost: hand that one out again.
+# Nothing while the worker is not listed (nobody could adopt the hash). Empty: ack, clear
+# stale tokens.
 _CLAIM = _Script("""
 local n = tonumber(ARGV[3])
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur and cur ~= ARGV[2] then return {0, cur} end
-for i = 2, n + 1 do
-  local p = redis.call('LPOP', KEYS[i])
-  if p then
-    redis.call('HSET', KEYS[1], ARGV[1], p)
-    return {i - 1, p}
+if redis.call('ZSCORE', KEYS[2], ARGV[4]) then
+  for i = 3, n + 2 do
+    local p = redis.call('LPOP', KEYS[i])
+    if p then
+      redis.call('HSET', KEYS[1], ARGV[1], p)
+      return {i - 2, p}
+    end
   end
 end
 if cur then redis.call('HDEL', KEYS[1], ARGV[1]) end
-redis.call('DEL', unpack(KEYS, n + 2))
+redis.call('DEL', unpack(KEYS, n + 3))
 return false
 """)
 
@@ -762,6 +817,16 @@ redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 return out
 """)
 
+# Move dead letter ARGV[1] from the head of KEYS[1] onto queue KEYS[2] as payload ARGV[2],
+# unless another requeue took it first.
+_REQUEUE = _Script("""
+if redis.call('LINDEX', KEYS[1], 0) ~= ARGV[1] then return 0 end
+redis.call('LPOP', KEYS[1])
+redis.call('RPUSH', KEYS[2], ARGV[2])
+wake(KEYS[3], 1)
+return 1
+""")
+
 # Enqueue one cron tick once: SET NX lock KEYS[1] (expires ARGV[2] s), then append payload
 # ARGV[1] to queue KEYS[2] and wake KEYS[3]. Several schedulers may race; one wins.
 _CRON = _Script("""
@@ -835,19 +900,27 @@ class _Outage:
         self.delay = 0.0
 
 
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+# Blocked around fork() so that a stop signal reaches the child's handlers, not ours.
+_PARENT_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
 
 
 class _Conn:
-    """One connection used directly, for a worker child's hot path: no pool and no retry
-    layer per command (the child's own loop handles outages). It reconnects on next use."""
+    """One connection used directly, for the hot paths (a child's claims, a thread's
+    enqueues): redis-py's pool and per-command layers cost more than the round trip. After
+    a connection error it reconnects: at once `retries` times, else on its next use."""
 
-    def __init__(self, client):
-        self.conn = client.connection_pool.make_connection()
+    def __init__(self, client, retries=0):
+        self.conn, self.retries = client.connection_pool.make_connection(), retries
 
     def execute_command(self, *args):
-        self.conn.send_command(*args)
-        return self.conn.read_response()
+        for attempt in range(self.retries + 1):
+            try:
+                self.conn.send_command(*args)
+                return self.conn.read_response()
+            except (redis.ConnectionError, redis.TimeoutError):
+                self.conn.disconnect()
+                if attempt == self.retries:
+                    raise
 
 
 # ===================================================================== OS helpers
@@ -905,17 +978,18 @@ def _kill(pid, sig):
 class _Child:
     """The parent's record of one slot's child process."""
 
-    __slots__ = ("pid", "killed_for", "term_sent")
+    __slots__ = ("pid", "killed_for", "term_sent", "born")
 
     def __init__(self, pid):
         self.pid, self.killed_for, self.term_sent = pid, None, False
+        self.born = time.monotonic()
 
 
 class _Worker:
     """The parent. It never runs task code. Each child owns a slot: its field in the
     in-flight hash and 8 bytes of shared memory where it writes the hard deadline of the
-    task it runs (0 = idle), so the parent enforces hard timeouts without a message per task.
-    Signal handlers only count signals; the wake-up pipe ends the parent's select()."""
+    task it runs (time.monotonic(); 0 = idle), so the parent enforces hard timeouts without
+    a message per task. Signal handlers only count signals; the wake-up pipe ends select()."""
 
     def __init__(self, app):
         self.app = app
@@ -925,6 +999,7 @@ class _Worker:
         n = app.concurrency
         self.slots = [None] * n           # slot -> _Child, or None
         self.unreleased = {}              # slot -> reason: a dead child's task to release
+        self.not_before = [0.0] * n       # slot -> when it may fork again (monotonic)
         self.shm = mmap.mmap(-1, 8 * n)
         self.signals = 0
         self.outage = _Outage("worker")
@@ -953,7 +1028,7 @@ class _Worker:
                 self._begin_stop()
                 if not any(self.slots) and (not self.unreleased or self.outage.delay):
                     break
-            self._enforce_hard_timeouts(now)
+            self._enforce_hard_timeouts()
             self._redis_duties(now)
             if not self.signals:
                 self._check_memory(now)
@@ -978,15 +1053,19 @@ class _Worker:
             log.info("worker %s stopping: letting running tasks finish", self.wid)
 
     def _fork_missing(self):
-        if self.mem_high:
-            return
         for slot, child in enumerate(self.slots):
-            if child is None and slot not in self.unreleased:
+            if child is None and slot not in self.unreleased and not self.mem_high \
+                    and time.monotonic() >= self.not_before[slot]:
                 self._spawn(slot)
 
     def _spawn(self, slot):
         struct.pack_into("d", self.shm, slot * 8, 0.0)
-        pid = os.fork()
+        signal.pthread_sigmask(signal.SIG_BLOCK, _PARENT_SIGNALS)  # until the child has its own
+        try:
+            pid = os.fork()
+        except OSError as e:
+            log.error("cannot fork a child (%s); trying again in a second", e)
+            self.not_before[slot], pid = time.monotonic() + 1, None
         if pid == 0:                                    # child: this branch never returns
             code = 1
             try:
@@ -1002,7 +1081,9 @@ class _Worker:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
-        self.slots[slot] = _Child(pid)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)
+        if pid:
+            self.slots[slot] = _Child(pid)
 
     def _reap(self):
         while True:
@@ -1021,8 +1102,11 @@ class _Worker:
                     if child.killed_for or code != 0:
                         log.warning("child %d exited with %s (%s)", pid, code,
                                     child.killed_for or "died")
+                    if code != 0 and time.monotonic() - child.born < 1.0:
+                        self.not_before[slot] = time.monotonic() + 1.0   # no crash loop
 
-    def _enforce_hard_timeouts(self, now):
+    def _enforce_hard_timeouts(self):
+        now = time.monotonic()
         for slot, child in enumerate(self.slots):
             if child and not child.killed_for:
                 deadline = struct.unpack_from("d", self.shm, slot * 8)[0]
@@ -1034,7 +1118,12 @@ class _Worker:
         if not self.app.max_mem_percent or now < self.next_mem:
             return
         self.next_mem = now + 1.0
-        pct = _mem_percent()
+        try:
+            pct = _mem_percent()
+        except (OSError, ValueError, KeyError, ZeroDivisionError) as e:
+            log.warning("cannot read memory use (%s); checking again in a minute", e)
+            self.next_mem = now + 60.0
+            return
         self.mem_high = pct >= self.app.max_mem_percent
         live = [c for c in self.slots if c and not c.term_sent]
         if self.mem_high and live:
@@ -1063,7 +1152,7 @@ class _Worker:
                 self.next_adopt = now + min(self.app.heartbeat_timeout / 4, 5.0)
             if now >= self.next_due:
                 self._move_due(now)
-        except _REDIS_DOWN as e:
+        except redis.RedisError as e:
             self.next_due = time.time() + self.outage.failed(e)
 
     def _release(self, field, reason):
@@ -1083,6 +1172,8 @@ class _Worker:
             log.warning("task released (%s) to %s", reason, key)
 
     def _adopt(self, now):
+        """Take back the tasks of workers silent for heartbeat_timeout. They land in our own
+        hash as adopted:* fields first, so a failure halfway is finished on the next pass."""
         cutoff = now - self.app.heartbeat_timeout
         for wid in self.r.zrangebyscore(self.app.workers_key, "-inf", cutoff, start=0, num=10):
             wid = wid.decode()
@@ -1091,11 +1182,11 @@ class _Worker:
             keys = [self.app.workers_key] + [f"{PREFIX}:{k}:{wid}" for k in
                                              ("inflight", "bcast", "wake")] + [self.inflight_key]
             fields = _ADOPT(self.r, keys, [wid, cutoff])
-            if fields is None:
-                continue
-            log.warning("worker %s is silent for over %ss: taking back its %d task(s)",
-                        wid, self.app.heartbeat_timeout, len(fields) // 2)
-            for field in fields[::2]:
+            if fields is not None:
+                log.warning("worker %s is silent for over %ss: taking back its %d task(s)",
+                            wid, self.app.heartbeat_timeout, len(fields) // 2)
+        for field in self.r.hkeys(self.inflight_key):
+            if field.startswith(b"adopted:"):
                 self._release(field.decode(), "worker died")
 
     def _move_due(self, now):
@@ -1120,20 +1211,21 @@ class _Worker:
             for slot, reason in list(self.unreleased.items()):
                 self._release(str(slot), reason)
             self.unreleased.clear()
-        except _REDIS_DOWN as e:
+        except redis.RedisError as e:
             log.error("cannot put interrupted tasks back (%s); a live worker will take them "
                       "back after heartbeat_timeout", e)
 
     def _leave(self):
-        """Deregister. Broadcasts still waiting for us go to the dead-letter list."""
-        if self.unreleased:
-            return            # Redis is down: keep our heartbeat entry so others adopt us
+        """Deregister; broadcasts still waiting for us go to the dead-letter list. With a task
+        still in our in-flight hash (Redis was down), stay listed so a live worker adopts it."""
         try:
+            if self.unreleased or self.r.hlen(self.inflight_key):
+                return
+            self.r.zrem(self.app.workers_key, self.wid)    # first: no new broadcasts for us
             for raw in self.r.lrange(self.bcast_key, 0, -1):
                 self.r.rpush(self.app.dead_key, _dead_entry(raw, None, "worker stopped"))
-            self.r.delete(self.bcast_key, self.wake_key, self.inflight_key)
-            self.r.zrem(self.app.workers_key, self.wid)
-        except _REDIS_DOWN as e:
+            self.r.delete(self.bcast_key, self.wake_key)
+        except redis.RedisError as e:
             log.error("could not deregister worker %s (%s)", self.wid, e)
 
 
@@ -1153,19 +1245,21 @@ class _ChildProcess:
         served = [q for q in app.queues if q.name not in app.exclude_queues]
         self.sources = [worker.bcast_key] + [q.key for q in served]
         self.wakes = [worker.wake_key] + [q.wake_key for q in served]
-        self.claim_keys = [worker.inflight_key] + self.sources + self.wakes
         self.limits = {}        # (task, queue) -> _Limits
-        head = ["EVALSHA", _CLAIM.sha, len(self.claim_keys)] + self.claim_keys + [slot]
-        bulk = [str(x).encode() for x in head]
-        self.claim_head = b"*%d\r\n" % (len(head) + 2) + b"".join(
-            b"$%d\r\n%s\r\n" % (len(b), b) for b in bulk)
-        self.claim_tail = b"$%d\r\n%d\r\n" % (len(str(len(self.sources))), len(self.sources))
+        keys = [worker.inflight_key, app.workers_key] + self.sources + self.wakes
+        head = ["EVALSHA", _CLAIM.sha, len(keys)] + keys + [slot]
+        tail = [len(self.sources), worker.wid]
+        self.claim_head, self.claim_tail = (
+            b"".join(b"$%d\r\n%s\r\n" % (len(b), b) for b in (str(x).encode() for x in part))
+            for part in (head, tail))
+        self.claim_head = b"*%d\r\n" % (len(head) + 1 + len(tail)) + self.claim_head
 
     def run(self):
         signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent decides on Ctrl-C
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGALRM, self._on_alarm)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)  # blocked by _spawn
         self.r = _Conn(self.app._client(retries=0))
         for hook in self.app._hooks["after_worker_started"]:
             hook()
@@ -1177,6 +1271,9 @@ class _ChildProcess:
                 self.prev = b""          # the claim acked it
                 self._call(self._wait)
                 continue
+            if self.stopping:            # SIGTERM came while claiming: give it back untouched
+                self._release(item[1], *self.app._front(item[1], self.worker.bcast_key), "front")
+                break
             self.prev = self._run(item[1])
             done += 1
         if self.prev:
@@ -1201,7 +1298,7 @@ class _ChildProcess:
                 if self.outage.delay:
                     self.outage.ok()
                 return result
-            except _REDIS_DOWN as e:
+            except redis.RedisError as e:
                 delay = self.outage.failed(e)
             if self.stopping or os.getppid() != self.ppid:
                 raise _Stop()
@@ -1225,9 +1322,9 @@ class _ChildProcess:
         finally:
             self.idle = False
 
-    def _release(self, raw, key, wake, value):
+    def _release(self, raw, key, wake, value, where="back"):
         keys = [self.worker.inflight_key, key] + ([wake] if wake else [])
-        self._call(lambda: _RELEASE(self.r, keys, [self.slot, raw, value, "back"]))
+        self._call(lambda: _RELEASE(self.r, keys, [self.slot, raw, value, where]))
 
     def _run(self, raw):
         """Run one claimed payload; returns it if done (to ack in the next claim), else ''."""
@@ -1246,7 +1343,7 @@ class _ChildProcess:
             return b""
         limits = self.limits.get((task, queue)) or self.limits.setdefault(
             (task, queue), _limits_for(app, task, queue))
-        start = time.time()
+        start = time.monotonic()
         struct.pack_into("d", self.worker.shm, self.slot * 8,
                          start + limits.hard if limits.hard else 0.0)
         token = _current.set(msg)
@@ -1256,7 +1353,7 @@ class _ChildProcess:
                 self.soft = limits.soft
                 self.in_task = True
                 signal.setitimer(signal.ITIMER_REAL, limits.soft)
-            app._run_task(task, msg["args"], msg["kwargs"])
+            app._run_task(task, msg["args"], msg["kwargs"], limits.soft and start + limits.soft)
         except SoftTimeout:
             failed = "soft timeout"
         except Exception:
@@ -1268,7 +1365,7 @@ class _ChildProcess:
             struct.pack_into("d", self.worker.shm, self.slot * 8, 0.0)
             _current.reset(token)
         if failed:
-            log.warning("task %s: %s after %.1fs", task.name, failed, time.time() - start)
+            log.warning("task %s: %s after %.1fs", task.name, failed, time.monotonic() - start)
             self._release(raw, *app._outcome(raw, failed, self.worker.bcast_key))
             return b""
         return raw
@@ -1278,18 +1375,20 @@ class _ChildProcess:
 
 def _due(schedules, last, now):
     """(CronTask, fire time) for each schedule with a fire time in (last, now]; a schedule
-    that missed several ticks fires once, for the latest of them."""
-    due = []
+    that missed several ticks fires once, for the latest, unless that is over CRON_CATCH_UP
+    seconds old. Times compare as timestamps: wall clocks repeat when DST ends."""
+    due, end = [], now.timestamp()
     for cron in schedules:
         it = croniter(cron.schedule, last)
         fire = it.get_next(datetime)
-        if fire <= now:
+        if fire.timestamp() <= end:
             while True:
                 nxt = it.get_next(datetime)
-                if nxt > now:
+                if nxt.timestamp() > end:
                     break
                 fire = nxt
-            due.append((cron, fire))
+            if end - fire.timestamp() <= CRON_CATCH_UP:
+                due.append((cron, fire))
     return due
 
 
@@ -1321,12 +1420,12 @@ def _run_scheduler(app, stop):
                                                   cron.args, cron.kwargs], sort_keys=True,
                                                  default=str).encode()).hexdigest()[:16]
                 lock = f"{PREFIX}:cron:{digest}:{int(fire.timestamp())}"
-                if _CRON(r, [lock, q.key, q.wake_key], [raw, 600]):
+                if _CRON(r, [lock, q.key, q.wake_key], [raw, 2 * CRON_CATCH_UP]):
                     log.info("enqueued %s for %s", cron.task_name, fire.isoformat())
             last = now
             pause = 1.0 if not app.schedules else \
                 (_next_fire(app.schedules, now) - datetime.now(app.tz)).total_seconds()
-        except _REDIS_DOWN as e:
+        except redis.RedisError as e:
             pause = outage.failed(e)
         deadline = time.monotonic() + min(max(pause, 0.01), 1.0)
         while not stop() and time.monotonic() < deadline:
@@ -1358,7 +1457,10 @@ def _info(app):
     pipe.llen(app.dead_key)
     pipe.zcount(app.workers_key, time.time() - app.heartbeat_timeout, "+inf")
     counts = pipe.execute()
-    inflight = sum(r.hlen(k) for k in r.scan_iter(f"{PREFIX}:inflight:*"))
+    pipe = r.pipeline(transaction=False)
+    for wid in r.zrange(app.workers_key, 0, -1):      # live, and dead not yet adopted
+        pipe.hlen(f"{PREFIX}:inflight:{wid.decode()}")
+    inflight = sum(pipe.execute())
     return {"queues": {q.name: {"priority": app._priority[q.name], "pending": counts[2 * i],
                                 "delayed": counts[2 * i + 1]} for i, q in enumerate(app.queues)},
             "inflight": inflight, "dead": counts[-2], "workers": counts[-1]}
@@ -1381,7 +1483,7 @@ def _cmd_purge(app, args):
     pipe = app.redis.pipeline(transaction=True)
     pipe.llen(q.key)
     pipe.zcard(q.eta_key)
-    pipe.delete(q.key, q.eta_key, q.wake_key)
+    pipe.unlink(q.key, q.eta_key, q.wake_key)          # freed in the background
     pending, delayed, _ = pipe.execute()
     print(pending + delayed)
     return 0
@@ -1390,34 +1492,30 @@ def _cmd_purge(app, args):
 def _cmd_dead(app, args):
     r = app.redis
     if args.purge:
-        count, _ = r.pipeline().llen(app.dead_key).delete(app.dead_key).execute()
+        count, _ = r.pipeline().llen(app.dead_key).unlink(app.dead_key).execute()
         print(f"deleted {count} dead task(s)")
         return 0
-    entries = r.lrange(app.dead_key, 0, -1)
-    moved = 0
-    for raw in entries:
-        e = json.loads(raw)
-        if not args.requeue:
+    if args.requeue:                  # from the head, one at a time: O(1) per entry
+        moved = 0
+        while (raw := r.lindex(app.dead_key, 0)) is not None:
+            e = json.loads(raw)
+            q = app._queues.get(e["queue"]) or app.default_queue
+            try:
+                msg = _loads_msg(e["payload"], decode=False)
+                msg["retry"] = 0
+                payload = json.dumps(msg)
+            except _BAD_PAYLOAD:
+                payload = e["payload"]   # requeued as it was; it will be dead-lettered again
+            moved += _REQUEUE(r, [app.dead_key, q.key, q.wake_key], [raw, payload])
+        print(f"requeued {moved} dead task(s)")
+        return 0
+    for start in itertools.count(0, 1000):    # in pages: no single slow command
+        page = r.lrange(app.dead_key, start, start + 999)
+        for e in map(json.loads, page):
             print(f"{e['name']} queue={e['queue']} attempts={e['attempts']} "
                   f"reason={e['reason']!r} id={e['id']}")
-            continue
-        q = app._queues.get(e["queue"]) or app.default_queue
-        payload = e["payload"]
-        try:
-            msg = _loads_msg(payload)
-            msg["retry"] = 0
-            payload = _dumps(msg)
-        except _BAD_PAYLOAD:
-            pass       # requeued as it was; it will be dead-lettered again
-        pipe = r.pipeline(transaction=True)
-        pipe.lrem(app.dead_key, 1, raw)
-        pipe.rpush(q.key, payload)
-        pipe.rpush(q.wake_key, 1)
-        moved += pipe.execute()[0]
-    if args.requeue:
-        print(f"requeued {moved} dead task(s)")
-    elif not entries:
-        print("no dead tasks")
+        if len(page) < 1000:
+            break
     return 0
 
 
@@ -1447,7 +1545,7 @@ def main(argv=None):
     try:
         app = _import_app(args.app)
     except Exception as e:                # any import-time error: one line, no traceback
-        line = traceback.format_exception_only(type(e), e)[-1].strip()
+        line = traceback.format_exception_only(type(e), e)[-1].strip().splitlines()[0]
         print(f"wakaq: cannot load app {args.app!r}: {line}", file=sys.stderr)
         return 2
     try:
@@ -1455,8 +1553,8 @@ def main(argv=None):
     except ValueError as e:               # e.g. an unknown queue or cron task name
         print(f"wakaq: {e}", file=sys.stderr)
         return 2
-    except _REDIS_DOWN as e:
-        print(f"wakaq: cannot reach Redis at {app.url}: {e}", file=sys.stderr)
+    except redis.RedisError as e:
+        print(f"wakaq: Redis at {app.url}: {e}", file=sys.stderr)
         return 1
 
 
