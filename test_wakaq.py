@@ -2,23 +2,28 @@
 
     python -m pytest -q test_wakaq.py
 
-Redis: the session starts its own `redis-server --port N --save "" --appendonly no`
-in a temp dir on a free port and flushes it before each test. Without a `redis-server`
-binary the tests use WAKAQ_TEST_REDIS_URL (only `wakaq:*` and `test:*` keys are
-deleted there, and the Redis-restart test is skipped); with neither they are skipped,
-unless CI is set, when they fail. The URL is fixed at import time and passed to worker
-processes in WAKAQ_TEST_URL, because they import the apps below as `test_wakaq:APP`.
+Redis: the session starts its own `redis-server --port N --save "" --appendonly yes
+--appendfsync always` in a temp dir on a free port (AOF, so that a crash-restart keeps
+every acknowledged write; it costs this suite well under a second) and flushes it before
+each test. Without a `redis-server` binary the tests use WAKAQ_TEST_REDIS_URL (only
+`wakaq:*` and `test:*` keys are deleted there, and the Redis-restart tests are skipped);
+with neither they are skipped, unless CI is set, when they fail. The URL is fixed at
+import time and passed to worker processes in WAKAQ_TEST_URL, because they import the
+apps below as `test_wakaq:APP`.
 
-Process tests (marked `slow`; run by default, `-m "not slow"` leaves them out) start `python wakaq.py worker|scheduler ...`,
-wait on an observable outcome with a deadline (a Redis key, an exit code, a log line)
-and always stop their processes in teardown. Tasks record what happened in `test:*`
-lists. Pure tests at the top need no Redis.
+Process tests (marked `slow`; run by default, `-m "not slow"` leaves them out) start
+`python wakaq.py worker|scheduler ...` in their own process group, wait on an observable
+outcome with a deadline (a Redis key, an exit code, a log line) and always stop their
+processes in teardown. Tasks record what happened in `test:*` lists; the chaos, deploy
+and bad-input tasks record each finished run at the end of their body (see _record).
+Pure tests at the top need no Redis.
 """
 import asyncio
 import decimal
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -32,6 +37,8 @@ from urllib.parse import urlparse
 
 import pytest
 import redis
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.retry import Retry
 
 import wakaq
 from wakaq import CronTask, Queue, SoftTimeout, WakaQ, current_task
@@ -62,51 +69,62 @@ PRIVATE = bool(os.environ.get("WAKAQ_TEST_PORT"))
 URL = os.environ["WAKAQ_TEST_URL"] or "redis://127.0.0.1:1/0"   # unreachable: tests skip
 LOG_FILE = os.environ["WAKAQ_TEST_WORKER_LOG"]
 SCHED_LOG_FILE = os.environ["WAKAQ_TEST_SCHEDULER_LOG"]
+MEM_FLAG = os.environ.setdefault("WAKAQ_TEST_MEM_FLAG", os.path.join(   # see GuardedApp
+    tempfile.gettempdir(), f"wakaq-test-{os.getpid()}-memory-high"))
+needs_private = pytest.mark.skipif(not PRIVATE, reason="needs the private redis-server")
 
 
-def wait_for(predicate, what, timeout=15.0, interval=0.02):
+def wait_for(predicate, what, timeout=15.0, interval=0.02, diag=None):
+    """Poll predicate() until it is true; fail naming `what` (and diag()) at the deadline."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         result = predicate()
         if result:
             return result
+        if time.monotonic() > deadline:
+            extra = f"\n{diag()}" if diag else ""
+            raise AssertionError(f"gave up after {timeout:g}s waiting for {what}{extra}")
         time.sleep(interval)
-    raise AssertionError(f"gave up after {timeout}s waiting for {what}")
 
 
 class RedisServer:
-    """The private redis-server; stop() and start() on the same port for outage tests."""
+    """A private redis-server on a fixed port and folder, started with extra `flags`;
+    stop() and start() (or restart()) keep the port, for outage tests."""
 
-    def __init__(self, port, folder):
-        self.port, self.folder, self.proc = port, folder, None
+    def __init__(self, port, folder, *flags):
+        self.port, self.folder, self.flags, self.proc = port, folder, flags, None
+        self.log = os.path.join(folder, "redis.log")
 
     def start(self):
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.folder],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+             "--dir", self.folder, "--logfile", self.log, *self.flags],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        client = redis.Redis(port=self.port, socket_timeout=1, retry=Retry(NoBackoff(), 0))
 
         def up():
+            assert self.proc.poll() is None, \
+                f"redis-server exited with {self.proc.returncode}; see {self.log}"
             try:
                 return client.ping()
-            except redis.ConnectionError:
-                assert self.proc.poll() is None, "redis-server exited at start"
-        wait_for(up, f"redis-server on port {self.port}")
+            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+                return False
+        wait_for(up, f"redis-server on port {self.port}", 20)
         client.close()
 
-    def stop(self, keep_data=False):
-        """keep_data: SHUTDOWN SAVE (the next start loads the dump); else SIGKILL."""
-        if keep_data:    # a raw socket: redis-py would retry the dropped connection
+    def stop(self, graceful=False):
+        """graceful: SHUTDOWN SAVE; else SIGKILL, a crash (the AOF keeps the data)."""
+        if graceful:     # a raw socket: redis-py would retry the dropped connection
             with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
                 s.sendall(b"SHUTDOWN SAVE\r\n")
                 s.recv(100)
-        else:
+        elif self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=10)
 
-    def restart(self, keep_data=False):
-        self.stop(keep_data)
+    def restart(self, graceful=False):
+        self.stop(graceful)
         self.start()
 
 
@@ -119,19 +137,20 @@ def redis_server(tmp_path_factory):
             pytest.skip("no redis-server binary and no WAKAQ_TEST_REDIS_URL")
         yield None
         return
-    server = RedisServer(int(os.environ["WAKAQ_TEST_PORT"]), str(tmp_path_factory.mktemp("redis")))
+    server = RedisServer(int(os.environ["WAKAQ_TEST_PORT"]), str(tmp_path_factory.mktemp("redis")),
+                         "--appendonly", "yes", "--appendfsync", "always")
     server.start()
     try:
         yield server
     finally:
-        server.proc.kill()
-        server.proc.wait(timeout=10)
+        server.stop()
 
 
 @pytest.fixture
 def r(redis_server):
-    """A client on the test Redis, emptied first."""
-    client = redis.Redis.from_url(URL)
+    """A client on the test Redis, emptied first; it rides out kills and restarts."""
+    client = redis.Redis.from_url(URL, socket_timeout=10, retry=Retry(
+        ExponentialBackoff(cap=0.5, base=0.05), 40))
     if PRIVATE:
         client.flushall()
     else:
@@ -147,7 +166,8 @@ ENV = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
 
 
 class Proc:
-    """A `python wakaq.py ...` process; stdout and stderr go to a temp file."""
+    """A `python wakaq.py ...` process in its own process group (the parent and its
+    children); stdout and stderr go to a temp file."""
 
     def __init__(self, args, folder):
         fd, self.log_path = tempfile.mkstemp(prefix="wakaq-", suffix=".log", dir=folder)
@@ -164,13 +184,25 @@ class Proc:
     def alive(self):
         return self.popen.poll() is None
 
-    def wait_exit(self, timeout=15.0):
-        wait_for(lambda: not self.alive(), f"process {self.pid} to exit", timeout)
+    def wait_exit(self, timeout=15.0, diag=None):
+        wait_for(lambda: not self.alive(), f"process {self.pid} to exit", timeout, diag=diag)
         return self.popen.returncode
+
+    def signal_group(self, sig):
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def kill(self):
+        """SIGKILL the parent and its children at once."""
+        self.signal_group(signal.SIGKILL)
+        self.popen.wait(timeout=10)
 
     def stop(self):
         """Stop now (two stop signals), SIGKILL the process group after a deadline."""
         try:
+            self.signal_group(signal.SIGCONT)          # in case a test left it stopped
             for sig in (signal.SIGTERM, signal.SIGINT):
                 if self.alive():
                     os.kill(self.pid, sig)
@@ -180,23 +212,31 @@ class Proc:
             except subprocess.TimeoutExpired:
                 pass
         finally:
-            try:
-                os.killpg(self.pid, signal.SIGKILL)    # the parent and any stray children
-            except (ProcessLookupError, PermissionError):
-                pass
-            self.popen.wait()
+            self.kill()                                 # the parent and any stray children
+
+
+class Procs(list):
+    """spawn("worker", "app") starts `python wakaq.py worker test_wakaq:app`."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.folder = folder
+
+    def __call__(self, command, app_name="app", *extra):
+        p = Proc([command, f"test_wakaq:{app_name}", *extra], self.folder)
+        self.append(p)
+        return p
+
+    def tails(self, lines=15):
+        """The end of every process's log, for a failure message."""
+        return "\n".join(f"--- pid {p.pid} (exit {p.popen.poll()}) {p.log_path}\n"
+                         + "\n".join(p.log().splitlines()[-lines:]) for p in self)
 
 
 @pytest.fixture
 def spawn(r, tmp_path):
-    """spawn("worker", "app") starts `python wakaq.py worker test_wakaq:app`."""
-    procs = []
-
-    def start(command, app_name="app", *extra):
-        p = Proc([command, f"test_wakaq:{app_name}", *extra], str(tmp_path))
-        procs.append(p)
-        return p
-    yield start
+    procs = Procs(str(tmp_path))
+    yield procs
     for p in reversed(procs):
         p.stop()
 
@@ -222,6 +262,11 @@ def queue(r, name):
     return _list(r, f"wakaq:q:{name}")
 
 
+def inflight(r):
+    """Every worker's in-flight hash: {key: {slot: payload}}."""
+    return {k.decode(): r.hgetall(k) for k in r.scan_iter("wakaq:inflight:*")}
+
+
 def read_file(path):
     if not os.path.exists(path):
         return ""
@@ -240,20 +285,73 @@ def log_file(request):
         os.remove(path)
 
 
-def worker_ready(r, n=1):
-    wait_for(lambda: r.zcard("wakaq:workers") >= n, f"{n} worker heartbeat(s)")
+def children(pid):
+    """Live (non-zombie) child pids of `pid`."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            pids = [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+    live = []
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    live.append(p)
+        except (OSError, IndexError):
+            pass
+    return live
 
+
+def registered_pids(r, max_age):
+    """Pids of the workers whose heartbeat in wakaq:workers is at most max_age old
+    (a worker id is HOST.PID.RANDOM)."""
+    now = time.time()
+    return {int(w.decode().rsplit(".", 2)[1])
+            for w, beat in r.zrange("wakaq:workers", 0, -1, withscores=True)
+            if now - beat <= max_age}
+
+
+def workers_ready(r, procs, the_app, diag=None, timeout=20):
+    """Wait until each worker heartbeats and has forked all its children."""
+    pids = {p.pid for p in procs}
+    wait_for(lambda: pids <= registered_pids(r, 60) and
+             all(len(children(p)) == the_app.concurrency for p in pids),
+             f"workers {sorted(pids)} to heartbeat and fork", timeout, diag=diag)
+
+
+def info_json():
+    return json.loads(cli("info", "test_wakaq:app", "--json").stdout)
 
 # ===================================================================== the test apps and tasks
 
-_conn = [None, None]
+_clients = {}
+
+
+def _task_redis():
+    """The task side's own client, one per process (a forked child makes its own)."""
+    client = _clients.get(os.getpid())
+    if client is None:
+        client = _clients[os.getpid()] = redis.Redis.from_url(
+            URL, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
+    return client
+
+
+def _retrying(command, seconds=15):
+    """command(client) until it succeeds: tasks record through kills and Redis restarts."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return command(_task_redis())
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def rec(key, *values):
-    """Record what a task saw in the list test:KEY (one client per process)."""
-    if _conn[1] != os.getpid():
-        _conn[:] = [redis.Redis.from_url(URL), os.getpid()]
-    _conn[0].rpush(f"test:{key}", json.dumps(values))
+    """Record what a task saw in the list test:KEY."""
+    _retrying(lambda c: c.rpush(f"test:{key}", json.dumps(values)))
 
 
 def attempt():
@@ -339,6 +437,40 @@ def where():
     rec("where", os.getppid())
 
 
+@app.task(max_retries=1)
+def sleepy_once(seconds, tag):
+    """Sleeps on its first attempt only; records both ends of every attempt."""
+    rec("started", tag, attempt(), os.getpid(), os.getppid())
+    time.sleep(seconds if attempt() == 1 else 0)
+    rec("finished", tag, attempt(), os.getpid())
+
+
+class GuardedApp(WakaQ):
+    """Its memory guard holds only while the file MEM_FLAG exists: max_mem_percent is then
+    the app's own 1 (exceeded on any machine), else 99. A worker whose guard holds from
+    the start forks no child at all, so the test turns it on while children run."""
+
+    @property
+    def max_mem_percent(self):
+        return self._max_mem if os.path.exists(MEM_FLAG) else 99
+
+    @max_mem_percent.setter
+    def max_mem_percent(self, value):
+        self._max_mem = value
+
+
+mem_app = GuardedApp(url=URL, concurrency=2, max_mem_percent=1)
+mem_app.task(note.fn)
+
+
+@mem_app.task
+def hog(megabytes, seconds):
+    ballast = b"x" * (megabytes << 20)         # resident: this child is the biggest
+    rec("started", "hog", attempt(), os.getpid())
+    time.sleep(seconds)
+    rec("finished", "hog", len(ballast) >> 20, os.getpid())
+
+
 hooks_app = WakaQ(url=URL, concurrency=1)
 hooks_app.after_worker_started(lambda: rec("hooks", "started", os.getpid(), os.getppid()))
 hooks_app.before_task_started(lambda: rec("hooks", "before"))
@@ -373,6 +505,70 @@ sched_app.task(lambda: None, name="tick")
 eager_app = WakaQ(url=URL, eager=True)
 eager_add = eager_app.task(lambda a, b: rec("eager", a + b, os.getpid()), name="eager_add")
 
+
+# The chaos, deploy and bad-input tasks record each finished run at the END of their
+# body (SADD DONE MYID, HINCRBY RUNS MYID 1, a JSON line in RUN_LOG with wakaq's task id
+# and attempt), where MYID is an argument the test passed; an interrupted attempt
+# records nothing.
+DONE, RUNS, RUN_LOG, LENS, STARTED = (f"test:chaos:{k}" for k in
+                                      ("done", "runs", "log", "len", "started"))
+KILL_REASONS = {"worker died", "hard timeout"}
+CHAOS_RETRIES = 5
+
+chaos_app = WakaQ(queues=[(0, "high"), (1, "default"), (2, "low")], url=URL, concurrency=2,
+                  heartbeat_timeout=3, max_retries=CHAOS_RETRIES, soft_timeout=20,
+                  hard_timeout=25)
+deploy_app = WakaQ(queues=["default"], url=URL, concurrency=2, heartbeat_timeout=15)
+bad_app = WakaQ(queues=["default"], url=URL, concurrency=1, heartbeat_timeout=15)
+
+# Record a run once even if a lost reply makes _record() send it again: KEYS = the run
+# tokens set, done set, runs hash, log list; ARGV = run token, myid, log line.
+_RECORD_LUA = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
+redis.call('RPUSH', KEYS[4], ARGV[3])
+return 1
+"""
+
+
+def _record(myid, **extra):
+    """Record one finished run; survives connection kills and a Redis restart."""
+    cur = current_task()
+    token = os.urandom(8).hex()
+    line = json.dumps({"myid": myid, "id": cur["id"], "attempt": cur["attempt"],
+                       "pid": os.getpid(), **extra})
+    _retrying(lambda c: c.eval(_RECORD_LUA, 4, "test:chaos:tokens", DONE, RUNS, RUN_LOG,
+                               token, myid, line))
+
+
+@chaos_app.task
+def chaos_job(myid, ms):
+    time.sleep(ms / 1000)
+    _record(myid)
+
+
+@deploy_app.task
+def deploy_job(myid, ms):
+    _task_redis().incr(STARTED)          # no chaos here: a plain command is enough
+    time.sleep(ms / 1000)
+    _record(myid)
+
+
+@bad_app.task
+def checkin(myid):
+    _record(myid)
+
+
+@bad_app.task
+def measure(myid, data):
+    _task_redis().hset(LENS, myid, len(data))
+    _record(myid)
+
+
+@bad_app.task
+def two_args(myid, b):
+    _record(myid)
 
 # ===================================================================== pure units, no Redis
 
@@ -632,8 +828,8 @@ def test_broadcast_with_no_live_workers_returns_zero(r):
 @slow
 def test_broadcast_runs_once_on_each_live_worker_and_returns_their_number(r, spawn):
     w1, w2 = spawn("worker"), spawn("worker")
-    worker_ready(r, 2)
-    assert json.loads(cli("info", "test_wakaq:app", "--json").stdout)["workers"] == 2
+    workers_ready(r, [w1, w2], app)
+    assert info_json()["workers"] == 2
     assert where.broadcast() == 2
     wait_for(lambda: len(runs(r, "where")) >= 2, "the broadcast to run on both workers")
     add.delay(0, 0)
@@ -649,8 +845,8 @@ def test_a_delayed_task_runs_in_a_worker_child(r, spawn):
     add.delay(2, 3)
     [[a, b, n, pid, ppid]] = wait_for(lambda: runs(r, "add"), "add to run")
     assert (a, b, n, ppid) == (2, 3, 1, w.pid) and pid != w.pid
-    wait_for(lambda: r.keys("wakaq:q:*") == [] and not any(
-        r.hlen(k) for k in r.keys("wakaq:inflight:*")), "the task to leave Redis")
+    wait_for(lambda: r.keys("wakaq:q:*") == [] and not any(inflight(r).values()),
+             "the task to leave Redis")
 
 
 @slow
@@ -737,8 +933,8 @@ def test_kill_9_of_a_child_mid_task_retries_the_task_in_a_new_child(r, spawn):
     sleeps_on_first_attempt.delay()
     [[n, pid, _]] = wait_for(lambda: runs(r, "attempts"), "the first attempt")
     assert n == 1 and r.llen("wakaq:q:default") == 0
-    [inflight] = r.keys("wakaq:inflight:*")          # in Redis until its attempt ends
-    assert [json.loads(p)["name"] for p in r.hvals(inflight)] == ["sleeps_on_first_attempt"]
+    [running] = inflight(r).values()                 # in Redis until its attempt ends
+    assert [json.loads(p)["name"] for p in running.values()] == ["sleeps_on_first_attempt"]
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: len(runs(r, "attempts")) == 2, "the second attempt")
     [n2, pid2, ppid2] = runs(r, "attempts")[1]
@@ -762,8 +958,7 @@ def test_kill_9_of_a_whole_worker_lets_another_worker_take_its_task_back(r, spaw
     a = spawn("worker")
     sleeps_on_first_attempt.delay()
     wait_for(lambda: runs(r, "attempts"), "the first attempt in worker A")
-    os.killpg(a.pid, signal.SIGKILL)
-    a.wait_exit()
+    a.kill()
     b = spawn("worker")
     wait_for(lambda: len(runs(r, "attempts")) == 2, "worker B to take the task back", 25)
     assert runs(r, "attempts")[1][0] == 2 and runs(r, "attempts")[1][2] == b.pid
@@ -772,13 +967,79 @@ def test_kill_9_of_a_whole_worker_lets_another_worker_take_its_task_back(r, spaw
 
 
 @slow
-@pytest.mark.skipif(not PRIVATE, reason="needs the private redis-server")
+def test_a_worker_cut_off_longer_than_heartbeat_timeout_has_its_task_taken_back(r, spawn):
+    a = spawn("worker")
+    sleepy_once.delay(3, "cut-off")
+    [[_, n, a_child, ppid]] = wait_for(lambda: runs(r, "started"), "the first attempt in A")
+    assert (n, ppid) == (1, a.pid)
+    b = spawn("worker")
+    workers_ready(r, [a, b], app, spawn.tails)
+    a.signal_group(signal.SIGSTOP)      # A's parent and child fall silent, connections open
+    try:
+        wait_for(lambda: len(runs(r, "started")) == 2, "worker B to take the task back", 15,
+                 diag=spawn.tails)
+        assert a.pid not in registered_pids(r, float("inf")), "A's heartbeat entry is left"
+    finally:
+        a.signal_group(signal.SIGCONT)
+    [_, n2, b_child, ppid2] = runs(r, "started")[1]
+    assert (n2, ppid2) == (2, b.pid)
+    assert "taking back its 1 task(s)" in b.log()
+    # A carries on: its child finishes the old attempt too (at least once allows it) ...
+    wait_for(lambda: sorted(runs(r, "finished")) == [["cut-off", 1, a_child],
+                                                     ["cut-off", 2, b_child]],
+             "both attempts to finish", diag=spawn.tails)
+    # ... and A heartbeats again and serves: a broadcast reaches both workers
+    wait_for(lambda: info_json()["workers"] == 2, "worker A to heartbeat again")
+    assert registered_pids(r, app.heartbeat_timeout) == {a.pid, b.pid}
+    assert where.broadcast() == 2
+    wait_for(lambda: len(runs(r, "where")) == 2, "the broadcast to run on both workers")
+    assert sorted(p for [p] in runs(r, "where")) == sorted([a.pid, b.pid])
+    wait_for(lambda: not any(inflight(r).values()), "nothing left in flight")
+    assert a.alive() and b.alive() and children(a.pid) == [a_child]
+    assert dead(r) == [] and len(runs(r, "started")) == 2
+    assert "Traceback" not in a.log() + b.log(), spawn.tails(40)
+
+
+@slow
+def test_memory_guard_stops_the_biggest_child_after_its_task_and_forks_none_while_high(
+        r, spawn):
+    w = spawn("worker", "mem_app")
+    workers_ready(r, [w], mem_app, spawn.tails)
+    hog.delay(100, 2.0)
+    [[_, _, hog_pid]] = wait_for(lambda: runs(r, "started"), "the hog to start")
+    [other] = set(children(w.pid)) - {hog_pid}
+    stops = r"memory at \d+% \(max_mem_percent=1\): stopping child (\d+)"
+    try:
+        open(MEM_FLAG, "w").close()        # memory is now above max_mem_percent
+        first = wait_for(lambda: re.search(stops, w.log()), "the memory guard's log line", 5)
+        assert int(first[1]) == hog_pid, "the guard did not pick the largest RSS"
+        wait_for(lambda: children(w.pid) == [], "both children to exit", diag=spawn.tails)
+        assert runs(r, "finished") == [["hog", 100, hog_pid]]    # its task ran to the end
+        assert [int(p) for p in re.findall(stops, w.log())] == [hog_pid, other]
+        assert "exited with" not in w.log(), w.log()              # both exited 0
+        assert dead(r) == [] and not any(inflight(r).values())
+        note.delay("while high")
+        deadline = time.monotonic() + 2                # no replacement while memory is high
+        while time.monotonic() < deadline:
+            assert children(w.pid) == [] and r.llen("wakaq:q:default") == 1
+            time.sleep(0.05)
+        assert runs(r, "order") == [] and w.alive()
+    finally:
+        if os.path.exists(MEM_FLAG):
+            os.remove(MEM_FLAG)
+    wait_for(lambda: runs(r, "order") == [["while high"]], "the task to run once memory is low")
+    wait_for(lambda: len(children(w.pid)) == 2, "both children forked again")
+    assert len(runs(r, "started")) == 1 and "Traceback" not in w.log()
+
+
+@slow
+@needs_private
 def test_redis_restart_mid_run_loses_nothing_and_is_logged_once(r, spawn, redis_server):
     w = spawn("worker")
     sleepy.delay(3, "running")       # it records its end after Redis is back
     wait_for(lambda: runs(r, "started"), "the first task to start")
     add.delay_many([(1, 1), (2, 2), (3, 3)])
-    redis_server.stop(keep_data=True)
+    redis_server.stop(graceful=True)
     wait_for(lambda: "worker lost Redis" in w.log(), "the worker to notice the outage")
     time.sleep(0.5)    # keep Redis down a moment longer, so the child notices too
     redis_server.start()
@@ -1002,3 +1263,353 @@ def test_dead_purge_deletes_them(r):
     _make_dead(r, "hard timeout")
     assert cli("dead", "test_wakaq:app", "--purge").returncode == 0
     assert r.llen("wakaq:dead") == 0 and r.llen("wakaq:q:default") == 0
+
+
+# ===================================================================== chaos, deploy and bad input: helpers
+
+def leftovers(r, the_app):
+    """Everything still queued, delayed or in flight (empty when all is settled)."""
+    left = {}
+    for q in the_app.queues:
+        for key, n in ((q.key, r.llen(q.key)), (q.eta_key, r.zcard(q.eta_key))):
+            if n:
+                left[key] = n
+    for key, fields in inflight(r).items():
+        if fields:
+            left[key] = len(fields)
+    return left
+
+
+def settled(r, the_app, procs, timeout=10):
+    """Wait until nothing is queued, delayed or in flight. A child acks a finished task in
+    its next claim, so the last one leaves the in-flight hash just after it records."""
+    wait_for(lambda: not leftovers(r, the_app), "nothing queued or in flight", timeout,
+             diag=lambda: f"{leftovers(r, the_app)}\n{procs.tails()}")
+
+
+def done_ids(r):
+    return {x.decode() for x in r.smembers(DONE)}
+
+
+def run_log(r):
+    return _list(r, RUN_LOG)
+
+
+def duplicates(r):
+    counts = {k.decode(): int(v) for k, v in r.hgetall(RUNS).items()}
+    return sum(counts.values()) - len(counts), counts
+
+
+def dead_myid(entry):
+    """The MYID argument of a dead-lettered test task, or None."""
+    try:
+        return json.loads(entry["payload"])["args"][0]
+    except (ValueError, TypeError, KeyError, IndexError):
+        return None
+
+
+# ===================================================================== chaos
+
+@slow
+@needs_private
+def test_chaos_kills_restarts_and_disconnects_lose_nothing(r, redis_server, spawn):
+    started = time.monotonic()
+    rng = random.Random()
+    seed = rng.randrange(2**32)
+    rng.seed(seed)
+    print(f"\nchaos seed {seed}")
+    survivor_candidates = [spawn("worker", "chaos_app") for _ in range(2)]
+    workers_ready(r, survivor_candidates, chaos_app, spawn.tails)
+
+    # 2,000 tasks: three priorities, a quarter of them delayed by 0.5-12 s.
+    expected = {}                                   # myid -> wakaq task id
+    plan = {}                                       # (queue, eta bucket) -> [(myid, ms)]
+    for i in range(2000):
+        queue_name = rng.choice(["high", "default", "low"])
+        eta = rng.choice(range(1, 25)) / 2 if rng.random() < 0.25 else None
+        plan.setdefault((queue_name, eta), []).append((f"t{i}", rng.randint(5, 30)))
+    for (queue_name, eta), calls in plan.items():
+        ids = chaos_job.delay_many([(myid, ms) for myid, ms in calls], queue=queue_name, eta=eta)
+        expected.update(zip((myid for myid, _ in calls), ids))
+    r.set("test:chaos:sentinel", "kept")
+    print(f"enqueued {len(expected)} tasks in {time.monotonic() - started:.1f}s")
+
+    actions = ["child"] * 12 + ["client_kill"] * 3 + ["redis_restart", "worker_kill"]
+    rng.shuffle(actions)
+    live = list(survivor_candidates)
+    counts = dict.fromkeys(["child", "client_kill", "redis_restart", "worker_kill"], 0)
+    victim = replacement = None
+    chaos_start = time.monotonic()
+    for action in actions:
+        time.sleep(rng.uniform(0.15, 0.6))          # a bounded random pause between actions
+        if action == "child":
+            for _ in range(50):                     # a child may be between fork and exec
+                kids = [(p, k) for p in live for k in children(p.pid)]
+                if kids:
+                    break
+                time.sleep(0.05)
+            assert kids, "no worker children to kill\n" + spawn.tails()
+            _, kid = rng.choice(kids)
+            os.kill(kid, signal.SIGKILL)
+        elif action == "client_kill":
+            r.execute_command("CLIENT", "KILL", "TYPE", "normal")   # SKIPME yes: not us
+        elif action == "redis_restart":
+            redis_server.restart()                  # SIGKILL: a crash; the AOF keeps data
+            assert r.get("test:chaos:sentinel") == b"kept", "redis-server lost its data on restart"
+        elif action == "worker_kill":
+            victim = rng.choice(live)
+            victim.kill()                           # parent and children at once
+            live.remove(victim)
+            replacement = spawn("worker", "chaos_app")
+            live.append(replacement)
+        counts[action] += 1
+    left_at_end = len(expected) - r.scard(DONE)
+    print(f"chaos actions {counts} in {time.monotonic() - chaos_start:.1f}s; "
+          f"{left_at_end} tasks were not done yet when the chaos ended")
+    assert counts["child"] >= 10 and counts["worker_kill"] == 1
+
+    survivor = next(p for p in survivor_candidates if p is not victim)
+    deadline_left = max(10.0, 105 - (time.monotonic() - started))
+
+    def diag():
+        missing = sorted(set(expected) - done_ids(r))
+        return (f"missing {len(missing)}: {missing[:20]}\nleft: {leftovers(r, chaos_app)}\n"
+                f"dead: {r.llen('wakaq:dead')}\nworkers: "
+                f"{r.zrange('wakaq:workers', 0, -1, withscores=True)}\n{spawn.tails()}")
+
+    dead_letters, quiet_since = [], None
+
+    def finished():
+        nonlocal dead_letters, quiet_since
+        dead_letters = dead(r)
+        dead_myids = {dead_myid(e) for e in dead_letters if e.get("reason") in KILL_REASONS}
+        complete = (done_ids(r) | dead_myids) >= set(expected)
+        left = leftovers(r, chaos_app)
+        long_dead = {w.decode() for w in r.zrangebyscore(
+            "wakaq:workers", "-inf", time.time() - 3 * chaos_app.heartbeat_timeout - 5)}
+        if any(k.rpartition(":")[2] in long_dead for k in left):
+            raise AssertionError("a dead worker's in-flight tasks were not taken back\n"
+                                 + diag())
+        if left:
+            quiet_since = None
+        elif not complete:          # nothing queued, delayed or in flight, yet tasks missing
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since > 5:
+                raise AssertionError("tasks lost: nothing is left to run them\n" + diag())
+        return complete and not left
+
+    wait_for(finished, "every task done and nothing queued or in flight", deadline_left,
+             interval=0.05, diag=diag)
+
+    done = done_ids(r)
+    dup, run_counts = duplicates(r)
+    lost = set(expected) - done
+    print(f"chaos: {len(done)} done, {len(lost)} lost, {dup} duplicates, "
+          f"{len(dead_letters)} dead, {time.monotonic() - started:.1f}s in all")
+
+    for e in dead_letters:                         # only tasks whose retries kills used up
+        assert e["reason"] in KILL_REASONS, f"dead for a reason other than a kill: {e}"
+        assert e["attempts"] == CHAOS_RETRIES + 1, f"dead before its retries ran out: {e}"
+    assert not lost - {dead_myid(e) for e in dead_letters}, \
+        f"lost tasks: {sorted(lost)[:20]}"
+
+    # Each recorded run carries the id .delay() returned and a plausible attempt number;
+    # the kills hit running tasks, so some ran again as a later attempt.
+    lines = run_log(r)
+    for line in lines:
+        assert line["id"] == expected[line["myid"]], line
+        assert 1 <= line["attempt"] <= CHAOS_RETRIES + 1, line
+    retried = sum(line["attempt"] > 1 for line in lines)
+    twice = {}
+    for line in lines:
+        if run_counts.get(line["myid"], 0) > 1:
+            twice.setdefault(line["myid"], []).append(line["attempt"])
+    print(f"{retried} runs were retries (attempt > 1); attempts of the duplicated: {twice}")
+    # A task runs again only after a failed attempt was counted (kills, adoption; no stop
+    # here), so the runs of one task never share an attempt number.
+    assert all(len(set(a)) == len(a) for a in twice.values()), \
+        f"a task ran twice as the same attempt: {twice}"
+    assert retried, "no kill hit a running task: the chaos did not test anything"
+
+    # The survivor and the replacement still run and heartbeat; the victim was taken back.
+    assert survivor.alive(), "the surviving worker exited\n" + spawn.tails()
+    assert replacement.alive(), "the replacement worker exited\n" + spawn.tails()
+    wait_for(lambda: registered_pids(r, float("inf")) ==
+             registered_pids(r, chaos_app.heartbeat_timeout) == {survivor.pid, replacement.pid},
+             "wakaq:workers to list exactly the survivor and the replacement, "
+             "the killed worker taken back", 15, diag=diag)
+    logs = "".join(p.log() for p in spawn)
+    print(f"worker logs: {logs.count('task released (worker died)')} tasks released after "
+          f"a kill, {logs.count('taking back')} dead worker(s) taken back, "
+          f"{logs.count('lost Redis')} outages logged, {logs.count('Traceback')} tracebacks")
+    assert "Traceback" not in logs, "a worker process crashed or a task failed\n" + logs[
+        logs.index("Traceback") - 300:][:3000]
+    wait_for(lambda: all(len(children(p.pid)) == chaos_app.concurrency
+                         for p in (survivor, replacement)),
+             "both workers to have their children", 10, diag=diag)
+    assert not leftovers(r, chaos_app)
+
+
+# ===================================================================== deploy
+
+@slow
+def test_deploy_sigterm_while_tasks_run_loses_and_repeats_nothing(r, spawn):
+    started = time.monotonic()
+    rng = random.Random()
+    old = [spawn("worker", "deploy_app") for _ in range(2)]
+    workers_ready(r, old, deploy_app, spawn.tails)
+    calls = [(f"d{i}", rng.randint(50, 200)) for i in range(240)]
+    expected = {myid for myid, _ in calls}
+    deploy_job.delay_many(calls[:200])
+    deploy_job.delay_many(calls[200:], eta=1.5)
+
+    for generation in range(2):                     # two deploys in a row
+        target = len(done_ids(r)) + 20
+        wait_for(lambda: len(done_ids(r)) >= target and
+                 sum(len(v) for v in inflight(r).values()) >= 2,
+                 "tasks running before the deploy", 30, diag=spawn.tails)
+        for p in old:
+            os.kill(p.pid, signal.SIGTERM)
+        new = [spawn("worker", "deploy_app") for _ in range(2)]     # a rolling deploy
+        for p in old:
+            code = p.wait_exit(15, diag=spawn.tails)      # a worker stops within 15s
+            assert code == 0, f"worker exited {code} after SIGTERM\n" + spawn.tails()
+        assert not registered_pids(r, float("inf")) & {p.pid for p in old}, \
+            "a stopped worker left its heartbeat entry behind"
+        old = new
+
+    def diag():
+        return (f"missing {sorted(expected - done_ids(r))[:20]}\n"
+                f"left {leftovers(r, deploy_app)}\n{spawn.tails()}")
+    wait_for(lambda: done_ids(r) >= expected and not leftovers(r, deploy_app),
+             "every deployed-over task done", 60, diag=diag)
+    dup, run_counts = duplicates(r)
+    print(f"\ndeploy: {len(done_ids(r))} done, {dup} duplicates, "
+          f"{r.llen('wakaq:dead')} dead, {time.monotonic() - started:.1f}s")
+    assert done_ids(r) == expected
+    assert dup == 0, f"run twice: {sorted(k for k, v in run_counts.items() if v > 1)}"
+    assert int(r.get(STARTED)) == len(run_log(r)), "a stop interrupted a running task"
+    assert dead(r) == []
+    assert all(line["attempt"] == 1 for line in run_log(r)), "a stop used up a retry"
+    assert all(p.alive() for p in old)
+    assert "Traceback" not in "".join(p.log() for p in spawn), spawn.tails(40)
+
+
+# ===================================================================== bad input
+
+def _valid_payload(name="checkin", myid="x", **over):
+    msg = {"id": "bad1", "name": name, "queue": "default", "retry": 0, "args": [myid],
+           "kwargs": {}}
+    msg.update(over)
+    return json.dumps(msg)
+
+
+BAD_PAYLOADS = {
+    "not-json": (b"this is not json {", "bad payload"),
+    "json-list": (b"[1, 2, 3]", "bad payload"),
+    "json-object-wrong-keys": (b'{"hello": "world"}', "bad payload"),
+    "json-wrong-types": (_valid_payload(args={"a": 1}, kwargs=[]).encode(), "bad payload"),
+    "unknown-task": (_valid_payload(name="no_such_task").encode(), "unknown task"),
+    "not-utf8": (_valid_payload(myid="XX").encode().replace(b"XX", b"\xff\xfe"),
+                 "bad payload"),
+    "not-utf8-bare": (b"\xff\xfe\xfd\xc3\x28", "bad payload"),
+    "unknown-queue": (_valid_payload(queue="nowhere").encode(), "unknown queue"),
+    "tag-unknown": (_valid_payload(myid={"__wakaq__": "pickle", "v": "x"}).encode(),
+                    "bad payload"),
+    "tag-overflow": (_valid_payload(myid={"__wakaq__": "timedelta", "v": [1e300]}).encode(),
+                     "bad payload"),
+    "nested-100k": (b"[" * 100_000, "bad payload"),
+    "nested-100k-closed": (b"[" * 100_000 + b"]" * 100_000, "bad payload"),
+}
+
+
+@pytest.fixture
+def bad_worker(r, spawn):
+    proc = spawn("worker", "bad_app")
+    workers_ready(r, [proc], bad_app, spawn.tails)
+    checkin.delay("before")
+    wait_for(lambda: "before" in done_ids(r), "the first good task", diag=spawn.tails)
+    (line,) = run_log(r)
+    return proc, line["pid"]
+
+
+@slow
+@pytest.mark.parametrize("kind", list(BAD_PAYLOADS))
+def test_bad_payload_is_dead_lettered_and_worker_carries_on(r, spawn, bad_worker, kind):
+    proc, child_pid = bad_worker
+    raw, reason = BAD_PAYLOADS[kind]
+    r.rpush("wakaq:q:default", raw)                 # straight onto the list, no wake-up token
+    wait_for(lambda: r.llen("wakaq:dead") >= 1, f"the {kind} payload dead-lettered",
+             diag=spawn.tails)
+    checkin.delay("after")
+    wait_for(lambda: "after" in done_ids(r), "the next good task", diag=spawn.tails)
+
+    (entry,) = dead(r)
+    assert set(entry) >= {"id", "name", "queue", "attempts", "reason", "at", "payload"}
+    assert entry["reason"].startswith(reason), entry["reason"]
+    assert isinstance(entry["payload"], str) and entry["payload"]
+    print(f"\n{kind}: dead-lettered with reason {entry['reason']!r}")
+    if kind == "unknown-task":
+        assert entry["name"] == "no_such_task" and entry["queue"] == "default"
+    elif raw.isascii():
+        assert entry["payload"] == raw.decode()
+    assert proc.alive()
+    assert [line["pid"] for line in run_log(r)] == [child_pid, child_pid], \
+        "the child was replaced: it crashed on the bad payload\n" + spawn.tails()
+    assert done_ids(r) == {"before", "after"}
+    settled(r, bad_app, spawn)
+
+
+@slow
+def test_20_mib_argument_runs_normally(r, spawn, bad_worker):
+    proc, child_pid = bad_worker
+    data = "0123456789abcdef" * (20 * 1024 * 1024 // 16)
+    started = time.monotonic()
+    measure.delay("big", data)
+    wait_for(lambda: "big" in done_ids(r), "the 20 MiB task", 30, diag=spawn.tails)
+    print(f"\n20 MiB argument: enqueued and run in {time.monotonic() - started:.2f}s")
+    assert int(r.hget(LENS, "big")) == len(data) == 20 * 1024 * 1024
+    assert dead(r) == []
+    assert run_log(r)[-1]["pid"] == child_pid
+    settled(r, bad_app, spawn)
+
+
+def test_delay_with_redis_unreachable_raises_connection_error_quickly():
+    closed = _free_port()                           # nothing listens there
+    nowhere_app = WakaQ(queues=["default"], url=f"redis://127.0.0.1:{closed}/0")
+
+    @nowhere_app.task
+    def nowhere(x):
+        pass
+
+    for kwargs in ({}, {"eta": 30}):
+        started = time.monotonic()
+        with pytest.raises(redis.ConnectionError) as err:
+            nowhere.delay(1, **kwargs)
+        assert time.monotonic() - started < 5, kwargs
+        assert str(closed) in str(err.value), f"the error does not name the address: {err}"
+    started = time.monotonic()
+    with pytest.raises(redis.ConnectionError):
+        nowhere.delay_many([(1,), (2,)])
+    assert time.monotonic() - started < 5
+
+
+@slow
+def test_arguments_not_matching_the_signature_are_an_ordinary_task_error(r, spawn, bad_worker):
+    proc, child_pid = bad_worker
+    two_args.delay("missing-b")                     # too few
+    two_args.delay("extra", 2, 3)                   # too many
+    two_args.delay("kw", b=2, c=3)                  # an unexpected keyword
+    checkin.delay("after")
+    wait_for(lambda: "after" in done_ids(r), "the task after the bad calls", diag=spawn.tails)
+    wait_for(lambda: proc.log().count("TypeError") >= 3,
+             "three TypeErrors in the worker's log", 10, diag=spawn.tails)
+    log = proc.log()
+    assert "Traceback" in log and "two_args" in log
+    assert done_ids(r) == {"before", "after"}
+    assert [line["pid"] for line in run_log(r)] == [child_pid, child_pid], \
+        "the child was replaced after a signature mismatch\n" + spawn.tails()
+    assert children(proc.pid) == [child_pid]
+    assert dead(r) == [], "a task error is not a dead letter"
+    settled(r, bad_app, spawn)
+    assert proc.alive()
