@@ -6,15 +6,13 @@
 
 Quick start:
 
-    from wakaq import WakaQ
     wakaq = WakaQ(queues=["default"], url="redis://localhost:6379/0")
 
     @wakaq.task
-    def send_email(to):
-        ...
+    def send_email(to): ...
 
-    send_email.delay("ann@example.com")              # returns the task id
-    send_email.delay("bob@example.com", eta=60)      # in a minute
+    send_email.delay("ann@example.com")                # returns the task id
+    send_email.delay("bob@example.com", eta=60)        # in a minute
     send_email.delay_many([("a@x.io",), ("b@x.io",)])  # bulk: one round trip per 1,000
 
 Delivery is at least once: a task leaves Redis only after its attempt ends. A failed
@@ -52,6 +50,7 @@ import argparse
 import ast
 import asyncio
 import base64
+import collections
 import contextvars
 import decimal
 import hashlib
@@ -70,15 +69,10 @@ import threading
 import time
 import traceback
 from datetime import date, datetime, timedelta, timezone
-from typing import NamedTuple, Optional
+from zoneinfo import ZoneInfo
 
 import redis
 from croniter import croniter
-
-try:
-    from zoneinfo import ZoneInfo
-except ImportError:  # Python 3.8 has no zoneinfo; the contract needs 3.9+
-    ZoneInfo = None
 
 __version__ = "1.0.0"
 __all__ = [
@@ -146,10 +140,7 @@ def _first_set(*values):
     return next((v for v in values if v is not None), None)
 
 
-class _Limits(NamedTuple):
-    soft: Optional[float]
-    hard: Optional[float]
-    retries: int
+_Limits = collections.namedtuple("_Limits", "soft hard retries")
 
 
 def _limits_for(app, task, queue):
@@ -333,9 +324,6 @@ class Queue:
         self.hard_timeout = _seconds(hard_timeout, f"hard_timeout of queue {name!r}")
         self.key, self.eta_key, self.wake_key = (f"{PREFIX}:{k}:{name}" for k in ("q", "eta", "wake"))
 
-    def __repr__(self):
-        return f"Queue({self.name!r}, priority={self.priority})"
-
 
 def _coerce_queue(q):
     if isinstance(q, Queue):
@@ -364,9 +352,6 @@ class CronTask:
         _check_keys([self.args, self.kwargs])
         _dumps([self.args, self.kwargs])          # TypeError now, not at the first tick
 
-    def __repr__(self):
-        return f"CronTask({self.schedule!r}, {self.task_name!r})"
-
 
 # ===================================================================== Task
 
@@ -386,22 +371,19 @@ class Task:
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
 
-    def __repr__(self):
-        return f"<Task {self.name}>"
-
     def delay(self, *args, queue=None, eta=None, **kwargs):
         """Enqueue one call; returns its id. `queue` and `eta` are reserved keywords:
         eta = seconds or timedelta from now, or a datetime (naive = UTC)."""
         return self.app._enqueue(self, [(args, kwargs)], queue, eta)[0]
 
     def delay_many(self, calls, queue=None, eta=None):
-        """Enqueue many calls in bulk; each item is a tuple of positional args, or an
-        (args, kwargs) pair given as a dict {"args": [...], "kwargs": {...}}. Returns the ids."""
+        """Enqueue many calls in bulk, one round trip per 1,000; each item is a tuple of
+        positional args, or a dict {"args": [...], "kwargs": {...}}. Returns the ids."""
         items = [(c.get("args", ()), c.get("kwargs", {})) if isinstance(c, dict) else (c, {})
                  for c in calls]
-        for args, _ in items:
-            if not isinstance(args, (tuple, list)):
-                raise TypeError(f"delay_many() items are tuples of args, got {args!r}")
+        bad = [a for a, _ in items if not isinstance(a, (tuple, list))]
+        if bad:
+            raise TypeError(f"delay_many() items are tuples of args, got {bad[0]!r}")
         return self.app._enqueue(self, items, queue, eta)
 
     def broadcast(self, *args, **kwargs):
@@ -423,17 +405,14 @@ class WakaQ:
         if isinstance(queues, (str, Queue)) or not queues:
             raise TypeError(f"queues must be a non-empty list, got {queues!r}")
         qs = [_coerce_queue(q) for q in queues]
-        names = [q.name for q in qs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"duplicate queue names in {names!r}")
-        numbered = [q.priority for q in qs if q.priority is not None]
-        lowest = max(numbered, default=-1)
-        plain = [q for q in qs if q.priority is None]   # rank below all others, in order
+        self._queues = {q.name: q for q in qs}
+        if len(self._queues) != len(qs):
+            raise ValueError(f"duplicate queue names in {[q.name for q in qs]!r}")
         ranked = sorted((q for q in qs if q.priority is not None), key=lambda q: q.priority)
-        self.queues = ranked + plain
-        self._priority = {q.name: q.priority if q.priority is not None
-                          else lowest + 1 + plain.index(q) for q in self.queues}
-        self._queues = {q.name: q for q in self.queues}
+        plain = [q for q in qs if q.priority is None]   # rank below all others, in order
+        self.queues, lowest = ranked + plain, ranked[-1].priority if ranked else -1
+        self._priority = {q.name: q.priority for q in ranked}
+        self._priority.update((q.name, lowest + 1 + i) for i, q in enumerate(plain))
         self.default_queue = self.queues[-1]
         if isinstance(exclude_queues, str):
             raise TypeError(f"exclude_queues must be a list of names, got {exclude_queues!r}")
@@ -475,11 +454,8 @@ class WakaQ:
         self.worker_log_level = _level(worker_log_level, "worker_log_level")
         self.scheduler_log_level = _level(scheduler_log_level, "scheduler_log_level")
 
-        if url is not None:
-            self._redis_args = dict(url=url)
-        else:
-            self._redis_args = dict(host=host, port=port, db=db, username=username,
-                                    password=password)
+        self._redis_args = dict(url=url) if url else dict(
+            host=host, port=port, db=db, username=username, password=password)
         self.url = url or f"redis://{host}:{port}/{db}"
         self.tasks = {}
         self._hooks = {"after_worker_started": [], "before_task_started": [],
@@ -615,33 +591,23 @@ class WakaQ:
     # --- the retry rule
 
     def _outcome(self, raw, reason, bcast_key=None):
-        """The one retry rule, for every path that fails an attempt: where the task goes.
-        Returns (list key, wake key or None, value). bcast_key is the worker's own broadcast
-        list; None means the broadcast's worker is gone, so it cannot be retried."""
+        """The one retry rule, for every path that ends an attempt early: where the task
+        goes, as (list key, wake key or None, value). A stop's interruption ("interrupted
+        by stop") keeps its retry count. bcast_key is the worker's own broadcast list; None
+        means the broadcast's worker is gone, so it cannot be retried."""
         try:
-            msg = _loads_msg(raw, decode=False)
+            msg = _loads_msg(raw, decode=False)      # tagged values are not re-encoded
         except _BAD_PAYLOAD as e:
             return self.dead_key, None, _dead_entry(raw, None, f"{reason}; bad payload: {e}")
         task, queue = self.tasks.get(msg["name"]), self._queues.get(msg["queue"])
         if msg.get("bcast") and bcast_key is None or queue is None:
             return self.dead_key, None, _dead_entry(raw, msg, reason)
-        if msg["retry"] < _limits_for(self, task, queue).retries:
+        if reason != "interrupted by stop":
+            if msg["retry"] >= _limits_for(self, task, queue).retries:
+                return self.dead_key, None, _dead_entry(raw, msg, reason)
             msg["retry"] += 1
-            if msg.get("bcast"):
-                return bcast_key, None, json.dumps(msg)
-            return queue.key, queue.wake_key, json.dumps(msg)
-        return self.dead_key, None, _dead_entry(raw, msg, reason)
-
-    def _front(self, raw, bcast_key):
-        """Where a task that a stop interrupted goes back: the front, retry unchanged."""
-        try:
-            msg = _loads_msg(raw, decode=False)
-        except _BAD_PAYLOAD as e:
-            return self.dead_key, None, _dead_entry(raw, None, f"bad payload: {e}")
-        if msg.get("bcast"):
-            return bcast_key, None, raw
-        q = self._queues.get(msg["queue"]) or self.default_queue
-        return q.key, q.wake_key, raw
+            raw = json.dumps(msg)
+        return (bcast_key, None, raw) if msg.get("bcast") else (queue.key, queue.wake_key, raw)
 
 
 async def _within(coro, deadline):
@@ -744,21 +710,14 @@ redis.call('DEL', unpack(KEYS, n + 3))
 return false
 """)
 
-# Ack: drop in-flight field ARGV[1] of hash KEYS[1] if it still holds payload ARGV[2].
-_ACK = _Script("""
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
-  return redis.call('HDEL', KEYS[1], ARGV[1])
-end
-return 0
-""")
-
 # Release in-flight field ARGV[1] of KEYS[1], if it still holds ARGV[2], by pushing ARGV[3]
-# onto list KEYS[2] (front if ARGV[4] == 'front') and waking KEYS[3] if given. The check
-# makes a release happen once even if the hash was adopted by another worker meanwhile.
+# onto list KEYS[2] (front if ARGV[4] == 'front') and waking KEYS[3], each if given (no
+# KEYS[2]: an ack). The check makes a release happen once even if another worker adopted
+# the hash meanwhile.
 _RELEASE = _Script("""
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call(ARGV[4] == 'front' and 'LPUSH' or 'RPUSH', KEYS[2], ARGV[3])
+if KEYS[2] then redis.call(ARGV[4] == 'front' and 'LPUSH' or 'RPUSH', KEYS[2], ARGV[3]) end
 if KEYS[3] then wake(KEYS[3], 1) end
 return 1
 """)
@@ -1161,14 +1120,11 @@ class _Worker:
         raw = self.r.hget(self.inflight_key, field)
         if raw is None:
             return
-        front = reason == "interrupted by stop"
-        if front:
-            key, wake, value = self.app._front(raw, self.bcast_key)
-        else:
-            own = None if field.startswith("adopted:") else self.bcast_key
-            key, wake, value = self.app._outcome(raw, reason, own)
+        own = None if field.startswith("adopted:") else self.bcast_key
+        key, wake, value = self.app._outcome(raw, reason, own)
         keys = [self.inflight_key, key] + ([wake] if wake else [])
-        if _RELEASE(self.r, keys, [field, raw, value, "front" if front else "back"]):
+        front = "front" if reason == "interrupted by stop" else "back"
+        if _RELEASE(self.r, keys, [field, raw, value, front]):
             log.warning("task released (%s) to %s", reason, key)
 
     def _adopt(self, now):
@@ -1272,13 +1228,13 @@ class _ChildProcess:
                 self._call(self._wait)
                 continue
             if self.stopping:            # SIGTERM came while claiming: give it back untouched
-                self._release(item[1], *self.app._front(item[1], self.worker.bcast_key), "front")
+                self._release(item[1], *self.app._outcome(
+                    item[1], "interrupted by stop", self.worker.bcast_key), "front")
                 break
             self.prev = self._run(item[1])
             done += 1
         if self.prev:
-            self._call(lambda: _ACK(self.r, [self.worker.inflight_key],
-                                    [self.slot, self.prev]))
+            self._release(self.prev, None, None, "")        # ack
         return 0
 
     def _on_term(self, signum, frame):
@@ -1323,7 +1279,7 @@ class _ChildProcess:
             self.idle = False
 
     def _release(self, raw, key, wake, value, where="back"):
-        keys = [self.worker.inflight_key, key] + ([wake] if wake else [])
+        keys = [self.worker.inflight_key] + [k for k in (key, wake) if k]
         self._call(lambda: _RELEASE(self.r, keys, [self.slot, raw, value, where]))
 
     def _run(self, raw):
