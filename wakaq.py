@@ -1083,7 +1083,11 @@ class _Worker:
             log.warning("cannot read memory use (%s); checking again in a minute", e)
             self.next_mem = now + 60.0
             return
-        self.mem_high = pct >= self.app.max_mem_percent
+        was_high, self.mem_high = self.mem_high, pct >= self.app.max_mem_percent
+        if self.mem_high != was_high:
+            log.warning("memory use %.0f%% is %s max_mem_percent=%s: forking %s", pct,
+                        *(("over", self.app.max_mem_percent, "paused") if self.mem_high
+                          else ("under", self.app.max_mem_percent, "resumed")))
         live = [c for c in self.slots if c and not c.term_sent]
         if self.mem_high and live:
             biggest = max(live, key=lambda c: _rss(c.pid))
