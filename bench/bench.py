@@ -9,7 +9,7 @@ the floor (a plain redis-py loop) measured in the same run on the same redis-ser
 
 Every repeat starts its own redis-server (free port, `--save '' --appendonly no`), pinned to
 the first CPU with taskset; producer processes are pinned to the last CPU; workers are not
-pinned (like /work/shared/bench). Results go to bench/results/bench-<date>-<time>.json.
+pinned (like the peer benchmark). Results go to bench/results/bench-<date>-<time>.json.
 See bench/README.md for what each figure means.
 """
 import argparse
@@ -42,7 +42,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 PIN = {"redis": None, "producer": None}      # CPU lists for taskset, set in main()
 
 # ------------------------------------------------------------------ the floor (python -c)
-# The same shape as /work/shared/bench/apps/raw_worker.py and adapters/raw_peer.py.
+# The floor: the same shape as the peer benchmark's raw redis-py consumer and producer.
 RAW_COMMON = """
 import json, os, sys, time
 from time import perf_counter

@@ -6,7 +6,7 @@
     python bench_app.py latency COUNT INTERVAL      lat.delay(time.time()) COUNT times
 
 Redis host/port come from BENCH_REDIS_HOST / BENCH_REDIS_PORT (set by bench.py). The task
-bodies are those of /work/shared/bench/apps/common.py: noop(i) does INCR done on its own
+bodies are those of the peer benchmark: noop(i) does INCR done on its own
 redis-py connection (made lazily per process, so it is safe across fork); lat(sent) does
 RPUSH lat (time.time() - sent).
 """
