@@ -247,7 +247,19 @@ def _decode(d):
     return _DECODERS[d[_TAG]](d["v"])
 
 
-_dumps = json.JSONEncoder(separators=(",", ":"), default=_encode, allow_nan=True).encode
+def _make_dumps():
+    """Compact JSON with our default=. The C encoder is built once here: JSONEncoder.encode
+    builds it anew on every call, which costs twice the encoding of a small payload.
+    (Without circular-reference checks: a circular argument raises RecursionError.)"""
+    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+    if c_make_encoder is None:                    # no C accelerator (e.g. PyPy)
+        return json.JSONEncoder(separators=(",", ":"), default=_encode).encode
+    enc = c_make_encoder(None, _encode, json.encoder.encode_basestring_ascii, None,
+                         ":", ",", False, False, True)
+    return lambda o: "".join(enc(o, 0))
+
+
+_dumps = _make_dumps()
 _TAG_BYTES = _TAG.encode()
 
 
@@ -533,12 +545,14 @@ class WakaQ:
     def _payload(self, task, args, kwargs, queue, bcast=False):
         """(id, payload). Formatted by hand: the same JSON as dumping a dict, twice as fast.
         Queue names need no escaping (see Queue); the task's name is escaped once."""
-        _check_keys(args)
-        _check_keys(kwargs)
+        try:
+            _check_keys([args, kwargs])
+            args, kwargs = _dumps(args), _dumps(kwargs) if kwargs else "{}"
+        except RecursionError:
+            raise TypeError(f"the arguments of {task.name} are circular or nested too deeply")
         msg_id, tail = _new_id(), ',"bcast":1}' if bcast else "}"
         return msg_id, (f'{{"id":"{msg_id}","name":{task._json_name},"queue":"{queue.name}",'
-                        f'"retry":0,"args":{_dumps(args)},"kwargs":'
-                        f'{_dumps(kwargs) if kwargs else "{}"}{tail}')
+                        f'"retry":0,"args":{args},"kwargs":{kwargs}{tail}')
 
     def _enqueue(self, task, calls, queue, eta):
         q = self._queue(queue) if queue is not None else task.queue or self.default_queue

@@ -423,6 +423,19 @@ def check_count(r, n, what):
 
 # ------------------------------------------------------------------ one repeat
 
+def drain_and_pickup(server, kind, args, scratch, tag, live, **stop_kw):
+    """Drain args.n queued tasks with `kind`'s workers, then measure pickup on the idle
+    workers; returns (drain figures, pickup figures, a note from stopping them or None)."""
+    d, popens, sampler = drain(server, kind, args.n, scratch, tag)
+    live.append((popens, sampler))
+    p = pickup(server, kind, args.latency_count, args.latency_interval)
+    sampler.stop()
+    live.pop()
+    note = stop(popens, sampler.seen, **stop_kw)   # raw consumers die at once on SIGTERM
+    check_count(server.r, args.n, f"{kind} drain")
+    return d, p, note
+
+
 def run_main(args, rep, scratch):
     res = {"repeat": rep, "busy_before_pct": busy_pct(), "notes": []}
     server = RedisServer(scratch)
@@ -432,14 +445,8 @@ def run_main(args, rep, scratch):
         # the floor: RPUSH per task, 2 x (BLPOP, json.loads, call, INCR)
         r.flushall()
         res["raw_enqueue"] = run_producer(raw_producer("enqueue", n), server.port)
-        d, popens, sampler = drain(server, "raw", n, scratch, f"r{rep}-raw")
-        live.append((popens, sampler))
-        res["raw_drain"] = d
-        res["raw_pickup"] = pickup(server, "raw", args.latency_count, args.latency_interval)
-        sampler.stop()
-        live.pop()
-        note = stop(popens, sampler.seen, timeout=3)   # raw consumers die on SIGTERM
-        check_count(r, n, "raw drain")
+        res["raw_drain"], res["raw_pickup"], note = drain_and_pickup(
+            server, "raw", args, scratch, f"r{rep}-raw", live, timeout=3)
         if note:
             res["notes"].append(f"raw: {note}")
         r.flushall()
@@ -450,14 +457,8 @@ def run_main(args, rep, scratch):
         # wakaq
         r.flushall()
         res["enqueue"] = run_producer(wakaq_producer("enqueue", n), server.port)
-        d, popens, sampler = drain(server, "wakaq", n, scratch, f"r{rep}-wakaq")
-        live.append((popens, sampler))
-        res["drain"] = d
-        res["pickup"] = pickup(server, "wakaq", args.latency_count, args.latency_interval)
-        sampler.stop()
-        live.pop()
-        note = stop(popens, sampler.seen)
-        check_count(r, n, "wakaq drain")
+        res["drain"], res["pickup"], note = drain_and_pickup(
+            server, "wakaq", args, scratch, f"r{rep}-wakaq", live)
         if note:
             res["notes"].append(f"wakaq worker: {note}")
         r.flushall()
