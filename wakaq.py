@@ -769,25 +769,19 @@ return #ws
 
 # Adopt worker ARGV[1] if its heartbeat in KEYS[1] is older than ARGV[2]: move its in-flight
 # hash KEYS[2] and pending broadcasts KEYS[3] into our hash KEYS[5] as "adopted:..." fields,
-# delete its keys (KEYS[4] = its wake list). Returns the new fields and payloads, flattened,
-# or nil if another worker adopted it first.
+# delete its keys (KEYS[4] = its wake list). Returns how many, or nil if another took it.
 _ADOPT = _Script("""
 local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not s or tonumber(s) > tonumber(ARGV[2]) then return false end  -- alive, or taken
 redis.call('ZREM', KEYS[1], ARGV[1])
-local out = {}
-local function take(field, p)
-  redis.call('HSET', KEYS[5], field, p)
-  out[#out + 1] = field
-  out[#out + 1] = p
-end
-local h = redis.call('HGETALL', KEYS[2])
-for i = 1, #h, 2 do take('adopted:' .. ARGV[1] .. ':' .. h[i], h[i + 1]) end
+local h, n = redis.call('HGETALL', KEYS[2]), 0
+for i = 1, #h, 2 do redis.call('HSET', KEYS[5], 'adopted:' .. ARGV[1] .. ':' .. h[i], h[i + 1]) end
 for i, p in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do
-  take('adopted:' .. ARGV[1] .. ':b' .. i, p)
+  redis.call('HSET', KEYS[5], 'adopted:' .. ARGV[1] .. ':b' .. i, p)
+  n = n + 1
 end
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
-return out
+return #h / 2 + n
 """)
 
 # Move dead letter ARGV[1] from the head of KEYS[1] onto queue KEYS[2] as payload ARGV[2],
@@ -1155,10 +1149,10 @@ class _Worker:
                 continue
             keys = [self.app.workers_key] + [f"{PREFIX}:{k}:{wid}" for k in
                                              ("inflight", "bcast", "wake")] + [self.inflight_key]
-            fields = _ADOPT(self.r, keys, [wid, cutoff])
-            if fields is not None:
+            count = _ADOPT(self.r, keys, [wid, cutoff])
+            if count is not None:
                 log.warning("worker %s is silent for over %ss: taking back its %d task(s)",
-                            wid, self.app.heartbeat_timeout, len(fields) // 2)
+                            wid, self.app.heartbeat_timeout, count)
         for field in self.r.hkeys(self.inflight_key):
             if field.startswith(b"adopted:"):
                 self._release(field.decode(), "worker died")
