@@ -76,14 +76,7 @@ import redis
 from croniter import croniter
 
 __version__ = "1.0.0"
-__all__ = [
-    # defining an app
-    "WakaQ", "Queue", "CronTask", "Task",
-    # inside your tasks
-    "SoftTimeout", "current_task",
-    # errors
-    "WakaQError",
-]
+__all__ = ["WakaQ", "Queue", "CronTask", "Task", "SoftTimeout", "current_task", "WakaQError"]
 
 log = logging.getLogger("wakaq")
 
@@ -103,10 +96,8 @@ class WakaQError(Exception):
 
 
 class SoftTimeout(WakaQError):
-    """Raised inside a running task when its soft timeout elapses (SIGALRM).
-
-    A subclass of Exception, as in the original WakaQ and Celery: a task's broad
-    `except Exception` can swallow it, and then the hard timeout is the backstop."""
+    """Raised inside a running task at its soft timeout (SIGALRM). An Exception, as in the
+    original WakaQ and Celery: a broad `except Exception` can swallow it (hard_timeout remains)."""
 
 
 class _Stop(BaseException):
@@ -114,7 +105,6 @@ class _Stop(BaseException):
 
 
 def _seconds(value, name):
-    """A duration as float seconds; None stays None (unset), 0 stays 0."""
     if value is None:
         return None
     if isinstance(value, timedelta):
@@ -127,7 +117,6 @@ def _seconds(value, name):
 
 
 def _count(value, name, minimum=0):
-    """A whole number setting; None stays None."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
@@ -137,20 +126,16 @@ def _count(value, name, minimum=0):
     return value
 
 
-def _first_set(*values):
-    return next((v for v in values if v is not None), None)
-
-
 _Limits = collections.namedtuple("_Limits", "soft hard retries")
 
 
 def _limits_for(app, task, queue):
     """Per-setting precedence: task decorator, then queue, then app."""
     layers = [x for x in (task, queue, app) if x is not None]
-    return _Limits(
-        soft=_first_set(*(x.soft_timeout for x in layers)),
-        hard=_first_set(*(x.hard_timeout for x in layers)),
-        retries=_first_set(*(x.max_retries for x in layers)) or 0)
+
+    def first(attr):
+        return next((getattr(x, attr) for x in layers if getattr(x, attr) is not None), None)
+    return _Limits(first("soft_timeout"), first("hard_timeout"), first("max_retries") or 0)
 
 
 def _check_timeouts(limits, where):
@@ -231,13 +216,9 @@ def _encode(o):
                     "pass JSON types, datetime, date, timedelta, Decimal, bytes, set or tuple")
 
 
-_DECODERS = {
-    "datetime": datetime.fromisoformat,
-    "date": date.fromisoformat,
-    "timedelta": lambda v: timedelta(*v),
-    "decimal": decimal.Decimal,
-    "bytes": base64.b64decode,
-}
+_DECODERS = {"datetime": datetime.fromisoformat, "date": date.fromisoformat,
+             "timedelta": lambda v: timedelta(*v), "decimal": decimal.Decimal,
+             "bytes": base64.b64decode}
 
 
 def _decode(d):
@@ -249,9 +230,8 @@ def _decode(d):
 
 
 def _make_dumps():
-    """Compact JSON with our default=. The C encoder is built once here: JSONEncoder.encode
-    builds it anew on every call, which costs twice the encoding of a small payload.
-    (Without circular-reference checks: a circular argument raises RecursionError.)"""
+    """Compact JSON with our default=, its C encoder built once (JSONEncoder.encode builds it
+    per call, twice the cost of a small payload). No circular check: RecursionError instead."""
     c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
     if c_make_encoder is None:                    # no C accelerator (e.g. PyPy)
         return json.JSONEncoder(separators=(",", ":"), default=_encode).encode
@@ -606,10 +586,9 @@ class WakaQ:
     # --- the retry rule
 
     def _outcome(self, raw, reason, bcast_key=None):
-        """The one retry rule, for every path that ends an attempt early: where the task
-        goes, as (list key, wake key or None, value). A stop's interruption ("interrupted
-        by stop") keeps its retry count. bcast_key is the worker's own broadcast list; None
-        means the broadcast's worker is gone, so it cannot be retried."""
+        """The retry rule for every attempt that ends early: (list key, wake key or None, value).
+        "interrupted by stop" keeps the retry count. bcast_key is the worker's own broadcast
+        list; None means the broadcast's worker is gone, so it cannot be retried."""
         try:
             msg = _loads_msg(raw, decode=False)      # tagged values are not re-encoded
         except _BAD_PAYLOAD as e:
@@ -701,12 +680,9 @@ wake(KEYS[2], #ARGV)
 return #ARGV
 """)
 
-# A child's claim. KEYS[1] = its worker's in-flight hash, KEYS[2] = the workers zset,
-# KEYS[3..n+2] = its sources in priority order (broadcasts first), the rest = their wake
-# lists. ARGV = slot, the payload it finished (acked here by being overwritten), n, worker
-# id. If the slot holds another payload, a claim's reply was lost: hand that one out again.
-# Nothing while the worker is not listed (nobody could adopt the hash). Empty: ack, clear
-# stale tokens.
+# A child's claim. KEYS: in-flight hash, workers zset, n sources by priority (broadcasts
+# first), their wake lists. ARGV: slot, finished payload (acked by the overwrite), n, worker id.
+# Slot holds another payload: a lost reply, resend it. Worker unlisted: nothing. Empty: clear wakes.
 _CLAIM = _Script("""
 local n = tonumber(ARGV[3])
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
@@ -725,10 +701,8 @@ redis.call('DEL', unpack(KEYS, n + 3))
 return false
 """)
 
-# Release in-flight field ARGV[1] of KEYS[1], if it still holds ARGV[2], by pushing ARGV[3]
-# onto list KEYS[2] (front if ARGV[4] == 'front') and waking KEYS[3], each if given (no
-# KEYS[2]: an ack). The check makes a release happen once even if another worker adopted
-# the hash meanwhile.
+# Release in-flight field ARGV[1] of KEYS[1] if it still holds ARGV[2] (once, even if adopted):
+# push ARGV[3] onto KEYS[2] (front if ARGV[4] == 'front'; no KEYS[2]: an ack), wake KEYS[3].
 _RELEASE = _Script("""
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
@@ -768,9 +742,8 @@ end
 return #ws
 """)
 
-# Adopt worker ARGV[1] if its heartbeat in KEYS[1] is older than ARGV[2]: move its in-flight
-# hash KEYS[2] and pending broadcasts KEYS[3] into our hash KEYS[5] as "adopted:..." fields,
-# delete its keys (KEYS[4] = its wake list). Returns how many, or nil if another took it.
+# Adopt worker ARGV[1] if its heartbeat (KEYS[1]) is older than ARGV[2]: move its hash KEYS[2] and
+# broadcasts KEYS[3] into ours (KEYS[5]) as adopted:* fields, delete KEYS[2..4]; nil if taken.
 _ADOPT = _Script("""
 local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not s or tonumber(s) > tonumber(ARGV[2]) then return false end  -- alive, or taken
@@ -811,22 +784,17 @@ _current = contextvars.ContextVar("wakaq_current_task", default=None)
 
 
 def current_task():
-    """Inside a running task: {"id", "name", "queue", "attempt"} (attempt 1 = first run);
-    None elsewhere."""
+    """Inside a running task: {"id", "name", "queue", "attempt"} (1 = first run), else None."""
     msg = _current.get()
-    if msg is None:
-        return None
-    return {"id": msg.get("id"), "name": msg["name"], "queue": msg["queue"],
-            "attempt": msg["retry"] + 1}
+    return None if msg is None else {"id": msg.get("id"), "name": msg["name"],
+                                     "queue": msg["queue"], "attempt": msg["retry"] + 1}
 
 
-class _TaskFilter(logging.Filter):
+def _task_filter(record):
     """Adds %(task)s to every record: ' task=NAME' inside a task, '' elsewhere."""
-
-    def filter(self, record):
-        msg = _current.get()
-        record.task = f" task={msg['name']}" if msg else ""
-        return True
+    msg = _current.get()
+    record.task = f" task={msg['name']}" if msg else ""
+    return True
 
 
 def _setup_logging(path, level):
@@ -840,14 +808,10 @@ def _setup_logging(path, level):
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=True)
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_TaskFilter())
+    handler.addFilter(_task_filter)
     handler.setFormatter(logging.Formatter(
         "[%(asctime)s] %(levelname)s %(name)s pid=%(process)d%(task)s: %(message)s"))
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    root.addHandler(handler)
-    root.setLevel(level)
+    logging.basicConfig(handlers=[handler], level=level, force=True)  # replaces root's handlers
 
 
 class _Outage:
@@ -873,9 +837,8 @@ _PARENT_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
 
 
 class _Conn:
-    """One connection used directly, for the hot paths (a child's claims, a thread's
-    enqueues): redis-py's pool and per-command layers cost more than the round trip. After
-    a connection error it reconnects: at once `retries` times, else on its next use."""
+    """One bare connection for the hot paths (claims, enqueues): redis-py's pool and command
+    layers cost more than the round trip. Reconnects at once `retries` times, else on next use."""
 
     def __init__(self, client, retries=0):
         self.conn, self.retries = client.connection_pool.make_connection(), retries
@@ -896,8 +859,7 @@ class _Conn:
 def _parse_meminfo(text):
     """Percent of memory in use from /proc/meminfo text."""
     fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    total = int(fields["MemTotal"].split()[0])
-    available = int(fields["MemAvailable"].split()[0])
+    total, available = (int(fields[k].split()[0]) for k in ("MemTotal", "MemAvailable"))
     return 100.0 * (total - available) / total
 
 
@@ -934,7 +896,6 @@ def _rss(pid):
 
 
 def _kill(pid, sig):
-    """Signal pid; a process that is already gone is fine."""
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
@@ -949,15 +910,13 @@ class _Child:
     __slots__ = ("pid", "killed_for", "term_sent", "born")
 
     def __init__(self, pid):
-        self.pid, self.killed_for, self.term_sent = pid, None, False
-        self.born = time.monotonic()
+        self.pid, self.killed_for, self.term_sent, self.born = pid, None, False, time.monotonic()
 
 
 class _Worker:
-    """The parent. It never runs task code. Each child owns a slot: its field in the
-    in-flight hash and 8 bytes of shared memory where it writes the hard deadline of the
-    task it runs (time.monotonic(); 0 = idle), so the parent enforces hard timeouts without
-    a message per task. Signal handlers only count signals; the wake-up pipe ends select()."""
+    """The parent; it never runs task code. Each child owns a slot: its field in the in-flight
+    hash and 8 bytes of shared memory holding its task's hard deadline (monotonic; 0 = idle),
+    so hard timeouts need no message per task. Signal handlers only count; a pipe wakes select()."""
 
     def __init__(self, app):
         self.app = app
@@ -971,7 +930,7 @@ class _Worker:
         self.shm = mmap.mmap(-1, 8 * n)
         self.signals = 0
         self.outage = _Outage("worker")
-        self.next_beat = self.next_adopt = self.next_mem = self.next_due = 0.0
+        self.next_beat = self.next_mem = self.next_due = 0.0
         self.mem_high = self.stop_logged = False
 
     def run(self):
@@ -1119,10 +1078,8 @@ class _Worker:
                 del self.unreleased[slot]
             if now >= self.next_beat:
                 self.r.zadd(self.app.workers_key, {self.wid: now})
-                self.next_beat = now + min(self.app.heartbeat_timeout / 4, 5.0)
-            if now >= self.next_adopt:
                 self._adopt(now)
-                self.next_adopt = now + min(self.app.heartbeat_timeout / 4, 5.0)
+                self.next_beat = now + min(self.app.heartbeat_timeout / 4, 5.0)
             if now >= self.next_due:
                 self._move_due(now)
         except redis.RedisError as e:
@@ -1351,16 +1308,11 @@ def _due(schedules, last, now):
     seconds old. Times compare as timestamps: wall clocks repeat when DST ends."""
     due, end = [], now.timestamp()
     for cron in schedules:
-        it = croniter(cron.schedule, last)
-        fire = it.get_next(datetime)
-        if fire.timestamp() <= end:
-            while True:
-                nxt = it.get_next(datetime)
-                if nxt.timestamp() > end:
-                    break
-                fire = nxt
-            if end - fire.timestamp() <= CRON_CATCH_UP:
-                due.append((cron, fire))
+        it, fire = croniter(cron.schedule, last), None
+        while (nxt := it.get_next(datetime)).timestamp() <= end:
+            fire = nxt
+        if fire and end - fire.timestamp() <= CRON_CATCH_UP:
+            due.append((cron, fire))
     return due
 
 
@@ -1420,7 +1372,7 @@ def _cmd_scheduler(app, args):
     return 0
 
 
-def _info(app):
+def _cmd_info(app, args):
     r = app.redis
     pipe = r.pipeline(transaction=False)
     for q in app.queues:
@@ -1432,14 +1384,9 @@ def _info(app):
     pipe = r.pipeline(transaction=False)
     for wid in r.zrange(app.workers_key, 0, -1):      # live, and dead not yet adopted
         pipe.hlen(f"{PREFIX}:inflight:{wid.decode()}")
-    inflight = sum(pipe.execute())
-    return {"queues": {q.name: {"priority": app._priority[q.name], "pending": counts[2 * i],
+    info = {"queues": {q.name: {"priority": app._priority[q.name], "pending": counts[2 * i],
                                 "delayed": counts[2 * i + 1]} for i, q in enumerate(app.queues)},
-            "inflight": inflight, "dead": counts[-2], "workers": counts[-1]}
-
-
-def _cmd_info(app, args):
-    info = _info(app)
+            "inflight": sum(pipe.execute()), "dead": counts[-2], "workers": counts[-1]}
     if args.json:
         print(json.dumps(info))
         return 0
@@ -1452,11 +1399,8 @@ def _cmd_info(app, args):
 
 def _cmd_purge(app, args):
     q = app._queue(args.queue)
-    pipe = app.redis.pipeline(transaction=True)
-    pipe.llen(q.key)
-    pipe.zcard(q.eta_key)
-    pipe.unlink(q.key, q.eta_key, q.wake_key)          # freed in the background
-    pending, delayed, _ = pipe.execute()
+    pending, delayed, _ = (app.redis.pipeline(transaction=True).llen(q.key).zcard(q.eta_key)
+                           .unlink(q.key, q.eta_key, q.wake_key).execute())  # freed in background
     print(pending + delayed)
     return 0
 
