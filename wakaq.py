@@ -7,12 +7,9 @@
 Quick start:
 
     wakaq = WakaQ(queues=["default"], url="redis://localhost:6379/0")
-
     @wakaq.task
     def send_email(to): ...
-
-    send_email.delay("ann@example.com")                # returns the task id
-    send_email.delay("bob@example.com", eta=60)        # in a minute
+    send_email.delay("bob@example.com", eta=60)        # returns the task id; eta: in a minute
     send_email.delay_many([("a@x.io",), ("b@x.io",)])  # bulk: one round trip per 1,000
 
 Delivery is at least once: a task leaves Redis only after its attempt ends. A failed
@@ -497,8 +494,7 @@ class WakaQ:
     # --- Redis
 
     def _client(self, retries=2):
-        """A new client. Workers pass retries=0 and handle outages themselves; producers
-        retry twice quickly, then the ConnectionError reaches the caller."""
+        """A new client: producers retry twice, workers (retries=0) handle outages themselves."""
         from redis.backoff import ExponentialBackoff
         from redis.retry import Retry
         kw = dict(self._redis_args, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
@@ -539,8 +535,7 @@ class WakaQ:
         q = self._queue(queue) if queue is not None else task.queue or self.default_queue
         built = [self._payload(task, a, k, q) for a, k in calls]   # TypeError before any push
         if self.eager:
-            for _, raw in built:
-                msg = _loads(raw)
+            for msg in (_loads(raw) for _, raw in built):
                 self._run_task(task, msg["args"], msg["kwargs"])
             return [i for i, _ in built]
         due = _due_time(eta)
@@ -627,9 +622,7 @@ def _due_time(eta):
     if eta is None:
         return None
     if isinstance(eta, datetime):
-        if eta.tzinfo is None:
-            eta = eta.replace(tzinfo=timezone.utc)
-        return eta.timestamp()
+        return (eta.replace(tzinfo=timezone.utc) if eta.tzinfo is None else eta).timestamp()
     if isinstance(eta, timedelta):
         eta = eta.total_seconds()
     if isinstance(eta, bool) or not isinstance(eta, (int, float)):
@@ -826,8 +819,11 @@ class _Outage:
         self.delay = min(max(self.delay * 2, 0.1), 5.0)
         return self.delay
 
-    def ok(self):
+    def ok(self, r=None):
+        """After a success; or, with a client r after an outage, once a ping of r succeeds."""
         if self.delay:
+            if r is not None:
+                r.ping()
             log.info("%s reconnected to Redis", self.who)
         self.delay = 0.0
 
@@ -865,9 +861,7 @@ def _parse_meminfo(text):
 
 def _parse_cgroup(max_text, current_text):
     """Percent of the cgroup v2 limit in use, or None without a limit."""
-    if max_text.strip() == "max":
-        return None
-    return 100.0 * int(current_text) / int(max_text)
+    return None if max_text.strip() == "max" else 100.0 * int(current_text) / int(max_text)
 
 
 def _read(path):
@@ -1070,9 +1064,7 @@ class _Worker:
         if self.outage.delay and now < self.next_due:
             return                    # backing off
         try:
-            if self.outage.delay:
-                self.r.ping()
-                self.outage.ok()
+            self.outage.ok(self.r)
             for slot, reason in list(self.unreleased.items()):
                 self._release(str(slot), reason)
                 del self.unreleased[slot]
@@ -1086,8 +1078,7 @@ class _Worker:
             self.next_due = time.time() + self.outage.failed(e)
 
     def _release(self, field, reason):
-        """Put the task in our in-flight hash under `field` back: by the retry rule, or
-        at the front of its queue if a stop interrupted it."""
+        """Give back the task in our in-flight `field` by the retry rule (a stop's: in front)."""
         raw = self.r.hget(self.inflight_key, field)
         if raw is None:
             return
@@ -1176,10 +1167,9 @@ class _ChildProcess:
         keys = [worker.inflight_key, app.workers_key] + self.sources + self.wakes
         head = ["EVALSHA", _CLAIM.sha, len(keys)] + keys + [slot]
         tail = [len(self.sources), worker.wid]
-        self.claim_head, self.claim_tail = (
-            b"".join(b"$%d\r\n%s\r\n" % (len(b), b) for b in (str(x).encode() for x in part))
-            for part in (head, tail))
-        self.claim_head = b"*%d\r\n" % (len(head) + 1 + len(tail)) + self.claim_head
+        bulk = [b"$%d\r\n%s\r\n" % (len(b), b) for b in (str(x).encode() for x in head + tail)]
+        self.claim_head = b"*%d\r\n" % (len(bulk) + 1) + b"".join(bulk[:len(head)])
+        self.claim_tail = b"".join(bulk[len(head):])
 
     def run(self):
         signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent decides on Ctrl-C
@@ -1190,8 +1180,7 @@ class _ChildProcess:
         self.r = _Conn(self.app._client(retries=0))
         for hook in self.app._hooks["after_worker_started"]:
             hook()
-        limit = self.app.max_tasks_per_worker or float("inf")
-        done = 0
+        limit, done = self.app.max_tasks_per_worker or float("inf"), 0
         while not self.stopping and done < limit:
             item = self._call(self._claim)
             if item is None:
@@ -1316,10 +1305,6 @@ def _due(schedules, last, now):
     return due
 
 
-def _next_fire(schedules, now):
-    return min(croniter(c.schedule, now).get_next(datetime) for c in schedules)
-
-
 def _run_scheduler(app, stop):
     """Enqueue each tick exactly once across schedulers; re-read the clock every pass."""
     for cron in app.schedules:
@@ -1333,9 +1318,7 @@ def _run_scheduler(app, stop):
     while not stop():
         now = datetime.now(app.tz)
         try:
-            if outage.delay:
-                r.ping()
-                outage.ok()
+            outage.ok(r)
             for cron, fire in _due(app.schedules, last, now):
                 task = app.tasks[cron.task_name]
                 q = app._queue(cron.queue) if cron.queue else task.queue or app.default_queue
@@ -1347,8 +1330,8 @@ def _run_scheduler(app, stop):
                 if _CRON(r, [lock, q.key, q.wake_key], [raw, 2 * CRON_CATCH_UP]):
                     log.info("enqueued %s for %s", cron.task_name, fire.isoformat())
             last = now
-            pause = 1.0 if not app.schedules else \
-                (_next_fire(app.schedules, now) - datetime.now(app.tz)).total_seconds()
+            fires = [croniter(c.schedule, now).get_next(datetime) for c in app.schedules]
+            pause = (min(fires) - datetime.now(app.tz)).total_seconds() if fires else 1.0
         except redis.RedisError as e:
             pause = outage.failed(e)
         deadline = time.monotonic() + min(max(pause, 0.01), 1.0)
