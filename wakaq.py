@@ -326,8 +326,7 @@ def _coerce_queue(q):
 
 
 class CronTask:
-    """Enqueue task `task_name` on `queue` at every time matched by `schedule`
-    (croniter syntax: 5 fields, or 6 with seconds as the sixth)."""
+    """Enqueue `task_name` on `queue` whenever `schedule` matches (croniter: 5 or 6 fields)."""
 
     __slots__ = ("schedule", "task_name", "queue", "args", "kwargs")
 
@@ -1150,8 +1149,7 @@ class _Worker:
 # ===================================================================== worker child
 
 class _ChildProcess:
-    """One forked child: claim the next task (and record it in-flight, atomically), run
-    it, ack it inside the next claim. Waits for work by BLPOP on wake-up tokens."""
+    """A forked child: claim a task (in-flight, atomically), run it, ack it in the next claim."""
 
     def __init__(self, worker, slot):
         self.worker, self.app, self.slot = worker, worker.app, slot
