@@ -651,6 +651,10 @@ def test_meminfo_and_cgroup_text_parse_to_percentages():
     assert wakaq._parse_meminfo(meminfo) == pytest.approx(75.0)
     assert wakaq._parse_cgroup("max\n", "12345\n") is None
     assert wakaq._parse_cgroup("2000\n", "500\n") == pytest.approx(25.0)
+    # inactive page cache does not count; cgroup v1 says "no limit" with a huge number
+    stat = "anon 100\ninactive_file 1000\nactive_file 5\n"
+    assert wakaq._parse_cgroup("2000\n", "1500\n", stat) == pytest.approx(25.0)
+    assert wakaq._parse_cgroup("9223372036854771712\n", "1500\n", "total_inactive_file 9\n") is None
 
 
 def test_due_fires_a_missed_schedule_once_for_its_latest_tick():

@@ -858,9 +858,15 @@ def _parse_meminfo(text):
     return 100.0 * (total - available) / total
 
 
-def _parse_cgroup(max_text, current_text):
-    """Percent of the cgroup v2 limit in use, or None without a limit."""
-    return None if max_text.strip() == "max" else 100.0 * int(current_text) / int(max_text)
+def _parse_cgroup(max_text, current_text, stat_text=""):
+    """Percent of a cgroup's memory limit in use, or None without a limit. Inactive page
+    cache (memory.stat) is left out: the kernel reclaims it before it would kill anything."""
+    stat = dict(line.split() for line in stat_text.splitlines() if len(line.split()) == 2)
+    cache = int(stat.get("inactive_file", stat.get("total_inactive_file", 0)))
+    limit = None if max_text.strip() == "max" else int(max_text)
+    if limit is None or limit >= 2 ** 62:          # cgroup v1 says "no limit" with a huge number
+        return None
+    return 100.0 * max(0, int(current_text) - cache) / limit
 
 
 def _read(path):
@@ -869,14 +875,17 @@ def _read(path):
 
 
 def _mem_percent():
-    """The container's use of its limit if it has one, else the machine's."""
-    try:
-        pct = _parse_cgroup(_read("/sys/fs/cgroup/memory.max"),
-                            _read("/sys/fs/cgroup/memory.current"))
+    """The container's use of its limit (cgroup v2, else v1) if it has one, else the machine's."""
+    for d, limit, usage in (("/sys/fs/cgroup", "memory.max", "memory.current"),
+                            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes",
+                             "memory.usage_in_bytes")):
+        try:
+            pct = _parse_cgroup(_read(f"{d}/{limit}"), _read(f"{d}/{usage}"),
+                                _read(f"{d}/memory.stat"))
+        except (OSError, ValueError):
+            continue       # no such memory controller here
         if pct is not None:
             return pct
-    except (OSError, ValueError):
-        pass   # no cgroup v2 memory controller here: the machine's numbers apply
     return _parse_meminfo(_read("/proc/meminfo"))
 
 
