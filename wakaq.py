@@ -1403,7 +1403,10 @@ def _cmd_dead(app, args):
         return 0
     if args.requeue:                  # from the head, one at a time: O(1) per entry
         moved = 0
-        while (raw := r.lindex(app.dead_key, 0)) is not None:
+        for _ in range(r.llen(app.dead_key)):   # not those dead-lettered again meanwhile
+            raw = r.lindex(app.dead_key, 0)
+            if raw is None:
+                break
             e = json.loads(raw)
             q = app._queues.get(e["queue"]) or app.default_queue
             try:
