@@ -813,6 +813,11 @@ def test_delay_with_an_unserializable_argument_raises_and_enqueues_nothing(r):
         add.delay_many([(1, 2), (object(), 2)])
     with pytest.raises(TypeError):
         add.delay(1, b=object(), eta=30)
+    circular = []
+    circular.append(circular)
+    for bad in ({1: "json would make this key a str"}, {"__wakaq__": "our tag"}, circular):
+        with pytest.raises(TypeError):
+            add.delay(bad, 1)
     assert r.keys("wakaq:*") == []
 
 
