@@ -990,7 +990,6 @@ class _Worker:
     def _spawn(self, slot):
         struct.pack_into("d", self.shm, slot * 8, 0.0)
         signal.pthread_sigmask(signal.SIG_BLOCK, _PARENT_SIGNALS)  # until the child has its own
-        gc.freeze()    # the child's collector skips what it inherits: shorter pauses, less copying
         try:
             pid = os.fork()
         except OSError as e:
@@ -998,6 +997,7 @@ class _Worker:
             self.not_before[slot], pid = time.monotonic() + 1, None
         if pid == 0:                                    # child: this branch never returns
             code = 1
+            gc.freeze()      # the collector skips what the child inherits: shorter pauses
             try:
                 signal.set_wakeup_fd(-1)
                 os.close(self.pipe[0])
