@@ -39,9 +39,6 @@ Redis keys ({p} = "wakaq"):
 
 Payload: JSON {"id", "name", "queue", "retry", "args", "kwargs"} (+ "bcast": 1);
 retry = failed attempts so far. Values beyond JSON travel as {"__wakaq__": TYPE, "v": ...}.
-
-Sections: errors and helpers - serializer - Queue and CronTask - Task - WakaQ - Redis
-scripts - logging - OS helpers - worker parent - worker child - scheduler - command line.
 """
 import argparse
 import ast
@@ -312,7 +309,8 @@ class Queue:
         self.max_retries = _count(max_retries, f"max_retries of queue {name!r}")
         self.soft_timeout = _seconds(soft_timeout, f"soft_timeout of queue {name!r}")
         self.hard_timeout = _seconds(hard_timeout, f"hard_timeout of queue {name!r}")
-        self.key, self.eta_key, self.wake_key = (f"{PREFIX}:{k}:{name}" for k in ("q", "eta", "wake"))
+        self.key, self.eta_key, self.wake_key = (f"{PREFIX}:{k}:{name}"
+                                                 for k in ("q", "eta", "wake"))
 
 
 def _coerce_queue(q):
@@ -419,7 +417,8 @@ class WakaQ:
             _check_timeouts(_limits_for(self, None, q), f"queue {q.name!r}" if q else "WakaQ")
         if max_mem_percent is not None and (isinstance(max_mem_percent, bool) or not isinstance(
                 max_mem_percent, (int, float)) or not 1 <= max_mem_percent <= 99):
-            raise ValueError(f"max_mem_percent must be a number from 1 to 99, got {max_mem_percent!r}")
+            raise ValueError(
+                f"max_mem_percent must be a number from 1 to 99, got {max_mem_percent!r}")
         self.max_mem_percent = max_mem_percent
         self.max_tasks_per_worker = _count(max_tasks_per_worker, "max_tasks_per_worker", 1)
         self.heartbeat_timeout = _seconds(heartbeat_timeout, "heartbeat_timeout")
@@ -451,8 +450,6 @@ class WakaQ:
                        "after_task_finished": [], "wrap_tasks_with": []}
         self.dead_key, self.workers_key = f"{PREFIX}:dead", f"{PREFIX}:workers"
         self._redis, self._redis_pid = None, None
-
-    # --- the registry and hooks
 
     def task(self, fn=None, *, name=None, queue=None, max_retries=None, soft_timeout=None,
              hard_timeout=None):
@@ -490,8 +487,6 @@ class WakaQ:
             raise ValueError(f"unknown queue {name!r}; the app has {list(self._queues)!r}")
         return self._queues[name]
 
-    # --- Redis
-
     def _client(self, retries=2):
         """A new client: producers retry twice, workers (retries=0) handle outages themselves."""
         from redis.backoff import ExponentialBackoff
@@ -515,8 +510,6 @@ class WakaQ:
         if self._redis is None or self._redis_pid != os.getpid():
             self._redis, self._redis_pid = self._client(), os.getpid()
         return self._redis
-
-    # --- enqueueing
 
     def _payload(self, task, args, kwargs, queue, bcast=False):
         """(id, payload). Formatted by hand: the same JSON as dumping a dict, twice as fast.
@@ -576,8 +569,6 @@ class WakaQ:
         finally:
             for hook in self._hooks["after_task_finished"]:
                 hook()
-
-    # --- the retry rule
 
     def _outcome(self, raw, reason, bcast_key=None):
         """The retry rule for every attempt that ends early: (list key, wake key or None, value).
@@ -930,8 +921,7 @@ class _Worker:
         self.unreleased = {}              # slot -> reason: a dead child's task to release
         self.not_before = [0.0] * n       # slot -> when it may fork again (monotonic)
         self.shm = mmap.mmap(-1, 8 * n)
-        self.signals = 0
-        self.outage = _Outage("worker")
+        self.signals, self.outage = 0, _Outage("worker")
         self.next_beat = self.next_mem = self.next_due = 0.0
         self.mem_high = self.stop_logged = False
 
@@ -1073,9 +1063,7 @@ class _Worker:
             return                    # backing off
         try:
             self.outage.ok(self.r)
-            for slot, reason in list(self.unreleased.items()):
-                self._release(str(slot), reason)
-                del self.unreleased[slot]
+            self._release_unreleased()
             if now >= self.next_beat:
                 self.r.zadd(self.app.workers_key, {self.wid: now})
                 self._adopt(now)
@@ -1084,6 +1072,11 @@ class _Worker:
                 self._move_due(now)
         except redis.RedisError as e:
             self.next_due = time.time() + self.outage.failed(e)
+
+    def _release_unreleased(self):
+        for slot, reason in list(self.unreleased.items()):
+            self._release(str(slot), reason)
+            del self.unreleased[slot]
 
     def _release(self, field, reason):
         """Give back the task in our in-flight `field` by the retry rule (a stop's: in front)."""
@@ -1134,9 +1127,7 @@ class _Worker:
                 self.slots[slot] = None
                 self.unreleased[slot] = child.killed_for or "interrupted by stop"
         try:
-            for slot, reason in list(self.unreleased.items()):
-                self._release(str(slot), reason)
-            self.unreleased.clear()
+            self._release_unreleased()
         except redis.RedisError as e:
             log.error("cannot put interrupted tasks back (%s); a live worker will take them "
                       "back after heartbeat_timeout", e)
@@ -1410,9 +1401,7 @@ def _cmd_dead(app, args):
             e = json.loads(raw)
             q = app._queues.get(e["queue"]) or app.default_queue
             try:
-                msg = _loads_msg(e["payload"], decode=False)
-                msg["retry"] = 0
-                payload = json.dumps(msg)
+                payload = json.dumps({**_loads_msg(e["payload"], decode=False), "retry": 0})
             except _BAD_PAYLOAD:
                 payload = e["payload"]   # requeued as it was; it will be dead-lettered again
             moved += _REQUEUE(r, [app.dead_key, q.key, q.wake_key], [raw, payload])
@@ -1438,17 +1427,15 @@ _COMMANDS = {"worker": (_cmd_worker, "run a worker: a parent that forks `concurr
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="wakaq", description="wakaq: a Redis task queue.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cmd = {}
     for name, (_, text) in _COMMANDS.items():
-        p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("app", metavar="APP", help="your WakaQ, as module:attribute")
-        if name == "info":
-            p.add_argument("--json", action="store_true", help="print one JSON object")
-        if name == "purge":
-            p.add_argument("queue", metavar="QUEUE")
-        if name == "dead":
-            group = p.add_mutually_exclusive_group()
-            group.add_argument("--requeue", action="store_true", help="put them back on their queues")
-            group.add_argument("--purge", action="store_true", help="delete them")
+        cmd[name] = sub.add_parser(name, help=text, description=text)
+        cmd[name].add_argument("app", metavar="APP", help="your WakaQ, as module:attribute")
+    cmd["info"].add_argument("--json", action="store_true", help="print one JSON object")
+    cmd["purge"].add_argument("queue", metavar="QUEUE")
+    group = cmd["dead"].add_mutually_exclusive_group()
+    group.add_argument("--requeue", action="store_true", help="put them back on their queues")
+    group.add_argument("--purge", action="store_true", help="delete them")
     args = parser.parse_args(argv)
     sys.path.insert(0, os.getcwd())       # a script's sys.path[0] is its own folder
     try:
