@@ -154,7 +154,7 @@ def r(redis_server):
     if PRIVATE:
         client.flushall()
     else:
-        for pattern in ("wakaq:*", "test:*"):
+        for pattern in ("{wakaq}:*", "test:*"):
             for key in client.scan_iter(pattern):
                 client.delete(key)
     yield client
@@ -255,16 +255,16 @@ def runs(r, key):            # what tasks recorded with rec(key, ...)
 
 
 def dead(r):
-    return _list(r, "wakaq:dead")
+    return _list(r, "{wakaq}:dead")
 
 
 def queue(r, name):
-    return _list(r, f"wakaq:q:{name}")
+    return _list(r, f"{{wakaq}}:q:{name}")
 
 
 def inflight(r):
     """Every worker's in-flight hash: {key: {slot: payload}}."""
-    return {k.decode(): r.hgetall(k) for k in r.scan_iter("wakaq:inflight:*")}
+    return {k.decode(): r.hgetall(k) for k in r.scan_iter("{wakaq}:inflight:*")}
 
 
 def read_file(path):
@@ -308,7 +308,7 @@ def registered_pids(r, max_age):
     (a worker id is HOST.PID.RANDOM)."""
     now = time.time()
     return {int(w.decode().rsplit(".", 2)[1])
-            for w, beat in r.zrange("wakaq:workers", 0, -1, withscores=True)
+            for w, beat in r.zrange("{wakaq}:workers", 0, -1, withscores=True)
             if now - beat <= max_age}
 
 
@@ -753,7 +753,7 @@ def test_plain_queue_names_rank_below_numbered_ones_and_the_last_is_the_default(
 
 def test_calling_a_task_runs_it_here_and_now(r):
     note("here")
-    assert runs(r, "order") == [["here"]] and r.keys("wakaq:*") == []
+    assert runs(r, "order") == [["here"]] and r.keys("{wakaq}:*") == []
 
 
 def test_delay_returns_a_str_id_and_pushes_onto_the_task_queue(r):
@@ -781,9 +781,9 @@ def test_eta_puts_the_task_in_the_delayed_set_at_its_due_time(r):
     add.delay(2, 2, eta=timedelta(seconds=30))
     add.delay(3, 3, eta=datetime(2030, 1, 1, 12, 0))                # naive = UTC
     add.delay(4, 4, eta=datetime(2030, 1, 1, 14, 0, tzinfo=timezone(timedelta(hours=2))))
-    assert r.llen("wakaq:q:default") == 0
+    assert r.llen("{wakaq}:q:default") == 0
     scores = {tuple(json.loads(p)["args"]): s
-              for p, s in r.zrange("wakaq:eta:default", 0, -1, withscores=True)}
+              for p, s in r.zrange("{wakaq}:eta:default", 0, -1, withscores=True)}
     assert scores[(1, 1)] == pytest.approx(now + 60, abs=2)
     assert scores[(2, 2)] == pytest.approx(now + 30, abs=2)
     noon_utc = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc).timestamp()
@@ -796,7 +796,7 @@ def test_two_identical_delayed_calls_are_two_tasks(r):
     assert [m["id"] for m in queue(r, "default")] == [first, second]
     add.delay(1, 2, eta=10)
     add.delay(1, 2, eta=10)
-    assert r.zcard("wakaq:eta:default") == 2
+    assert r.zcard("{wakaq}:eta:default") == 2
 
 
 def test_delay_many_enqueues_every_call_and_returns_their_ids(r):
@@ -818,7 +818,7 @@ def test_delay_with_an_unserializable_argument_raises_and_enqueues_nothing(r):
     for bad in ({1: "json would make this key a str"}, {"__wakaq__": "our tag"}, circular):
         with pytest.raises(TypeError):
             add.delay(bad, 1)
-    assert r.keys("wakaq:*") == []
+    assert r.keys("{wakaq}:*") == []
 
 
 def test_eager_delay_runs_the_task_inline_and_touches_no_queue(r):
@@ -826,12 +826,12 @@ def test_eager_delay_runs_the_task_inline_and_touches_no_queue(r):
     assert isinstance(task_id, str)
     assert runs(r, "eager") == [[5, os.getpid()]]
     assert eager_add.broadcast(1, 1) == 1
-    assert r.keys("wakaq:*") == []
+    assert r.keys("{wakaq}:*") == []
 
 
 def test_broadcast_with_no_live_workers_returns_zero(r):
     assert where.broadcast() == 0
-    assert r.keys("wakaq:bcast:*") == []
+    assert r.keys("{wakaq}:bcast:*") == []
 
 
 @slow
@@ -854,7 +854,7 @@ def test_a_delayed_task_runs_in_a_worker_child(r, spawn):
     add.delay(2, 3)
     [[a, b, n, pid, ppid]] = wait_for(lambda: runs(r, "add"), "add to run")
     assert (a, b, n, ppid) == (2, 3, 1, w.pid) and pid != w.pid
-    wait_for(lambda: r.keys("wakaq:q:*") == [] and not any(inflight(r).values()),
+    wait_for(lambda: r.keys("{wakaq}:q:*") == [] and not any(inflight(r).values()),
              "the task to leave Redis")
 
 
@@ -865,7 +865,7 @@ def test_a_due_eta_task_runs_and_a_future_one_waits(r, spawn):
     spawn("worker")
     wait_for(lambda: runs(r, "add"), "the due task to run")
     assert [x[:2] for x in runs(r, "add")] == [[1, 1]]
-    assert r.zcard("wakaq:eta:default") == 1
+    assert r.zcard("{wakaq}:eta:default") == 1
 
 
 @slow
@@ -931,7 +931,7 @@ def test_an_ordinary_exception_is_logged_with_traceback_and_not_retried(r, spawn
     add.delay(1, 1)
     wait_for(lambda: runs(r, "add"), "the next task")
     assert runs(r, "boom") == [[1]]
-    assert dead(r) == [] and r.llen("wakaq:q:default") == 0
+    assert dead(r) == [] and r.llen("{wakaq}:q:default") == 0
     assert "Traceback (most recent call last)" in w.log()
     assert re.search(r"task=boom.*task boom raised", w.log())
 
@@ -941,7 +941,7 @@ def test_kill_9_of_a_child_mid_task_retries_the_task_in_a_new_child(r, spawn):
     w = spawn("worker")
     sleeps_on_first_attempt.delay()
     [[n, pid, _]] = wait_for(lambda: runs(r, "attempts"), "the first attempt")
-    assert n == 1 and r.llen("wakaq:q:default") == 0
+    assert n == 1 and r.llen("{wakaq}:q:default") == 0
     [running] = inflight(r).values()                 # in Redis until its attempt ends
     assert [json.loads(p)["name"] for p in running.values()] == ["sleeps_on_first_attempt"]
     os.kill(pid, signal.SIGKILL)
@@ -1030,7 +1030,7 @@ def test_memory_guard_stops_the_biggest_child_after_its_task_and_forks_none_whil
         note.delay("while high")
         deadline = time.monotonic() + 2                # no replacement while memory is high
         while time.monotonic() < deadline:
-            assert children(w.pid) == [] and r.llen("wakaq:q:default") == 1
+            assert children(w.pid) == [] and r.llen("{wakaq}:q:default") == 1
             time.sleep(0.05)
         assert runs(r, "order") == [] and w.alive()
     finally:
@@ -1076,7 +1076,7 @@ def test_sigterm_lets_running_tasks_finish_and_exits_zero(r, spawn, sig):
     assert runs(r, "finished") == [["running"]]
     assert runs(r, "add") == []
     assert [m["args"] for m in queue(r, "default")] == [[1, 1], [2, 2]]
-    assert r.zcard("wakaq:workers") == 0
+    assert r.zcard("{wakaq}:workers") == 0
 
 
 @slow
@@ -1121,8 +1121,8 @@ def test_unknown_task_is_dead_lettered_and_the_worker_carries_on(r, spawn):
     w = spawn("worker")
     raw = json.dumps({"id": "x1", "name": "no_such_task", "queue": "default", "retry": 0,
                       "args": [], "kwargs": {}})
-    r.rpush("wakaq:q:default", raw)
-    r.rpush("wakaq:wake:default", 1)
+    r.rpush("{wakaq}:q:default", raw)
+    r.rpush("{wakaq}:wake:default", 1)
     add.delay(1, 1)
     wait_for(lambda: runs(r, "add"), "the next task to run")
     [entry] = dead(r)
@@ -1169,10 +1169,10 @@ def test_two_schedulers_enqueue_each_tick_exactly_once(r, spawn, log_file):
     started = time.time()
     spawn("scheduler", "sched_app")
     spawn("scheduler", "sched_app")
-    wait_for(lambda: r.llen("wakaq:q:default") >= 4, "four ticks", 20)
+    wait_for(lambda: r.llen("{wakaq}:q:default") >= 4, "four ticks", 20)
     pipe = r.pipeline(transaction=True)                 # one atomic snapshot
-    pipe.lrange("wakaq:q:default", 0, -1)
-    pipe.keys("wakaq:cron:*")
+    pipe.lrange("{wakaq}:q:default", 0, -1)
+    pipe.keys("{wakaq}:cron:*")
     ticks, locks = pipe.execute()
     elapsed = time.time() - started
     assert {json.loads(m)["name"] for m in ticks} == {"tick"}
@@ -1218,7 +1218,7 @@ def test_info_json_reports_queues_inflight_dead_and_workers(r):
     add.delay(1, 1)
     add.delay(2, 2)
     add.delay(3, 3, queue="high", eta=60)
-    r.rpush("wakaq:dead", wakaq._dead_entry("{}", None, "bad payload"))
+    r.rpush("{wakaq}:dead", wakaq._dead_entry("{}", None, "bad payload"))
     out = cli("info", "test_wakaq:app", "--json")
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
@@ -1235,16 +1235,16 @@ def test_purge_prints_pending_plus_delayed_and_empties_both(r):
     add.delay(4, 4, queue="high")
     out = cli("purge", "test_wakaq:app", "default")
     assert (out.returncode, out.stdout.strip()) == (0, "3")
-    assert r.llen("wakaq:q:default") == 0 and r.zcard("wakaq:eta:default") == 0
-    assert r.llen("wakaq:q:high") == 1
+    assert r.llen("{wakaq}:q:default") == 0 and r.zcard("{wakaq}:eta:default") == 0
+    assert r.llen("{wakaq}:q:high") == 1
 
 
 def _make_dead(r, reason="soft timeout", retry=1, queue_name="default"):
     add.delay(5, 6, queue=queue_name)
-    raw = r.lpop(f"wakaq:q:{queue_name}")
+    raw = r.lpop(f"{{wakaq}}:q:{queue_name}")
     msg = json.loads(raw)
     msg["retry"] = retry
-    r.rpush("wakaq:dead", wakaq._dead_entry(json.dumps(msg), msg, reason))
+    r.rpush("{wakaq}:dead", wakaq._dead_entry(json.dumps(msg), msg, reason))
     return msg["id"]
 
 
@@ -1261,7 +1261,7 @@ def test_dead_requeue_puts_tasks_back_on_their_queue(r):
     high_id = _make_dead(r, "hard timeout", queue_name="high")
     out = cli("dead", "test_wakaq:app", "--requeue")
     assert out.returncode == 0
-    assert r.llen("wakaq:dead") == 0
+    assert r.llen("{wakaq}:dead") == 0
     [msg] = queue(r, "default")
     assert (msg["id"], msg["name"], msg["args"]) == (task_id, "add", [5, 6])
     assert [m["id"] for m in queue(r, "high")] == [high_id]
@@ -1271,7 +1271,7 @@ def test_dead_purge_deletes_them(r):
     _make_dead(r)
     _make_dead(r, "hard timeout")
     assert cli("dead", "test_wakaq:app", "--purge").returncode == 0
-    assert r.llen("wakaq:dead") == 0 and r.llen("wakaq:q:default") == 0
+    assert r.llen("{wakaq}:dead") == 0 and r.llen("{wakaq}:q:default") == 0
 
 
 # ===================================================================== chaos, deploy and bad input: helpers
@@ -1395,7 +1395,7 @@ def test_chaos_kills_restarts_and_disconnects_lose_nothing(r, redis_server, spaw
         complete = (done_ids(r) | dead_myids) >= set(expected)
         left = leftovers(r, chaos_app)
         long_dead = {w.decode() for w in r.zrangebyscore(
-            "wakaq:workers", "-inf", time.time() - 3 * chaos_app.heartbeat_timeout - 5)}
+            "{wakaq}:workers", "-inf", time.time() - 3 * chaos_app.heartbeat_timeout - 5)}
         if any(k.rpartition(":")[2] in long_dead for k in left):
             raise AssertionError("a dead worker's in-flight tasks were not taken back\n"
                                  + diag())
@@ -1445,7 +1445,7 @@ def test_chaos_kills_restarts_and_disconnects_lose_nothing(r, redis_server, spaw
     assert replacement.alive(), "the replacement worker exited\n" + spawn.tails()
     wait_for(lambda: registered_pids(r, float("inf")) ==
              registered_pids(r, chaos_app.heartbeat_timeout) == {survivor.pid, replacement.pid},
-             "wakaq:workers to list exactly the survivor and the replacement, "
+             "{wakaq}:workers to list exactly the survivor and the replacement, "
              "the killed worker taken back", 15, diag=diag)
     logs = "".join(p.log() for p in spawn)
     print(f"worker logs: {logs.count('task released (worker died)')} tasks released after "
@@ -1547,8 +1547,8 @@ def bad_worker(r, spawn):
 def test_bad_payload_is_dead_lettered_and_worker_carries_on(r, spawn, bad_worker, kind):
     proc, child_pid = bad_worker
     raw, reason = BAD_PAYLOADS[kind]
-    r.rpush("wakaq:q:default", raw)                 # straight onto the list, no wake-up token
-    wait_for(lambda: r.llen("wakaq:dead") >= 1, f"the {kind} payload dead-lettered",
+    r.rpush("{wakaq}:q:default", raw)                 # straight onto the list, no wake-up token
+    wait_for(lambda: r.llen("{wakaq}:dead") >= 1, f"the {kind} payload dead-lettered",
              diag=spawn.tails)
     checkin.delay("after")
     wait_for(lambda: "after" in done_ids(r), "the next good task", diag=spawn.tails)

@@ -74,7 +74,6 @@ __all__ = ["WakaQ", "Queue", "CronTask", "Task", "SoftTimeout", "current_task", 
 
 log = logging.getLogger("wakaq")
 
-PREFIX = "wakaq"
 WAKE_TOKENS = 1000        # wake-up tokens kept per queue at most
 DUE_BATCH = 1000          # delayed payloads moved per script call (bounded command time)
 BULK_CHUNK = 1000         # payloads per command in delay_many()
@@ -309,8 +308,7 @@ class Queue:
         self.max_retries = _count(max_retries, f"max_retries of queue {name!r}")
         self.soft_timeout = _seconds(soft_timeout, f"soft_timeout of queue {name!r}")
         self.hard_timeout = _seconds(hard_timeout, f"hard_timeout of queue {name!r}")
-        self.key, self.eta_key, self.wake_key = (f"{PREFIX}:{k}:{name}"
-                                                 for k in ("q", "eta", "wake"))
+        self.key = self.eta_key = self.wake_key = None      # set by the app (its prefix)
 
 
 def _coerce_queue(q):
@@ -388,7 +386,9 @@ class WakaQ:
                  soft_timeout=None, hard_timeout=None, max_retries=None, max_mem_percent=None,
                  max_tasks_per_worker=None, heartbeat_timeout=60, schedules=(), timezone=None,
                  eager=False, worker_log_file=None, scheduler_log_file=None,
-                 worker_log_level=logging.INFO, scheduler_log_level=logging.INFO):
+                 worker_log_level=logging.INFO, scheduler_log_level=logging.INFO,
+                 prefix="wakaq", async_concurrency=0, retry_backoff=None, wait_timeout=None,
+                 socket_timeout=None, socket_connect_timeout=None, health_check_interval=0):
         if isinstance(queues, (str, Queue)) or not queues:
             raise TypeError(f"queues must be a non-empty list, got {queues!r}")
         qs = [_coerce_queue(q) for q in queues]
@@ -448,7 +448,12 @@ class WakaQ:
         self.tasks = {}
         self._hooks = {"after_worker_started": [], "before_task_started": [],
                        "after_task_finished": [], "wrap_tasks_with": []}
-        self.dead_key, self.workers_key = f"{PREFIX}:dead", f"{PREFIX}:workers"
+        if not isinstance(prefix, str) or not _QUEUE_NAME.match(prefix):
+            raise ValueError(f"prefix must be letters, digits, _ . or -, got {prefix!r}")
+        self.prefix = prefix
+        for q in self.queues:
+            q.key, q.eta_key, q.wake_key = (self._k(k, q.name) for k in ("q", "eta", "wake"))
+        self.dead_key, self.workers_key = self._k("dead"), self._k("workers")
         self._redis, self._redis_pid = None, None
 
     def task(self, fn=None, *, name=None, queue=None, max_retries=None, soft_timeout=None,
@@ -479,6 +484,11 @@ class WakaQ:
     after_task_finished = _hook("after_task_finished")
     wrap_tasks_with = _hook("wrap_tasks_with")                 # wrapper(fn, args, kwargs)
     del _hook
+
+    def _k(self, *parts):
+        """A Redis key of this app: "{prefix}:part:part". The hash tag {prefix} puts every
+        key of the app in one Redis Cluster slot, so each script's keys share a node."""
+        return "{%s}:%s" % (self.prefix, ":".join(parts))
 
     def _queue(self, name):
         if isinstance(name, Queue):
@@ -548,7 +558,7 @@ class WakaQ:
             self._run_task(task, list(args), kwargs)
             return 1
         return _BROADCAST(self._conn, [self.workers_key],
-                          [time.time() - self.heartbeat_timeout, raw, PREFIX])
+                          [time.time() - self.heartbeat_timeout, raw, "{%s}" % self.prefix])
 
     def _run_task(self, task, args, kwargs, soft_deadline=None):
         """Run a task with the hooks. `async def` tasks run to completion here, with the
@@ -914,8 +924,8 @@ class _Worker:
     def __init__(self, app):
         self.app = app
         self.wid = f"{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
-        self.inflight_key = f"{PREFIX}:inflight:{self.wid}"
-        self.bcast_key, self.wake_key = f"{PREFIX}:bcast:{self.wid}", f"{PREFIX}:wake:{self.wid}"
+        self.inflight_key = app._k("inflight", self.wid)
+        self.bcast_key, self.wake_key = app._k("bcast", self.wid), app._k("wake", self.wid)
         n = app.concurrency
         self.slots = [None] * n           # slot -> _Child, or None
         self.unreleased = {}              # slot -> reason: a dead child's task to release
@@ -1098,7 +1108,7 @@ class _Worker:
             wid = wid.decode()
             if wid == self.wid:       # we were cut off from Redis for a while: still alive
                 continue
-            keys = [self.app.workers_key] + [f"{PREFIX}:{k}:{wid}" for k in
+            keys = [self.app.workers_key] + [self.app._k(k, wid) for k in
                                              ("inflight", "bcast", "wake")] + [self.inflight_key]
             count = _ADOPT(self.r, keys, [wid, cutoff])
             if count is not None:
@@ -1324,7 +1334,7 @@ def _run_scheduler(app, stop):
                 digest = hashlib.sha1(json.dumps([cron.schedule, cron.task_name, q.name,
                                                   cron.args, cron.kwargs], sort_keys=True,
                                                  default=str).encode()).hexdigest()[:16]
-                lock = f"{PREFIX}:cron:{digest}:{int(fire.timestamp())}"
+                lock = app._k("cron", digest, str(int(fire.timestamp())))
                 if _CRON(r, [lock, q.key, q.wake_key], [raw, 2 * CRON_CATCH_UP]):
                     log.info("enqueued %s for %s", cron.task_name, fire.isoformat())
             last = now
@@ -1364,7 +1374,7 @@ def _cmd_info(app, args):
     counts = pipe.execute()
     pipe = r.pipeline(transaction=False)
     for wid in r.zrange(app.workers_key, 0, -1):      # live, and dead not yet adopted
-        pipe.hlen(f"{PREFIX}:inflight:{wid.decode()}")
+        pipe.hlen(app._k("inflight", wid.decode()))
     info = {"queues": {q.name: {"priority": app._priority[q.name], "pending": counts[2 * i],
                                 "delayed": counts[2 * i + 1]} for i, q in enumerate(app.queues)},
             "inflight": sum(pipe.execute()), "dead": counts[-2], "workers": counts[-1]}
