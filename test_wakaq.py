@@ -216,14 +216,16 @@ class Proc:
 
 
 class Procs(list):
-    """spawn("worker", "app") starts `python wakaq.py worker test_wakaq:app`."""
+    """spawn("worker", "app") starts `python wakaq.py worker test_wakaq:app`; an app name
+    with a colon ("test_delivery:app") is used as it is."""
 
     def __init__(self, folder):
         super().__init__()
         self.folder = folder
 
     def __call__(self, command, app_name="app", *extra):
-        p = Proc([command, f"test_wakaq:{app_name}", *extra], self.folder)
+        spec = app_name if ":" in app_name else f"test_wakaq:{app_name}"
+        p = Proc([command, spec, *extra], self.folder)
         self.append(p)
         return p
 
