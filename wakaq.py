@@ -47,6 +47,7 @@ import base64
 import collections
 import contextvars
 import decimal
+import functools
 import gc
 import hashlib
 import itertools
@@ -294,15 +295,17 @@ _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 class Queue:
-    """A named list of tasks. Lower priority number = served first."""
+    """A named list of tasks. Lower priority number = served first. `prefix` is the
+    original WakaQ's key prefix for this queue (its keys prefix:NAME), read by `migrate`."""
 
     __slots__ = ("name", "priority", "max_retries", "soft_timeout", "hard_timeout",
-                 "key", "eta_key", "wake_key")
+                 "key", "eta_key", "wake_key", "prefix")
 
     def __init__(self, name, priority=None, max_retries=None, soft_timeout=None,
-                 hard_timeout=None):
+                 hard_timeout=None, prefix="wakaq"):
         if not isinstance(name, str) or not _QUEUE_NAME.match(name):
             raise ValueError(f"queue name must be letters, digits, _ . or -, got {name!r}")
+        self.prefix = re.sub(r"[^A-Za-z0-9_.\-]", "", prefix or "wakaq")   # as the original did
         self.name = name
         self.priority = _count(priority, f"priority of queue {name!r}", minimum=-2**31)
         self.max_retries = _count(max_retries, f"max_retries of queue {name!r}")
@@ -316,8 +319,8 @@ def _coerce_queue(q):
         return q
     if isinstance(q, str):
         return Queue(q)
-    if isinstance(q, (tuple, list)) and len(q) == 2:
-        return Queue(q[1], priority=q[0])
+    if isinstance(q, (tuple, list)) and len(q) == 2:    # the original's (name, priority) too
+        return Queue(*q) if isinstance(q[0], str) else Queue(q[1], priority=q[0])
     raise TypeError(f"a queue is a Queue, a (priority, name) tuple or a name, got {q!r}")
 
 
@@ -344,13 +347,13 @@ class Task:
     """A registered task: call it to run here and now, .delay() to enqueue it."""
 
     def __init__(self, app, fn, name, queue, max_retries, soft_timeout, hard_timeout):
+        functools.update_wrapper(self, fn)      # __name__, __qualname__, __module__, __doc__
         self.app, self.fn, self.name = app, fn, name
         self.queue = app._queue(queue) if queue is not None else None
         self.max_retries = _count(max_retries, f"max_retries of task {name!r}")
         self.soft_timeout = _seconds(soft_timeout, f"soft_timeout of task {name!r}")
         self.hard_timeout = _seconds(hard_timeout, f"hard_timeout of task {name!r}")
         _check_timeouts(_limits_for(app, self, self.queue or app.default_queue), f"task {name!r}")
-        self.__doc__, self.__wrapped__ = fn.__doc__, fn
         self._json_name = json.dumps(name)
 
     def __call__(self, *args, **kwargs):
@@ -431,10 +434,11 @@ class WakaQ:
             self.tz = ZoneInfo(timezone or "UTC")
         except (ValueError, KeyError, OSError) as e:   # ZoneInfoNotFoundError is a KeyError
             raise ValueError(f"unknown timezone {timezone!r}: {e}") from None
-        self.schedules = list(schedules)
+        self.schedules = [CronTask(*c[:2], None, *c[2:]) if isinstance(c, (tuple, list))
+                          and len(c) in (2, 4) else c for c in schedules]  # the original's tuples
         for cron in self.schedules:
             if not isinstance(cron, CronTask):
-                raise TypeError(f"schedules holds CronTask objects, got {cron!r}")
+                raise TypeError(f"schedules holds CronTask objects or tuples, got {cron!r}")
             if cron.queue is not None:
                 self._queue(cron.queue)
         self.eager = bool(eager)
@@ -469,7 +473,9 @@ class WakaQ:
         return register(fn) if fn is not None else register
 
     def _hook(kind):
-        def decorator(self, fn):
+        def decorator(self, fn=None):               # @app.hook and @app.hook()
+            if fn is None:
+                return lambda fn: decorator(self, fn)
             if kind == "wrap_tasks_with" and self._hooks[kind]:
                 raise ValueError(f"wrap_tasks_with is already {self._hooks[kind][0]!r}; "
                                  "compose your wrappers in one function")
@@ -1427,11 +1433,69 @@ def _cmd_dead(app, args):
     return 0
 
 
+# KEYS: an original list or zset (ARGV[1] 'list' or 'zset'), our queue, eta, ready, wake, dead.
+# Per (raw, due, payload) in ARGV[4..]: if raw is still in KEYS[1], remove it (once) and push
+# payload: due '' onto our queue (ready rank ARGV[2], name ARGV[3]), 'dead' dead, else eta at due.
+_MIGRATE = _Script("""
+local n, ready = 0, 0
+for i = 4, #ARGV, 3 do
+  if (ARGV[1] == 'list' and redis.call('LREM', KEYS[1], 1, ARGV[i])
+      or redis.call('ZREM', KEYS[1], ARGV[i])) == 1 then
+    n = n + 1
+    if ARGV[i + 1] == '' then redis.call('RPUSH', KEYS[2], ARGV[i + 2]); ready = ready + 1
+    elseif ARGV[i + 1] == 'dead' then redis.call('RPUSH', KEYS[6], ARGV[i + 2])
+    else redis.call('ZADD', KEYS[3], ARGV[i + 1], ARGV[i + 2]) end
+  end
+end
+if ready > 0 then redis.call('ZADD', KEYS[4], ARGV[2], ARGV[3]); wake(KEYS[5], ready) end
+return n
+""")
+_ORIGINAL = {"Decimal": lambda d: decimal.Decimal(d["value"]), "date": lambda d: date(
+    d["year"], d["month"], d["day"]), "bytes": lambda d: base64.b64decode(d["value"]),
+    "timedelta": lambda d: timedelta(**d["kwargs"]),
+    "datetime": lambda d: datetime(**{k: v for k, v in d.items() if k != "__class__"})}
+
+
+def _from_original(raw, app, queue):
+    """One of the original WakaQ's payloads as ours; raises one of _BAD_PAYLOAD."""
+    msg = json.loads(raw, object_hook=lambda d: _ORIGINAL[d["__class__"]](d)
+                     if d.get("__class__") in _ORIGINAL else d)
+    name, args, kwargs, retry = msg["name"], msg["args"], msg["kwargs"], msg.get("retry") or 0
+    if not isinstance(name, str) or (type(args), type(kwargs), type(retry)) != (list, dict, int):
+        raise ValueError("need name, args, kwargs")
+    task = app.tasks.get(name) or type("", (), {"name": name, "_json_name": json.dumps(name)})
+    return app._payload(task, args, kwargs, queue)[1].replace('"retry":0,', f'"retry":{retry},', 1)
+
+
+def _cmd_migrate(app, args):
+    """Move the original's tasks (lists P:Q, zsets P:eta:Q) to ours, each removed and pushed
+    by one script: none moved twice or lost. Unknown task names are moved too."""
+    r, moved = app.redis, 0
+    for q, kind in itertools.product(app.queues, ("list", "zset")):
+        key = f"{q.prefix}:{q.name}" if kind == "list" else f"{q.prefix}:eta:{q.name}"
+        keys = [key] + [app._k(*k) for k in (("q", q.name), ("eta", q.name), ("ready",),
+                                             ("wake", q.name), ("dead",))]
+        for _ in range(0, r.llen(key) if kind == "list" else r.zcard(key), 100):  # not newer
+            argv = [kind, app._rank(q), q.name]
+            for raw, due in (r.zrange(key, 0, 99, withscores=True) if kind == "zset"
+                             else [(b, "") for b in r.lrange(key, 0, 99)]):
+                try:
+                    argv += [raw, due and repr(due), _from_original(raw, app, q)]
+                except _BAD_PAYLOAD as e:
+                    argv += [raw, "dead", _dead_entry(raw, {"id": _new_id(), "queue": q.name},
+                                                      f"bad payload from the original WakaQ: {e}")]
+            moved += _MIGRATE(r, keys, argv)
+    print(f"moved {moved} task(s) from the original WakaQ")
+    return 0
+
+
 _COMMANDS = {"worker": (_cmd_worker, "run a worker: a parent that forks `concurrency` children"),
              "scheduler": (_cmd_scheduler, "enqueue the app's CronTasks on time"),
              "info": (_cmd_info, "show queues, in-flight and dead tasks, live workers"),
              "purge": (_cmd_purge, "delete a queue's pending and delayed tasks"),
-             "dead": (_cmd_dead, "list, requeue or delete dead-lettered tasks")}
+             "dead": (_cmd_dead, "list, requeue or delete dead-lettered tasks"),
+             "migrate": (_cmd_migrate, "move the original WakaQ's pending and delayed tasks "
+                         "into this library's queues")}
 
 
 def main(argv=None):
