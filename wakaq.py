@@ -1433,9 +1433,10 @@ def _cmd_dead(app, args):
     return 0
 
 
-# KEYS: an original list or zset (ARGV[1] 'list' or 'zset'), our queue, eta, ready, wake, dead.
-# Per (raw, due, payload) in ARGV[4..]: if raw is still in KEYS[1], remove it (once) and push
-# payload: due '' onto our queue (ready rank ARGV[2], name ARGV[3]), 'dead' dead, else eta at due.
+# KEYS: an original list or zset (ARGV[1] 'list' or 'zset'), then our queue, wake, ready, eta,
+# due (as _ENQUEUE), dead. Per (raw, due, payload) in ARGV[4..]: if raw is still in KEYS[1],
+# remove it (once) and push payload: due '' onto our queue (rank ARGV[2], name ARGV[3]),
+# 'dead' onto the dead list, else into the delayed set at due.
 _MIGRATE = _Script("""
 local n, ready = 0, 0
 for i = 4, #ARGV, 3 do
@@ -1443,11 +1444,12 @@ for i = 4, #ARGV, 3 do
       or redis.call('ZREM', KEYS[1], ARGV[i])) == 1 then
     n = n + 1
     if ARGV[i + 1] == '' then redis.call('RPUSH', KEYS[2], ARGV[i + 2]); ready = ready + 1
-    elseif ARGV[i + 1] == 'dead' then redis.call('RPUSH', KEYS[6], ARGV[i + 2])
-    else redis.call('ZADD', KEYS[3], ARGV[i + 1], ARGV[i + 2]) end
+    elseif ARGV[i + 1] == 'dead' then redis.call('RPUSH', KEYS[7], ARGV[i + 2])
+    else later(KEYS[5], KEYS[6], ARGV[2] .. ':' .. ARGV[3], tonumber(ARGV[i + 1]),
+               ARGV[i + 2], KEYS[3]) end
   end
 end
-if ready > 0 then redis.call('ZADD', KEYS[4], ARGV[2], ARGV[3]); wake(KEYS[5], ready) end
+if ready > 0 then redis.call('ZADD', KEYS[4], ARGV[2], ARGV[3]); wake(KEYS[3], ready) end
 return n
 """)
 _ORIGINAL = {"Decimal": lambda d: decimal.Decimal(d["value"]), "date": lambda d: date(
@@ -1473,8 +1475,7 @@ def _cmd_migrate(app, args):
     r, moved = app.redis, 0
     for q, kind in itertools.product(app.queues, ("list", "zset")):
         key = f"{q.prefix}:{q.name}" if kind == "list" else f"{q.prefix}:eta:{q.name}"
-        keys = [key] + [app._k(*k) for k in (("q", q.name), ("eta", q.name), ("ready",),
-                                             ("wake", q.name), ("dead",))]
+        keys = [key, q.key, q.wake_key, app._k("ready"), q.eta_key, app._k("due"), app._k("dead")]
         for _ in range(0, r.llen(key) if kind == "list" else r.zcard(key), 100):  # not newer
             argv = [kind, app._rank(q), q.name]
             for raw, due in (r.zrange(key, 0, 99, withscores=True) if kind == "zset"
