@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from test_wakaq import (PRIVATE, URL, Proc, _retrying, cli, current_task, r,  # noqa: F401
+from test_wakaq import (URL, Proc, _retrying, cli, current_task, r,  # noqa: F401
                         redis_server, rec, runs, slow, spawn, wait_for, workers_ready)
 from wakaq import CronTask, Queue, Task, WakaQ
 
