@@ -1306,14 +1306,14 @@ class _ChildProcess:
 # ===================================================================== scheduler
 
 def _due(cron, tz, last, now):
-    """(the latest tick of `cron` in (last, now] that is at most CRON_CATCH_UP seconds old, or
-    None; the first tick after now), unix seconds, in zone tz. croniter walks instants: a wall
+    """(the latest tick of `cron` in (last, now], if at most CRON_CATCH_UP (+1) seconds old,
+    else None; the first tick after now), unix seconds, in zone tz. croniter walks instants: a wall
     time that does not exist is one tick just after the gap, an hour repeated when the clocks
     go back is two real hours. On top, cron's rule (cronie, Vixie cron): with a fixed hour the
     repeated wall time is one tick (the first); with `*` or a step in the hour field a wall
     time that does not exist is no tick (croniter would add one after the gap)."""
     star, fire = cron.schedule.split()[1].startswith("*"), None
-    it = croniter(cron.schedule, datetime.fromtimestamp(max(last, now - CRON_CATCH_UP), tz))
+    it = croniter(cron.schedule, datetime.fromtimestamp(max(last, now - CRON_CATCH_UP - 1), tz))
     while (t := it.get_next(datetime)).timestamp() <= now:
         wall, ts = t.replace(tzinfo=None), t.timestamp()
         if not star and t.replace(fold=0).timestamp() != ts:
