@@ -23,7 +23,7 @@ import redis
 
 import wakaq
 from wakaq import CronTask, WakaQ
-from test_wakaq import (REDIS_SERVER, URL, ENV, Procs, RedisServer, _free_port, cli, r,  # noqa: F401
+from test_wakaq import (REDIS_SERVER, URL, ENV, RedisServer, _free_port, cli, r,  # noqa: F401
                         redis_server, slow, spawn, wait_for)
 
 BERLIN, UTC = ZoneInfo("Europe/Berlin"), ZoneInfo("UTC")
@@ -101,7 +101,8 @@ def test_due_follows_cron_when_the_clocks_go_back():
     assert fires("0 * * * *", *night) == [
         "2026-10-25T01:00:00+02:00", "2026-10-25T02:00:00+02:00", "2026-10-25T02:00:00+01:00",
         "2026-10-25T03:00:00+01:00", "2026-10-25T04:00:00+01:00"]
-    assert fires("*/30 2 * * *", *night) == ["2026-10-25T02:00:00+02:00", "2026-10-25T02:30:00+02:00"]
+    assert fires("*/30 2 * * *", *night) == [
+        "2026-10-25T02:00:00+02:00", "2026-10-25T02:30:00+02:00"]
 
 
 def test_due_follows_cron_when_the_clocks_go_forward():
@@ -111,7 +112,8 @@ def test_due_follows_cron_when_the_clocks_go_forward():
         "2026-03-29T01:00:00+01:00", "2026-03-29T03:00:00+02:00", "2026-03-29T04:00:00+02:00",
         "2026-03-29T05:00:00+02:00"]
     # an hour step: 02:15 does not exist and is no tick (croniter alone would add 03:00)
-    assert fires("15 */2 * * *", *night) == ["2026-03-29T00:15:00+01:00", "2026-03-29T04:15:00+02:00"]
+    assert fires("15 */2 * * *", *night) == [
+        "2026-03-29T00:15:00+01:00", "2026-03-29T04:15:00+02:00"]
     ny = ZoneInfo("America/New_York")                  # 09:00 local: 13:00 UTC after the change
     assert wakaq._due(CronTask("0 9 * * *", "x"), ny, at("2024-03-09 09:30", ny),
                       at("2024-03-10 09:00:01", ny))[0] == at("2024-03-10 13:00+00:00")
@@ -140,7 +142,8 @@ def test_a_tick_missed_across_a_restart_is_enqueued_once(r, spawn, schedulers):
     wait_for(lambda: redis_now(r) >= missed + 3, "3 s after the tick", 10)
     second = [spawn("scheduler", "test_scheduler:every10") for _ in range(schedulers)]
     wait_for(lambda: r.llen(QUEUE) > before, "the missed tick", diag=spawn.tails)
-    missed_iso, next_iso = (datetime.fromtimestamp(t, UTC).isoformat() for t in (missed, missed + 10))
+    missed_iso, next_iso = (datetime.fromtimestamp(t, UTC).isoformat()
+                            for t in (missed, missed + 10))
     wait_for(lambda: next_iso in [t for _, t in enqueued(*second)], "the next tick", 15,
              diag=spawn.tails)
     ticks = [t for _, t in enqueued(*first, *second)]

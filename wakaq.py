@@ -1306,12 +1306,12 @@ class _ChildProcess:
 # ===================================================================== scheduler
 
 def _due(cron, tz, last, now):
-    """(the latest tick of `cron` in (last, now], if at most CRON_CATCH_UP (+1) seconds old,
-    else None; the first tick after now), unix seconds, in zone tz. croniter walks instants: a wall
-    time that does not exist is one tick just after the gap, an hour repeated when the clocks
-    go back is two real hours. On top, cron's rule (cronie, Vixie cron): with a fixed hour the
-    repeated wall time is one tick (the first); with `*` or a step in the hour field a wall
-    time that does not exist is no tick (croniter would add one after the gap)."""
+    """(the latest tick of `cron` in (last, now] if at most CRON_CATCH_UP (+1) s old, else
+    None; the first tick after now), unix seconds, in zone tz. croniter walks instants: a
+    wall time that does not exist is one tick just after the gap, an hour repeated when the
+    clocks go back is two real hours. On top, cron's rule (cronie, Vixie cron): with a fixed
+    hour the repeated wall time is one tick (the first); with `*` or a step in the hour
+    field a wall time that does not exist is no tick (croniter would add one after the gap)."""
     star, fire = cron.schedule.split()[1].startswith("*"), None
     it = croniter(cron.schedule, datetime.fromtimestamp(max(last, now - CRON_CATCH_UP - 1), tz))
     while (t := it.get_next(datetime)).timestamp() <= now:
@@ -1336,7 +1336,7 @@ def _run_scheduler(app, stop):
         q = app._queue(cron.queue) if cron.queue else task.queue or app.default_queue
         ident = json.dumps([cron.schedule, cron.task_name, q.name, cron.args, cron.kwargs],
                            sort_keys=True, default=str)
-        crons.append((cron, task, q, app._k("cron", hashlib.sha1(ident.encode()).hexdigest()[:16])))
+        crons.append((cron, task, q, app._k("cron", hashlib.sha1(ident.encode()).hexdigest())))
     if not crons:
         log.warning("the app has no schedules; the scheduler exits")
         return
