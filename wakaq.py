@@ -82,7 +82,7 @@ BULK_CHUNK = 1000         # payloads per command in delay_many()
 TICK = 0.1                # worker parent loop period, seconds
 IDLE_WAIT = 5             # default wait_timeout: an idle child's longest BLPOP, seconds
 MAX_BACKOFF = 3600        # retry_backoff waits at most this, seconds
-CRON_CATCH_UP = 1800      # a missed cron tick older than this is skipped; its lock lasts 2x
+CRON_CATCH_UP = 1800      # seconds: a missed cron tick older than this is not enqueued
 
 
 # ===================================================================== errors and helpers
@@ -327,7 +327,10 @@ def _coerce_queue(q):
 
 
 class CronTask:
-    """Enqueue `task_name` on `queue` whenever `schedule` matches (croniter: 5 or 6 fields)."""
+    """Enqueue `task_name` on `queue` whenever `schedule` matches, in the app's timezone. Five
+    fields (minute hour day month weekday), or six: croniter reads seconds from the SIXTH,
+    so "* * * * * */10" is every 10 seconds and "*/10 * * * * *" every second of every
+    tenth minute. Time-zone and missed-tick rules: see _due and _run_scheduler."""
 
     __slots__ = ("schedule", "task_name", "queue", "args", "kwargs")
 
@@ -931,13 +934,15 @@ wake(KEYS[3], 1)
 return 1
 """)
 
-# Enqueue one cron tick once: SET NX lock KEYS[1] (expires ARGV[2] s), then append payload
-# ARGV[1] to queue KEYS[2] and wake KEYS[3]. Several schedulers may race; one wins.
+# Fire cron tick ARGV[1] once: unless record KEYS[1] already holds it or a later one, store it,
+# append payload ARGV[2] to queue KEYS[2], mark it ready (KEYS[3], ARGV[3] ARGV[4]), wake KEYS[4].
 _CRON = _Script("""
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[1])
-redis.call('ZADD', KEYS[4], ARGV[3], ARGV[4])
-wake(KEYS[3], 1)
+local last = tonumber(redis.call('GET', KEYS[1]))
+if last and last >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+wake(KEYS[4], 1)
 return 1
 """)
 
@@ -1651,53 +1656,63 @@ _RUN_TASK_CODE = WakaQ._run_task.__code__
 
 # ===================================================================== scheduler
 
-def _due(schedules, last, now):
-    """(CronTask, fire time) for each schedule with a fire time in (last, now]; a schedule
-    that missed several ticks fires once, for the latest, unless that is over CRON_CATCH_UP
-    seconds old. Times compare as timestamps: wall clocks repeat when DST ends."""
-    due, end = [], now.timestamp()
-    for cron in schedules:
-        it, fire = croniter(cron.schedule, last), None
-        while (nxt := it.get_next(datetime)).timestamp() <= end:
-            fire = nxt
-        if fire and end - fire.timestamp() <= CRON_CATCH_UP:
-            due.append((cron, fire))
-    return due
+def _due(cron, tz, last, now):
+    """(the latest tick of `cron` in (last, now] if at most CRON_CATCH_UP (+1) s old, else
+    None; the first tick after now), unix seconds, in zone tz. croniter walks instants: a
+    wall time that does not exist is one tick just after the gap, an hour repeated when the
+    clocks go back is two real hours. On top, cron's rule (cronie, Vixie cron): with a fixed
+    hour the repeated wall time is one tick (the first); with `*` or a step in the hour
+    field a wall time that does not exist is no tick (croniter would add one after the gap)."""
+    star, fire = cron.schedule.split()[1].startswith("*"), None
+    it = croniter(cron.schedule, datetime.fromtimestamp(max(last, now - CRON_CATCH_UP - 1), tz))
+    while (t := it.get_next(datetime)).timestamp() <= now:
+        wall, ts = t.replace(tzinfo=None), t.timestamp()
+        if not star and t.replace(fold=0).timestamp() != ts:
+            continue
+        if star and datetime.fromtimestamp(ts - 1, tz).utcoffset() != t.utcoffset() and \
+                croniter(cron.schedule, wall - timedelta(seconds=1)).get_next(datetime) != wall:
+            continue
+        fire = int(ts)
+    return fire, t.timestamp()
 
 
 def _run_scheduler(app, stop):
-    """Enqueue each tick exactly once across schedulers; re-read the clock every pass."""
+    """Enqueue each tick once across schedulers and restarts: the last tick fired per
+    schedule lives in Redis ({p}:cron:{digest}); "now" is Redis's clock (TIME)."""
+    crons = []
     for cron in app.schedules:
         if cron.task_name not in app.tasks:
             raise ValueError(f"schedule {cron.schedule!r} names unknown task {cron.task_name!r}")
-    if not app.schedules:
-        log.warning("the app has no schedules; the scheduler has nothing to do")
-    r, outage = app._client(retries=0), _Outage("scheduler")
-    last = datetime.now(app.tz)
-    log.info("scheduler started with %d schedule(s)", len(app.schedules))
+        task = app.tasks[cron.task_name]
+        q = app._queue(cron.queue) if cron.queue else task.queue or app.default_queue
+        ident = json.dumps([cron.schedule, cron.task_name, q.name, cron.args, cron.kwargs],
+                           sort_keys=True, default=str)
+        crons.append((cron, task, q, app._k("cron", hashlib.sha1(ident.encode()).hexdigest())))
+    if not crons:
+        log.warning("the app has no schedules; the scheduler exits")
+        return
+    r, outage, ready = app._client(retries=0), _Outage("scheduler"), app._k("ready")
+    log.info("scheduler started with %d schedule(s)", len(crons))
     while not stop():
-        now = datetime.now(app.tz)
         try:
             outage.ok(r)
-            for cron, fire in _due(app.schedules, last, now):
-                task = app.tasks[cron.task_name]
-                q = app._queue(cron.queue) if cron.queue else task.queue or app.default_queue
-                _, raw = app._payload(task, cron.args, cron.kwargs, q)
-                digest = hashlib.sha1(json.dumps([cron.schedule, cron.task_name, q.name,
-                                                  cron.args, cron.kwargs], sort_keys=True,
-                                                 default=str).encode()).hexdigest()[:16]
-                lock = app._k("cron", digest, str(int(fire.timestamp())))
-                if _CRON(r, [lock, q.key, q.wake_key, app._k("ready")],
-                        [raw, 2 * CRON_CATCH_UP, app._rank(q), q.name]):
-                    log.info("enqueued %s for %s", cron.task_name, fire.isoformat())
-            last = now
-            fires = [croniter(c.schedule, now).get_next(datetime) for c in app.schedules]
-            pause = (min(fires) - datetime.now(app.tz)).total_seconds() if fires else 1.0
+            now, pause = app.redis_time(), 1.0
+            for (cron, task, q, key), last in zip(crons, r.mget([c[3] for c in crons])):
+                if last is None:            # a new schedule starts from now
+                    r.set(key, int(now), nx=True)
+                    continue
+                fire, nxt = _due(cron, app.tz, float(last), now)
+                pause = min(pause, nxt - now)
+                if fire and _CRON(r, [key, q.key, ready, q.wake_key], [fire, app._payload(
+                        task, cron.args, cron.kwargs, q)[1], app._rank(q), q.name]):
+                    log.info("enqueued %s for %s", cron.task_name,
+                             datetime.fromtimestamp(fire, app.tz).isoformat())
         except redis.RedisError as e:
             pause = outage.failed(e)
-        deadline = time.monotonic() + min(max(pause, 0.01), 1.0)
+        deadline = time.monotonic() + max(pause, 0.01)
         while not stop() and time.monotonic() < deadline:
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+    log.info("scheduler stopped")
 
 
 # ===================================================================== command line
