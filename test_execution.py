@@ -512,8 +512,7 @@ def test_a_hard_timeout_charges_only_the_late_async_task_the_others_go_back_unch
     wait_for(lambda: len(runs(r, "once_start")) == 2 and runs(r, "hard_start"),
              "the three tasks to start", 5, diag=lambda: w.log()[-2000:])
     [first_child] = children(w.pid)
-    info = json.loads(cli("info", "test_execution:async_app", "--json").stdout)
-    assert info["inflight"] == 3, info
+    info = json.loads(cli("info", "test_execution:async_app", "--json").stdout)  # checked last
     wait_for(lambda: len(dead_of(r, async_app)) == 1 and len(runs(r, "once_end")) == 2,
              "nap_hard dead-lettered and a, b finished", 15, interval=0.05,
              diag=lambda: f"{runs(r, 'once_start')} {runs(r, 'hard_start')} "
@@ -531,6 +530,7 @@ def test_a_hard_timeout_charges_only_the_late_async_task_the_others_go_back_unch
         assert started[0][1] == first_child and started[1][1] != first_child
         assert ended == [started[1]], f"{tag} ended {ended}"
     assert w.alive()
+    assert info["inflight"] == 3, f"info --json while three tasks ran: {info}"
 
 
 # ===================================================================== case 6
