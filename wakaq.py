@@ -21,11 +21,12 @@ Redis keys. {p} is "{PREFIX}" (default "{wakaq}"): the hash tag puts all of an a
 one Redis Cluster slot, so every script runs on one node. Times are Redis's clock (TIME).
     {p}:q:{queue}       LIST  ready payloads; claims LPOP from the left. Pushed to the right
                               (end): new (.delay), retried, due delayed, cron ticks, requeued
-                              dead letters, migrated (the original's, in order). To the left (front): tasks that a stop (or another
-                              task's hard timeout) interrupted; they keep their retry count.
+                              dead letters, `migrate`d. To the left (front): tasks that a stop
+                              (or another task's hard timeout) interrupted; they keep their
+                              retry count.
     {p}:ready           ZSET  queue name -> rank (0 = served first): the non-empty queues, so a
                               claim costs the same with 1 or 200 queues.
-    {p}:eta:{queue}     ZSET  delayed payloads (eta, retry_backoff), score = due time.
+    {p}:eta:{queue}     ZSET  delayed payloads (eta, retry_backoff, migrate), score = due time.
     {p}:due             ZSET  "RANK:NAME" -> earliest due time in that queue's delayed set; a
                               claim moves what is due (bounded batches) to the end of its queue.
     {p}:wake:{queue}    LIST  wake-up tokens (at most 1,000) that idle children BLPOP; pushes
