@@ -1001,6 +1001,8 @@ def bytes_phase(server, kind, m, size, window, popens):
         while i + 1 - done >= window:
             done = int(r.get("done") or 0)
             polls += 1
+            if i + 1 - done >= window:
+                time.sleep(0.0005)
             if any(p.poll() is not None for p in popens):
                 raise RuntimeError(f"bytes {kind}: a worker exited")
     deadline = time.monotonic() + 120
@@ -1408,7 +1410,15 @@ def main():
                 raise
             except Exception as e:
                 import traceback
-                c["error"], c["error_repeat"] = f"{type(e).__name__}: {e}"[:600], rep
+                tb = traceback.extract_tb(e.__traceback__)
+                mine = [f for f in tb if f.filename.startswith(HERE)]
+                where = f" (at bench {os.path.basename(mine[-1].filename)}:{mine[-1].lineno} " \
+                        f"{mine[-1].line.strip()[:80]!r}" if mine else " ("
+                last = tb[-1] if tb else None
+                where += f"; raised in {os.path.basename(last.filename)}:{last.lineno})" \
+                    if last else ")"
+                c["error"] = (f"{type(e).__name__}: {e}"[:500] + where)
+                c["error_repeat"] = rep
                 c["traceback"] = traceback.format_exc()[-4000:]
                 line = f"ERROR {c['error']}"
             c["seconds"] += perf_counter() - t
