@@ -1,13 +1,18 @@
 #!/usr/bin/env python
 """wakaq benchmark: drain, enqueue, bulk enqueue, pickup latency and memory, each next to
-the floor (a plain redis-py loop) measured in the same run on the same redis-server.
+the floor (a plain redis-py loop) measured in the same run on the same redis-server; and the
+cases of round 2 (async tasks, idle cost, Redis Cluster, log level, many queues, bytes per
+task), each measured in the same run as what it is compared to.
 
-    .venv/bin/python bench/bench.py                 # N=20000, 3 repeats
-    .venv/bin/python bench/bench.py --quick         # N=5000, 1 repeat, < 1 minute
+    .venv/bin/python bench/bench.py                 # every case but scale, 3 repeats
+    .venv/bin/python bench/bench.py --quick         # N=5000, 1 repeat, about 2 minutes
+    .venv/bin/python bench/bench.py --case idle,queues     # only those cases
     .venv/bin/python bench/bench.py --scale         # also the scale scenarios (1M delayed, 100k due)
     .venv/bin/python bench/bench.py --scale-only    # only those
 
-Every repeat starts its own redis-server (free port, `--save '' --appendonly no`), pinned to
+Cases: main async idle cluster loglevel queues bytes (the default) and scale. A case that
+raises (a feature not there yet) is reported as an error and the run goes on.
+Every case starts its own redis-server(s) (free port, `--save '' --appendonly no`), pinned to
 the first CPU with taskset; producer processes are pinned to the last CPU; workers are not
 pinned (like the peer benchmark). Results go to bench/results/bench-<date>-<time>.json.
 See bench/README.md for what each figure means.
@@ -1267,7 +1272,7 @@ def report(main_runs, scale_runs, meta, cases=None):
     P("\ntargets:")
     for label, v, ok in targets:
         P(f"  {'PASS' if ok else 'FAIL'}  {label:<46} {fmt(v, 3 if v is not None and abs(v) < 10 else None)}")
-    every = main_runs + scale_runs + [r for c in cases.values() for r in c["runs"]]
+    every = [r for c in cases.values() for r in c["runs"]] if cases else main_runs + scale_runs
     notes = [f"run {run['repeat']}: {x}" for run in every for x in run["notes"]]
     if notes:
         P("notes: " + "; ".join(notes))
