@@ -408,7 +408,9 @@ def drain(server, kind, n, scratch, tag, sample_interval=0.05, timeout=300, part
     drain that does not finish within `timeout` returns its figures (done < n) instead of
     raising."""
     r = server.r
-    info0 = int(stats(server)["total_commands_processed"])
+    cs0 = stats(server, "commandstats")
+    st0 = stats(server)
+    info0, in0 = int(st0["total_commands_processed"]), st0["total_net_input_bytes"]
     rcpu0 = sum(cpu_seconds(p) for p in server.pids)
     polls = 0
     t0 = perf_counter()
@@ -431,7 +433,11 @@ def drain(server, kind, n, scratch, tag, sample_interval=0.05, timeout=300, part
         time.sleep(0.005)
     wcpu = sum(cpu_seconds(p) for p in tree([p.pid for p in popens]))
     rcpu = sum(cpu_seconds(p) for p in server.pids) - rcpu0
-    info1 = int(stats(server)["total_commands_processed"])
+    st1 = stats(server)
+    info1, in1 = int(st1["total_commands_processed"]), st1["total_net_input_bytes"]
+    cs1 = stats(server, "commandstats")
+    by_cmd = {k.replace("cmdstat_", ""): (cs1[k] - cs0.get(k, 0)) for k in cs1}
+    by_cmd["get"] = by_cmd.get("get", 0) - polls            # the driver's polls
     sampler.sample()
     if t_done is None and partial and t_first is not None and \
             not any(p.poll() is not None for p in popens):
@@ -449,7 +455,10 @@ def drain(server, kind, n, scratch, tag, sample_interval=0.05, timeout=300, part
            "peak_rss_mib": sampler.peak_rss / 1024, "peak_pss_mib": sampler.peak_pss / 1024,
            "procs": sampler.max_procs, "worker_cpu_us_per_task": wcpu / n * 1e6,
            "redis_cpu_us_per_task": rcpu / n * 1e6,
-           "redis_cmds_per_task": (info1 - info0 - polls - len(server.node_clients)) / n}
+           "redis_cmds_per_task": (info1 - info0 - polls - len(server.node_clients)) / n,
+           "redis_in_bytes_per_task": (in1 - in0 - polls * _resp_len("GET", "done")) / n,
+           "redis_cmds_per_task_by_command": {k: v / n for k, v in sorted(
+               by_cmd.items(), key=lambda kv: -kv[1]) if v > 0}}
     return out, popens, sampler
 
 
@@ -1072,6 +1081,11 @@ def fmt(v, digits=None):
     return f"{v:,.{digits}f}"
 
 
+def cmd_split(d, top=8):
+    by = d.get("redis_cmds_per_task_by_command") or {}
+    return ", ".join(f"{k} {v:.2f}" for k, v in list(by.items())[:top])
+
+
 def ge(v, t):
     return v is not None and v >= t
 
@@ -1165,7 +1179,11 @@ def report_cases(cases, meta, P):
               f"{fmt(med(R, f'q{q}.rate_excl_startup'))}); "
               + (f"vs 1 queue {fmt(med(R, f'ratio.q{q}'), 3)} (excl. start-up "
                  f"{fmt(med(R, f'ratio_excl_startup.q{q}'), 3)}); " if q > 1 else "")
-              + f"redis commands/task {fmt(med(R, f'q{q}.redis_cmds_per_task'))}")
+              + f"redis commands/task {fmt(med(R, f'q{q}.redis_cmds_per_task'))}, "
+              f"bytes in/task {fmt(med(R, f'q{q}.redis_in_bytes_per_task'))}, "
+              f"redis CPU us/task {fmt(med(R, f'q{q}.redis_cpu_us_per_task'))}, "
+              f"worker CPU us/task {fmt(med(R, f'q{q}.worker_cpu_us_per_task'))}")
+        P("  commands/task by command, 200 queues (run 1): " + cmd_split(R[0]["q200"]))
         v = med(R, "ratio.q200")
         targets.append(("[queues] 200 queues >= 0.90 x 1 queue", v, ge(v, 0.9)))
 
@@ -1211,10 +1229,14 @@ def report(main_runs, scale_runs, meta, cases=None):
              "raw_drain.redis_cpu_us_per_task", "ratio.redis_cpu"),
             ("redis commands/task (drain)", "drain.redis_cmds_per_task",
              "raw_drain.redis_cmds_per_task", None),
+            ("redis bytes in/task (drain)", "drain.redis_in_bytes_per_task",
+             "raw_drain.redis_in_bytes_per_task", None),
         ]
         for label, ours, floor, ratio in rows:
             P(f"{label:<34}{fmt(med(R, ours)):>12}{fmt(med(R, floor)):>12}"
               f"{fmt(med(R, ratio), 2) if ratio else '':>8}")
+        P("  commands/task by command (run 1, wakaq drain, incl. the task's INCR): " +
+          cmd_split(R[0]["drain"]))
         P(f"{'2 bare redis-py processes RSS MiB':<34}{fmt(med(R, 'bare.rss_mib')):>12}"
           f"   (PSS {fmt(med(R, 'bare.pss_mib'))}); wakaq RSS above them: "
           f"{fmt(med(R, 'rss_above_bare_mib'))} MiB (PSS {fmt(med(R, 'pss_above_bare_mib'))})")
