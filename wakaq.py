@@ -17,25 +17,30 @@ attempt (soft timeout, hard timeout, the child or the whole worker dying) is ret
 at the end of its queue while it has retries left, then dead-lettered with the reason.
 Any other exception is logged with its traceback and the task is done.
 
-Redis keys ({p} = "wakaq"):
-    {p}:q:{queue}       LIST  ready payloads. Children LPOP from the left. Pushed to the
-                              right (end): new (.delay), retried, due delayed, cron ticks,
-                              requeued dead letters. Pushed to the left (front): tasks that
-                              a stop interrupted (they keep their retry count).
-    {p}:eta:{queue}     ZSET  delayed payloads, score = due time (unix seconds, float).
-                              Worker parents move due ones to {p}:q:{queue} in batches.
-    {p}:wake:{queue}    LIST  wake-up tokens (at most 1,000): every push to {p}:q:{queue}
-                              adds one; idle children BLPOP them; a claim that finds all
-                              its queues empty deletes them.
-    {p}:inflight:{wid}  HASH  child slot -> the payload it is running (set in the same
-                              script that pops it). Worker {wid}'s parent releases a dead
-                              child's entry; a live worker adopts a dead worker's hash.
-    {p}:workers         ZSET  worker id -> last heartbeat (unix seconds).
+Redis keys. {p} is "{PREFIX}" (default "{wakaq}"): the hash tag puts all of an app's keys in
+one Redis Cluster slot, so every script runs on one node. Times are Redis's clock (TIME).
+    {p}:q:{queue}       LIST  ready payloads; claims LPOP from the left. Pushed to the right
+                              (end): new (.delay), retried, due delayed, cron ticks, requeued
+                              dead letters. To the left (front): tasks that a stop (or another
+                              task's hard timeout) interrupted; they keep their retry count.
+    {p}:ready           ZSET  queue name -> rank (0 = served first): the non-empty queues, so a
+                              claim costs the same with 1 or 200 queues.
+    {p}:eta:{queue}     ZSET  delayed payloads (eta, retry_backoff), score = due time.
+    {p}:due             ZSET  "RANK:NAME" -> earliest due time in that queue's delayed set; a
+                              claim moves what is due (bounded batches) to the end of its queue.
+    {p}:wake:{queue}    LIST  wake-up tokens (at most 1,000) that idle children BLPOP; pushes
+                              add them; a child deletes stale ones before it waits.
+    {p}:inflight:{wid}  HASH  "S.K" -> the payload child slot S runs in sub-slot K, "S.K:t" ->
+                              its claim token (acks compare it), "S.K:s" -> start time. The parent
+                              releases a dead child's fields; a live worker adopts a dead
+                              worker's hash as "adopted:{wid}:..." fields.
+    {p}:workers         ZSET  worker id (HOST.PID.RANDOM) -> last heartbeat.
     {p}:bcast:{wid}     LIST  broadcast payloads for one worker; claimed before queues.
     {p}:wake:{wid}      LIST  wake-up tokens for that worker's broadcasts.
     {p}:dead            LIST  dead letters: JSON {id, name, queue, attempts, reason, at,
                               payload}, payload = the original payload as a string.
-    {p}:cron:{digest}:{tick}  STRING  SET NX by the scheduler that enqueues that tick.
+    {p}:cron:{digest}   STRING the last tick enqueued for one schedule (unix seconds); compared
+                              and set by the script that pushes it.
 
 Payload: JSON {"id", "name", "queue", "retry", "args", "kwargs"} (+ "bcast": 1);
 retry = failed attempts so far. Values beyond JSON travel as {"__wakaq__": TYPE, "v": ...}.
@@ -1511,15 +1516,25 @@ class _ChildProcess:
     def _on_alarm(self, signum, frame):
         if not self.in_task:
             return                       # the task has ended: drop it
-        f = frame
+        f, outer = frame, None           # outer: the outermost frame of logging or wakaq
         while f is not None and f.f_code is not _RUN_TASK_CODE:
             if f.f_globals is globals() or f.f_globals.get("__name__", "").startswith("logging"):
-                break                    # in wakaq's own code or in logging: not here
+                outer = f
             f = f.f_back
-        if f is None or f is frame or f.f_code is not _RUN_TASK_CODE:
-            signal.setitimer(signal.ITIMER_REAL, 0.01)     # try again when back in the task
-            return
-        raise SoftTimeout(f"soft timeout after {self.soft:g}s")
+        if f is None or f is frame:      # not in the task yet, or between its hooks
+            signal.setitimer(signal.ITIMER_REAL, 0.001)
+        elif outer is None:
+            raise SoftTimeout(f"soft timeout after {self.soft:g}s")
+        else:                            # raise it as `outer` returns into the task's code
+            outer.f_trace = self._on_return
+            sys.settrace(_no_trace)
+
+    def _on_return(self, frame, event, arg):
+        if event != "return":
+            return self._on_return
+        sys.settrace(None)
+        if self.in_task:
+            raise SoftTimeout(f"soft timeout after {self.soft:g}s")
 
     def _call(self, fn):
         """Run a Redis step until it succeeds; outages are logged once, with backoff."""
@@ -1615,6 +1630,7 @@ class _ChildProcess:
                 self.in_task = False
                 if armed:
                     signal.setitimer(signal.ITIMER_REAL, 0)
+                    sys.settrace(None)
         except SoftTimeout:
             outcome = "soft timeout"
         except Exception:
@@ -1652,6 +1668,10 @@ class _ChildProcess:
 
 
 _RUN_TASK_CODE = WakaQ._run_task.__code__
+
+
+def _no_trace(frame, event, arg):
+    """While a soft timeout waits for logging to return: trace no new frame."""
 
 
 # ===================================================================== scheduler
