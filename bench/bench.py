@@ -1,13 +1,18 @@
 #!/usr/bin/env python
 """wakaq benchmark: drain, enqueue, bulk enqueue, pickup latency and memory, each next to
-the floor (a plain redis-py loop) measured in the same run on the same redis-server.
+the floor (a plain redis-py loop) measured in the same run on the same redis-server; and the
+cases of round 2 (async tasks, idle cost, Redis Cluster, log level, many queues, bytes per
+task), each measured in the same run as what it is compared to.
 
-    .venv/bin/python bench/bench.py                 # N=20000, 3 repeats
-    .venv/bin/python bench/bench.py --quick         # N=5000, 1 repeat, < 1 minute
+    .venv/bin/python bench/bench.py                 # every case but scale, 3 repeats
+    .venv/bin/python bench/bench.py --quick         # N=5000, 1 repeat, about 2 minutes
+    .venv/bin/python bench/bench.py --case idle,queues     # only those cases
     .venv/bin/python bench/bench.py --scale         # also the scale scenarios (1M delayed, 100k due)
     .venv/bin/python bench/bench.py --scale-only    # only those
 
-Every repeat starts its own redis-server (free port, `--save '' --appendonly no`), pinned to
+Cases: main async idle cluster loglevel queues bytes (the default) and scale. A case that
+raises (a feature not there yet) is reported as an error and the run goes on.
+Every case starts its own redis-server(s) (free port, `--save '' --appendonly no`), pinned to
 the first CPU with taskset; producer processes are pinned to the last CPU; workers are not
 pinned (like the peer benchmark). Results go to bench/results/bench-<date>-<time>.json.
 See bench/README.md for what each figure means.
@@ -62,7 +67,9 @@ def noop(i):
     counter().incr("done")
 def lat(sent):
     counter().rpush("lat", time.time() - sent)
-TASKS = {"noop": noop, "lat": lat}
+def big(s):
+    counter().incr("done")
+TASKS = {"noop": noop, "lat": lat, "big": big}
 r = redis.Redis(host=HOST, port=PORT)
 while True:
     item = r.blpop([KEY], timeout=1)
@@ -207,10 +214,13 @@ class TreeSampler(threading.Thread):
 
 # ------------------------------------------------------------------ processes
 
-def env_for(port):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+def env_for(port, cluster=False):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PYTHON") and k != "BENCH_CLUSTER"}
     env.update(BENCH_REDIS_HOST="127.0.0.1", BENCH_REDIS_PORT=str(port),
                PYTHONPATH=ROOT + os.pathsep + HERE)
+    if cluster:
+        env["BENCH_CLUSTER"] = "1"
     return env
 
 
@@ -225,11 +235,13 @@ def free_port():
 
 
 class RedisServer:
-    def __init__(self, scratch):
+    cluster = False
+
+    def __init__(self, scratch, extra=()):
         self.port = free_port()
         argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--daemonize", "no", "--dir", scratch,
-                "--logfile", f"redis-{self.port}.log"]
+                "--logfile", f"redis-{self.port}.log"] + list(extra)
         self.proc = subprocess.Popen(pinned(argv, PIN["redis"]), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.pid = self.proc.pid          # taskset execs redis-server: same pid
@@ -243,6 +255,11 @@ class RedisServer:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise RuntimeError("redis-server did not start")
                 time.sleep(0.02)
+        self.pids, self.node_clients = [self.pid], [self.r]
+
+    def flushall(self):
+        for c in self.node_clients:
+            c.flushall()
 
     def stop(self):
         self.r.close()
@@ -253,6 +270,65 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class RedisClusterServers:
+    """A local Redis Cluster of `masters` redis-servers (no replicas), each pinned like the
+    single server; created with `redis-cli --cluster create ... --cluster-yes`. `.r` is a
+    redis.cluster.RedisCluster client, `.port` the first node (the one the workers are given)."""
+    cluster = True
+
+    def __init__(self, scratch, masters=3):
+        self.nodes = []
+        try:
+            for _ in range(masters):
+                self.nodes.append(RedisServer(scratch, [
+                    "--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+                    "--cluster-config-file", f"nodes-{os.urandom(6).hex()}.conf",
+                    "--cluster-node-timeout", "5000"]))
+            addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
+            out = subprocess.run(["redis-cli", "--cluster", "create", *addrs, "--cluster-yes"],
+                                 capture_output=True, text=True, timeout=60,
+                                 stdin=subprocess.DEVNULL)
+            if out.returncode:
+                raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout[-800:]}"
+                                   f"{out.stderr[-800:]}")
+            deadline = time.monotonic() + 30
+            while not all(n.r.cluster("info").get("cluster_state") == "ok" and
+                          len(n.r.cluster("nodes")) == masters for n in self.nodes):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the cluster did not reach cluster_state:ok in 30 s")
+                time.sleep(0.1)
+            self.port = self.nodes[0].port
+            self.r = redis.cluster.RedisCluster(host="127.0.0.1", port=self.port)
+            self.pids = [n.pid for n in self.nodes]
+            self.node_clients = [n.r for n in self.nodes]
+        except BaseException:
+            self.stop()
+            raise
+
+    def flushall(self):
+        for c in self.node_clients:
+            c.flushall()
+
+    def stop(self):
+        r = getattr(self, "r", None)
+        if r is not None:
+            r.close()
+        for n in self.nodes:
+            n.stop()
+
+
+def stats(server, section="stats"):
+    """INFO `section` summed over the server's nodes (numbers only)."""
+    tot = {}
+    for c in server.node_clients:
+        for k, v in c.info(section).items():
+            if isinstance(v, (int, float)):
+                tot[k] = tot.get(k, 0) + v
+            elif isinstance(v, dict):                       # commandstats: cmd -> {calls...}
+                tot[k] = tot.get(k, 0) + v.get("calls", 0)
+    return tot
 
 
 def run_producer(argv, port, timeout=600):
@@ -272,16 +348,19 @@ def raw_producer(cmd, *args):
     return [PY, "-c", RAW_PRODUCER, cmd] + [str(a) for a in args]
 
 
-def worker_argvs(kind):
-    if kind == "wakaq":
-        return [[PY, WAKAQ_PY, "worker", "bench_app:wakaq"]]
-    return [[PY, "-c", RAW_CONSUMER] for _ in range(2)]
+def worker_argvs(kind, workers=1):
+    """kind "raw": the floor's 2 consumers; otherwise a bench_app app name ("wakaq",
+    "wakaq_q200", ...): `workers` x `python wakaq.py worker bench_app:KIND`."""
+    if kind == "raw":
+        return [[PY, "-c", RAW_CONSUMER] for _ in range(2)]
+    return [[PY, WAKAQ_PY, "worker", f"bench_app:{kind}"] for _ in range(workers)]
 
 
-def start(argvs, port, log):
+def start(argvs, port, log, cluster=False):
     with open(log, "ab") as lf:
-        return [subprocess.Popen(a, env=env_for(port), cwd=HERE, stdin=subprocess.DEVNULL,
-                                 stdout=lf, stderr=subprocess.STDOUT) for a in argvs]
+        return [subprocess.Popen(a, env=env_for(port, cluster), cwd=HERE,
+                                 stdin=subprocess.DEVNULL, stdout=lf, stderr=subprocess.STDOUT)
+                for a in argvs]
 
 
 def stop(popens, seen, timeout=10.0):
@@ -323,15 +402,20 @@ def _alive(pid, st):
 
 # ------------------------------------------------------------------ phases
 
-def drain(server, kind, n, scratch, tag, sample_interval=0.05, timeout=300):
+def drain(server, kind, n, scratch, tag, sample_interval=0.05, timeout=300, partial=False):
     """Start the workers with `n` tasks queued; poll the counter every 5 ms. The workers keep
-    running (for the latency phase); returns (figures, popens, sampler)."""
+    running (for the latency phase); returns (figures, popens, sampler). With `partial`, a
+    drain that does not finish within `timeout` returns its figures (done < n) instead of
+    raising."""
     r = server.r
-    info0 = int(r.info("stats")["total_commands_processed"])
-    rcpu0 = cpu_seconds(server.pid)
+    cs0 = stats(server, "commandstats")
+    st0 = stats(server)
+    info0, in0 = int(st0["total_commands_processed"]), st0["total_net_input_bytes"]
+    rcpu0 = sum(cpu_seconds(p) for p in server.pids)
     polls = 0
     t0 = perf_counter()
-    popens = start(worker_argvs(kind), server.port, os.path.join(scratch, f"{tag}.log"))
+    popens = start(worker_argvs(kind), server.port, os.path.join(scratch, f"{tag}.log"),
+                   server.cluster)
     sampler = TreeSampler([p.pid for p in popens], sample_interval)
     sampler.start()
     t_first = v_first = t_done = None
@@ -348,20 +432,33 @@ def drain(server, kind, n, scratch, tag, sample_interval=0.05, timeout=300):
             break
         time.sleep(0.005)
     wcpu = sum(cpu_seconds(p) for p in tree([p.pid for p in popens]))
-    rcpu = cpu_seconds(server.pid) - rcpu0
-    info1 = int(r.info("stats")["total_commands_processed"])
+    rcpu = sum(cpu_seconds(p) for p in server.pids) - rcpu0
+    st1 = stats(server)
+    info1, in1 = int(st1["total_commands_processed"]), st1["total_net_input_bytes"]
+    cs1 = stats(server, "commandstats")
+    by_cmd = {k.replace("cmdstat_", ""): (cs1[k] - cs0.get(k, 0)) for k in cs1}
+    by_cmd["get"] = by_cmd.get("get", 0) - polls            # the driver's polls
     sampler.sample()
+    if t_done is None and partial and t_first is not None and \
+            not any(p.poll() is not None for p in popens):
+        return {"n": n, "done": v, "timed_out_s": timeout, "seconds": None,
+                "rate": v / (perf_counter() - t0), "startup_s": t_first - t0,
+                "t_first_wall": time.time() - (perf_counter() - t_first)}, popens, sampler
     if t_done is None:
         note = stop(popens, sampler.seen)
         sampler.stop()
         raise RuntimeError(f"{tag}: drain stopped at {v}/{n} ({note}); see {scratch}/{tag}.log")
-    out = {"n": n, "seconds": t_done - t0, "rate": n / (t_done - t0),
+    out = {"n": n, "done": v, "seconds": t_done - t0, "rate": n / (t_done - t0),
+           "t_done_wall": time.time() - (perf_counter() - t_done),
            "startup_s": t_first - t0,
            "rate_excl_startup": (n - v_first) / (t_done - t_first) if t_done > t_first else None,
            "peak_rss_mib": sampler.peak_rss / 1024, "peak_pss_mib": sampler.peak_pss / 1024,
            "procs": sampler.max_procs, "worker_cpu_us_per_task": wcpu / n * 1e6,
            "redis_cpu_us_per_task": rcpu / n * 1e6,
-           "redis_cmds_per_task": (info1 - info0 - polls - 1) / n}
+           "redis_cmds_per_task": (info1 - info0 - polls - len(server.node_clients)) / n,
+           "redis_in_bytes_per_task": (in1 - in0 - polls * _resp_len("GET", "done")) / n,
+           "redis_cmds_per_task_by_command": {k: v / n for k, v in sorted(
+               by_cmd.items(), key=lambda kv: -kv[1]) if v > 0}}
     return out, popens, sampler
 
 
@@ -463,7 +560,7 @@ def run_main(args, rep, scratch):
             res["notes"].append(f"wakaq worker: {note}")
         r.flushall()
         res["bulk"] = run_producer(wakaq_producer("bulk", args.bulk_n), server.port)
-        if r.llen("{wakaq}:q:default") != args.bulk_n:
+        if r.llen(qkey(driver_app(server.port)[0])) != args.bulk_n:
             raise RuntimeError("bulk: queue length != bulk_n")
     finally:
         for popens, sampler in live:
@@ -490,16 +587,33 @@ def run_main(args, rep, scratch):
 
 # ------------------------------------------------------------------ scale scenarios
 
-def driver_app(port):
-    """The driver's own WakaQ on this run's redis-server, with bench_app's noop by name
-    (bench_app itself reads its port from the environment of the worker processes)."""
-    from wakaq import WakaQ
-    app = WakaQ(queues=["default"], concurrency=2, host="127.0.0.1", port=port)
+def driver_app(port, spec="wakaq", cluster=False):
+    """The driver's own copy of bench_app's app `spec` on this run's redis-server (the
+    workers build theirs from their environment); returns (app, its noop task)."""
+    import bench_app
+    app = bench_app.make_app(spec, "127.0.0.1", port, cluster)
+    return app, app.tasks["noop"]
 
-    @app.task
-    def noop(i):
-        pass
-    return app, noop
+
+def qkey(app, kind="q", queue=None):
+    """The Redis key of `app`'s queue list ("q") or delayed set ("eta") (default queue)."""
+    q = queue or app.default_queue
+    return getattr(q, {"q": "key", "eta": "eta_key"}[kind], None) or app._k(kind, q.name)
+
+
+def workers_key(app):
+    return getattr(app, "workers_key", None) or app._k("workers")
+
+
+def wait_workers(r, app, count, popens, timeout=15):
+    """Until `count` workers of `app` are in its workers zset (their heartbeat)."""
+    deadline = time.monotonic() + timeout
+    while r.zcard(workers_key(app)) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{count} worker(s) did not register in {timeout} s")
+        if any(p.poll() is not None for p in popens):
+            raise RuntimeError("a worker exited at start")
+        time.sleep(0.02)
 
 
 def eta_payloads(app, noop, count, first=0):
@@ -535,7 +649,7 @@ def run_scale(args, rep, scratch):
     server = RedisServer(scratch)
     r, n = server.r, args.n
     app, noop = driver_app(server.port)
-    eta_key, parked = "{wakaq}:eta:default", "bench:eta:parked"
+    eta_key, parked = qkey(app, "eta"), "{%s}:bench:eta:parked" % app.prefix
     try:
         r.config_set("slowlog-log-slower-than", 50000)
         t = perf_counter()
@@ -577,7 +691,7 @@ def run_scale(args, rep, scratch):
         sampler.start()
         try:
             deadline = time.monotonic() + 10
-            while not r.zcard("{wakaq}:workers") and time.monotonic() < deadline:
+            while not r.zcard(workers_key(app)) and time.monotonic() < deadline:
                 time.sleep(0.02)
             time.sleep(0.3)
             m = args.due_count
@@ -607,7 +721,7 @@ def run_scale(args, rep, scratch):
             res["notes"].append(f"(b): {note}")
         b["done"] = int(r.get("done") or 0)
         b["eta_left"] = r.zcard(eta_key)
-        b["queue_left"] = r.llen("{wakaq}:q:default")
+        b["queue_left"] = r.llen(qkey(app))
         b["seconds_from_due"] = (t_done - t0) if t_done else None
         b["all_moved_s"] = (t_moved - t0) if t_moved else None
         b["rate"] = m / (t_done - t0) if t_done else None
@@ -618,6 +732,332 @@ def run_scale(args, rep, scratch):
     finally:
         server.stop()
     return res
+
+
+# ------------------------------------------------------------------ the other cases (--case)
+
+class Live:
+    """Servers and worker processes a case started; close() stops whatever is left, in
+    reverse order, however the case ends."""
+
+    def __init__(self):
+        self.items, self.notes = [], []
+
+    def server(self, s):
+        self.items.append(("server", s))
+        return s
+
+    def add(self, popens, sampler=None):
+        if sampler is None:
+            sampler = TreeSampler([p.pid for p in popens], 0.1)
+            sampler.start()
+        self.items.append(("procs", (popens, sampler)))
+        return popens
+
+    def stop(self, popens, tag="", **kw):
+        for i, (kind, x) in enumerate(self.items):
+            if kind == "procs" and x[0] is popens:
+                del self.items[i]
+                x[1].stop()
+                note = stop(popens, x[1].seen, **kw)
+                if note:
+                    self.notes.append(f"{tag}: {note}")
+                return note
+        return ""
+
+    def close(self):
+        while self.items:
+            kind, x = self.items.pop()
+            try:
+                if kind == "server":
+                    x.stop()
+                else:
+                    x[1].stop()
+                    stop(x[0], x[1].seen)
+            except Exception as e:          # keep closing the rest
+                self.notes.append(f"cleanup: {e!r}")
+
+
+def timed_drain(live, server, kind, n, scratch, tag, **kw):
+    """drain() with the workers stopped afterwards (raw consumers: 3 s grace)."""
+    d, popens, sampler = drain(server, kind, n, scratch, tag, **kw)
+    live.add(popens, sampler)
+    live.stop(popens, tag, **({"timeout": 3} if kind == "raw" else {}))
+    log = os.path.join(scratch, f"{tag}.log")
+    d["log_bytes_per_task"] = os.path.getsize(log) / n if os.path.exists(log) else None
+    return d
+
+
+def raw_floor(live, server, n, scratch, tag):
+    """The floor's drain: RPUSH pipelined (producer pinned), then 2 BLPOP consumers."""
+    server.flushall()
+    run_producer(raw_producer("pipe", n), server.port)
+    d = timed_drain(live, server, "raw", n, scratch, tag)
+    check_count(server.r, n, f"{tag} raw drain")
+    return d
+
+
+def wakaq_drain(live, server, spec, n, scratch, tag, **kw):
+    """N noop tasks queued with delay_many by the driver's copy of app `spec`, then drained
+    by one `python wakaq.py worker bench_app:SPEC`."""
+    server.flushall()
+    app, noop = driver_app(server.port, spec, server.cluster)
+    noop.delay_many([(i,) for i in range(n)])
+    d = timed_drain(live, server, spec, n, scratch, tag, **kw)
+    check_count(server.r, n, f"{tag} drain")
+    d["queue"] = app.default_queue.name
+    d["queues_in_app"] = len(app.queues)
+    return d
+
+
+def new_res(rep):
+    return {"repeat": rep, "busy_before_pct": busy_pct(), "notes": []}
+
+
+def run_async(args, rep, scratch):
+    """1,000 async tasks of `await asyncio.sleep(0.05)`, concurrency=2, async_concurrency=50:
+    drain time against the ideal 1,000 x 0.05 / (2 x 50) = 0.5 s."""
+    import bench_app
+    res, live = new_res(rep), Live()
+    try:
+        server = live.server(RedisServer(scratch))
+        r, m = server.r, args.async_n
+        app, _ = driver_app(server.port, "wakaq_async")
+        conc, aconc = app.concurrency, bench_app.SPECS["wakaq_async"]["async_concurrency"]
+        res["app_async_concurrency_attr"] = getattr(app, "async_concurrency", None)
+        app.tasks["asleep"].delay_many([(i,) for i in range(m)])
+        d, popens, sampler = drain(server, "wakaq_async", m, scratch, f"a{rep}-async",
+                                   timeout=args.async_timeout, partial=True)
+        live.add(popens, sampler)
+        t_end = d.get("t_done_wall") or time.time()
+        starts = sorted(float(r.get(k)) for k in r.scan_iter("async_t0:*"))
+        live.stop(popens, "async")
+        done = int(r.get("done") or 0)
+        ideal = m * bench_app.ASYNC_SLEEP / (conc * aconc) if aconc else None
+        res.update(n=m, concurrency=conc, async_concurrency=aconc, done=done, drain=d,
+                   children_started=len(starts), ideal_s=ideal,
+                   timed_out=d.get("seconds") is None)
+        if starts:
+            span = t_end - starts[0]
+            res["drain_from_first_start_s"] = span
+            res["startup_s"] = starts[0] - (t_end - (d["seconds"] or 0)) if d["seconds"] else None
+            res["rate_from_first_start"] = done / span
+            if ideal:
+                res["ideal_rate"] = m / ideal
+                res["vs_ideal_rate"] = res["rate_from_first_start"] / res["ideal_rate"]
+        res["drain_s_from_spawn"] = d["seconds"]
+        if done > m:
+            raise RuntimeError(f"async: counter {done} > {m} (tasks ran twice)")
+    finally:
+        live.close()
+        res["notes"] += live.notes
+    return res
+
+
+def idle_window(server, secs, own):
+    """Commands (and per command) Redis processed over `secs` s, minus the driver's own."""
+    c0, s0 = stats(server, "commandstats"), stats(server)["total_commands_processed"]
+    t0 = perf_counter()
+    time.sleep(secs)
+    s1, c1 = stats(server)["total_commands_processed"], stats(server, "commandstats")
+    el = perf_counter() - t0
+    per = {k.replace("cmdstat_", ""): (c1.get(k, 0) - c0.get(k, 0)) for k in c1}
+    per = {k: v for k, v in per.items() if v}
+    return {"seconds": el, "commands": s1 - s0 - own, "per_s": (s1 - s0 - own) / el,
+            "by_command_raw": dict(sorted(per.items(), key=lambda kv: -kv[1]))}
+
+
+def run_idle(args, rep, scratch):
+    """Redis commands/s of 1 idle worker (concurrency=2, 3 queues) and of 3 idle workers over
+    `--idle-seconds` (INFO stats total_commands_processed, the driver's own INFO calls
+    subtracted: measured on the same server with no worker); then 3 delayed tasks (eta 1.0 /
+    1.25 / 1.5 s) on the 3 idle workers: how late each ran."""
+    res, live = new_res(rep), Live()
+    try:
+        server = live.server(RedisServer(scratch))
+        r = server.r
+        app, _ = driver_app(server.port, "wakaq_idle")
+        cal = idle_window(server, 0.2, 0)
+        own = cal["commands"]
+        res["own_commands_per_window"] = own
+        for workers in (1, 3):
+            popens = live.add(start(worker_argvs("wakaq_idle", workers), server.port,
+                                    os.path.join(scratch, f"i{rep}-{workers}.log")))
+            wait_workers(r, app, workers, popens)
+            time.sleep(args.idle_settle)
+            w = idle_window(server, args.idle_seconds, own)
+            if any(p.poll() is not None for p in popens):
+                raise RuntimeError("an idle worker exited during the window")
+            res[f"w{workers}"] = w
+            if workers == 3:
+                r.delete("lat")
+                lat = app.tasks["lat"]
+                for d in (1.0, 1.25, 1.5):
+                    lat.delay(time.time() + d, eta=d)
+                deadline = time.monotonic() + 6
+                while r.llen("lat") < 3 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                late = sorted(float(x) for x in r.lrange("lat", 0, -1))
+                res["eta_late_ms"] = [x * 1e3 for x in late]
+                res["eta_late_max_ms"] = max(late) * 1e3 if len(late) == 3 else None
+            live.stop(popens, f"idle x{workers}")
+    finally:
+        live.close()
+        res["notes"] += live.notes
+    return res
+
+
+def run_cluster(args, rep, scratch):
+    """Drain of N noop tasks on a local 3-master Redis Cluster against a single redis-server,
+    same run (and the raw floor on the single server)."""
+    res, live = new_res(rep), Live()
+    try:
+        single = live.server(RedisServer(scratch))
+        t = perf_counter()
+        cl = live.server(RedisClusterServers(scratch, 3))
+        res["cluster_setup_s"] = perf_counter() - t
+        n = args.n
+        res["raw_drain"] = raw_floor(live, single, n, scratch, f"c{rep}-raw")
+        for label in (("single", "cluster") if rep % 2 else ("cluster", "single")):
+            srv = single if label == "single" else cl
+            res[label] = wakaq_drain(live, srv, "wakaq", n, scratch, f"c{rep}-{label}")
+        app, _ = driver_app(cl.port, "wakaq", True)
+        slot = cl.r.keyslot(qkey(app))
+        res["app_slot"] = slot
+        res["app_node"] = cl.r.get_node_from_key(qkey(app)).name
+        res["ratio"] = res["cluster"]["rate"] / res["single"]["rate"]
+        res["ratio_excl_startup"] = (res["cluster"]["rate_excl_startup"] /
+                                     res["single"]["rate_excl_startup"])
+        res["single_vs_raw"] = res["single"]["rate"] / res["raw_drain"]["rate"]
+    finally:
+        live.close()
+        res["notes"] += live.notes
+    return res
+
+
+def run_loglevel(args, rep, scratch):
+    """Drain with the per-task log line (worker_log_level INFO) and without (WARNING), and
+    the raw floor, same redis-server."""
+    res, live = new_res(rep), Live()
+    try:
+        server = live.server(RedisServer(scratch))
+        n = args.n
+        res["raw_drain"] = raw_floor(live, server, n, scratch, f"l{rep}-raw")
+        for spec in (("wakaq", "wakaq_warning") if rep % 2 else ("wakaq_warning", "wakaq")):
+            label = "info" if spec == "wakaq" else "warning"
+            res[label] = wakaq_drain(live, server, spec, n, scratch, f"l{rep}-{label}")
+        f = res["raw_drain"]
+        res["ratio"] = {k: res[k]["rate"] / f["rate"] for k in ("info", "warning")}
+        res["ratio_excl_startup"] = {k: res[k]["rate_excl_startup"] / f["rate_excl_startup"]
+                                     for k in ("info", "warning")}
+    finally:
+        live.close()
+        res["notes"] += live.notes
+    return res
+
+
+def run_queues(args, rep, scratch):
+    """Drain with 1, 50 and 200 queues in the app, every task on the lowest-priority queue."""
+    res, live = new_res(rep), Live()
+    try:
+        server = live.server(RedisServer(scratch))
+        n = args.n
+        order = [1, 50, 200]
+        order = order[rep % 3:] + order[:rep % 3]       # rotate the order by repeat
+        for q in order:
+            res[f"q{q}"] = wakaq_drain(live, server, f"wakaq_q{q}", n, scratch, f"q{rep}-{q}")
+        res["ratio"] = {f"q{q}": res[f"q{q}"]["rate"] / res["q1"]["rate"] for q in (50, 200)}
+        res["ratio_excl_startup"] = {f"q{q}": res[f"q{q}"]["rate_excl_startup"] /
+                                     res["q1"]["rate_excl_startup"] for q in (50, 200)}
+    finally:
+        live.close()
+        res["notes"] += live.notes
+    return res
+
+
+def _resp_len(*parts):
+    """Bytes of one command as redis-py sends it (RESP array of bulk strings)."""
+    out = len(f"*{len(parts)}\r\n")
+    for p in parts:
+        out += len(f"${len(p)}\r\n") + len(p) + 2
+    return out
+
+
+def bytes_phase(server, kind, m, size, window, popens):
+    """Send m tasks with a `size`-byte string argument (at most `window` not yet done),
+    wait for all; Redis input bytes (INFO stats total_net_input_bytes) minus the driver's
+    own polls and INFO calls."""
+    r = server.r
+    arg = "x" * size
+    if kind == "raw":
+        def send(i):
+            r.rpush("raw:default", json.dumps({"fn": "big", "args": [arg]}))
+    else:
+        app, _ = driver_app(server.port, kind)
+        big = app.tasks["big"]
+        big.delay("y")                                   # connect + script load, not counted
+        deadline = time.monotonic() + 10
+        while int(r.get("done") or 0) < 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError("bytes: the warm-up task did not run")
+            time.sleep(0.01)
+        time.sleep(0.2)                                 # its ack
+        r.delete("done")
+
+        def send(i):
+            big.delay(arg)
+    polls = 0
+    b0 = stats(server)["total_net_input_bytes"]
+    t0 = perf_counter()
+    done = 0
+    for i in range(m):
+        send(i)
+        while i + 1 - done >= window:
+            done = int(r.get("done") or 0)
+            polls += 1
+            if i + 1 - done >= window:
+                time.sleep(0.0005)
+            if any(p.poll() is not None for p in popens):
+                raise RuntimeError(f"bytes {kind}: a worker exited")
+    deadline = time.monotonic() + 120
+    while done < m:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"bytes {kind}: {done}/{m} done after 120 s")
+        time.sleep(0.002)
+        done = int(r.get("done") or 0)
+        polls += 1
+    el = perf_counter() - t0
+    time.sleep(0.3)                                     # the last acks
+    b1 = stats(server)["total_net_input_bytes"]
+    own = polls * _resp_len("GET", "done") + 2 * _resp_len("INFO", "stats")
+    got = b1 - b0 - own
+    return {"tasks": m, "arg_bytes": size, "seconds": el, "input_bytes": got,
+            "input_bytes_per_task": got / m, "ratio_to_arg": got / (m * size),
+            "driver_polls": polls}
+
+
+def run_bytes(args, rep, scratch):
+    """Redis bytes received per task for tasks with a 1 MiB argument (enqueue + run + ack),
+    wakaq against the raw floor (RPUSH + BLPOP) in the same run."""
+    res, live = new_res(rep), Live()
+    try:
+        server = live.server(RedisServer(scratch))
+        m, size = args.bytes_n, args.bytes_size
+        app, _ = driver_app(server.port)
+        for kind in (("raw", "wakaq") if rep % 2 else ("wakaq", "raw")):
+            server.flushall()
+            popens = live.add(start(worker_argvs(kind), server.port,
+                                    os.path.join(scratch, f"b{rep}-{kind}.log")))
+            if kind != "raw":
+                wait_workers(server.r, app, 1, popens)
+            res[kind] = bytes_phase(server, kind, m, size, args.bytes_window, popens)
+            live.stop(popens, f"bytes {kind}", **({"timeout": 3} if kind == "raw" else {}))
+        res["ratio_to_raw"] = res["wakaq"]["input_bytes"] / res["raw"]["input_bytes"]
+    finally:
+        live.close()
+        res["notes"] += live.notes
+    return res
+
 
 
 # ------------------------------------------------------------------ report
@@ -641,7 +1081,126 @@ def fmt(v, digits=None):
     return f"{v:,.{digits}f}"
 
 
-def report(main_runs, scale_runs, meta):
+def cmd_split(d, top=8):
+    by = d.get("redis_cmds_per_task_by_command") or {}
+    return ", ".join(f"{k} {v:.2f}" for k, v in list(by.items())[:top])
+
+
+def ge(v, t):
+    return v is not None and v >= t
+
+
+def le(v, t):
+    return v is not None and v <= t
+
+
+def report_cases(cases, meta, P):
+    """The sections of the cases beyond main/scale; returns their targets."""
+    a = meta["args"]
+    targets = []
+
+    def head(name, title):
+        c = cases.get(name)
+        if c is None:
+            return None
+        R = c["runs"]
+        P(f"\n[{name}] {title} (median of {len(R)} run(s))")
+        if c.get("error"):
+            P(f"  ERROR: {c['error']}")
+            targets.append((f"[{name}] ran without error", None, False))
+        return R or None
+
+    R = head("async", f"{a['async_n']:,} async tasks, each await asyncio.sleep(0.05); "
+                      "concurrency=2, async_concurrency=50")
+    if R:
+        P(f"  done {fmt(med(R, 'done'))}/{a['async_n']:,}; children that ran one: "
+          f"{fmt(med(R, 'children_started'))}; timed out (>{a['async_timeout']} s): "
+          f"{sum(bool(x.get('timed_out')) for x in R)} of {len(R)} run(s)")
+        P(f"  drain from the first task's start: {fmt(med(R, 'drain_from_first_start_s'), 3)} s "
+          f"vs ideal {fmt(med(R, 'ideal_s'), 3)} s; rate {fmt(med(R, 'rate_from_first_start'))}/s "
+          f"= {fmt(med(R, 'vs_ideal_rate'), 3)} x the ideal rate")
+        P(f"  from worker spawn: {fmt(med(R, 'drain_s_from_spawn'), 3)} s "
+          f"(start-up to the first task {fmt(med(R, 'startup_s'), 3)} s)")
+        v = med(R, "vs_ideal_rate")
+        targets.append(("[async] rate >= 0.5 x ideal (from 1st start)", v, ge(v, 0.5)))
+
+    R = head("idle", f"idle Redis commands/s over {a['idle_seconds']} s, app with 3 queues, "
+                     "concurrency=2")
+    if R:
+        for w in (1, 3):
+            by = {}
+            for run in R:
+                for k, v in run[f"w{w}"]["by_command_raw"].items():
+                    by.setdefault(k, []).append(v / run[f"w{w}"]["seconds"])
+            top = sorted(((statistics.median(v), k) for k, v in by.items()), reverse=True)[:8]
+            P(f"  {w} idle worker(s): {fmt(med(R, f'w{w}.per_s'))} commands/s; by command "
+              f"(incl. the driver's {fmt(med(R, 'own_commands_per_window'))} INFO calls): "
+              + ", ".join(f"{k} {v:.2f}" for v, k in top))
+        P(f"  delayed tasks (eta 1.0/1.25/1.5 s) on 3 idle workers, ran late by (ms): "
+          + "; ".join(", ".join(f"{x:.0f}" for x in run.get("eta_late_ms", [])) for run in R))
+        v1, v3, late = med(R, "w1.per_s"), med(R, "w3.per_s"), med(R, "eta_late_max_ms")
+        targets += [("[idle] 1 idle worker <= 10 commands/s", v1, le(v1, 10)),
+                    ("[idle] 3 idle workers <= 25 commands/s", v3, le(v3, 25)),
+                    ("[idle] delayed task runs within 500 ms of due", late, le(late, 500))]
+
+    R = head("cluster", f"drain of N={a['n']} on a 3-master Redis Cluster vs a single "
+                        "redis-server")
+    if R:
+        P(f"  single {fmt(med(R, 'single.rate'))}/s (excl. start-up "
+          f"{fmt(med(R, 'single.rate_excl_startup'))}), cluster {fmt(med(R, 'cluster.rate'))}/s "
+          f"(excl. start-up {fmt(med(R, 'cluster.rate_excl_startup'))}); cluster/single "
+          f"{fmt(med(R, 'ratio'), 3)} (excl. start-up {fmt(med(R, 'ratio_excl_startup'), 3)})")
+        P(f"  raw floor on the single server {fmt(med(R, 'raw_drain.rate'))}/s; single/raw "
+          f"{fmt(med(R, 'single_vs_raw'), 3)}; redis commands/task single "
+          f"{fmt(med(R, 'single.redis_cmds_per_task'))}, cluster (all nodes) "
+          f"{fmt(med(R, 'cluster.redis_cmds_per_task'))}; app slot {R[0].get('app_slot')} on "
+          f"{R[0].get('app_node')}; cluster set-up {fmt(med(R, 'cluster_setup_s'))} s")
+        v = med(R, "ratio")
+        targets.append(("[cluster] drain on cluster / single (info)", v, ge(v, 0.0)))
+
+    R = head("loglevel", f"drain of N={a['n']} with the per-task log line (INFO) and without "
+                         "(WARNING)")
+    if R:
+        for k in ("info", "warning"):
+            P(f"  {k.upper():<8} {fmt(med(R, f'{k}.rate'))}/s (excl. start-up "
+              f"{fmt(med(R, f'{k}.rate_excl_startup'))}) = {fmt(med(R, f'ratio.{k}'), 3)} x floor "
+              f"(excl. start-up {fmt(med(R, f'ratio_excl_startup.{k}'), 3)}); log "
+              f"{fmt(med(R, f'{k}.log_bytes_per_task'))} bytes/task")
+        P(f"  raw floor {fmt(med(R, 'raw_drain.rate'))}/s (excl. start-up "
+          f"{fmt(med(R, 'raw_drain.rate_excl_startup'))})")
+        vi, vw = med(R, "ratio.info"), med(R, "ratio.warning")
+        targets += [("[loglevel] drain at INFO >= 0.80 x floor", vi, ge(vi, 0.8)),
+                    ("[loglevel] drain at WARNING >= 0.90 x floor", vw, ge(vw, 0.9))]
+
+    R = head("queues", f"drain of N={a['n']}, tasks on the lowest-priority queue")
+    if R:
+        for q in (1, 50, 200):
+            P(f"  {q:>3} queue(s): {fmt(med(R, f'q{q}.rate'))}/s (excl. start-up "
+              f"{fmt(med(R, f'q{q}.rate_excl_startup'))}); "
+              + (f"vs 1 queue {fmt(med(R, f'ratio.q{q}'), 3)} (excl. start-up "
+                 f"{fmt(med(R, f'ratio_excl_startup.q{q}'), 3)}); " if q > 1 else "")
+              + f"redis commands/task {fmt(med(R, f'q{q}.redis_cmds_per_task'))}, "
+              f"bytes in/task {fmt(med(R, f'q{q}.redis_in_bytes_per_task'))}, "
+              f"redis CPU us/task {fmt(med(R, f'q{q}.redis_cpu_us_per_task'))}, "
+              f"worker CPU us/task {fmt(med(R, f'q{q}.worker_cpu_us_per_task'))}")
+        P("  commands/task by command, 200 queues (run 1): " + cmd_split(R[0]["q200"]))
+        v = med(R, "ratio.q200")
+        targets.append(("[queues] 200 queues >= 0.90 x 1 queue", v, ge(v, 0.9)))
+
+    R = head("bytes", f"Redis bytes received per task, {a['bytes_n']:,} tasks with a "
+                      f"{a['bytes_size']:,}-byte argument (enqueue + run + ack)")
+    if R:
+        for k in ("wakaq", "raw"):
+            P(f"  {k:<6} {fmt(med(R, f'{k}.input_bytes_per_task'))} bytes/task = "
+              f"{fmt(med(R, f'{k}.ratio_to_arg'), 3)} x the argument; "
+              f"{fmt(med(R, f'{k}.seconds'))} s")
+        P(f"  wakaq / raw floor (RPUSH + BLPOP): {fmt(med(R, 'ratio_to_raw'), 3)}")
+        v = med(R, "wakaq.ratio_to_arg")
+        targets.append(("[bytes] input bytes <= 1.2 x payload", v, le(v, 1.2)))
+    return targets
+
+
+def report(main_runs, scale_runs, meta, cases=None):
     lines = []
     P = lines.append
     targets = []
@@ -670,10 +1229,14 @@ def report(main_runs, scale_runs, meta):
              "raw_drain.redis_cpu_us_per_task", "ratio.redis_cpu"),
             ("redis commands/task (drain)", "drain.redis_cmds_per_task",
              "raw_drain.redis_cmds_per_task", None),
+            ("redis bytes in/task (drain)", "drain.redis_in_bytes_per_task",
+             "raw_drain.redis_in_bytes_per_task", None),
         ]
         for label, ours, floor, ratio in rows:
             P(f"{label:<34}{fmt(med(R, ours)):>12}{fmt(med(R, floor)):>12}"
               f"{fmt(med(R, ratio), 2) if ratio else '':>8}")
+        P("  commands/task by command (run 1, wakaq drain, incl. the task's INCR): " +
+          cmd_split(R[0]["drain"]))
         P(f"{'2 bare redis-py processes RSS MiB':<34}{fmt(med(R, 'bare.rss_mib')):>12}"
           f"   (PSS {fmt(med(R, 'bare.pss_mib'))}); wakaq RSS above them: "
           f"{fmt(med(R, 'rss_above_bare_mib'))} MiB (PSS {fmt(med(R, 'pss_above_bare_mib'))})")
@@ -722,14 +1285,25 @@ def report(main_runs, scale_runs, meta):
             ("(b) all due tasks ran", med(S, "b.done"), all_ran),
             ("(b) no command over 50 ms (SLOWLOG)", med(S, "b.max_cmd_ms"), no_slow),
         ]
+    cases = cases or {}
+    targets += report_cases(cases, meta, P)
+    for k in ("main", "scale"):
+        if cases.get(k, {}).get("error"):
+            P(f"\n[{k}] ERROR: {cases[k]['error']}")
+            targets.append((f"[{k}] ran without error", None, False))
     P("\ntargets:")
     for label, v, ok in targets:
         P(f"  {'PASS' if ok else 'FAIL'}  {label:<46} {fmt(v, 3 if v is not None and abs(v) < 10 else None)}")
-    notes = [f"run {run['repeat']}: {x}" for run in main_runs + scale_runs for x in run["notes"]]
+    every = [r for c in cases.values() for r in c["runs"]] if cases else main_runs + scale_runs
+    notes = [f"run {run['repeat']}: {x}" for run in every for x in run["notes"]]
     if notes:
         P("notes: " + "; ".join(notes))
+    errors = [f"{k} (run {c['error_repeat']}): {c['error']}" for k, c in cases.items()
+              if c.get("error")]
+    if errors:
+        P("errors: " + "; ".join(errors))
     P(f"\n{meta['pinning']}. machine busy before runs: "
-      f"{[run['busy_before_pct'] for run in main_runs + scale_runs]} %")
+      f"{[run['busy_before_pct'] for run in every]} %")
     return "\n".join(lines), [{"target": t, "value": v, "pass": bool(ok)} for t, v, ok in targets]
 
 
@@ -744,13 +1318,53 @@ def git_rev():
         return None
 
 
+CASES = ("main", "async", "idle", "cluster", "loglevel", "queues", "bytes", "scale")
+DEFAULT_CASES = CASES[:-1]
+
+
+def summary(case, res):
+    """One progress line per finished case run."""
+    if case == "main":
+        return (f"drain {res['drain']['rate']:,.0f}/s (floor {res['raw_drain']['rate']:,.0f}), "
+                f"enqueue {res['enqueue']['rate']:,.0f}/s (floor {res['raw_enqueue']['rate']:,.0f}), "
+                f"bulk {res['bulk']['rate']:,.0f}/s, pickup p50/p99 "
+                f"{res['pickup']['p50_ms']:.2f}/{res['pickup']['p99_ms']:.2f} ms, "
+                f"RSS {res['drain']['peak_rss_mib']:.1f} MiB")
+    if case == "scale":
+        return (f"(a) {res['a']['eta']['rate']:,.0f}/s with delayed vs "
+                f"{res['a']['base']['rate']:,.0f}/s without; (b) {res['b']['done']:,} done in "
+                f"{res['b']['seconds_from_due']} s, slowlog {len(res['b']['slowlog'])}")
+    if case == "async":
+        return (f"{res['done']}/{res['n']} in {fmt(res.get('drain_from_first_start_s'), 3)} s from "
+                f"the first start (ideal {fmt(res['ideal_s'], 3)} s)")
+    if case == "idle":
+        return (f"1 worker {res['w1']['per_s']:.1f} cmds/s, 3 workers {res['w3']['per_s']:.1f} "
+                f"cmds/s; delayed late by {[round(x) for x in res.get('eta_late_ms', [])]} ms")
+    if case == "cluster":
+        return (f"single {res['single']['rate']:,.0f}/s, cluster {res['cluster']['rate']:,.0f}/s "
+                f"({res['ratio']:.3f}), raw {res['raw_drain']['rate']:,.0f}/s")
+    if case == "loglevel":
+        return (f"INFO {res['info']['rate']:,.0f}/s ({res['ratio']['info']:.3f} x floor), "
+                f"WARNING {res['warning']['rate']:,.0f}/s ({res['ratio']['warning']:.3f}), "
+                f"floor {res['raw_drain']['rate']:,.0f}/s")
+    if case == "queues":
+        return ", ".join(f"{q} queues {res[f'q{q}']['rate']:,.0f}/s" for q in (1, 50, 200))
+    if case == "bytes":
+        return (f"wakaq {res['wakaq']['ratio_to_arg']:.3f} x the argument, raw "
+                f"{res['raw']['ratio_to_arg']:.3f} x")
+    return ""
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--case", default=",".join(DEFAULT_CASES),
+                    help=f"comma-separated cases to run, of {','.join(CASES)}; 'all' = every "
+                         f"case but scale (default: %(default)s)")
     ap.add_argument("--n", type=int, default=20000, help="tasks per drain/enqueue (default 20000)")
     ap.add_argument("--bulk-n", type=int, default=100000, help="tasks in the delay_many() run")
     ap.add_argument("--repeat", type=int, help="runs per figure (default 3; --quick: 1)")
     ap.add_argument("--quick", action="store_true", help="N=5000, bulk N=20000, 1 repeat, "
-                    "scale: 100,000 delayed and 20,000 due")
+                    "scale: 100,000 delayed and 20,000 due; async time-out 15 s")
     ap.add_argument("--scale", action="store_true", help="also the scale scenarios")
     ap.add_argument("--scale-only", action="store_true", help="only the scale scenarios")
     ap.add_argument("--eta-count", type=int, default=1_000_000)
@@ -759,6 +1373,16 @@ def main():
                     help="(b) the due time is this many seconds after loading starts")
     ap.add_argument("--latency-count", type=int, default=200)
     ap.add_argument("--latency-interval", type=float, default=0.02)
+    ap.add_argument("--async-n", type=int, default=1000, help="async case: tasks (default 1000)")
+    ap.add_argument("--async-timeout", type=float, default=40.0,
+                    help="async case: give up (and report the partial rate) after this many s")
+    ap.add_argument("--idle-seconds", type=float, default=10.0, help="idle case: window")
+    ap.add_argument("--idle-settle", type=float, default=1.0,
+                    help="idle case: wait this long after the workers registered")
+    ap.add_argument("--bytes-n", type=int, default=1000, help="bytes case: tasks")
+    ap.add_argument("--bytes-size", type=int, default=2**20, help="bytes case: argument bytes")
+    ap.add_argument("--bytes-window", type=int, default=20,
+                    help="bytes case: at most this many sent and not yet done")
     ap.add_argument("--no-pin", action="store_true")
     ap.add_argument("--keep-logs", action="store_true", help="keep the scratch dir (worker logs)")
     ap.add_argument("--out", help="JSON path (default bench/results/bench-<date>-<time>.json)")
@@ -767,14 +1391,25 @@ def main():
         args.n, args.bulk_n = 5000, 20000
         args.repeat = args.repeat or 1
         args.eta_count, args.due_count = min(args.eta_count, 100_000), min(args.due_count, 20_000)
+        args.async_timeout = min(args.async_timeout, 15.0)
     args.repeat = args.repeat or 3
+    wanted = list(DEFAULT_CASES) if args.case == "all" else \
+        [c.strip() for c in args.case.split(",") if c.strip()]
+    bad = [c for c in wanted if c not in CASES]
+    if bad:
+        ap.error(f"unknown case(s) {bad}; cases: {', '.join(CASES)}")
+    if args.scale and "scale" not in wanted:
+        wanted.append("scale")
+    if args.scale_only:
+        wanted = ["scale"]
+    args.case = ",".join(wanted)
     cpus = sorted(os.sched_getaffinity(0))
     if not args.no_pin and len(cpus) >= 2:
         PIN["redis"], PIN["producer"] = [cpus[0]], [cpus[-1]]
-    pinning = (f"pinning: redis-server on CPU {PIN['redis'][0]} (taskset), producers on CPU "
+    pinning = (f"pinning: redis-server(s) on CPU {PIN['redis'][0]} (taskset), producers on CPU "
                f"{PIN['producer'][0]}, workers and this driver unpinned") if PIN["redis"] \
         else "pinning: none"
-    print(f"wakaq bench: {pinning}; python {PY}", flush=True)
+    print(f"wakaq bench: cases {args.case}; {pinning}; python {PY}", flush=True)
     scratch = tempfile.mkdtemp(prefix="wakaq-bench-")
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "pinning": pinning,
             "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -783,32 +1418,52 @@ def main():
                                            text=True).stdout.strip()}
     import wakaq
     meta["wakaq_version"] = getattr(wakaq, "__version__", None)
-    main_runs, scale_runs = [], []
+    runners = {"main": run_main, "scale": run_scale, "async": run_async, "idle": run_idle,
+               "cluster": run_cluster, "loglevel": run_loglevel, "queues": run_queues,
+               "bytes": run_bytes}
+    cases = {c: {"runs": [], "error": None, "seconds": 0.0} for c in wanted}
     t_start = perf_counter()
     for rep in range(1, args.repeat + 1):
-        if not args.scale_only:
-            res = run_main(args, rep, scratch)
-            main_runs.append(res)
-            print(f"run {rep}: drain {res['drain']['rate']:,.0f}/s (floor {res['raw_drain']['rate']:,.0f}), "
-                  f"enqueue {res['enqueue']['rate']:,.0f}/s (floor {res['raw_enqueue']['rate']:,.0f}), "
-                  f"bulk {res['bulk']['rate']:,.0f}/s, pickup p50/p99 "
-                  f"{res['pickup']['p50_ms']:.2f}/{res['pickup']['p99_ms']:.2f} ms, "
-                  f"RSS {res['drain']['peak_rss_mib']:.1f} MiB", flush=True)
-        if args.scale or args.scale_only:
-            res = run_scale(args, rep, scratch)
-            scale_runs.append(res)
-            print(f"scale run {rep}: (a) {res['a']['eta']['rate']:,.0f}/s with delayed vs "
-                  f"{res['a']['base']['rate']:,.0f}/s without; (b) {res['b']['done']:,} done in "
-                  f"{res['b']['seconds_from_due']} s, slowlog {len(res['b']['slowlog'])}", flush=True)
-    text, targets = report(main_runs, scale_runs, meta)
+        for case in wanted:
+            c = cases[case]
+            if c["error"]:                       # a case that failed is not run again
+                continue
+            t = perf_counter()
+            try:
+                res = runners[case](args, rep, scratch)
+                c["runs"].append(res)
+                line = summary(case, res)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:
+                import traceback
+                tb = traceback.extract_tb(e.__traceback__)
+                mine = [f for f in tb if f.filename.startswith(HERE)]
+                where = f" (at bench {os.path.basename(mine[-1].filename)}:{mine[-1].lineno} " \
+                        f"{mine[-1].line.strip()[:80]!r}" if mine else " ("
+                last = tb[-1] if tb else None
+                where += f"; raised in {os.path.basename(last.filename)}:{last.lineno})" \
+                    if last else ")"
+                c["error"] = (f"{type(e).__name__}: {e}"[:500] + where)
+                c["error_repeat"] = rep
+                c["traceback"] = traceback.format_exc()[-4000:]
+                line = f"ERROR {c['error']}"
+            c["seconds"] += perf_counter() - t
+            print(f"run {rep} [{case}] ({perf_counter() - t:.1f} s): {line}", flush=True)
+    text, targets = report(cases.get("main", {}).get("runs", []),
+                           cases.get("scale", {}).get("runs", []), meta, cases)
     meta["seconds"] = perf_counter() - t_start
     print(text)
+    print(f"\ntotal {meta['seconds']:.0f} s; per case: " +
+          ", ".join(f"{k} {c['seconds']:.0f} s" for k, c in cases.items()))
     out = args.out or os.path.join(HERE, "results", datetime.datetime.now().strftime(
         "bench-%Y%m%d-%H%M%S.json"))
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"meta": meta, "targets": targets, "runs": main_runs, "scale_runs": scale_runs,
-                   "table": text}, f, indent=1)
+        json.dump({"meta": meta, "targets": targets, "cases": cases,
+                   "runs": cases.get("main", {}).get("runs", []),
+                   "scale_runs": cases.get("scale", {}).get("runs", []), "table": text},
+                  f, indent=1, default=str)
     print(f"\nJSON: {out}" + (f"; logs in {scratch}" if args.keep_logs else ""))
     if not args.keep_logs:
         import shutil
