@@ -547,6 +547,8 @@ class WakaQ:
             self._cluster = client.info("cluster").get("cluster_enabled") == 1
         if self._cluster:
             from redis.cluster import RedisCluster
+            if kw.pop("db", 0):
+                raise ValueError("a Redis Cluster has only db 0")
             kw.pop("health_check_interval")
             cluster = RedisCluster.from_url(url, **kw) if url else RedisCluster(**kw)
             client.close()
@@ -627,10 +629,11 @@ class WakaQ:
         return _BROADCAST(self._conn, [self.workers_key],
                           [self.heartbeat_timeout, raw, "{%s}" % self.prefix])
 
-    def _run_task(self, task, args, kwargs, soft_deadline=None, run=asyncio.run):
+    def _run_task(self, task, args, kwargs, soft_deadline=None, run=asyncio.run, ended=None):
         """Run the hooks and the task (through wrap_tasks_with). Whatever returns a coroutine
         is run to completion by `run` (the child's lasting event loop); an async task's soft
-        timeout is kept by asyncio (a SIGALRM could land inside asyncio's own callbacks)."""
+        timeout is kept by asyncio (a SIGALRM could land inside asyncio's own callbacks).
+        ended() is called as the task ends, before the after_task_finished hooks."""
         def wait(x):
             return run(x) if inspect.isawaitable(x) else x
         try:
@@ -643,6 +646,8 @@ class WakaQ:
             wrap = self._hooks["wrap_tasks_with"]
             return wait(wrap[0](fn, args, kwargs) if wrap else fn(*args, **kwargs))
         finally:
+            if ended:
+                ended()
             for hook in self._hooks["after_task_finished"]:
                 wait(hook())
 
@@ -776,7 +781,7 @@ class _Script:
 # Every script starts with these. wake: push up to n wake-up tokens (at most WAKE_TOKENS kept).
 # now: Redis's clock. later: add payload p to delayed set ek due at `due`, keep the queue's
 # earliest due time in zset dk (member "RANK:NAME"), and wake idle children when it is the
-# new earliest of all, so that they learn when to claim it.
+# queue's new earliest, so that they learn when to claim it.
 _LUA_LIB = f"""
 local function wake(key, n)
   n = math.min(n, {WAKE_TOKENS} - redis.call('LLEN', key))
@@ -792,9 +797,9 @@ local function now()
 end
 local function later(ek, dk, m, due, p, wk)
   redis.call('ZADD', ek, due, p)
-  local first = redis.call('ZRANGE', dk, 0, 0, 'WITHSCORES')
+  local old = redis.call('ZSCORE', dk, m)
   redis.call('ZADD', dk, 'LT', due, m)
-  if not first[2] or due < tonumber(first[2]) then wake(wk, 3) end
+  if not old or due < tonumber(old) then wake(wk, 3) end
 end
 """
 
@@ -815,7 +820,8 @@ return #ARGV - 4
 """)
 
 # A child's claim. KEYS: in-flight hash, workers zset, this worker's broadcast list, ready zset,
-# due zset. ARGV: field, token to ack, new token, worker id, "{prefix}", excluded queue names.
+# due zset, the set of queue names this worker serves. ARGV: field, token to ack, new token,
+# worker id, "{prefix}".
 # 1. The field holds another token: a claim whose reply was lost; hand it out again.
 # 2. Ack (delete) the finished attempt. Nothing more if the worker is not listed (nobody
 #    could adopt what we claim). 3. Move due delayed tasks of up to 10 queues (a bounded batch
@@ -842,12 +848,11 @@ for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', t, 'LIMIT', 0, 1
   if first[2] then redis.call('ZADD', KEYS[5], first[2], m) else redis.call('ZREM', KEYS[5], m) end
 end
 p = redis.call('LPOP', KEYS[3])
-local skip, i = {{}}, 0
-for j = 6, #ARGV do skip[ARGV[j]] = true end
+local i = 0
 while not p do
   local names = redis.call('ZRANGE', KEYS[4], i, i + 15)
   for _, name in ipairs(names) do
-    if not skip[name] then
+    if redis.call('SISMEMBER', KEYS[6], name) == 1 then
       local qk = ARGV[5] .. ':q:' .. name
       p = redis.call('LPOP', qk)
       if p then break end
@@ -863,17 +868,18 @@ redis.call('HSET', KEYS[1], f, p, f .. ':t', ARGV[3], f .. ':s', t)
 return {{p, ARGV[3]}}
 """, allow_oom=True)
 
-# Before an idle wait. KEYS: ready zset, due zset, broadcast list, wake lists. ARGV: excluded
-# names. A served queue or the broadcast list has a task: {1}. Else delete the (stale) wake-up
-# tokens and return {0, seconds until the earliest delayed task is due, or ""}.
+# Before an idle wait. KEYS: ready zset, due zset, workers zset, served set, broadcast list,
+# wake lists. ARGV: worker id. A served queue or the broadcast list has a task (and the worker
+# is listed, so a claim can take it): {1}. Else delete the (stale) wake-up tokens and return
+# {0, seconds until the earliest delayed task is due, or ""}.
 _IDLE = _Script("""
-local skip = {}
-for i = 1, #ARGV do skip[ARGV[i]] = true end
-for _, name in ipairs(redis.call('ZRANGE', KEYS[1], 0, #ARGV)) do
-  if not skip[name] then return {1} end
+if redis.call('ZSCORE', KEYS[3], ARGV[1]) then
+  if redis.call('LLEN', KEYS[5]) > 0 then return {1} end
+  for _, name in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    if redis.call('SISMEMBER', KEYS[4], name) == 1 then return {1} end
+  end
 end
-if redis.call('LLEN', KEYS[3]) > 0 then return {1} end
-redis.call('DEL', unpack(KEYS, 4))
+redis.call('DEL', unpack(KEYS, 6))
 local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
 return {0, first[2] and tostring(tonumber(first[2]) - now()) or ''}
 """, allow_oom=True)
@@ -898,12 +904,14 @@ return 1
 """, allow_oom=True)
 
 # Heartbeat (Redis's clock) and, if ARGV[3] == '1', adoption of workers silent for ARGV[2]
-# seconds. KEYS: workers zset, our in-flight hash. ARGV: worker id, heartbeat_timeout, may
-# adopt, "{prefix}". A silent worker's in-flight fields and pending broadcasts move into our
-# hash as adopted:* fields (released by the parent); returns {worker, count, ...}.
+# seconds. KEYS: workers zset, our in-flight hash, our served set. ARGV: worker id,
+# heartbeat_timeout, may adopt, "{prefix}", the names of the queues we serve. A silent
+# worker's in-flight fields and pending broadcasts move into our hash as adopted:* fields
+# (released by the parent); returns {worker, count, ...}.
 _BEAT = _Script("""
 local t, out = now(), {}
 redis.call('ZADD', KEYS[1], t, ARGV[1])
+redis.call('SADD', KEYS[3], unpack(ARGV, 5))
 if ARGV[3] ~= '1' then return out end
 for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', t - tonumber(ARGV[2]), 'LIMIT', 0, 10)) do
   local hk, bk, n = ARGV[4] .. ':inflight:' .. w, ARGV[4] .. ':bcast:' .. w, 0
@@ -1037,7 +1045,7 @@ class _Conn:
             try:
                 if self.conn is None:
                     self.conn = self.app._client(retries=0).connection_pool.make_connection()
-                elif self.conn.can_read(timeout=0):        # closed by the server meanwhile
+                elif self.retries and self.conn.can_read(timeout=0):    # closed meanwhile
                     raise redis.ConnectionError("the connection was closed")
                 if packed:
                     self.conn.send_packed_command([packed])
@@ -1157,6 +1165,8 @@ class _Worker:
         self.app = app
         self.wid = f"{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
         self.inflight_key = app._k("inflight", self.wid)
+        self.served = [q.name for q in app.queues if q.name not in app.exclude_queues]
+        self.served_key = app._k("serve", hashlib.sha1(" ".join(self.served).encode()).hexdigest()[:16])
         self.bcast_key, self.wake_key = app._k("bcast", self.wid), app._k("wake", self.wid)
         n, hb = app.concurrency, app.heartbeat_timeout
         self.k = app.async_concurrency if any(t.is_async for t in app.tasks.values()) else 1
@@ -1176,10 +1186,9 @@ class _Worker:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda s, f: self.signals.append(s))
         signal.signal(signal.SIGCHLD, lambda s, f: None)   # only to wake select()
-        served = [q.name for q in app.queues if q.name not in app.exclude_queues]
         log.info("worker %s started: concurrency=%d%s queues=%s redis=%s", self.wid,
                  app.concurrency, f" async_concurrency={self.k}" if self.k > 1 else "",
-                 ",".join(served), _mask(app.url))
+                 ",".join(self.served), _mask(app.url))
         while True:
             self._reap()
             if len(self.signals) >= 2:
@@ -1328,8 +1337,9 @@ class _Worker:
             self._release_unreleased()
             if now >= self.next_beat:
                 may_adopt = now - self.connected_since >= app.heartbeat_timeout
-                adopted = _BEAT(self.r, [app.workers_key, self.inflight_key], [
-                    self.wid, app.heartbeat_timeout, int(may_adopt), "{%s}" % app.prefix])
+                adopted = _BEAT(self.r, [app.workers_key, self.inflight_key, self.served_key], [
+                    self.wid, app.heartbeat_timeout, int(may_adopt), "{%s}" % app.prefix,
+                    *self.served])
                 for wid, count in zip(adopted[::2], adopted[1::2]):
                     log.warning("worker %s is silent for over %ss: taking back its %d task(s)",
                                 wid.decode(), app.heartbeat_timeout, count)
@@ -1365,8 +1375,9 @@ class _Worker:
             fields = fields or self.r.hkeys(self.inflight_key)
             for k, (reason, finished) in ends.items():
                 field = f"{slot}.{k}"
-                if field.encode() in fields:
-                    token = self.r.hget(self.inflight_key, field + ":t").decode()
+                token = self.r.hget(self.inflight_key, field + ":t")
+                if field.encode() in fields and token is not None:
+                    token = token.decode()
                     self._release(field, token, None if token == finished else reason)
             del self.unreleased[slot]
 
@@ -1454,17 +1465,16 @@ class _ChildProcess:
         self.claims = itertools.count(1)
         self.outage = _Outage(f"child {slot}", worker.outage.cap)
         app = self.app
-        self.excluded = list(dict.fromkeys(app.exclude_queues))
-        served = [q for q in app.queues if q.name not in self.excluded]
         self.keys = [worker.inflight_key, app.workers_key, worker.bcast_key, app._k("ready"),
-                     app._k("due")]
-        self.idle_keys = [app._k("ready"), app._k("due"), worker.bcast_key, worker.wake_key] + [
-            q.wake_key for q in served]
+                     app._k("due"), worker.served_key]
+        self.idle_keys = [app._k("ready"), app._k("due"), app.workers_key, worker.served_key,
+                          worker.bcast_key, worker.wake_key] + [app._queue(q).wake_key
+                                                                for q in worker.served]
         self.limits = {}        # (task, queue) -> _Limits
         self.loop = asyncio.new_event_loop()
         self.poll, self.pid = 0.01, os.getpid()
         head = ["EVALSHA", _CLAIM.sha, len(self.keys)] + self.keys
-        tail = [worker.wid, "{%s}" % app.prefix] + self.excluded
+        tail = [worker.wid, "{%s}" % app.prefix]
         bulk = [b"$%d\r\n%s\r\n" % (len(b), b) for b in (str(x).encode() for x in head + tail)]
         self.claim_head = b"*%d\r\n" % (len(bulk) + 3) + b"".join(bulk[:len(head)])
         self.claim_tail = b"".join(bulk[len(head):])
@@ -1522,18 +1532,25 @@ class _ChildProcess:
     def _on_alarm(self, signum, frame):
         if not self.in_task:
             return                       # the task has ended: drop it
-        f, outer = frame, None           # outer: the outermost frame of logging or wakaq
+        f, guard, user = frame, None, None
         while f is not None and f.f_code is not _RUN_TASK_CODE:
-            if f.f_globals is globals() or f.f_globals.get("__name__", "").startswith("logging"):
-                outer = f
+            if user is None:             # guard: the outermost guarded frame below user code
+                name = f.f_globals.get("__name__", "")
+                if f.f_globals is globals() or name.split(".")[0] in ("logging", "asyncio"):
+                    guard = f
+                else:
+                    user = f
             f = f.f_back
         if f is None or f is frame:      # not in the task yet, or between its hooks
             signal.setitimer(signal.ITIMER_REAL, 0.001)
-        elif outer is None:
+        elif guard is None:
             raise SoftTimeout(f"soft timeout after {self.soft:g}s")
-        else:                            # raise it as `outer` returns into the task's code
-            outer.f_trace = self._on_return
+        else:                            # in logging, asyncio or wakaq: raise it as that returns
+            guard.f_trace = self._on_return
             sys.settrace(_no_trace)
+
+    def _ended(self):
+        self.in_task = False
 
     def _on_return(self, frame, event, arg):
         if event != "return":
@@ -1575,7 +1592,7 @@ class _ChildProcess:
                 _release(self.app, self.r, self.worker.inflight_key, field, token,
                          (None, "", "", None, 0))
                 self.prev[field] = ""
-        again, *due = _IDLE(self.r, self.idle_keys, self.excluded)
+        again, *due = _IDLE(self.r, self.idle_keys, [self.worker.wid])
         if again:
             return
         timeout = min(self.app.wait_timeout, max(0.01, float(due[0]))) if due and due[0] \
@@ -1583,7 +1600,7 @@ class _ChildProcess:
         self.idle = True
         try:
             if not self.stopping:
-                self.r.execute_command("BLPOP", *self.idle_keys[3:], f"{timeout:.3f}")
+                self.r.execute_command("BLPOP", *self.idle_keys[5:], f"{timeout:.3f}")
         finally:
             self.idle = False
 
@@ -1631,7 +1648,7 @@ class _ChildProcess:
                     self.soft, self.in_task = limits.soft, True
                     signal.setitimer(signal.ITIMER_REAL, limits.soft)
                 app._run_task(task, msg["args"], msg["kwargs"], soft,
-                              self.loop.run_until_complete)
+                              self.loop.run_until_complete, self._ended)
             finally:
                 self.in_task = False
                 if armed:
