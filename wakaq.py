@@ -190,8 +190,9 @@ def _import_app(spec):
         raise ValueError(f"{spec} is a module; name its WakaQ: {obj.__name__}:{names[0]}")
     if type(obj).__name__ == "WakaQ" and not isinstance(obj, WakaQ):
         other = sys.modules.get(type(obj).__module__)
-        raise TypeError(f"{spec} is a WakaQ of another copy of wakaq ({other.__file__}), not of "
-                        f"this one ({__file__}); run that copy: python -m {type(obj).__module__}")
+        raise TypeError(f"{spec} is a WakaQ of another copy of wakaq ({other.__name__} from "
+                        f"{other.__file__}) than this one ({__name__} from {__file__}); run "
+                        f"the app's copy: python -m {other.__name__} ...")
     if not isinstance(obj, WakaQ):
         raise TypeError(f"{spec} is a {type(obj).__name__}, not a WakaQ")
     return obj
