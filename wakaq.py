@@ -803,15 +803,6 @@ def _task_filter(record):
     return True
 
 
-class _Logger(logging.Logger):
-    """wakaq's logger, never disabled: an app's logging.config.dictConfig() at import
-    (disable_existing_loggers) must not silence the worker's lines and task tracebacks."""
-    disabled = property(lambda self: False, lambda self, value: None)
-
-
-log.__class__ = _Logger
-
-
 def _mask(url):
     """The URL with its password (user:PASSWORD@ or ?password=) replaced by ***."""
     return re.sub(r"(://[^:/@]*:)[^/]*@|(password=)[^&]*",
@@ -833,6 +824,7 @@ def _setup_logging(path, level):
     handler.setFormatter(logging.Formatter(
         "[%(asctime)s] %(levelname)s %(name)s pid=%(process)d%(task)s: %(message)s"))
     logging.basicConfig(handlers=[handler], level=level, force=True)  # replaces root's handlers
+    log.disabled = False     # an app's dictConfig() at import (disable_existing_loggers)
 
 
 class _Outage:
@@ -1377,27 +1369,11 @@ def _run_scheduler(app, stop):
 
 # ===================================================================== command line
 
-_CONFIG_ERRORS = (redis.AuthenticationError, redis.exceptions.AuthorizationError,
-                  redis.ResponseError)   # bad password, ACL, "DB index is out of range"
-
-
-def _check_redis(app):
-    """Stop a long-running command at a configuration error that Redis reports; an outage
-    (refused, timed out) is not one: the worker and the scheduler ride it out."""
-    try:
-        app.redis.ping()
-    except _CONFIG_ERRORS:
-        raise
-    except redis.RedisError:
-        pass
-
-
 def _cmd_worker(app, args):
-    _check_redis(app)
-    for name, value in (("concurrency", args.concurrency), ("exclude_queues", args.exclude)):
-        if value:     # the original's --concurrency and --exclude-queues=a,b
-            setattr(app, name, int(value) if name == "concurrency" else
-                    [app._queue(q.strip()).name for q in value.split(",")])
+    if args.concurrency:                  # the original's --concurrency, --exclude-queues=a,b
+        app.concurrency = args.concurrency
+    if args.exclude:
+        app.exclude_queues = [app._queue(q.strip()).name for q in args.exclude.split(",")]
     _setup_logging(app.worker_log_file, app.worker_log_level)
     if app.default_queue.name in app.exclude_queues:
         log.warning("the default queue %r is excluded: tasks without a queue= wait for "
@@ -1406,7 +1382,6 @@ def _cmd_worker(app, args):
 
 
 def _cmd_scheduler(app, args):
-    _check_redis(app)
     _setup_logging(app.scheduler_log_file, app.scheduler_log_level)
     stopped = []
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1415,17 +1390,11 @@ def _cmd_scheduler(app, args):
     return 0
 
 
-def _now(r):
-    sec, usec = r.time()
-    return sec + usec / 1e6
-
-
 def _msg(raw):
     try:
-        msg = json.loads(raw)
-    except ValueError:
+        return dict(json.loads(raw))
+    except (ValueError, TypeError):
         return {}
-    return msg if isinstance(msg, dict) else {}
 
 
 def _cmd_info(app, args):
@@ -1450,16 +1419,13 @@ def _cmd_info(app, args):
             "inflight": len(running), "dead": dead, "running": running,
             "workers": sum(beat >= now - app.heartbeat_timeout for _, beat in workers)}
     if args.json:
-        print(json.dumps(info))
-        return 0
-    print(f"{'queue':<20} {'priority':>8} {'pending':>10} {'delayed':>10}")
-    for name, q in info["queues"].items():
-        print(f"{name:<20} {q['priority']:>8} {q['pending']:>10} {q['delayed']:>10}")
-    print(f"in-flight: {info['inflight']}  dead: {info['dead']}  workers: {info['workers']}")
-    for t in running:
-        print(f"running {t['id']} {t['name']} queue={t['queue']} worker={t['worker']} "
-              f"{t['seconds']}s")
-    return 0
+        return print(json.dumps(info))
+    print("\n".join([f"{'queue':<20} {'priority':>8} {'pending':>10} {'delayed':>10}"] + [
+        f"{n:<20} {q['priority']:>8} {q['pending']:>10} {q['delayed']:>10}" for n, q in
+        info["queues"].items()] + [f"in-flight: {len(running)}  dead: {dead}  workers: "
+                                   f"{info['workers']}"] + [
+        "running {id} {name} queue={queue} worker={worker} {seconds}s".format(**t)
+        for t in running]))
 
 
 def _cmd_purge(app, args):
@@ -1470,7 +1436,6 @@ def _cmd_purge(app, args):
     print(pending + delayed)                                 # the contract: one number
     print(f"wakaq: purged {pending} pending and {delayed} delayed task(s) from queue {q.name!r}",
           file=sys.stderr)
-    return 0
 
 
 # Requeue dead letters ARGV[3], ARGV[5], ... (each removed from KEYS[1] unless another requeue
@@ -1479,8 +1444,7 @@ _REQUEUE = _Script("""
 local n = 0
 for i = 3, #ARGV, 2 do
   if redis.call('LREM', KEYS[1], 1, ARGV[i]) == 1 then
-    redis.call('RPUSH', KEYS[2], ARGV[i + 1])
-    n = n + 1
+    redis.call('RPUSH', KEYS[2], ARGV[i + 1]); n = n + 1
   end
 end
 if n > 0 then redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1]); wake(KEYS[3], n) end
@@ -1491,26 +1455,23 @@ return n
 def _cmd_dead(app, args):
     r, key = app.redis, app.dead_key
     if args.purge:
-        count, _ = r.pipeline().llen(key).unlink(key).execute()
-        print(f"deleted {count} dead task(s)")
-        return 0
+        return print(f"deleted {r.pipeline().llen(key).unlink(key).execute()[0]} dead task(s)")
     total, start, moved, ids = r.llen(key), 0, 0, set(args.requeue or ())
     for seen in range(0, total, 1000):       # pages of 1,000: no single slow command
         page, batches = r.lrange(key, start, start + min(999, total - seen - 1)), {}
         for raw in page:
             e = _msg(raw)
-            msg = _msg(e.get("payload"))
+            msg, get = _msg(e.get("payload")), e.get
             if args.requeue is None:
-                at = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(e.get("at") or 0))
+                at = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(get("at") or 0))
                 call = json.dumps([msg.get("args"), msg.get("kwargs")])[1:-1]
-                print(f"{e.get('id')} {e.get('name')} queue={e.get('queue')} attempts="
-                      f"{e.get('attempts')} reason={e.get('reason')!r} at={at} args="
-                      + (call if len(call) < 80 else call[:76] + " ..."))
-            elif not ids or e.get("id") in ids:
-                ids.discard(e.get("id"))
-                q = app._queues.get(e.get("queue")) or app.default_queue
-                payload = json.dumps({**msg, "retry": 0}) if msg else e.get("payload", "")
-                batches.setdefault(q, []).extend((raw, payload))  # bad payloads go as they were
+                print(f"{get('id')} {get('name')} queue={get('queue')} attempts={get('attempts')}"
+                      f" reason={get('reason')!r} at={at} args=" + (call if len(call) < 80 else
+                                                                    call[:76] + " ..."))
+            elif not ids or ids.intersection([get("id")]) and not ids.discard(get("id")):
+                q = app._queues.get(get("queue")) or app.default_queue   # bad payloads go as
+                payload = json.dumps({**msg, "retry": 0}) if msg else get("payload", "")  # were
+                batches.setdefault(q, []).extend((raw, payload))
         n = sum(_REQUEUE(r, [key, q.key, q.wake_key, app._k("ready")],
                          [q.name, app.queues.index(q), *b]) for q, b in batches.items())
         moved, start = moved + n, start + len(page) - n
@@ -1521,12 +1482,12 @@ def _cmd_dead(app, args):
 
 
 def _cmd_health(app, args):
-    r, host = app.redis, socket.gethostname()
-    now, beats = _now(r), r.zrange(app.workers_key, 0, -1, withscores=True)
-    age = min((now - b for w, b in beats if w.decode().rsplit(".", 2)[0] == host), default=None)
-    ok = age is not None and age <= app.heartbeat_timeout
-    print(f"{'ok' if ok else 'unhealthy'}: " + (f"no worker of this app on {host}" if age is None
-          else f"a worker on {host} heartbeated {age:.1f}s ago (limit {app.heartbeat_timeout:g}s)"))
+    (sec, usec), host = app.redis.time(), socket.gethostname()
+    age = min((sec + usec / 1e6 - b for w, b in app.redis.zrange(app.workers_key, 0, -1,
+               withscores=True) if w.decode().rsplit(".", 2)[0] == host), default=None)
+    ok, limit = age is not None and age <= app.heartbeat_timeout, app.heartbeat_timeout
+    print(("ok: " if ok else "unhealthy: ") + (f"no worker of this app on {host}" if age is None
+          else f"a worker on {host} heartbeated {age:.1f}s ago (limit {limit:g}s)"))
     return 0 if ok else 1
 
 
@@ -1536,44 +1497,39 @@ _COMMANDS = {"worker": (_cmd_worker, "run a worker: a parent that forks `concurr
              "purge": (_cmd_purge, "delete a queue's pending and delayed tasks"),
              "dead": (_cmd_dead, "list, requeue or delete dead-lettered tasks"),
              "health": (_cmd_health, "exit 0 if a worker on this host heartbeats, else 1")}
+# What Redis reports for a bad password, an ACL, "DB index is out of range": not an outage.
+_CONFIG_ERRORS = (redis.AuthenticationError, redis.exceptions.AuthorizationError,
+                  redis.ResponseError)
 
 
-def _parser():
+def main(argv=None):
     parser = argparse.ArgumentParser(prog="wakaq", description="wakaq: a Redis task queue.")
     parser.add_argument("--version", action="version", version=f"wakaq {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    cmd = {}
+    sub, cmd = parser.add_subparsers(dest="command", metavar="COMMAND"), {}
+    hide = argparse.SUPPRESS
     for name, (_, text) in _COMMANDS.items():
         cmd[name] = sub.add_parser(name, help=text, description=text)
         cmd[name].add_argument("app", metavar="APP", nargs="?",
                                help="your WakaQ, as module:attribute (or --app=APP)")
-        cmd[name].add_argument("--app", dest="app_option", metavar="APP", help=argparse.SUPPRESS)
+        cmd[name].add_argument("--app", dest="app_option", help=hide)
+        cmd[name].add_argument("--queue", dest="queue_option", help=hide)   # purge: the original's
+        cmd[name].add_argument("--foreground", action="store_true", help=hide)  # worker, scheduler
     cmd["worker"].add_argument("--concurrency", type=int, help="override the app's concurrency")
     cmd["worker"].add_argument("--exclude-queues", dest="exclude", metavar="A,B",
                                help="override the app's exclude_queues")
-    for name in ("worker", "scheduler"):
-        cmd[name].add_argument("--foreground", action="store_true", help=argparse.SUPPRESS)
     cmd["info"].add_argument("--json", action="store_true", help="print one JSON object")
     cmd["purge"].add_argument("queue", metavar="QUEUE", nargs="?")
-    cmd["purge"].add_argument("--queue", dest="queue_option", metavar="QUEUE",
-                              help=argparse.SUPPRESS)
     group = cmd["dead"].add_mutually_exclusive_group()
     group.add_argument("--requeue", nargs="*", metavar="ID",
                        help="put them (all, or these ids) back on their queues, retries reset")
     group.add_argument("--purge", action="store_true", help="delete them")
-    return parser, cmd
-
-
-def main(argv=None):
-    parser, cmd = _parser()
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
-        parser.print_help(sys.stderr)
-        return 2
+        return parser.print_help(sys.stderr) or 2
     sub = cmd[args.command]
     if extra:
         sub.error(f"unrecognized arguments: {' '.join(extra)}")     # exits 2
-    if args.app_option and args.app and not getattr(args, "queue", 1):
+    if args.app_option and args.app and getattr(args, "queue", 1) is None:
         args.queue, args.app = args.app, None        # purge --app=APP QUEUE
     if args.app and args.app_option and args.app != args.app_option:
         sub.error("give APP once: as APP or as --app=APP")
@@ -1584,16 +1540,20 @@ def main(argv=None):
     try:
         app = _import_app(args.app)
     except Exception as e:                # any import-time error: one line, no traceback
-        where = [f for f in traceback.extract_tb(e.__traceback__)
+        where = [(f.filename, f.lineno) for f in traceback.extract_tb(e.__traceback__)
                  if not f.filename.startswith("<") and f.filename != __file__]
-        if isinstance(e, SyntaxError) and e.filename:
-            where = [traceback.FrameSummary(e.filename, e.lineno, "")]
+        where = [(e.filename, e.lineno)] if isinstance(e, SyntaxError) else where
         line = traceback.format_exception_only(type(e), e)[-1].strip().splitlines()[0]
-        at = f" ({where[-1].filename}, line {where[-1].lineno})" if where else ""
+        at = " (%s, line %s)" % where[-1] if where and where[-1][0] else ""
         print(f"wakaq: cannot load app {args.app!r}: {line}{at}", file=sys.stderr)
         return 2
     try:
-        return _COMMANDS[args.command][0](app, args)
+        try:
+            app.redis.ping()     # a configuration error stops every command at once
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            if isinstance(e, _CONFIG_ERRORS) or args.command not in ("worker", "scheduler"):
+                raise            # an outage is for the worker and the scheduler to ride out
+        return _COMMANDS[args.command][0](app, args) or 0
     except ValueError as e:               # e.g. an unknown queue or cron task name
         print(f"wakaq: {e}", file=sys.stderr)
         return 2
@@ -1602,14 +1562,12 @@ def main(argv=None):
         return 2 if isinstance(e, _CONFIG_ERRORS) else 1
 
 
-def _script(*command):
-    """The original WakaQ's console scripts: wakaq-worker --app=APP, ... (see setup.cfg)."""
+def _script(*command):   # the original's console scripts: wakaq-worker --app=APP, ...
     return lambda: main([*command, *sys.argv[1:]])
 
 
 _worker_script, _scheduler_script = _script("worker"), _script("scheduler")
 _info_script, _purge_script = _script("info", "--json"), _script("purge")
-
 
 if __name__ == "__main__":
     # Let `import wakaq` in the app find this module instead of loading a second copy.
