@@ -183,16 +183,15 @@ def _import_app(spec):
     except AttributeError:
         if sep:
             raise
-        obj = None
-    obj = importlib.import_module(spec) if obj is None else obj
+        obj = importlib.import_module(spec)
     if type(obj) is type(sys):                       # "examples.tasks": forgot ":wakaq"
         names = [k for k, v in vars(obj).items() if type(v).__name__ == "WakaQ"] or ["APP"]
         raise ValueError(f"{spec} is a module; name its WakaQ: {obj.__name__}:{names[0]}")
     if type(obj).__name__ == "WakaQ" and not isinstance(obj, WakaQ):
-        other = sys.modules.get(type(obj).__module__)
+        other = sys.modules[type(obj).__module__]
         raise TypeError(f"{spec} is a WakaQ of another copy of wakaq ({other.__name__} from "
-                        f"{other.__file__}) than this one ({__name__} from {__file__}); run "
-                        f"the app's copy: python -m {other.__name__} ...")
+                        f"{other.__file__}), not of this one ({__name__} from {__file__}): "
+                        f"run the app's copy, python -m {other.__name__}")
     if not isinstance(obj, WakaQ):
         raise TypeError(f"{spec} is a {type(obj).__name__}, not a WakaQ")
     return obj
@@ -459,11 +458,9 @@ class WakaQ:
         self.scheduler_log_level = _level(scheduler_log_level, "scheduler_log_level")
 
         if url and (host, port, db) != (None,) * 3:
-            raise TypeError(f"url={_mask(url)!r} and host=/port=/db= ({host!r}, {port!r}, "
-                            f"{db!r}) conflict: give the url, or host, port and db")
+            raise TypeError(f"give url={_mask(url)!r} or host/port/db={(host, port, db)!r}")
         if url and not re.match(r"(redis|rediss|unix|redis\+sentinel)://", str(url)):
-            raise ValueError(f"url {_mask(url)!r} must start with redis://, rediss://, unix:// "
-                             "or redis+sentinel://")
+            raise ValueError(f"url {_mask(url)!r}: use redis, rediss, unix or redis+sentinel")
         host, port, db = host or "localhost", port or 6379, db or 0
         self._redis_args = dict(url=url) if url else dict(
             host=host, port=port, db=db, username=username, password=password)
