@@ -376,3 +376,109 @@ def test_a_worker_whose_default_queue_is_excluded_warns_at_start(r, spawn):
     worker = spawn("worker", "test_ops:excluding")
     wait_for(lambda: "default queue 'default' is excluded" in worker.log(), "the warning",
              diag=worker.log)
+
+
+# ===================================================================== README and examples
+
+def readme_blocks():
+    """(line, needs, code) of every ```python block in README.md; `<!-- test: needs MOD -->`
+    on the line before a block names a module it needs (the block is skipped without it)."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        text = f.read()
+    return [(text[:m.start()].count("\n") + 2, m[1], m[2]) for m in re.finditer(
+        r"(?:<!-- test: needs (\w+) -->\n)?```python\n(.*?)```", text, re.S)]
+
+
+RUN_BLOCKS = """
+import importlib.util, json, sys
+ns = {"__name__": "readme"}
+for line, needs, code in json.load(open(sys.argv[1])):
+    if needs and importlib.util.find_spec(needs) is None:
+        print("skipped block at line", line, "needs", needs)
+        continue
+    if needs == "django":
+        from django.conf import settings
+        settings.configure()
+    exec(compile(code, f"README.md, block at line {line}", "exec"), ns)
+print("ran", len(sys.argv))
+"""
+
+
+def test_every_python_block_in_the_readme_runs(r, tmp_path):
+    blocks = [(line, needs, code.replace("redis://localhost:6379/0", URL))
+              for line, needs, code in readme_blocks()]
+    assert len(blocks) >= 8
+    path = write(str(tmp_path), "blocks.json", json.dumps(blocks))
+    write(str(tmp_path), "run_blocks.py", RUN_BLOCKS)
+    out = subprocess.run([sys.executable, "run_blocks.py", path], cwd=str(tmp_path), text=True,
+                         capture_output=True, timeout=60, env={**ENV, "PYTHONPATH": HERE})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert r.llen("{wakaq}:q:default") >= 3        # the Tasks block's .delay() calls
+
+
+class Worker:
+    """`python wakaq.py worker SPEC` from `cwd`, its output in a file; stop() by its pid."""
+
+    def __init__(self, spec, cwd, env):
+        self.path = os.path.join(cwd, "worker.log")
+        with open(self.path, "w") as out:
+            self.popen = subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "wakaq.py"), "worker", spec], cwd=cwd,
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True)
+
+    def log(self):
+        with open(self.path) as f:
+            return f.read()
+
+    def stop(self):
+        os.killpg(self.popen.pid, 15)
+        try:
+            assert self.popen.wait(20) == 0
+        finally:
+            if self.popen.poll() is None:
+                os.killpg(self.popen.pid, 9)
+
+
+def run_with_worker(spec, cwd, setup, until, what):
+    """Start a worker on spec, run the `setup` code in another process, wait for until(log)."""
+    env = {**ENV, "PYTHONPATH": HERE, "WAKAQ_URL": URL}
+    worker = Worker(spec, cwd, env)
+    try:
+        subprocess.run([sys.executable, "-c", setup], cwd=cwd, env=env, check=True, timeout=60)
+        wait_for(lambda: until(worker.log()), what, 30, diag=worker.log)
+    finally:
+        worker.stop()
+    return worker.log()
+
+
+@slow
+def test_the_readme_app_runs_a_plain_task(r, tmp_path):
+    line, _, code = readme_blocks()[0]
+    assert "wakaq = WakaQ(" in code
+    write(str(tmp_path), "readme_app.py", code.replace("redis://localhost:6379/0", URL)
+          + "\n@wakaq.task\ndef plain():\n    print('plain task ran')\n")
+    log = run_with_worker("readme_app:wakaq", str(tmp_path), "from readme_app import plain; "
+                          "plain.delay()", lambda log: "plain task ran" in log, "the task")
+    assert "excluded" not in log
+
+
+@slow
+def test_the_example_app_runs_a_plain_task_and_retries_from_task_code(r):
+    log = run_with_worker("examples.tasks:wakaq", HERE, "from examples.tasks import charge, "
+                          "heartbeat; heartbeat.delay(); charge.delay(7)",
+                          lambda log: "charged order 7 after 2 retries" in log, "charge()")
+    assert "still alive, attempt 1" in log and "excluded" not in log
+
+
+@slow
+@pytest.mark.parametrize("module, setup, expect", [
+    ("flask", "from examples.flask_app import flask_app; "
+              "print(flask_app.test_client().post('/greet/bob').json)", "hello bob"),
+    ("django", "from examples.django_app import count_tables; count_tables.delay()", "tables:"),
+])
+def test_the_flask_and_django_examples_run_their_tasks(r, module, setup, expect):
+    pytest.importorskip(module)
+    log = run_with_worker(f"examples.{module}_app:wakaq", HERE, setup,
+                          lambda log: expect in log, expect)
+    assert "Traceback" not in log and "started" in log, log
