@@ -1367,10 +1367,9 @@ def _run_scheduler(app, stop):
 # ===================================================================== command line
 
 def _cmd_worker(app, args):
-    if args.concurrency:                  # the original's --concurrency, --exclude-queues=a,b
-        app.concurrency = args.concurrency
-    if args.exclude:
-        app.exclude_queues = [app._queue(q.strip()).name for q in args.exclude.split(",")]
+    app.concurrency = args.concurrency or app.concurrency    # the original's options
+    app.exclude_queues = [app._queue(q.strip()).name for q in args.exclude.split(",")] \
+        if args.exclude else app.exclude_queues
     _setup_logging(app.worker_log_file, app.worker_log_level)
     if app.default_queue.name in app.exclude_queues:
         log.warning("the default queue %r is excluded: tasks without a queue= wait for "
@@ -1417,12 +1416,11 @@ def _cmd_info(app, args):
             "workers": sum(beat >= now - app.heartbeat_timeout for _, beat in workers)}
     if args.json:
         return print(json.dumps(info))
-    print("\n".join([f"{'queue':<20} {'priority':>8} {'pending':>10} {'delayed':>10}"] + [
-        f"{n:<20} {q['priority']:>8} {q['pending']:>10} {q['delayed']:>10}" for n, q in
-        info["queues"].items()] + [f"in-flight: {len(running)}  dead: {dead}  workers: "
-                                   f"{info['workers']}"] + [
-        "running {id} {name} queue={queue} worker={worker} {seconds}s".format(**t)
-        for t in running]))
+    row = "{:<20} {:>8} {:>10} {:>10}".format     # priority, pending, delayed
+    print(row("queue", "priority", "pending", "delayed"), *(row(n, *q.values()) for n, q in info[
+        "queues"].items()), f"in-flight: {len(running)}  dead: {dead}  workers: {info['workers']}",
+          *("running {id} {name} queue={queue} worker={worker} {seconds}s".format(**t)
+            for t in running), sep="\n")
 
 
 def _cmd_purge(app, args):
@@ -1559,12 +1557,9 @@ def main(argv=None):
         return 2 if isinstance(e, _CONFIG_ERRORS) else 1
 
 
-def _script(*command):   # the original's console scripts: wakaq-worker --app=APP, ...
-    return lambda: main([*command, *sys.argv[1:]])
-
-
-_worker_script, _scheduler_script = _script("worker"), _script("scheduler")
-_info_script, _purge_script = _script("info", "--json"), _script("purge")
+_worker_script, _scheduler_script, _info_script, _purge_script = (   # the original's commands
+    lambda c=c: main([*c, *sys.argv[1:]]) for c in (["worker"], ["scheduler"], ["info", "--json"],
+                                                      ["purge"]))
 
 if __name__ == "__main__":
     # Let `import wakaq` in the app find this module instead of loading a second copy.
