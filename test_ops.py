@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import textwrap
 import time
 
@@ -420,16 +421,18 @@ class Worker:
     """`python wakaq.py worker SPEC` from `cwd`, its output in a file; stop() by its pid."""
 
     def __init__(self, spec, cwd, env):
-        self.path = os.path.join(cwd, "worker.log")
-        with open(self.path, "w") as out:
+        fd, self.path = tempfile.mkstemp(prefix="wakaq-ops-", suffix=".log")
+        with os.fdopen(fd, "w") as out:
             self.popen = subprocess.Popen(
                 [sys.executable, os.path.join(HERE, "wakaq.py"), "worker", spec], cwd=cwd,
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True)
 
     def log(self):
-        with open(self.path) as f:
-            return f.read()
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                self.text = f.read()
+        return self.text
 
     def stop(self):
         os.killpg(self.popen.pid, 15)
@@ -438,6 +441,8 @@ class Worker:
         finally:
             if self.popen.poll() is None:
                 os.killpg(self.popen.pid, 9)
+            self.log()
+            os.remove(self.path)
 
 
 def run_with_worker(spec, cwd, setup, until, what):
