@@ -187,9 +187,22 @@ def _import_app(spec):
         module, _, attr = spec.rpartition(".")
     if not module or not attr:
         raise ValueError(f"APP must look like module:attribute, got {spec!r}")
-    obj = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
+    try:
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        if sep:
+            raise
+        obj = importlib.import_module(spec)
+    if type(obj) is type(sys):                       # "examples.tasks": forgot ":wakaq"
+        names = [k for k, v in vars(obj).items() if type(v).__name__ == "WakaQ"] or ["APP"]
+        raise ValueError(f"{spec} is a module; name its WakaQ: {obj.__name__}:{names[0]}")
+    if type(obj).__name__ == "WakaQ" and not isinstance(obj, WakaQ):
+        other = sys.modules[type(obj).__module__]
+        raise TypeError(f"{spec} is a WakaQ of another copy of wakaq ({other.__name__} from "
+                        f"{other.__file__}), not of this one ({__name__} from {__file__}): "
+                        f"run the app's copy, python -m {other.__name__}")
     if not isinstance(obj, WakaQ):
         raise TypeError(f"{spec} is a {type(obj).__name__}, not a WakaQ")
     return obj
@@ -301,7 +314,7 @@ def _new_id():
 
 # ===================================================================== Queue and CronTask
 
-_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9_.\-]+\Z")   # \Z: "$" would let "q\n" through
 
 
 class Queue:
@@ -400,7 +413,7 @@ class Task:
 class WakaQ:
     """The app: queues, settings, the task registry and the Redis connection."""
 
-    def __init__(self, queues=("default",), url=None, host="localhost", port=6379, db=0,
+    def __init__(self, queues=("default",), url=None, host=None, port=None, db=None,
                  username=None, password=None, concurrency="cores", exclude_queues=(),
                  soft_timeout=None, hard_timeout=None, max_retries=None, max_mem_percent=None,
                  max_tasks_per_worker=None, heartbeat_timeout=60, schedules=(), timezone=None,
@@ -424,7 +437,7 @@ class WakaQ:
             raise TypeError(f"exclude_queues must be a list of names, got {exclude_queues!r}")
         for name in exclude_queues:
             self._queue(name)
-        self.exclude_queues = list(exclude_queues)
+        self.exclude_queues = list(dict.fromkeys(exclude_queues))
         if len(self.exclude_queues) == len(self.queues):
             raise ValueError(f"exclude_queues {self.exclude_queues!r} leaves no queue to serve")
 
@@ -464,11 +477,18 @@ class WakaQ:
                 raise TypeError(f"schedules holds CronTask objects or tuples, got {cron!r}")
             if cron.queue is not None:
                 self._queue(cron.queue)
-        self.eager = bool(eager)
+        if not isinstance(eager, bool):
+            raise TypeError(f"eager must be True or False, got {eager!r}")
+        self.eager = eager
         self.worker_log_file, self.scheduler_log_file = worker_log_file, scheduler_log_file
         self.worker_log_level = _level(worker_log_level, "worker_log_level")
         self.scheduler_log_level = _level(scheduler_log_level, "scheduler_log_level")
 
+        if url and (host, port, db) != (None,) * 3:
+            raise TypeError(f"give url={_mask(url)!r} or host/port/db={(host, port, db)!r}")
+        if url and not re.match(r"(redis|rediss|unix|redis\+sentinel)://", str(url)):
+            raise ValueError(f"url {_mask(url)!r}: use redis, rediss, unix or redis+sentinel")
+        host, port, db = host or "localhost", port or 6379, db or 0
         self._redis_args = dict(url=url) if url else dict(
             host=host, port=port, db=db, username=username, password=password)
         self.url = url or f"redis://{host}:{port}/{db}"
@@ -756,8 +776,9 @@ def _sentinel_master(url, kw):
 
 
 def _mask(url):
-    """The URL with its password replaced by ***."""
-    return re.sub(r"(//[^:@/]*:)[^@/]*@", r"\1***@", url)
+    """The URL with its password (user:PASSWORD@ or ?password=) replaced by ***."""
+    return re.sub(r"(://[^:/@]*:)[^/]*@|(password=)[^&]*",
+                  lambda m: f"{m[1]}***@" if m[1] else "password=***", str(url))
 
 
 # ===================================================================== Redis scripts
@@ -942,17 +963,6 @@ end
 return #ws
 """)
 
-# Move dead letter ARGV[1] from the head of KEYS[1] onto queue KEYS[2] as payload ARGV[2],
-# unless another requeue took it first.
-_REQUEUE = _Script("""
-if redis.call('LINDEX', KEYS[1], 0) ~= ARGV[1] then return 0 end
-redis.call('LPOP', KEYS[1])
-redis.call('RPUSH', KEYS[2], ARGV[2])
-redis.call('ZADD', KEYS[4], ARGV[3], ARGV[4])
-wake(KEYS[3], 1)
-return 1
-""")
-
 # Fire cron tick ARGV[1] once: unless record KEYS[1] already holds it or a later one, store it,
 # append payload ARGV[2] to queue KEYS[2], mark it ready (KEYS[3], ARGV[3] ARGV[4]), wake KEYS[4].
 _CRON = _Script("""
@@ -1000,6 +1010,7 @@ def _setup_logging(path, level):
     handler.setFormatter(logging.Formatter(
         "[%(asctime)s] %(levelname)s %(name)s pid=%(process)d%(task)s: %(message)s"))
     logging.basicConfig(handlers=[handler], level=level, force=True)  # replaces root's handlers
+    log.disabled = False     # an app's dictConfig() at import (disable_existing_loggers)
 
 
 class _Outage:
@@ -1761,7 +1772,13 @@ def _run_scheduler(app, stop):
 # ===================================================================== command line
 
 def _cmd_worker(app, args):
+    app.concurrency = args.concurrency or app.concurrency    # the original's options
+    app.exclude_queues = [app._queue(q.strip()).name for q in args.exclude.split(",")] \
+        if args.exclude else app.exclude_queues
     _setup_logging(app.worker_log_file, app.worker_log_level)
+    if app.default_queue.name in app.exclude_queues:
+        log.warning("the default queue %r is excluded: tasks without a queue= wait for "
+                    "another app's workers", app.default_queue.name)
     return _Worker(app).run()
 
 
@@ -1774,69 +1791,104 @@ def _cmd_scheduler(app, args):
     return 0
 
 
+def _msg(raw):
+    try:
+        return dict(json.loads(raw))
+    except (ValueError, TypeError):
+        return {}
+
+
 def _cmd_info(app, args):
     r = app.redis
     pipe = r.pipeline(transaction=False)
     for q in app.queues:
-        pipe.llen(q.key)
-        pipe.zcard(q.eta_key)
-    pipe.llen(app.dead_key)
-    pipe.zcount(app.workers_key, time.time() - app.heartbeat_timeout, "+inf")
-    counts = pipe.execute()
-    pipe = r.pipeline(transaction=False)
-    for wid in r.zrange(app.workers_key, 0, -1):      # live, and dead not yet adopted
-        pipe.hlen(app._k("inflight", wid.decode()))
+        pipe.llen(q.key).zcard(q.eta_key)
+    *counts, dead, workers, (sec, usec) = pipe.llen(app.dead_key).zrange(
+        app.workers_key, 0, -1, withscores=True).time().execute()
+    now, pipe, running = sec + usec / 1e6, r.pipeline(transaction=False), []
+    for wid, _ in workers:                        # live, and dead not yet adopted
+        pipe.hgetall(app._k("inflight", wid.decode()))
+    for (wid, _), fields in zip(workers, pipe.execute()):
+        for field, raw in fields.items():         # "S.K" -> payload, "S.K:s" -> start
+            if not field.endswith((b":s", b":t")):
+                msg, start = _msg(raw), fields.get(field + b":s")
+                running.append({"id": msg.get("id"), "name": msg.get("name"),
+                                "queue": msg.get("queue"), "worker": wid.decode(),
+                                "seconds": round(now - float(start), 1) if start else None})
     info = {"queues": {q.name: {"priority": app._priority[q.name], "pending": counts[2 * i],
                                 "delayed": counts[2 * i + 1]} for i, q in enumerate(app.queues)},
-            "inflight": sum(pipe.execute()), "dead": counts[-2], "workers": counts[-1]}
+            "inflight": len(running), "dead": dead, "running": running,
+            "workers": sum(beat >= now - app.heartbeat_timeout for _, beat in workers)}
     if args.json:
-        print(json.dumps(info))
-        return 0
-    print(f"{'queue':<20} {'priority':>8} {'pending':>10} {'delayed':>10}")
-    for name, q in info["queues"].items():
-        print(f"{name:<20} {q['priority']:>8} {q['pending']:>10} {q['delayed']:>10}")
-    print(f"in-flight: {info['inflight']}  dead: {info['dead']}  workers: {info['workers']}")
-    return 0
+        return print(json.dumps(info))
+    row = "{:<20} {:>8} {:>10} {:>10}".format     # priority, pending, delayed
+    print(row("queue", "priority", "pending", "delayed"), *(row(n, *q.values()) for n, q in info[
+        "queues"].items()), f"in-flight: {len(running)}  dead: {dead}  workers: {info['workers']}",
+          *("running {id} {name} queue={queue} worker={worker} {seconds}s".format(**t)
+            for t in running), sep="\n")
 
 
 def _cmd_purge(app, args):
     q = app._queue(args.queue)
-    pending, delayed, _ = (app.redis.pipeline(transaction=True).llen(q.key).zcard(q.eta_key)
-                           .unlink(q.key, q.eta_key, q.wake_key).execute())  # freed in background
-    print(pending + delayed)
-    return 0
+    pending, delayed, *_ = (app.redis.pipeline(transaction=True).llen(q.key).zcard(q.eta_key)
+                            .unlink(q.key, q.eta_key, q.wake_key).zrem(app._k("ready"), q.name)
+                            .execute())                      # freed in the background
+    print(pending + delayed)                                 # the contract: one number
+    print(f"wakaq: purged {pending} pending and {delayed} delayed task(s) from queue {q.name!r}",
+          file=sys.stderr)
+
+
+# Requeue dead letters ARGV[3], ARGV[5], ... (each removed from KEYS[1] unless another requeue
+# took it) as payloads ARGV[4], ARGV[6], ... onto queue KEYS[2] (named ARGV[1], rank ARGV[2]).
+_REQUEUE = _Script("""
+local n = 0
+for i = 3, #ARGV, 2 do
+  if redis.call('LREM', KEYS[1], 1, ARGV[i]) == 1 then
+    redis.call('RPUSH', KEYS[2], ARGV[i + 1]); n = n + 1
+  end
+end
+if n > 0 then redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1]); wake(KEYS[3], n) end
+return n
+""")
 
 
 def _cmd_dead(app, args):
-    r = app.redis
+    r, key = app.redis, app.dead_key
     if args.purge:
-        count, _ = r.pipeline().llen(app.dead_key).unlink(app.dead_key).execute()
-        print(f"deleted {count} dead task(s)")
-        return 0
-    if args.requeue:                  # from the head, one at a time: O(1) per entry
-        moved = 0
-        for _ in range(r.llen(app.dead_key)):   # not those dead-lettered again meanwhile
-            raw = r.lindex(app.dead_key, 0)
-            if raw is None:
-                break
-            e = json.loads(raw)
-            q = app._queues.get(e["queue"]) or app.default_queue
-            try:
-                payload = json.dumps({**_loads_msg(e["payload"], decode=False), "retry": 0})
-            except _BAD_PAYLOAD:
-                payload = e["payload"]   # requeued as it was; it will be dead-lettered again
-            moved += _REQUEUE(r, [app.dead_key, q.key, q.wake_key, app._k("ready")],
-                              [raw, payload, app._rank(q), q.name])
-        print(f"requeued {moved} dead task(s)")
-        return 0
-    for start in itertools.count(0, 1000):    # in pages: no single slow command
-        page = r.lrange(app.dead_key, start, start + 999)
-        for e in map(json.loads, page):
-            print(f"{e['name']} queue={e['queue']} attempts={e['attempts']} "
-                  f"reason={e['reason']!r} id={e['id']}")
-        if len(page) < 1000:
-            break
-    return 0
+        return print(f"deleted {r.pipeline().llen(key).unlink(key).execute()[0]} dead task(s)")
+    total, start, moved, ids = r.llen(key), 0, 0, set(args.requeue or ())
+    for seen in range(0, total, 1000):       # pages of 1,000: no single slow command
+        page, batches = r.lrange(key, start, start + min(999, total - seen - 1)), {}
+        for raw in page:
+            e = _msg(raw)
+            msg, get = _msg(e.get("payload")), e.get
+            if args.requeue is None:
+                at = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(get("at") or 0))
+                call = json.dumps([msg.get("args"), msg.get("kwargs")])[1:-1]
+                print(f"{get('id')} {get('name')} queue={get('queue')} attempts={get('attempts')}"
+                      f" reason={get('reason')!r} at={at} args=" + (call if len(call) < 80 else
+                                                                    call[:76] + " ..."))
+            elif not ids or ids.intersection([get("id")]) and not ids.discard(get("id")):
+                q = app._queues.get(get("queue")) or app.default_queue   # bad payloads go as
+                payload = json.dumps({**msg, "retry": 0}) if msg else get("payload", "")  # were
+                batches.setdefault(q, []).extend((raw, payload))
+        n = sum(_REQUEUE(r, [key, q.key, q.wake_key, app._k("ready")],
+                         [q.name, app._rank(q), *b]) for q, b in batches.items())
+        moved, start = moved + n, start + len(page) - n
+    if args.requeue is None:
+        return print("no dead tasks") if not total else 0
+    print(f"requeued {moved} dead task(s)" + (f"; not found: {' '.join(ids)}" if ids else ""))
+    return 1 if ids else 0
+
+
+def _cmd_health(app, args):
+    (sec, usec), host = app.redis.time(), socket.gethostname()
+    age = min((sec + usec / 1e6 - b for w, b in app.redis.zrange(app.workers_key, 0, -1,
+               withscores=True) if w.decode().rsplit(".", 2)[0] == host), default=None)
+    ok, limit = age is not None and age <= app.heartbeat_timeout, app.heartbeat_timeout
+    print(("ok: " if ok else "unhealthy: ") + (f"no worker of this app on {host}" if age is None
+          else f"a worker on {host} heartbeated {age:.1f}s ago (limit {limit:g}s)"))
+    return 0 if ok else 1
 
 
 # KEYS: the original's list or zset (ARGV[1]), our queue, wake, ready, eta, due (as _ENQUEUE),
@@ -1897,42 +1949,80 @@ def _cmd_migrate(app, args):
 
 _COMMANDS = {"worker": (_cmd_worker, "run a worker: a parent that forks `concurrency` children"),
              "scheduler": (_cmd_scheduler, "enqueue the app's CronTasks on time"),
-             "info": (_cmd_info, "show queues, in-flight and dead tasks, live workers"),
+             "info": (_cmd_info, "show queues, running, in-flight and dead tasks, live workers"),
              "purge": (_cmd_purge, "delete a queue's pending and delayed tasks"),
              "dead": (_cmd_dead, "list, requeue or delete dead-lettered tasks"),
+             "health": (_cmd_health, "exit 0 if a worker on this host heartbeats, else 1"),
              "migrate": (_cmd_migrate, "move the original WakaQ's pending and delayed tasks "
                          "into this library's queues")}
+# What Redis reports for a bad password, an ACL, "DB index is out of range": not an outage.
+_CONFIG_ERRORS = (redis.AuthenticationError, redis.exceptions.AuthorizationError,
+                  redis.ResponseError)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="wakaq", description="wakaq: a Redis task queue.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    cmd = {}
+    parser.add_argument("--version", action="version", version=f"wakaq {__version__}")
+    sub, cmd = parser.add_subparsers(dest="command", metavar="COMMAND"), {}
+    hide = argparse.SUPPRESS
     for name, (_, text) in _COMMANDS.items():
         cmd[name] = sub.add_parser(name, help=text, description=text)
-        cmd[name].add_argument("app", metavar="APP", help="your WakaQ, as module:attribute")
+        cmd[name].add_argument("app", metavar="APP", nargs="?",
+                               help="your WakaQ, as module:attribute (or --app=APP)")
+        cmd[name].add_argument("--app", dest="app_option", help=hide)
+        cmd[name].add_argument("--queue", dest="queue_option", help=hide)   # purge: the original's
+        cmd[name].add_argument("--foreground", action="store_true", help=hide)  # worker, scheduler
+    cmd["worker"].add_argument("--concurrency", type=int, help="override the app's concurrency")
+    cmd["worker"].add_argument("--exclude-queues", dest="exclude", metavar="A,B",
+                               help="override the app's exclude_queues")
     cmd["info"].add_argument("--json", action="store_true", help="print one JSON object")
-    cmd["purge"].add_argument("queue", metavar="QUEUE")
+    cmd["purge"].add_argument("queue", metavar="QUEUE", nargs="?")
     group = cmd["dead"].add_mutually_exclusive_group()
-    group.add_argument("--requeue", action="store_true", help="put them back on their queues")
+    group.add_argument("--requeue", nargs="*", metavar="ID",
+                       help="put them (all, or these ids) back on their queues, retries reset")
     group.add_argument("--purge", action="store_true", help="delete them")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        return parser.print_help(sys.stderr) or 2
+    sub = cmd[args.command]
+    if extra:
+        sub.error(f"unrecognized arguments: {' '.join(extra)}")     # exits 2
+    if args.app_option and args.app and getattr(args, "queue", 1) is None:
+        args.queue, args.app = args.app, None        # purge --app=APP QUEUE
+    if args.app and args.app_option and args.app != args.app_option:
+        sub.error("give APP once: as APP or as --app=APP")
+    args.app = args.app or args.app_option or sub.error("APP is required (module:attribute)")
+    if args.command == "purge":
+        args.queue = args.queue or args.queue_option or sub.error("QUEUE is required")
     sys.path.insert(0, os.getcwd())       # a script's sys.path[0] is its own folder
     try:
         app = _import_app(args.app)
     except Exception as e:                # any import-time error: one line, no traceback
+        where = [(f.filename, f.lineno) for f in traceback.extract_tb(e.__traceback__)
+                 if not f.filename.startswith("<") and f.filename != __file__]
+        where = [(e.filename, e.lineno)] if isinstance(e, SyntaxError) else where
         line = traceback.format_exception_only(type(e), e)[-1].strip().splitlines()[0]
-        print(f"wakaq: cannot load app {args.app!r}: {line}", file=sys.stderr)
+        at = " (%s, line %s)" % where[-1] if where and where[-1][0] else ""
+        print(f"wakaq: cannot load app {args.app!r}: {line}{at}", file=sys.stderr)
         return 2
     try:
-        return _COMMANDS[args.command][0](app, args)
+        try:
+            app.redis.ping()     # a configuration error stops every command at once
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            if isinstance(e, _CONFIG_ERRORS) or args.command not in ("worker", "scheduler"):
+                raise            # an outage is for the worker and the scheduler to ride out
+        return _COMMANDS[args.command][0](app, args) or 0
     except ValueError as e:               # e.g. an unknown queue or cron task name
         print(f"wakaq: {e}", file=sys.stderr)
         return 2
     except redis.RedisError as e:
-        print(f"wakaq: Redis at {app.url}: {e}", file=sys.stderr)
-        return 1
+        print(f"wakaq: Redis at {_mask(app.url)}: {e}", file=sys.stderr)
+        return 2 if isinstance(e, _CONFIG_ERRORS) else 1
 
+
+_worker_script, _scheduler_script, _info_script, _purge_script = (   # the original's commands
+    lambda c=c: main([*c, *sys.argv[1:]]) for c in (["worker"], ["scheduler"], ["info", "--json"],
+                                                      ["purge"]))
 
 if __name__ == "__main__":
     # Let `import wakaq` in the app find this module instead of loading a second copy.
