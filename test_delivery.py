@@ -307,7 +307,7 @@ def test_2_a_redis_outage_longer_than_heartbeat_timeout_is_no_death(r, spawn, re
     redis_server.stop()                          # a crash; the AOF keeps every write
     time.sleep(6)                                # the outage: twice heartbeat_timeout
     redis_server.start()
-    wait_for(lambda: len(runs(r, "finished")) == 2 and no_dead(r, spawn),
+    wait_for(lambda: no_dead(r, spawn) and len(runs(r, "finished")) == 2,
              "both tasks to finish after the outage", 20, diag=spawn.tails)
     time.sleep(0.5)
     assert sorted(s[0] for s in runs(r, "started")) == ["one", "two"], spawn.tails(30)
@@ -401,8 +401,9 @@ def test_4_sighup_is_logged_and_handled_and_no_child_outlives_the_parent(r, spaw
         else:                                    # a graceful replacement
             print("\nSIGHUP: children replaced")
             seen_w = w
-        wait_for(lambda: {f[0] for f in runs(r, "finished")} >= {"long", *tags} and
-                 no_dead(r, spawn), "every task to finish", 20, diag=spawn.tails)
+        wait_for(lambda: no_dead(r, spawn) and
+                 {f[0] for f in runs(r, "finished")} >= {"long", *tags},
+                 "every task to finish", 20, diag=spawn.tails)
         assert [f[0] for f in runs(r, "finished")].count("long") == 1, \
             "the running task did not finish exactly once"
         wait_for(lambda: not leftovers(r, app2), "nothing left queued or in flight", 5,
@@ -558,7 +559,7 @@ def test_7b_a_stop_during_a_redis_outage_leaves_nothing_to_adopt_as_worker_died(
         code = w1.wait_exit(20, diag=spawn.tails)
         print(f"\nworker stopped during the outage exited {code}")
         w2 = spawn("worker", "test_delivery:app")
-        wait_for(lambda: len(runs(r, "finished")) == 1 and no_dead(r, spawn),
+        wait_for(lambda: no_dead(r, spawn) and len(runs(r, "finished")) == 1,
                  "the interrupted task to run again", 20, diag=spawn.tails)
         [first, second] = runs(r, "started")
         assert second[1] == 1, f"the interruption used a retry: runs {runs(r, 'started')}"
