@@ -17,25 +17,31 @@ attempt (soft timeout, hard timeout, the child or the whole worker dying) is ret
 at the end of its queue while it has retries left, then dead-lettered with the reason.
 Any other exception is logged with its traceback and the task is done.
 
-Redis keys ({p} = "wakaq"):
-    {p}:q:{queue}       LIST  ready payloads. Children LPOP from the left. Pushed to the
-                              right (end): new (.delay), retried, due delayed, cron ticks,
-                              requeued dead letters. Pushed to the left (front): tasks that
-                              a stop interrupted (they keep their retry count).
-    {p}:eta:{queue}     ZSET  delayed payloads, score = due time (unix seconds, float).
-                              Worker parents move due ones to {p}:q:{queue} in batches.
-    {p}:wake:{queue}    LIST  wake-up tokens (at most 1,000): every push to {p}:q:{queue}
-                              adds one; idle children BLPOP them; a claim that finds all
-                              its queues empty deletes them.
-    {p}:inflight:{wid}  HASH  child slot -> the payload it is running (set in the same
-                              script that pops it). Worker {wid}'s parent releases a dead
-                              child's entry; a live worker adopts a dead worker's hash.
-    {p}:workers         ZSET  worker id -> last heartbeat (unix seconds).
+Redis keys. {p} is "{PREFIX}" (default "{wakaq}"): the hash tag puts all of an app's keys in
+one Redis Cluster slot, so every script runs on one node. Times are Redis's clock (TIME).
+    {p}:q:{queue}       LIST  ready payloads; claims LPOP from the left. Pushed to the right
+                              (end): new (.delay), retried, due delayed, cron ticks, requeued
+                              dead letters, `migrate`d. To the left (front): tasks that a stop
+                              (or another task's hard timeout) interrupted; they keep their
+                              retry count.
+    {p}:ready           ZSET  queue name -> rank (0 = served first): the non-empty queues, so a
+                              claim costs the same with 1 or 200 queues.
+    {p}:eta:{queue}     ZSET  delayed payloads (eta, retry_backoff, migrate), score = due time.
+    {p}:due             ZSET  "RANK:NAME" -> earliest due time in that queue's delayed set; a
+                              claim moves what is due (bounded batches) to the end of its queue.
+    {p}:wake:{queue}    LIST  wake-up tokens (at most 1,000) that idle children BLPOP; pushes
+                              add them; a child deletes stale ones before it waits.
+    {p}:inflight:{wid}  HASH  "S.K" -> the payload child slot S runs in sub-slot K, "S.K:t" ->
+                              its claim token (acks compare it), "S.K:s" -> start time. The parent
+                              releases a dead child's fields; a live worker adopts a dead
+                              worker's hash as "adopted:{wid}:..." fields.
+    {p}:workers         ZSET  worker id (HOST.PID.RANDOM) -> last heartbeat.
     {p}:bcast:{wid}     LIST  broadcast payloads for one worker; claimed before queues.
     {p}:wake:{wid}      LIST  wake-up tokens for that worker's broadcasts.
     {p}:dead            LIST  dead letters: JSON {id, name, queue, attempts, reason, at,
                               payload}, payload = the original payload as a string.
-    {p}:cron:{digest}:{tick}  STRING  SET NX by the scheduler that enqueues that tick.
+    {p}:cron:{digest}   STRING the last tick enqueued for one schedule (unix seconds); compared
+                              and set by the script that pushes it.
 
 Payload: JSON {"id", "name", "queue", "retry", "args", "kwargs"} (+ "bcast": 1);
 retry = failed attempts so far. Values beyond JSON travel as {"__wakaq__": TYPE, "v": ...}.
@@ -47,6 +53,7 @@ import base64
 import collections
 import contextvars
 import decimal
+import functools
 import gc
 import hashlib
 import inspect
@@ -82,7 +89,7 @@ BULK_CHUNK = 1000         # payloads per command in delay_many()
 TICK = 0.1                # worker parent loop period, seconds
 IDLE_WAIT = 5             # default wait_timeout: an idle child's longest BLPOP, seconds
 MAX_BACKOFF = 3600        # retry_backoff waits at most this, seconds
-CRON_CATCH_UP = 1800      # a missed cron tick older than this is skipped; its lock lasts 2x
+CRON_CATCH_UP = 1800      # seconds: a missed cron tick older than this is not enqueued
 
 
 # ===================================================================== errors and helpers
@@ -301,12 +308,13 @@ class Queue:
     """A named list of tasks. Lower priority number = served first."""
 
     __slots__ = ("name", "priority", "max_retries", "soft_timeout", "hard_timeout",
-                 "retry_backoff", "key", "eta_key", "wake_key")
+                 "retry_backoff", "key", "eta_key", "wake_key", "prefix")
 
     def __init__(self, name, priority=None, max_retries=None, soft_timeout=None,
-                 hard_timeout=None, retry_backoff=None):
+                 hard_timeout=None, retry_backoff=None, prefix="wakaq"):
         if not isinstance(name, str) or not _QUEUE_NAME.match(name):
             raise ValueError(f"queue name must be letters, digits, _ . or -, got {name!r}")
+        self.prefix = re.sub(r"[^A-Za-z0-9_.\-]", "", prefix or "wakaq")  # the original's, migrate
         self.name = name
         self.priority = _count(priority, f"priority of queue {name!r}", minimum=-2**31)
         self.max_retries = _count(max_retries, f"max_retries of queue {name!r}")
@@ -321,13 +329,16 @@ def _coerce_queue(q):
         return q
     if isinstance(q, str):
         return Queue(q)
-    if isinstance(q, (tuple, list)) and len(q) == 2:
-        return Queue(q[1], priority=q[0])
+    if isinstance(q, (tuple, list)) and len(q) == 2:    # the original's (name, priority) too
+        return Queue(*q) if isinstance(q[0], str) else Queue(q[1], priority=q[0])
     raise TypeError(f"a queue is a Queue, a (priority, name) tuple or a name, got {q!r}")
 
 
 class CronTask:
-    """Enqueue `task_name` on `queue` whenever `schedule` matches (croniter: 5 or 6 fields)."""
+    """Enqueue `task_name` on `queue` whenever `schedule` matches, in the app's timezone. Five
+    fields (minute hour day month weekday), or six: croniter reads seconds from the SIXTH,
+    so "* * * * * */10" is every 10 seconds and "*/10 * * * * *" every second of every
+    tenth minute. Time-zone and missed-tick rules: see _due and _run_scheduler."""
 
     __slots__ = ("schedule", "task_name", "queue", "args", "kwargs")
 
@@ -350,6 +361,7 @@ class Task:
 
     def __init__(self, app, fn, name, queue, max_retries, soft_timeout, hard_timeout,
                  retry_backoff=None):
+        functools.update_wrapper(self, fn)      # __name__, __qualname__, __module__, __doc__
         self.app, self.fn, self.name = app, fn, name
         self.queue = app._queue(queue) if queue is not None else None
         self.max_retries = _count(max_retries, f"max_retries of task {name!r}")
@@ -357,7 +369,7 @@ class Task:
         self.hard_timeout = _seconds(hard_timeout, f"hard_timeout of task {name!r}")
         self.retry_backoff = _seconds(retry_backoff, f"retry_backoff of task {name!r}")
         _check_timeouts(_limits_for(app, self, self.queue or app.default_queue), f"task {name!r}")
-        self.__doc__, self.__wrapped__ = fn.__doc__, fn
+        self.is_async = inspect.iscoroutinefunction(fn)
         self._json_name = json.dumps(name)
 
     def __call__(self, *args, **kwargs):
@@ -445,10 +457,11 @@ class WakaQ:
             self.tz = ZoneInfo(timezone or "UTC")
         except (ValueError, KeyError, OSError) as e:   # ZoneInfoNotFoundError is a KeyError
             raise ValueError(f"unknown timezone {timezone!r}: {e}") from None
-        self.schedules = list(schedules)
+        self.schedules = [CronTask(*c[:2], None, *c[2:]) if isinstance(c, (tuple, list))
+                          and len(c) in (2, 4) else c for c in schedules]  # the original's tuples
         for cron in self.schedules:
             if not isinstance(cron, CronTask):
-                raise TypeError(f"schedules holds CronTask objects, got {cron!r}")
+                raise TypeError(f"schedules holds CronTask objects or tuples, got {cron!r}")
             if cron.queue is not None:
                 self._queue(cron.queue)
         self.eager = bool(eager)
@@ -485,7 +498,9 @@ class WakaQ:
         return register(fn) if fn is not None else register
 
     def _hook(kind):
-        def decorator(self, fn):
+        def decorator(self, fn=None):               # @app.hook and @app.hook()
+            if fn is None:
+                return lambda fn: decorator(self, fn)
             if kind == "wrap_tasks_with" and self._hooks[kind]:
                 raise ValueError(f"wrap_tasks_with is already {self._hooks[kind][0]!r}; "
                                  "compose your wrappers in one function")
@@ -622,7 +637,7 @@ class WakaQ:
             for hook in self._hooks["before_task_started"]:
                 wait(hook())
             fn = task.fn
-            if inspect.iscoroutinefunction(fn):
+            if task.is_async:
                 def fn(*a, **k):
                     return wait(_within(task.fn(*a, **k), soft_deadline))
             wrap = self._hooks["wrap_tasks_with"]
@@ -835,8 +850,9 @@ while not p do
     if not skip[name] then
       local qk = ARGV[5] .. ':q:' .. name
       p = redis.call('LPOP', qk)
-      if redis.call('LLEN', qk) == 0 then redis.call('ZREM', KEYS[4], name) i = i - 1 end
       if p then break end
+      redis.call('ZREM', KEYS[4], name)
+      i = i - 1
     end
   end
   if #names < 16 then break end
@@ -929,13 +945,15 @@ wake(KEYS[3], 1)
 return 1
 """)
 
-# Enqueue one cron tick once: SET NX lock KEYS[1] (expires ARGV[2] s), then append payload
-# ARGV[1] to queue KEYS[2] and wake KEYS[3]. Several schedulers may race; one wins.
+# Fire cron tick ARGV[1] once: unless record KEYS[1] already holds it or a later one, store it,
+# append payload ARGV[2] to queue KEYS[2], mark it ready (KEYS[3], ARGV[3] ARGV[4]), wake KEYS[4].
 _CRON = _Script("""
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[1])
-redis.call('ZADD', KEYS[4], ARGV[3], ARGV[4])
-wake(KEYS[3], 1)
+local last = tonumber(redis.call('GET', KEYS[1]))
+if last and last >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+wake(KEYS[4], 1)
 return 1
 """)
 
@@ -1022,7 +1040,7 @@ class _Conn:
                 elif self.conn.can_read(timeout=0):        # closed by the server meanwhile
                     raise redis.ConnectionError("the connection was closed")
                 if packed:
-                    self.conn.send_packed_command(packed)
+                    self.conn.send_packed_command([packed])
                 else:
                     self.conn.send_command(*args)
             except (redis.ConnectionError, redis.TimeoutError):
@@ -1141,8 +1159,7 @@ class _Worker:
         self.inflight_key = app._k("inflight", self.wid)
         self.bcast_key, self.wake_key = app._k("bcast", self.wid), app._k("wake", self.wid)
         n, hb = app.concurrency, app.heartbeat_timeout
-        self.k = app.async_concurrency if any(
-            inspect.iscoroutinefunction(t.fn) for t in app.tasks.values()) else 1
+        self.k = app.async_concurrency if any(t.is_async for t in app.tasks.values()) else 1
         self.slots = [None] * n           # slot -> _Child, or None
         self.unreleased = {}              # slot -> {k: (reason, finished token)} of a dead child
         self.not_before = [0.0] * n       # slot -> when it may fork again (monotonic)
@@ -1445,7 +1462,12 @@ class _ChildProcess:
             q.wake_key for q in served]
         self.limits = {}        # (task, queue) -> _Limits
         self.loop = asyncio.new_event_loop()
-        self.poll = 0.01
+        self.poll, self.pid = 0.01, os.getpid()
+        head = ["EVALSHA", _CLAIM.sha, len(self.keys)] + self.keys
+        tail = [worker.wid, "{%s}" % app.prefix] + self.excluded
+        bulk = [b"$%d\r\n%s\r\n" % (len(b), b) for b in (str(x).encode() for x in head + tail)]
+        self.claim_head = b"*%d\r\n" % (len(bulk) + 3) + b"".join(bulk[:len(head)])
+        self.claim_tail = b"".join(bulk[len(head):])
 
     def run(self):
         signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent decides on Ctrl-C
@@ -1500,15 +1522,25 @@ class _ChildProcess:
     def _on_alarm(self, signum, frame):
         if not self.in_task:
             return                       # the task has ended: drop it
-        f = frame
+        f, outer = frame, None           # outer: the outermost frame of logging or wakaq
         while f is not None and f.f_code is not _RUN_TASK_CODE:
             if f.f_globals is globals() or f.f_globals.get("__name__", "").startswith("logging"):
-                break                    # in wakaq's own code or in logging: not here
+                outer = f
             f = f.f_back
-        if f is None or f is frame or f.f_code is not _RUN_TASK_CODE:
-            signal.setitimer(signal.ITIMER_REAL, 0.01)     # try again when back in the task
-            return
-        raise SoftTimeout(f"soft timeout after {self.soft:g}s")
+        if f is None or f is frame:      # not in the task yet, or between its hooks
+            signal.setitimer(signal.ITIMER_REAL, 0.001)
+        elif outer is None:
+            raise SoftTimeout(f"soft timeout after {self.soft:g}s")
+        else:                            # raise it as `outer` returns into the task's code
+            outer.f_trace = self._on_return
+            sys.settrace(_no_trace)
+
+    def _on_return(self, frame, event, arg):
+        if event != "return":
+            return self._on_return
+        sys.settrace(None)
+        if self.in_task:
+            raise SoftTimeout(f"soft timeout after {self.soft:g}s")
 
     def _call(self, fn):
         """Run a Redis step until it succeeds; outages are logged once, with backoff."""
@@ -1526,9 +1558,14 @@ class _ChildProcess:
             time.sleep(delay)
 
     def _claim(self, field):
-        token = f"{os.getpid()}-{next(self.claims)}"
-        return _CLAIM(self.r, self.keys, [field, self.prev[field], token, self.worker.wid,
-                                          "{%s}" % self.app.prefix, *self.excluded])
+        """The hot path: the claim's command bytes are packed once, all but three arguments."""
+        args = (field, self.prev[field], f"{self.pid}-{next(self.claims)}")
+        try:
+            return self.r.execute_command(packed=self.claim_head + b"".join(
+                b"$%d\r\n%s\r\n" % (len(a), a.encode()) for a in args) + self.claim_tail)
+        except redis.exceptions.NoScriptError:
+            self.r.execute_command("SCRIPT", "LOAD", _CLAIM.source)
+            return self._claim(field)
 
     def _wait(self):
         """Before an idle wait, ack what is finished; then BLPOP the wake-up lists until a
@@ -1580,7 +1617,7 @@ class _ChildProcess:
         struct.pack_into("d", self.worker.shm, at, start + limits.hard if limits.hard else 0.0)
         soft = limits.soft and start + limits.soft
         wrap = app._hooks["wrap_tasks_with"]
-        if self.worker.k > 1 and inspect.iscoroutinefunction(task.fn) and (
+        if self.worker.k > 1 and task.is_async and (
                 not wrap or inspect.iscoroutinefunction(wrap[0])):
             self.running[field] = self.loop.create_task(
                 self._run_async(field, raw, token, msg, task, soft, start, at))
@@ -1588,15 +1625,18 @@ class _ChildProcess:
         outcome = None
         ctx = _current.set(msg)
         try:
+            armed = limits.soft and not task.is_async
             try:
-                if limits.soft and not inspect.iscoroutinefunction(task.fn):
+                if armed:
                     self.soft, self.in_task = limits.soft, True
                     signal.setitimer(signal.ITIMER_REAL, limits.soft)
                 app._run_task(task, msg["args"], msg["kwargs"], soft,
                               self.loop.run_until_complete)
             finally:
                 self.in_task = False
-                signal.setitimer(signal.ITIMER_REAL, 0)
+                if armed:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    sys.settrace(None)
         except SoftTimeout:
             outcome = "soft timeout"
         except Exception:
@@ -1636,55 +1676,69 @@ class _ChildProcess:
 _RUN_TASK_CODE = WakaQ._run_task.__code__
 
 
+def _no_trace(frame, event, arg):
+    """While a soft timeout waits for logging to return: trace no new frame."""
+
+
 # ===================================================================== scheduler
 
-def _due(schedules, last, now):
-    """(CronTask, fire time) for each schedule with a fire time in (last, now]; a schedule
-    that missed several ticks fires once, for the latest, unless that is over CRON_CATCH_UP
-    seconds old. Times compare as timestamps: wall clocks repeat when DST ends."""
-    due, end = [], now.timestamp()
-    for cron in schedules:
-        it, fire = croniter(cron.schedule, last), None
-        while (nxt := it.get_next(datetime)).timestamp() <= end:
-            fire = nxt
-        if fire and end - fire.timestamp() <= CRON_CATCH_UP:
-            due.append((cron, fire))
-    return due
+def _due(cron, tz, last, now):
+    """(the latest tick of `cron` in (last, now] if at most CRON_CATCH_UP (+1) s old, else
+    None; the first tick after now), unix seconds, in zone tz. croniter walks instants: a
+    wall time that does not exist is one tick just after the gap, an hour repeated when the
+    clocks go back is two real hours. On top, cron's rule (cronie, Vixie cron): with a fixed
+    hour the repeated wall time is one tick (the first); with `*` or a step in the hour
+    field a wall time that does not exist is no tick (croniter would add one after the gap)."""
+    star, fire = cron.schedule.split()[1].startswith("*"), None
+    it = croniter(cron.schedule, datetime.fromtimestamp(max(last, now - CRON_CATCH_UP - 1), tz))
+    while (t := it.get_next(datetime)).timestamp() <= now:
+        wall, ts = t.replace(tzinfo=None), t.timestamp()
+        if not star and t.replace(fold=0).timestamp() != ts:
+            continue
+        if star and datetime.fromtimestamp(ts - 1, tz).utcoffset() != t.utcoffset() and \
+                croniter(cron.schedule, wall - timedelta(seconds=1)).get_next(datetime) != wall:
+            continue
+        fire = int(ts)
+    return fire, t.timestamp()
 
 
 def _run_scheduler(app, stop):
-    """Enqueue each tick exactly once across schedulers; re-read the clock every pass."""
+    """Enqueue each tick once across schedulers and restarts: the last tick fired per
+    schedule lives in Redis ({p}:cron:{digest}); "now" is Redis's clock (TIME)."""
+    crons = []
     for cron in app.schedules:
         if cron.task_name not in app.tasks:
             raise ValueError(f"schedule {cron.schedule!r} names unknown task {cron.task_name!r}")
-    if not app.schedules:
-        log.warning("the app has no schedules; the scheduler has nothing to do")
-    r, outage = app._client(retries=0), _Outage("scheduler")
-    last = datetime.now(app.tz)
-    log.info("scheduler started with %d schedule(s)", len(app.schedules))
+        task = app.tasks[cron.task_name]
+        q = app._queue(cron.queue) if cron.queue else task.queue or app.default_queue
+        ident = json.dumps([cron.schedule, cron.task_name, q.name, cron.args, cron.kwargs],
+                           sort_keys=True, default=str)
+        crons.append((cron, task, q, app._k("cron", hashlib.sha1(ident.encode()).hexdigest())))
+    if not crons:
+        log.warning("the app has no schedules; the scheduler exits")
+        return
+    r, outage, ready = app._client(retries=0), _Outage("scheduler"), app._k("ready")
+    log.info("scheduler started with %d schedule(s)", len(crons))
     while not stop():
-        now = datetime.now(app.tz)
         try:
             outage.ok(r)
-            for cron, fire in _due(app.schedules, last, now):
-                task = app.tasks[cron.task_name]
-                q = app._queue(cron.queue) if cron.queue else task.queue or app.default_queue
-                _, raw = app._payload(task, cron.args, cron.kwargs, q)
-                digest = hashlib.sha1(json.dumps([cron.schedule, cron.task_name, q.name,
-                                                  cron.args, cron.kwargs], sort_keys=True,
-                                                 default=str).encode()).hexdigest()[:16]
-                lock = app._k("cron", digest, str(int(fire.timestamp())))
-                if _CRON(r, [lock, q.key, q.wake_key, app._k("ready")],
-                        [raw, 2 * CRON_CATCH_UP, app._rank(q), q.name]):
-                    log.info("enqueued %s for %s", cron.task_name, fire.isoformat())
-            last = now
-            fires = [croniter(c.schedule, now).get_next(datetime) for c in app.schedules]
-            pause = (min(fires) - datetime.now(app.tz)).total_seconds() if fires else 1.0
+            now, pause = app.redis_time(), 1.0
+            for (cron, task, q, key), last in zip(crons, r.mget([c[3] for c in crons])):
+                if last is None:            # a new schedule starts from now
+                    r.set(key, int(now), nx=True)
+                    continue
+                fire, nxt = _due(cron, app.tz, float(last), now)
+                pause = min(pause, nxt - now)
+                if fire and _CRON(r, [key, q.key, ready, q.wake_key], [fire, app._payload(
+                        task, cron.args, cron.kwargs, q)[1], app._rank(q), q.name]):
+                    log.info("enqueued %s for %s", cron.task_name,
+                             datetime.fromtimestamp(fire, app.tz).isoformat())
         except redis.RedisError as e:
             pause = outage.failed(e)
-        deadline = time.monotonic() + min(max(pause, 0.01), 1.0)
+        deadline = time.monotonic() + max(pause, 0.01)
         while not stop() and time.monotonic() < deadline:
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+    log.info("scheduler stopped")
 
 
 # ===================================================================== command line
@@ -1768,11 +1822,69 @@ def _cmd_dead(app, args):
     return 0
 
 
+# KEYS: the original's list or zset (ARGV[1]), our queue, wake, ready, eta, due (as _ENQUEUE),
+# dead. Per (raw, due, payload) in ARGV[4..]: if raw is still in KEYS[1], remove it and push
+# payload: due '' to our queue (rank ARGV[2], name ARGV[3]), 'dead' to dead, else delayed.
+_MIGRATE = _Script("""
+local n, ready = 0, 0
+for i = 4, #ARGV, 3 do
+  if (ARGV[1] == 'list' and redis.call('LREM', KEYS[1], 1, ARGV[i])
+      or redis.call('ZREM', KEYS[1], ARGV[i])) == 1 then
+    n = n + 1
+    if ARGV[i + 1] == '' then redis.call('RPUSH', KEYS[2], ARGV[i + 2]); ready = ready + 1
+    elseif ARGV[i + 1] == 'dead' then redis.call('RPUSH', KEYS[7], ARGV[i + 2])
+    else later(KEYS[5], KEYS[6], ARGV[2] .. ':' .. ARGV[3], tonumber(ARGV[i + 1]),
+               ARGV[i + 2], KEYS[3]) end
+  end
+end
+if ready > 0 then redis.call('ZADD', KEYS[4], ARGV[2], ARGV[3]); wake(KEYS[3], ready) end
+return n
+""")
+_ORIGINAL = {"Decimal": lambda d: decimal.Decimal(d["value"]), "date": lambda d: date(
+    d["year"], d["month"], d["day"]), "bytes": lambda d: base64.b64decode(d["value"]),
+    "timedelta": lambda d: timedelta(**d["kwargs"]),
+    "datetime": lambda d: datetime(**{k: v for k, v in d.items() if k != "__class__"})}
+
+
+def _from_original(raw, app, queue):
+    """One of the original WakaQ's payloads as ours; raises one of _BAD_PAYLOAD."""
+    msg = json.loads(raw, object_hook=lambda d: _ORIGINAL[d["__class__"]](d)
+                     if d.get("__class__") in _ORIGINAL else d)
+    name, args, kwargs, retry = msg["name"], msg["args"], msg["kwargs"], msg.get("retry") or 0
+    if not isinstance(name, str) or (type(args), type(kwargs), type(retry)) != (list, dict, int):
+        raise ValueError("need name, args, kwargs")
+    task = app.tasks.get(name) or type("", (), {"name": name, "_json_name": json.dumps(name)})
+    return app._payload(task, args, kwargs, queue)[1].replace('"retry":0,', f'"retry":{retry},', 1)
+
+
+def _cmd_migrate(app, args):
+    """Move the original's tasks (lists P:Q, zsets P:eta:Q) to ours, each removed and pushed
+    by one script: none moved twice or lost. Unknown task names are moved too."""
+    r, moved = app.redis, 0
+    for q, kind in itertools.product(app.queues, ("list", "zset")):
+        key = f"{q.prefix}:{q.name}" if kind == "list" else f"{q.prefix}:eta:{q.name}"
+        keys = [key, q.key, q.wake_key, app._k("ready"), q.eta_key, app._k("due"), app._k("dead")]
+        for _ in range(0, r.llen(key) if kind == "list" else r.zcard(key), 100):  # not newer
+            argv = [kind, app._rank(q), q.name]
+            for raw, due in (r.zrange(key, 0, 99, withscores=True) if kind == "zset"
+                             else [(b, "") for b in r.lrange(key, 0, 99)]):
+                try:
+                    argv += [raw, due and repr(due), _from_original(raw, app, q)]
+                except _BAD_PAYLOAD as e:
+                    argv += [raw, "dead", _dead_entry(raw, {"id": _new_id(), "queue": q.name},
+                                                      f"bad payload from the original WakaQ: {e}")]
+            moved += _MIGRATE(r, keys, argv)
+    print(f"moved {moved} task(s) from the original WakaQ")
+    return 0
+
+
 _COMMANDS = {"worker": (_cmd_worker, "run a worker: a parent that forks `concurrency` children"),
              "scheduler": (_cmd_scheduler, "enqueue the app's CronTasks on time"),
              "info": (_cmd_info, "show queues, in-flight and dead tasks, live workers"),
              "purge": (_cmd_purge, "delete a queue's pending and delayed tasks"),
-             "dead": (_cmd_dead, "list, requeue or delete dead-lettered tasks")}
+             "dead": (_cmd_dead, "list, requeue or delete dead-lettered tasks"),
+             "migrate": (_cmd_migrate, "move the original WakaQ's pending and delayed tasks "
+                         "into this library's queues")}
 
 
 def main(argv=None):
