@@ -714,9 +714,11 @@ def test_chaos_with_a_skewed_worker_and_a_long_outage_loses_nothing(r, redis_ser
         ids = chaos_job.delay_many(calls, queue=queue_name, eta=eta)
         expected.update(zip((myid for myid, _ in calls), ids))
 
-    actions = ["child"] * 6 + ["client_kill", "long_outage"]
+    actions = ["child"] * 6 + ["client_kill"]
     rng.shuffle(actions)
+    actions.insert(1, "long_outage")             # early: while tasks run and wait
     outage = chaos_app.heartbeat_timeout + 2
+    left_at_outage = None
     for action in actions:
         time.sleep(rng.uniform(0.15, 0.6))
         if action == "child":
@@ -726,11 +728,13 @@ def test_chaos_with_a_skewed_worker_and_a_long_outage_loses_nothing(r, redis_ser
         elif action == "client_kill":
             r.execute_command("CLIENT", "KILL", "TYPE", "normal")
         else:
+            left_at_outage = len(expected) - r.scard("test:chaos:done")
             redis_server.stop()
             time.sleep(outage)                   # longer than heartbeat_timeout
             redis_server.start()
-    print(f"chaos actions {actions} (outage {outage}s); "
-          f"{len(expected) - r.scard('test:chaos:done')} tasks not done yet")
+    print(f"chaos actions {actions} (outage {outage}s with {left_at_outage} tasks not done); "
+          f"{len(expected) - r.scard('test:chaos:done')} tasks not done after the chaos")
+    assert left_at_outage, "the outage came after every task was done: it tested nothing"
 
     dead_letters = []
 
@@ -770,6 +774,9 @@ def test_chaos_with_a_skewed_worker_and_a_long_outage_loses_nothing(r, redis_ser
     assert all(len(set(a)) == len(a) for a in twice.values()), \
         f"a task ran twice as the same attempt: {twice}"
     assert plain.alive() and skewed.alive(), spawn.tails()
+    skewed_runs = len(re.findall(r"\bdone\b", skewed.log()))
+    print(f"the skewed worker logged {skewed_runs} finished attempts")
+    assert skewed_runs, "the skewed worker ran nothing: its clock was not tested"
     wait_for(lambda: registered_pids(r, chaos_app.heartbeat_timeout) == {plain.pid, skewed.pid},
              "both workers to heartbeat", 10, diag=diag)
     assert "Traceback" not in logs, logs[logs.index("Traceback") - 300:][:3000]
