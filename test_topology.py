@@ -465,7 +465,7 @@ def tls_server(topo_dir):
             c.execute_command("ACL", "SETUSER", "default", "off")
         server.kw.update(username=ACL_USER, password=PASSWORD)
         with server.client() as c:
-            assert c.acl_whoami() == b"wakaq_user"
+            assert c.acl_whoami() in (b"wakaq_user", "wakaq_user")
         yield server
     finally:
         server.stop()
@@ -554,7 +554,7 @@ def test_cluster_broadcast_reaches_each_worker(cl, r, spawn):
     assert ctask.broadcast("bcast", 7) == 2
     wait_for(lambda: len(runs(r, "c:bcast")) >= 2, "the broadcast to run on both workers", 20,
              diag=spawn.tails)
-    assert sorted(e[4] for e in runs(r, "c:bcast")) == sorted(w.pid for w in ws)
+    assert sorted(e[3] for e in runs(r, "c:bcast")) == sorted(w.pid for w in ws)
 
 
 def test_cluster_cron_fires(cl, r, spawn):
@@ -749,10 +749,10 @@ def test_two_prefixes_on_one_db_never_see_each_other(r, spawn):
     wait_for(lambda: len(runs(r, "b:refresh")) >= 1 and len(runs(r, "a:ping")) >= 1
              and 3 in tags(r, "a:email") and 3 in tags(r, "b:report"),
              "each broadcast and a later task to run", 20, diag=spawn.tails)
-    assert [(e[0], e[4]) for e in runs(r, "b:refresh")] == [("b-both", b.pid)]
-    assert [(e[0], e[4]) for e in runs(r, "a:ping")] == [("a-both", a.pid)]
-    assert {e[4] for e in runs(r, "a:email")} == {a.pid}
-    assert {e[4] for e in runs(r, "b:report")} == {b.pid}
+    assert [(e[0], e[3]) for e in runs(r, "b:refresh")] == [("b-both", b.pid)]
+    assert [(e[0], e[3]) for e in runs(r, "a:ping")] == [("a-both", a.pid)]
+    assert {e[3] for e in runs(r, "a:email")} == {a.pid}
+    assert {e[3] for e in runs(r, "b:report")} == {b.pid}
     # dead letters: purging B's leaves A's
     assert cli("dead", "test_topology:appb", "--purge").returncode == 0
     ia, ib = info_json("test_topology:appa"), info_json("test_topology:appb")
