@@ -233,11 +233,6 @@ class Cluster:
         out = []
         with redis.Redis(port=port, socket_timeout=5, decode_responses=True) as c:
             text = c.execute_command("CLUSTER", "NODES")
-        if isinstance(text, dict):                # some redis-py versions parse it
-            text = "\n".join(f"{v['node_id']} {k} {v['flags']} {v['master_id']} x x x "
-                             f"{'connected' if v['connected'] else 'disconnected'} "
-                             + " ".join("-".join(s) for s in v.get("slots", []))
-                             for k, v in text.items())
         for line in text.strip().splitlines():
             f = line.split()
             flags = f[2].split(",")
