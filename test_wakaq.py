@@ -265,8 +265,10 @@ def queue(r, name):
 
 
 def inflight(r):
-    """Every worker's in-flight hash: {key: {slot: payload}}."""
-    return {k.decode(): r.hgetall(k) for k in r.scan_iter("{wakaq}:inflight:*")}
+    """Every worker's in-flight hash: {key: {field: payload}} (without the token and start
+    time fields "F:t", "F:s")."""
+    return {k.decode(): {f: v for f, v in r.hgetall(k).items() if not f.endswith((b":t", b":s"))}
+            for k in r.scan_iter("{wakaq}:inflight:*")}
 
 
 def read_file(path):
@@ -591,9 +593,9 @@ def test_limits_take_task_then_queue_then_app_and_zero_is_not_unset():
     a = WakaQ(queues=[q], url=URL, soft_timeout=10, hard_timeout=20, max_retries=3)
     t_plain = a.task(lambda: None, name="plain")
     t_own = a.task(lambda: None, name="own", soft_timeout=0, max_retries=0, hard_timeout=7)
-    assert wakaq._limits_for(a, None, None) == (10.0, 20.0, 3)
-    assert wakaq._limits_for(a, t_plain, q) == (5.0, 20.0, 2)
-    assert wakaq._limits_for(a, t_own, q) == (0.0, 7.0, 0)
+    assert wakaq._limits_for(a, None, None)[:3] == (10.0, 20.0, 3)
+    assert wakaq._limits_for(a, t_plain, q)[:3] == (5.0, 20.0, 2)
+    assert wakaq._limits_for(a, t_own, q)[:3] == (0.0, 7.0, 0)
 
 
 def test_concurrency_evaluates_arithmetic_of_cores_and_rejects_anything_else():
@@ -1124,6 +1126,7 @@ def test_unknown_task_is_dead_lettered_and_the_worker_carries_on(r, spawn):
     raw = json.dumps({"id": "x1", "name": "no_such_task", "queue": "default", "retry": 0,
                       "args": [], "kwargs": {}})
     r.rpush("{wakaq}:q:default", raw)
+    r.zadd("{wakaq}:ready", {"default": 0})            # the non-empty queues, by rank
     r.rpush("{wakaq}:wake:default", 1)
     add.delay(1, 1)
     wait_for(lambda: runs(r, "add"), "the next task to run")
@@ -1550,6 +1553,7 @@ def test_bad_payload_is_dead_lettered_and_worker_carries_on(r, spawn, bad_worker
     proc, child_pid = bad_worker
     raw, reason = BAD_PAYLOADS[kind]
     r.rpush("{wakaq}:q:default", raw)                 # straight onto the list, no wake-up token
+    r.zadd("{wakaq}:ready", {"default": 0})            # the non-empty queues, by rank
     wait_for(lambda: r.llen("{wakaq}:dead") >= 1, f"the {kind} payload dead-lettered",
              diag=spawn.tails)
     checkin.delay("after")

@@ -49,11 +49,13 @@ import contextvars
 import decimal
 import gc
 import hashlib
+import inspect
 import itertools
 import json
 import logging
 import mmap
 import os
+import random
 import re
 import select
 import signal
@@ -78,7 +80,8 @@ WAKE_TOKENS = 1000        # wake-up tokens kept per queue at most
 DUE_BATCH = 1000          # delayed payloads moved per script call (bounded command time)
 BULK_CHUNK = 1000         # payloads per command in delay_many()
 TICK = 0.1                # worker parent loop period, seconds
-IDLE_WAIT = 1             # a child's BLPOP timeout, seconds (it re-checks its flags after)
+IDLE_WAIT = 5             # default wait_timeout: an idle child's longest BLPOP, seconds
+MAX_BACKOFF = 3600        # retry_backoff waits at most this, seconds
 CRON_CATCH_UP = 1800      # a missed cron tick older than this is skipped; its lock lasts 2x
 
 
@@ -104,8 +107,8 @@ def _seconds(value, name):
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be seconds or a timedelta, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must not be negative, got {value!r}")
+    if not 0 <= value < float("inf"):        # also refuses nan
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
     return float(value)
 
 
@@ -119,7 +122,7 @@ def _count(value, name, minimum=0):
     return value
 
 
-_Limits = collections.namedtuple("_Limits", "soft hard retries")
+_Limits = collections.namedtuple("_Limits", "soft hard retries backoff")
 
 
 def _limits_for(app, task, queue):
@@ -128,7 +131,8 @@ def _limits_for(app, task, queue):
 
     def first(attr):
         return next((getattr(x, attr) for x in layers if getattr(x, attr) is not None), None)
-    return _Limits(first("soft_timeout"), first("hard_timeout"), first("max_retries") or 0)
+    return _Limits(first("soft_timeout"), first("hard_timeout"), first("max_retries") or 0,
+                   first("retry_backoff") or 0.0)
 
 
 def _check_timeouts(limits, where):
@@ -142,7 +146,7 @@ _ALLOWED_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
                 ast.FloorDiv: lambda a, b: a // b}
 
 
-def _concurrency(value, cores=None):
+def _concurrency(value, cores=None, name="concurrency"):
     """An int, or arithmetic of `cores` such as "cores*2" or "cores - 1" (at least 1)."""
     cores = cores or os.cpu_count() or 1
 
@@ -158,13 +162,13 @@ def _concurrency(value, cores=None):
         raise ValueError("only numbers, `cores` and + - * / // are allowed")
 
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise TypeError(f"concurrency must be an int or an expression of cores, got {value!r}")
+        raise TypeError(f"{name} must be an int or an expression of cores, got {value!r}")
     try:
         n = value if isinstance(value, int) else int(ev(ast.parse(value, mode="eval").body))
     except (SyntaxError, ValueError, ZeroDivisionError) as e:
-        raise ValueError(f"bad concurrency expression {value!r}: {e}") from None
+        raise ValueError(f"bad {name} expression {value!r}: {e}") from None
     if n < 1:
-        raise ValueError(f"concurrency must come to at least 1, got {value!r} = {n}")
+        raise ValueError(f"{name} must come to at least 1, got {value!r} = {n}")
     return n
 
 
@@ -297,10 +301,10 @@ class Queue:
     """A named list of tasks. Lower priority number = served first."""
 
     __slots__ = ("name", "priority", "max_retries", "soft_timeout", "hard_timeout",
-                 "key", "eta_key", "wake_key")
+                 "retry_backoff", "key", "eta_key", "wake_key")
 
     def __init__(self, name, priority=None, max_retries=None, soft_timeout=None,
-                 hard_timeout=None):
+                 hard_timeout=None, retry_backoff=None):
         if not isinstance(name, str) or not _QUEUE_NAME.match(name):
             raise ValueError(f"queue name must be letters, digits, _ . or -, got {name!r}")
         self.name = name
@@ -308,6 +312,7 @@ class Queue:
         self.max_retries = _count(max_retries, f"max_retries of queue {name!r}")
         self.soft_timeout = _seconds(soft_timeout, f"soft_timeout of queue {name!r}")
         self.hard_timeout = _seconds(hard_timeout, f"hard_timeout of queue {name!r}")
+        self.retry_backoff = _seconds(retry_backoff, f"retry_backoff of queue {name!r}")
         self.key = self.eta_key = self.wake_key = None      # set by the app (its prefix)
 
 
@@ -343,12 +348,14 @@ class CronTask:
 class Task:
     """A registered task: call it to run here and now, .delay() to enqueue it."""
 
-    def __init__(self, app, fn, name, queue, max_retries, soft_timeout, hard_timeout):
+    def __init__(self, app, fn, name, queue, max_retries, soft_timeout, hard_timeout,
+                 retry_backoff=None):
         self.app, self.fn, self.name = app, fn, name
         self.queue = app._queue(queue) if queue is not None else None
         self.max_retries = _count(max_retries, f"max_retries of task {name!r}")
         self.soft_timeout = _seconds(soft_timeout, f"soft_timeout of task {name!r}")
         self.hard_timeout = _seconds(hard_timeout, f"hard_timeout of task {name!r}")
+        self.retry_backoff = _seconds(retry_backoff, f"retry_backoff of task {name!r}")
         _check_timeouts(_limits_for(app, self, self.queue or app.default_queue), f"task {name!r}")
         self.__doc__, self.__wrapped__ = fn.__doc__, fn
         self._json_name = json.dumps(name)
@@ -413,6 +420,13 @@ class WakaQ:
         self.soft_timeout = _seconds(soft_timeout, "soft_timeout")
         self.hard_timeout = _seconds(hard_timeout, "hard_timeout")
         self.max_retries = _count(max_retries, "max_retries")
+        self.retry_backoff = _seconds(retry_backoff, "retry_backoff")
+        self.async_concurrency = _concurrency(async_concurrency or 10, name="async_concurrency")
+        self.wait_timeout = _seconds(wait_timeout, "wait_timeout") or IDLE_WAIT
+        self.socket_timeout = _seconds(socket_timeout, "socket_timeout") or 10.0
+        self.socket_connect_timeout = _seconds(socket_connect_timeout,
+                                               "socket_connect_timeout") or 5.0
+        self.health_check_interval = _seconds(health_check_interval, "health_check_interval")
         for q in [None] + self.queues:
             _check_timeouts(_limits_for(self, None, q), f"queue {q.name!r}" if q else "WakaQ")
         if max_mem_percent is not None and (isinstance(max_mem_percent, bool) or not isinstance(
@@ -445,6 +459,7 @@ class WakaQ:
         self._redis_args = dict(url=url) if url else dict(
             host=host, port=port, db=db, username=username, password=password)
         self.url = url or f"redis://{host}:{port}/{db}"
+        self._ranks = {q.name: i for i, q in enumerate(self.queues)}
         self.tasks = {}
         self._hooks = {"after_worker_started": [], "before_task_started": [],
                        "after_task_finished": [], "wrap_tasks_with": []}
@@ -454,16 +469,17 @@ class WakaQ:
         for q in self.queues:
             q.key, q.eta_key, q.wake_key = (self._k(k, q.name) for k in ("q", "eta", "wake"))
         self.dead_key, self.workers_key = self._k("dead"), self._k("workers")
-        self._redis, self._redis_pid = None, None
+        self._redis, self._redis_pid, self._cluster = None, None, None
 
     def task(self, fn=None, *, name=None, queue=None, max_retries=None, soft_timeout=None,
-             hard_timeout=None):
+             hard_timeout=None, retry_backoff=None):
         """Register a task: @wakaq.task or @wakaq.task(queue=..., max_retries=...)."""
         def register(fn):
             task_name = name or fn.__name__
             if task_name in self.tasks:
                 raise ValueError(f"a task named {task_name!r} is already registered")
-            t = Task(self, fn, task_name, queue, max_retries, soft_timeout, hard_timeout)
+            t = Task(self, fn, task_name, queue, max_retries, soft_timeout, hard_timeout,
+                     retry_backoff)
             self.tasks[task_name] = t
             return t
         return register(fn) if fn is not None else register
@@ -498,28 +514,52 @@ class WakaQ:
         return self._queues[name]
 
     def _client(self, retries=2):
-        """A new client: producers retry twice, workers (retries=0) handle outages themselves."""
+        """A new client on the Redis that holds this app's keys: the server at `url` (or
+        host=...), the master behind Sentinels (redis+sentinel://), or, in a Redis Cluster, the
+        master that owns the slot of the app's hash tag (every key of the app is in that slot).
+        Producers retry twice; workers (retries=0) handle outages themselves."""
         from redis.backoff import ExponentialBackoff
         from redis.retry import Retry
         kw = dict(self._redis_args, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
-                  socket_timeout=max(10.0, IDLE_WAIT * 5), socket_connect_timeout=5)
+                  socket_timeout=max(self.socket_timeout, self.wait_timeout + 5),
+                  socket_connect_timeout=self.socket_connect_timeout,
+                  health_check_interval=self.health_check_interval)
         url = kw.pop("url", None)
-        return redis.Redis.from_url(url, **kw) if url else redis.Redis(**kw)
+        if url and url.startswith("redis+sentinel://"):
+            return _sentinel_master(url, kw)
+        client = redis.Redis.from_url(url, **kw) if url else redis.Redis(**kw)
+        if self._cluster is None:
+            self._cluster = client.info("cluster").get("cluster_enabled") == 1
+        if self._cluster:
+            from redis.cluster import RedisCluster
+            kw.pop("health_check_interval")
+            cluster = RedisCluster.from_url(url, **kw) if url else RedisCluster(**kw)
+            client.close()
+            client = cluster.get_node_from_key(self._k("q")).redis_connection
+        return client
 
     @property
     def _conn(self):
         """This thread's own connection for enqueueing (see _Conn)."""
         conns = _local.__dict__.setdefault("conns", {})
         if self not in conns:
-            conns[self] = _Conn(self._client(), retries=1)
+            conns[self] = _Conn(self, retries=1)
         return conns[self]
 
     @property
     def redis(self):
-        """This process's client (a new one after fork)."""
+        """This process's client (a new one after fork) on the node that holds the app's keys."""
         if self._redis is None or self._redis_pid != os.getpid():
             self._redis, self._redis_pid = self._client(), os.getpid()
         return self._redis
+
+    def redis_time(self):
+        """Redis's clock (TIME), unix seconds: the one clock every host compares against."""
+        sec, usec = self.redis.time()
+        return sec + usec / 1e6
+
+    def _rank(self, queue):
+        return self._ranks[queue.name]
 
     def _payload(self, task, args, kwargs, queue, bcast=False):
         """(id, payload). Formatted by hand: the same JSON as dumping a dict, twice as fast.
@@ -534,73 +574,111 @@ class WakaQ:
                         f'"retry":0,"args":{args},"kwargs":{kwargs}{tail}')
 
     def _enqueue(self, task, calls, queue, eta):
-        q = self._queue(queue) if queue is not None else task.queue or self.default_queue
+        if queue is None:
+            q = task.queue or self.default_queue
+        else:
+            q = self._queue(queue)
+            _check_timeouts(_limits_for(self, task, q), f"task {task.name!r} on queue {q.name!r}")
         built = [self._payload(task, a, k, q) for a, k in calls]   # TypeError before any push
         if self.eager:
-            for msg in (_loads(raw) for _, raw in built):
-                self._run_task(task, msg["args"], msg["kwargs"])
-            return [i for i, _ in built]
-        due = _due_time(eta)
-        payloads = [raw for _, raw in built]
-        r = self._conn
-        for start in range(0, len(payloads), BULK_CHUNK):
-            chunk = payloads[start:start + BULK_CHUNK]
-            if due is None:
-                _ENQUEUE(r, [q.key, q.wake_key], chunk)
-            else:
-                r.execute_command("ZADD", q.eta_key, *itertools.chain.from_iterable(
-                    (due, p) for p in chunk))
+            for _, raw in built:
+                self._run_eager(task, raw)
+        else:
+            self._push_raw(q, [raw for _, raw in built], *_eta(eta))
         return [i for i, _ in built]
+
+    def _push_raw(self, q, payloads, mode="", when=0):
+        """Append payloads to queue q, or (mode "in": `when` seconds from now by Redis's clock;
+        "at": at unix time `when`) add them to its delayed set. One round trip per 1,000."""
+        keys = [q.key, q.wake_key, self._k("ready"), q.eta_key, self._k("due")]
+        for start in range(0, len(payloads), BULK_CHUNK):
+            _ENQUEUE(self._conn, keys, [self._rank(q), q.name, mode, when,
+                                        *payloads[start:start + BULK_CHUNK]])
+
+    def _run_eager(self, task, raw):
+        """eager=True: the same serializer round trip and current_task() as in a worker."""
+        msg = _loads(raw)
+        token = _current.set(msg)
+        try:
+            return self._run_task(task, msg["args"], msg["kwargs"])
+        finally:
+            _current.reset(token)
 
     def _broadcast(self, task, args, kwargs):
         _, raw = self._payload(task, args, kwargs, task.queue or self.default_queue, bcast=True)
         if self.eager:
-            self._run_task(task, list(args), kwargs)
+            self._run_eager(task, raw)
             return 1
         return _BROADCAST(self._conn, [self.workers_key],
-                          [time.time() - self.heartbeat_timeout, raw, "{%s}" % self.prefix])
+                          [self.heartbeat_timeout, raw, "{%s}" % self.prefix])
 
-    def _run_task(self, task, args, kwargs, soft_deadline=None):
-        """Run a task with the hooks. `async def` tasks run to completion here, with the
-        soft timeout kept by asyncio (a SIGALRM could land inside asyncio's own callbacks)."""
+    def _run_task(self, task, args, kwargs, soft_deadline=None, run=asyncio.run):
+        """Run the hooks and the task (through wrap_tasks_with). Whatever returns a coroutine
+        is run to completion by `run` (the child's lasting event loop); an async task's soft
+        timeout is kept by asyncio (a SIGALRM could land inside asyncio's own callbacks)."""
+        def wait(x):
+            return run(x) if inspect.isawaitable(x) else x
         try:
             for hook in self._hooks["before_task_started"]:
-                hook()
-            if self._hooks["wrap_tasks_with"]:
-                result = self._hooks["wrap_tasks_with"][0](task.fn, args, kwargs)
-            else:
-                result = task.fn(*args, **kwargs)
-            if asyncio.iscoroutine(result):
-                if soft_deadline:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
-                    result = _within(result, soft_deadline)
-                result = asyncio.run(result)
-            return result
+                wait(hook())
+            fn = task.fn
+            if inspect.iscoroutinefunction(fn):
+                def fn(*a, **k):
+                    return wait(_within(task.fn(*a, **k), soft_deadline))
+            wrap = self._hooks["wrap_tasks_with"]
+            return wait(wrap[0](fn, args, kwargs) if wrap else fn(*args, **kwargs))
         finally:
             for hook in self._hooks["after_task_finished"]:
-                hook()
+                wait(hook())
+
+    async def _run_async(self, task, args, kwargs, soft_deadline):
+        """The same as _run_task, awaited on the child's event loop (async_concurrency)."""
+        try:
+            for hook in self._hooks["before_task_started"]:
+                await _maybe(hook())
+            wrap = self._hooks["wrap_tasks_with"]
+            coro = wrap[0](task.fn, args, kwargs) if wrap else task.fn(*args, **kwargs)
+            return await _within(_maybe(coro), soft_deadline)
+        finally:
+            for hook in self._hooks["after_task_finished"]:
+                await _maybe(hook())
 
     def _outcome(self, raw, reason, bcast_key=None):
-        """The retry rule for every attempt that ends early: (list key, wake key or None, value).
-        "interrupted by stop" keeps the retry count. bcast_key is the worker's own broadcast
+        """The retry rule for an attempt that ended early: (list key, where, value, queue, delay).
+        where: "front" (a stop or another task's hard timeout interrupted it: the retry count is
+        kept), "back", "delay" (retry_backoff) or "dead". bcast_key is the worker's own broadcast
         list; None means the broadcast's worker is gone, so it cannot be retried."""
         try:
             msg = _loads_msg(raw, decode=False)      # tagged values are not re-encoded
         except _BAD_PAYLOAD as e:
-            return self.dead_key, None, _dead_entry(raw, None, f"{reason}; bad payload: {e}")
-        task, queue = self.tasks.get(msg["name"]), self._queues.get(msg["queue"])
-        if msg.get("bcast") and bcast_key is None or queue is None:
-            return self.dead_key, None, _dead_entry(raw, msg, reason)
-        if reason != "interrupted by stop":
-            if msg["retry"] >= _limits_for(self, task, queue).retries:
-                return self.dead_key, None, _dead_entry(raw, msg, reason)
-            msg["retry"] += 1
-            raw = json.dumps(msg)
-        return (bcast_key, None, raw) if msg.get("bcast") else (queue.key, queue.wake_key, raw)
+            msg, reason = None, f"{reason}; bad payload: {e}"
+        task = msg and self.tasks.get(msg["name"])
+        queue = msg and self._queues.get(msg["queue"])
+        limits = _limits_for(self, task, queue)
+        if msg and queue and (bcast_key or not msg.get("bcast")):
+            if reason.startswith("interrupted"):
+                return (bcast_key if msg.get("bcast") else queue.key), "front", raw, queue, 0
+            if msg["retry"] < limits.retries:
+                msg["retry"] += 1
+                if msg.get("bcast"):
+                    return bcast_key, "back", json.dumps(msg), queue, 0
+                delay = limits.backoff and min(MAX_BACKOFF, limits.backoff * 2 ** (
+                    msg["retry"] - 1) * random.uniform(0.75, 1.25))
+                return (queue.eta_key, "delay", json.dumps(msg), queue, delay) if delay else \
+                    (queue.key, "back", json.dumps(msg), queue, 0)
+        log.warning("task %s id=%s dead-lettered after %d attempt(s): %s",
+                    msg and msg["name"], msg and msg["id"], (msg or {}).get("retry", 0) + 1, reason)
+        return self.dead_key, "dead", _dead_entry(raw, msg, reason), None, 0
+
+
+async def _maybe(x):
+    return await x if inspect.isawaitable(x) else x
 
 
 async def _within(coro, deadline):
-    """Await coro until the monotonic deadline, then raise SoftTimeout inside it."""
+    """Await coro until the monotonic deadline (None: no limit), then raise SoftTimeout in it."""
+    if deadline is None:
+        return await coro
     try:
         return await asyncio.wait_for(coro, max(0.0, deadline - time.monotonic()))
     except asyncio.TimeoutError:
@@ -617,17 +695,16 @@ def _level(value, name):
     raise ValueError(f"{name} must be a logging level such as 'INFO', got {value!r}")
 
 
-def _due_time(eta):
-    """eta -> unix time, or None for now. Numbers and timedeltas are from now."""
+def _eta(eta):
+    """eta -> ("", 0) for now, ("in", seconds) from now by Redis's clock, or ("at", unix time)
+    for a datetime (naive = UTC): an absolute instant."""
     if eta is None:
-        return None
+        return "", 0
     if isinstance(eta, datetime):
-        return (eta.replace(tzinfo=timezone.utc) if eta.tzinfo is None else eta).timestamp()
-    if isinstance(eta, timedelta):
-        eta = eta.total_seconds()
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
-        raise TypeError(f"eta must be seconds, a timedelta or a datetime, got {eta!r}")
-    return time.time() + max(0.0, eta)
+        return "at", (eta.replace(tzinfo=timezone.utc) if eta.tzinfo is None else eta).timestamp()
+    if isinstance(eta, (int, float)) and not isinstance(eta, bool) and eta < 0:
+        eta = 0                                    # in the past: now
+    return "in", _seconds(eta, "eta or a datetime")
 
 
 def _dead_entry(raw, msg, reason):
@@ -638,13 +715,40 @@ def _dead_entry(raw, msg, reason):
                        "payload": text})
 
 
+def _sentinel_master(url, kw):
+    """redis+sentinel://[user:pass@]host:port[,host:port...]/SERVICE[/DB]: the master of SERVICE
+    as the Sentinels name it now; its connections ask them again after a failover."""
+    from urllib.parse import unquote, urlsplit
+    from redis.sentinel import Sentinel
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    path = parts.path.strip("/").split("/")
+    if not path[0] or len(path) > 2:
+        raise ValueError(f"a Sentinel URL is redis+sentinel://host:port[,...]/SERVICE[/DB], "
+                         f"got {_mask(url)!r}")
+    hosts = [(h.rpartition(":")[0] or h, int(h.rpartition(":")[2] or 26379))
+             for h in netloc.split(",")]
+    auth = dict(username=unquote(parts.username) if parts.username else None,
+                password=unquote(parts.password) if parts.password else None)
+    kw.pop("retry")
+    return Sentinel(hosts, sentinel_kwargs={"socket_timeout": kw["socket_connect_timeout"]},
+                    **kw).master_for(path[0], db=int(path[1]) if len(path) > 1 else 0, **auth)
+
+
+def _mask(url):
+    """The URL with its password replaced by ***."""
+    return re.sub(r"(//[^:@/]*:)[^@/]*@", r"\1***@", url)
+
+
 # ===================================================================== Redis scripts
 
 class _Script:
-    """A Lua script called by EVALSHA, loaded again if Redis lost it (after a restart)."""
+    """A Lua script called by EVALSHA, loaded again if Redis lost it (after a restart).
+    allow_oom: the script may write when Redis is full (maxmemory with noeviction; the
+    `flags` shebang needs Redis 7): what drains the backlog must keep working then."""
 
-    def __init__(self, source):
-        self.source = _LUA_WAKE + source
+    def __init__(self, source, allow_oom=False):
+        self.source = ("#!lua flags=allow-oom\n" if allow_oom else "") + _LUA_LIB + source
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     def __call__(self, r, keys, args):
@@ -654,8 +758,11 @@ class _Script:
             return r.execute_command("EVAL", self.source, len(keys), *keys, *args)
 
 
-# Push up to n wake-up tokens, keeping at most WAKE_TOKENS in the list.
-_LUA_WAKE = f"""
+# Every script starts with these. wake: push up to n wake-up tokens (at most WAKE_TOKENS kept).
+# now: Redis's clock. later: add payload p to delayed set ek due at `due`, keep the queue's
+# earliest due time in zset dk (member "RANK:NAME"), and wake idle children when it is the
+# new earliest of all, so that they learn when to claim it.
+_LUA_LIB = f"""
 local function wake(key, n)
   n = math.min(n, {WAKE_TOKENS} - redis.call('LLEN', key))
   if n > 0 then
@@ -664,91 +771,151 @@ local function wake(key, n)
     redis.call('RPUSH', key, unpack(t))
   end
 end
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1e6
+end
+local function later(ek, dk, m, due, p, wk)
+  redis.call('ZADD', ek, due, p)
+  local first = redis.call('ZRANGE', dk, 0, 0, 'WITHSCORES')
+  redis.call('ZADD', dk, 'LT', due, m)
+  if not first[2] or due < tonumber(first[2]) then wake(wk, 3) end
+end
 """
 
-# Append payloads ARGV to queue KEYS[1] and wake as many idle children (tokens KEYS[2]).
+# Enqueue. KEYS: queue, its wake list, ready zset, its delayed set, due zset. ARGV: rank, name,
+# mode ("" now, "in" seconds, "at" unix time), when, payloads. Payloads due at one moment keep
+# their order (a microsecond apart).
 _ENQUEUE = _Script("""
-redis.call('RPUSH', KEYS[1], unpack(ARGV))
-wake(KEYS[2], #ARGV)
-return #ARGV
+if ARGV[3] == '' then
+  redis.call('RPUSH', KEYS[1], unpack(ARGV, 5))
+  redis.call('ZADD', KEYS[3], ARGV[1], ARGV[2])
+  wake(KEYS[2], #ARGV - 4)
+else
+  local due = tonumber(ARGV[4]) + (ARGV[3] == 'in' and now() or 0)
+  for i = 5, #ARGV do later(KEYS[4], KEYS[5], ARGV[1] .. ':' .. ARGV[2], due + (i - 5) / 1e6,
+                            ARGV[i], KEYS[2]) end
+end
+return #ARGV - 4
 """)
 
-# A child's claim. KEYS: in-flight hash, workers zset, n sources by priority (broadcasts
-# first), their wake lists. ARGV: slot, finished payload (acked by the overwrite), n, worker id.
-# Slot holds another payload: a lost reply, resend it. Worker unlisted: nothing. Empty: clear wakes.
-_CLAIM = _Script("""
-local n = tonumber(ARGV[3])
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur and cur ~= ARGV[2] then return {0, cur} end
-if redis.call('ZSCORE', KEYS[2], ARGV[4]) then
-  for i = 3, n + 2 do
-    local p = redis.call('LPOP', KEYS[i])
-    if p then
-      redis.call('HSET', KEYS[1], ARGV[1], p)
-      return {i - 2, p}
+# A child's claim. KEYS: in-flight hash, workers zset, this worker's broadcast list, ready zset,
+# due zset. ARGV: field, token to ack, new token, worker id, "{prefix}", excluded queue names.
+# 1. The field holds another token: a claim whose reply was lost; hand it out again.
+# 2. Ack (delete) the finished attempt. Nothing more if the worker is not listed (nobody
+#    could adopt what we claim). 3. Move due delayed tasks of up to 10 queues (a bounded batch
+#    each) to their queues. 4. Pop this worker's broadcasts, else the first non-empty queue by
+#    rank that we serve; record it in flight with the token and Redis's time. Returns
+#    {payload, token}, or nil.
+_CLAIM = _Script(f"""
+local f, p, t = ARGV[1], nil, now()
+local cur = redis.call('HGET', KEYS[1], f .. ':t')
+if cur and cur ~= ARGV[2] then return {{redis.call('HGET', KEYS[1], f), cur}} end
+if cur then redis.call('HDEL', KEYS[1], f, f .. ':t', f .. ':s') end
+if not redis.call('ZSCORE', KEYS[2], ARGV[4]) then return false end
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', t, 'LIMIT', 0, 10)) do
+  local rank, name = string.match(m, '^(%d+):(.*)$')
+  local ek, qk = ARGV[5] .. ':eta:' .. name, ARGV[5] .. ':q:' .. name
+  local due = redis.call('ZRANGEBYSCORE', ek, '-inf', t, 'LIMIT', 0, {DUE_BATCH})
+  if #due > 0 then
+    redis.call('RPUSH', qk, unpack(due))
+    redis.call('ZREM', ek, unpack(due))
+    redis.call('ZADD', KEYS[4], rank, name)
+    wake(ARGV[5] .. ':wake:' .. name, #due)
+  end
+  local first = redis.call('ZRANGE', ek, 0, 0, 'WITHSCORES')
+  if first[2] then redis.call('ZADD', KEYS[5], first[2], m) else redis.call('ZREM', KEYS[5], m) end
+end
+p = redis.call('LPOP', KEYS[3])
+local skip, i = {{}}, 0
+for j = 6, #ARGV do skip[ARGV[j]] = true end
+while not p do
+  local names = redis.call('ZRANGE', KEYS[4], i, i + 15)
+  for _, name in ipairs(names) do
+    if not skip[name] then
+      local qk = ARGV[5] .. ':q:' .. name
+      p = redis.call('LPOP', qk)
+      if redis.call('LLEN', qk) == 0 then redis.call('ZREM', KEYS[4], name) i = i - 1 end
+      if p then break end
     end
   end
+  if #names < 16 then break end
+  i = i + 16
 end
-if cur then redis.call('HDEL', KEYS[1], ARGV[1]) end
-redis.call('DEL', unpack(KEYS, n + 3))
-return false
-""")
+if not p then return false end
+redis.call('HSET', KEYS[1], f, p, f .. ':t', ARGV[3], f .. ':s', t)
+return {{p, ARGV[3]}}
+""", allow_oom=True)
 
-# Release in-flight field ARGV[1] of KEYS[1] if it still holds ARGV[2] (once, even if adopted):
-# push ARGV[3] onto KEYS[2] (front if ARGV[4] == 'front'; no KEYS[2]: an ack), wake KEYS[3].
+# Before an idle wait. KEYS: ready zset, due zset, broadcast list, wake lists. ARGV: excluded
+# names. A served queue or the broadcast list has a task: {1}. Else delete the (stale) wake-up
+# tokens and return {0, seconds until the earliest delayed task is due, or ""}.
+_IDLE = _Script("""
+local skip = {}
+for i = 1, #ARGV do skip[ARGV[i]] = true end
+for _, name in ipairs(redis.call('ZRANGE', KEYS[1], 0, #ARGV)) do
+  if not skip[name] then return {1} end
+end
+if redis.call('LLEN', KEYS[3]) > 0 then return {1} end
+redis.call('DEL', unpack(KEYS, 4))
+local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+return {0, first[2] and tostring(tonumber(first[2]) - now()) or ''}
+""", allow_oom=True)
+
+# End an attempt. KEYS: in-flight hash, target (queue, delayed set, dead list or broadcast
+# list), wake list, ready zset, due zset. ARGV: field, token ("" = any), value, where ("" ack,
+# front, back, delay, dead), rank, queue name ("" = not a queue), delay seconds. Only while the
+# field holds that token: never twice, never another attempt's.
 _RELEASE = _Script("""
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-if KEYS[2] then redis.call(ARGV[4] == 'front' and 'LPUSH' or 'RPUSH', KEYS[2], ARGV[3]) end
-if KEYS[3] then wake(KEYS[3], 1) end
-return 1
-""")
-
-# Move up to ARGV[2] payloads due by ARGV[1] from each (eta zset, queue, wake) triple in
-# KEYS to the end of the queue. Returns {moved, earliest remaining due time or ''}.
-_MOVE_DUE = _Script("""
-local moved, nextdue = 0, nil
-for i = 1, #KEYS, 3 do
-  local due = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-  if #due > 0 then
-    redis.call('RPUSH', KEYS[i + 1], unpack(due))
-    redis.call('ZREM', KEYS[i], unpack(due))
-    wake(KEYS[i + 2], #due)
-    moved = moved + #due
-  end
-  local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
-  if first[2] and (nextdue == nil or tonumber(first[2]) < nextdue) then
-    nextdue = tonumber(first[2])
-  end
+local f = ARGV[1]
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], f .. ':t') ~= ARGV[2] then return 0 end
+if redis.call('HDEL', KEYS[1], f, f .. ':t', f .. ':s') == 0 then return 0 end
+local w = ARGV[4]
+if w == 'delay' then
+  later(KEYS[2], KEYS[5], ARGV[5] .. ':' .. ARGV[6], now() + tonumber(ARGV[7]), ARGV[3], KEYS[3])
+elseif w ~= '' then
+  redis.call(w == 'front' and 'LPUSH' or 'RPUSH', KEYS[2], ARGV[3])
+  if ARGV[6] ~= '' then redis.call('ZADD', KEYS[4], ARGV[5], ARGV[6]) end
+  if w ~= 'dead' then wake(KEYS[3], 1) end
 end
-return {moved, nextdue and tostring(nextdue) or ''}
-""")
+return 1
+""", allow_oom=True)
 
-# Push payload ARGV[2] to the broadcast list of every worker whose heartbeat (zset KEYS[1])
-# is newer than ARGV[1]. Keys are built from prefix ARGV[3]: the set of workers is data.
+# Heartbeat (Redis's clock) and, if ARGV[3] == '1', adoption of workers silent for ARGV[2]
+# seconds. KEYS: workers zset, our in-flight hash. ARGV: worker id, heartbeat_timeout, may
+# adopt, "{prefix}". A silent worker's in-flight fields and pending broadcasts move into our
+# hash as adopted:* fields (released by the parent); returns {worker, count, ...}.
+_BEAT = _Script("""
+local t, out = now(), {}
+redis.call('ZADD', KEYS[1], t, ARGV[1])
+if ARGV[3] ~= '1' then return out end
+for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', t - tonumber(ARGV[2]), 'LIMIT', 0, 10)) do
+  local hk, bk, n = ARGV[4] .. ':inflight:' .. w, ARGV[4] .. ':bcast:' .. w, 0
+  local h = redis.call('HGETALL', hk)
+  for i = 1, #h, 2 do
+    redis.call('HSET', KEYS[2], 'adopted:' .. w .. ':' .. h[i], h[i + 1])
+    if not string.find(h[i], ':') then n = n + 1 end
+  end
+  for i, p in ipairs(redis.call('LRANGE', bk, 0, -1)) do
+    redis.call('HSET', KEYS[2], 'adopted:' .. w .. ':b' .. i, p)
+    n = n + 1
+  end
+  redis.call('ZREM', KEYS[1], w)
+  redis.call('DEL', hk, bk, ARGV[4] .. ':wake:' .. w)
+  out[#out + 1], out[#out + 2] = w, n
+end
+return out
+""", allow_oom=True)
+
+# Push payload ARGV[2] to the broadcast list of every worker that heartbeated within ARGV[1]
+# seconds (Redis's clock). Keys are built from ARGV[3] = "{prefix}" (the same slot).
 _BROADCAST = _Script("""
-local ws = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')
+local ws = redis.call('ZRANGEBYSCORE', KEYS[1], now() - tonumber(ARGV[1]), '+inf')
 for _, w in ipairs(ws) do
   redis.call('RPUSH', ARGV[3] .. ':bcast:' .. w, ARGV[2])
   wake(ARGV[3] .. ':wake:' .. w, 1)
 end
 return #ws
-""")
-
-# Adopt worker ARGV[1] if its heartbeat (KEYS[1]) is older than ARGV[2]: move its hash KEYS[2] and
-# broadcasts KEYS[3] into ours (KEYS[5]) as adopted:* fields, delete KEYS[2..4]; nil if taken.
-_ADOPT = _Script("""
-local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not s or tonumber(s) > tonumber(ARGV[2]) then return false end  -- alive, or taken
-redis.call('ZREM', KEYS[1], ARGV[1])
-local h, n = redis.call('HGETALL', KEYS[2]), 0
-for i = 1, #h, 2 do redis.call('HSET', KEYS[5], 'adopted:' .. ARGV[1] .. ':' .. h[i], h[i + 1]) end
-for i, p in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do
-  redis.call('HSET', KEYS[5], 'adopted:' .. ARGV[1] .. ':b' .. i, p)
-  n = n + 1
-end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
-return #h / 2 + n
 """)
 
 # Move dead letter ARGV[1] from the head of KEYS[1] onto queue KEYS[2] as payload ARGV[2],
@@ -757,6 +924,7 @@ _REQUEUE = _Script("""
 if redis.call('LINDEX', KEYS[1], 0) ~= ARGV[1] then return 0 end
 redis.call('LPOP', KEYS[1])
 redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[4])
 wake(KEYS[3], 1)
 return 1
 """)
@@ -766,6 +934,7 @@ return 1
 _CRON = _Script("""
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then return 0 end
 redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[4])
 wake(KEYS[3], 1)
 return 1
 """)
@@ -808,15 +977,15 @@ def _setup_logging(path, level):
 
 
 class _Outage:
-    """Log once per Redis outage, and back off from 0.1 s to 5 s between tries."""
+    """Log once per Redis outage, and back off from 0.1 s to `cap` seconds between tries."""
 
-    def __init__(self, who):
-        self.who, self.delay = who, 0.0
+    def __init__(self, who, cap=5.0):
+        self.who, self.delay, self.cap = who, 0.0, cap
 
     def failed(self, e):
         if not self.delay:
             log.warning("%s lost Redis (%s); retrying with backoff", self.who, e)
-        self.delay = min(max(self.delay * 2, 0.1), 5.0)
+        self.delay = min(max(self.delay * 2, 0.1), self.cap)
         return self.delay
 
     def ok(self, r=None):
@@ -829,25 +998,54 @@ class _Outage:
 
 
 # Blocked around fork() so that a stop signal reaches the child's handlers, not ours.
-_PARENT_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+_PARENT_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+# Refusals: the node did not apply the command (a replica after a failover, a moved slot).
+_REFUSED = (redis.exceptions.ReadOnlyError, redis.exceptions.MovedError)
 
 
 class _Conn:
-    """One bare connection for the hot paths (claims, enqueues): redis-py's pool and command
-    layers cost more than the round trip. Reconnects at once `retries` times, else on next use."""
+    """One bare connection to the node that holds the app's keys, for the hot paths (claims,
+    enqueues): redis-py's pool and command layers cost more than the round trip. A command is
+    sent again, on a new connection to the node the topology names now, only when it cannot
+    have been applied (sending failed, or the node refused it); a lost reply raises, so one
+    .delay() is never two tasks. `retries`: how many times to send again at once."""
 
-    def __init__(self, client, retries=0):
-        self.conn, self.retries = client.connection_pool.make_connection(), retries
+    def __init__(self, app, retries=0):
+        self.app, self.retries, self.conn = app, retries, None
 
-    def execute_command(self, *args):
+    def execute_command(self, *args, packed=None):
         for attempt in range(self.retries + 1):
+            last = attempt == self.retries
             try:
-                self.conn.send_command(*args)
-                return self.conn.read_response()
+                if self.conn is None:
+                    self.conn = self.app._client(retries=0).connection_pool.make_connection()
+                elif self.conn.can_read(timeout=0):        # closed by the server meanwhile
+                    raise redis.ConnectionError("the connection was closed")
+                if packed:
+                    self.conn.send_packed_command(packed)
+                else:
+                    self.conn.send_command(*args)
             except (redis.ConnectionError, redis.TimeoutError):
-                self.conn.disconnect()
-                if attempt == self.retries:
+                self.reset()
+                if last:
                     raise
+                continue
+            try:
+                return self.conn.read_response()
+            except _REFUSED:
+                self.reset()
+                if last:
+                    raise
+            except (redis.ConnectionError, redis.TimeoutError):
+                self.reset()
+                raise
+
+    def reset(self):
+        if self.conn is not None:
+            self.conn.disconnect()
+        self.conn = None
+        if self.app._cluster:
+            self.app._redis = None          # the slot may have a new owner
 
 
 # ===================================================================== OS helpers
@@ -859,11 +1057,11 @@ def _parse_meminfo(text):
     return 100.0 * (total - available) / total
 
 
-def _parse_cgroup(max_text, current_text, stat_text=""):
+def _parse_cgroup(max_text, current_text, stat_text="", cache_key="inactive_file"):
     """Percent of a cgroup's memory limit in use, or None without a limit. Inactive page
     cache (memory.stat) is left out: the kernel reclaims it before it would kill anything."""
     stat = dict(line.split() for line in stat_text.splitlines() if len(line.split()) == 2)
-    cache = int(stat.get("inactive_file", stat.get("total_inactive_file", 0)))
+    cache = int(stat.get(cache_key, 0))
     limit = None if max_text.strip() == "max" else int(max_text)
     if limit is None or limit >= 2 ** 62:          # cgroup v1 says "no limit" with a huge number
         return None
@@ -875,18 +1073,29 @@ def _read(path):
         return f.read()
 
 
-def _mem_percent():
-    """The container's use of its limit (cgroup v2, else v1) if it has one, else the machine's."""
-    for d, limit, usage in (("/sys/fs/cgroup", "memory.max", "memory.current"),
-                            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes",
-                             "memory.usage_in_bytes")):
-        try:
-            pct = _parse_cgroup(_read(f"{d}/{limit}"), _read(f"{d}/{usage}"),
-                                _read(f"{d}/memory.stat"))
-        except (OSError, ValueError):
-            continue       # no such memory controller here
-        if pct is not None:
-            return pct
+def _mem_percent(root="/sys/fs/cgroup", proc="/proc/self"):
+    """Use of the memory limit of this process's own cgroup (/proc/self/cgroup), or of the
+    nearest ancestor that has one (a systemd MemoryMax=, a nested container): v2, else v1 with
+    its hierarchical total_inactive_file. Without a limit: the machine's use."""
+    for line in _read(f"{proc}/cgroup").splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            d, files = root, ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            d, files = f"{root}/memory", ("memory.limit_in_bytes", "memory.usage_in_bytes",
+                                          "total_inactive_file")
+        else:
+            continue
+        parts = [p for p in path.strip().split("/") if p]
+        for n in range(len(parts), -1, -1):
+            base = "/".join([d] + parts[:n])
+            try:
+                pct = _parse_cgroup(_read(f"{base}/{files[0]}"), _read(f"{base}/{files[1]}"),
+                                    _read(f"{base}/memory.stat"), files[2])
+            except (OSError, ValueError):
+                continue       # not mounted here, or no such file at this level
+            if pct is not None:
+                return pct
     return _parse_meminfo(_read("/proc/meminfo"))
 
 
@@ -910,67 +1119,69 @@ def _kill(pid, sig):
 class _Child:
     """The parent's record of one slot's child process."""
 
-    __slots__ = ("pid", "killed_for", "term_sent", "born")
+    __slots__ = ("pid", "killed_for", "over", "term_sent", "born")
 
     def __init__(self, pid):
-        self.pid, self.killed_for, self.term_sent, self.born = pid, None, False, time.monotonic()
+        self.pid, self.killed_for, self.over, self.term_sent = pid, None, None, False
+        self.born = time.monotonic()
 
 
 class _Worker:
-    """The parent; it never runs task code. Each child owns a slot: its field in the in-flight
-    hash and 8 bytes of shared memory holding its task's hard deadline (monotonic; 0 = idle),
-    so hard timeouts need no message per task. Signal handlers only count; a pipe wakes select()."""
+    """The parent; it never runs task code. Child slot S runs up to K tasks at once (K = 1, or
+    async_concurrency when the app has async tasks), each in in-flight field "S.k". Per field,
+    16 bytes of shared memory hold the task's hard deadline (monotonic; 0 = none) and the
+    number of the claim it finished last, so hard timeouts need no message per task and a dead
+    child's finished task is acked, not run again. Signal handlers only count; a pipe wakes
+    select(). Liveness uses Redis's clock; this worker presumes another dead only after it has
+    itself been connected for heartbeat_timeout (an outage is not a death)."""
 
     def __init__(self, app):
         self.app = app
         self.wid = f"{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
         self.inflight_key = app._k("inflight", self.wid)
         self.bcast_key, self.wake_key = app._k("bcast", self.wid), app._k("wake", self.wid)
-        n = app.concurrency
+        n, hb = app.concurrency, app.heartbeat_timeout
+        self.k = app.async_concurrency if any(
+            inspect.iscoroutinefunction(t.fn) for t in app.tasks.values()) else 1
         self.slots = [None] * n           # slot -> _Child, or None
-        self.unreleased = {}              # slot -> reason: a dead child's task to release
+        self.unreleased = {}              # slot -> {k: (reason, finished token)} of a dead child
         self.not_before = [0.0] * n       # slot -> when it may fork again (monotonic)
-        self.shm = mmap.mmap(-1, 8 * n)
-        self.signals, self.outage = 0, _Outage("worker")
-        self.next_beat = self.next_mem = self.next_due = 0.0
-        self.mem_high = self.stop_logged = False
+        self.shm = mmap.mmap(-1, 16 * n * self.k)
+        self.signals, self.outage, self.r = [], _Outage("worker", min(5.0, hb / 4)), None
+        self.next_beat = self.connected_since = self.retry_at = 0.0
+        self.mem_high = self.stop_logged = self.full = False
 
     def run(self):
         app = self.app
-        self.r = app._client(retries=0)
         self.pipe = wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_stop_signal)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda s, f: self.signals.append(s))
         signal.signal(signal.SIGCHLD, lambda s, f: None)   # only to wake select()
         served = [q.name for q in app.queues if q.name not in app.exclude_queues]
-        log.info("worker %s started: concurrency=%d queues=%s", self.wid, app.concurrency,
-                 ",".join(served))
+        log.info("worker %s started: concurrency=%d%s queues=%s redis=%s", self.wid,
+                 app.concurrency, f" async_concurrency={self.k}" if self.k > 1 else "",
+                 ",".join(served), _mask(app.url))
         while True:
-            now = time.time()
             self._reap()
-            if self.signals >= 2:
+            if len(self.signals) >= 2:
                 self._stop_now()
                 break
-            if self.signals == 1:
+            if self.signals:
                 self._begin_stop()
-                if not any(self.slots) and (not self.unreleased or self.outage.delay):
+                if not any(self.slots) and not self.unreleased:
                     break
             self._enforce_hard_timeouts()
-            self._redis_duties(now)
+            self._redis_duties(time.monotonic())
             if not self.signals:
-                self._check_memory(now)
+                self._check_memory(time.monotonic())
                 self._fork_missing()
-            timeout = max(0.0, min(TICK, self.next_due - time.time()))
-            if select.select([wake_r], [], [], timeout)[0]:
+            if select.select([wake_r], [], [], TICK)[0]:
                 os.read(wake_r, 4096)         # signal numbers: we only needed the wake-up
         self._leave()
         log.info("worker %s stopped", self.wid)
         return 0
-
-    def _on_stop_signal(self, signum, frame):
-        self.signals += 1
 
     def _begin_stop(self):
         for child in self.slots:
@@ -979,7 +1190,8 @@ class _Worker:
                 _kill(child.pid, signal.SIGTERM)
         if not self.stop_logged:
             self.stop_logged = True
-            log.info("worker %s stopping: letting running tasks finish", self.wid)
+            log.info("worker %s stopping on %s: letting running tasks finish", self.wid,
+                     signal.Signals(self.signals[0]).name)
 
     def _fork_missing(self):
         for slot, child in enumerate(self.slots):
@@ -988,7 +1200,7 @@ class _Worker:
                 self._spawn(slot)
 
     def _spawn(self, slot):
-        struct.pack_into("d", self.shm, slot * 8, 0.0)
+        self.shm[16 * self.k * slot:16 * self.k * (slot + 1)] = bytes(16 * self.k)
         signal.pthread_sigmask(signal.SIG_BLOCK, _PARENT_SIGNALS)  # until the child has its own
         try:
             pid = os.fork()
@@ -1014,6 +1226,10 @@ class _Worker:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)
         if pid:
             self.slots[slot] = _Child(pid)
+            try:
+                os.setpgid(pid, pid)       # its own process group: a hard timeout kills it all
+            except OSError:
+                pass                       # it did so itself, or is gone already
 
     def _reap(self):
         while True:
@@ -1026,23 +1242,36 @@ class _Worker:
             for slot, child in enumerate(self.slots):
                 if child and child.pid == pid:
                     self.slots[slot] = None
-                    self.unreleased[slot] = child.killed_for or (
-                        "interrupted by stop" if self.signals else "worker died")
                     code = os.waitstatus_to_exitcode(status)
+                    self.unreleased[slot] = {k: (self._reason(child, code, k), self._finished(
+                        slot, k, pid)) for k in range(self.k)}
                     if child.killed_for or code != 0:
                         log.warning("child %d exited with %s (%s)", pid, code,
                                     child.killed_for or "died")
                     if code != 0 and time.monotonic() - child.born < 1.0:
                         self.not_before[slot] = time.monotonic() + 1.0   # no crash loop
 
+    def _reason(self, child, code, k):
+        """Why a dead child's task in field k ended: a stop interrupts only a child that left
+        cleanly (exit 0) or that a second signal killed; a crash is a failed attempt."""
+        if child.killed_for == "hard timeout":
+            return "hard timeout" if k == child.over else "interrupted by another hard timeout"
+        return child.killed_for or ("interrupted by stop" if code == 0 else "worker died")
+
+    def _finished(self, slot, k, pid):
+        n = struct.unpack_from("d", self.shm, 16 * (self.k * slot + k) + 8)[0]
+        return f"{pid}-{int(n)}" if n else None
+
     def _enforce_hard_timeouts(self):
         now = time.monotonic()
         for slot, child in enumerate(self.slots):
-            if child and not child.killed_for:
-                deadline = struct.unpack_from("d", self.shm, slot * 8)[0]
+            for k in range(self.k if child and not child.killed_for else 0):
+                deadline = struct.unpack_from("d", self.shm, 16 * (self.k * slot + k))[0]
                 if deadline and now > deadline:
-                    child.killed_for = "hard timeout"
+                    child.killed_for, child.over = "hard timeout", k
+                    _kill(-child.pid, signal.SIGKILL)     # with the subprocesses it started
                     _kill(child.pid, signal.SIGKILL)
+                    break
 
     def _check_memory(self, now):
         if not self.app.max_mem_percent or now < self.next_mem:
@@ -1067,76 +1296,88 @@ class _Worker:
             biggest.term_sent = True
             _kill(biggest.pid, signal.SIGTERM)
 
+    next_mem = 0.0
+
     def _redis_duties(self, now):
-        """Release dead children's tasks, heartbeat, adopt dead workers, move due tasks."""
-        if self.outage.delay and now < self.next_due:
+        """Release dead children's tasks; heartbeat, adopt dead workers, watch Redis's memory."""
+        if self.outage.delay and now < self.retry_at:
             return                    # backing off
+        app = self.app
         try:
+            if self.r is None:
+                self.r = app._client(retries=0)
             self.outage.ok(self.r)
+            self.connected_since = self.connected_since or now
             self._release_unreleased()
             if now >= self.next_beat:
-                self.r.zadd(self.app.workers_key, {self.wid: now})
-                self._adopt(now)
-                self.next_beat = now + min(self.app.heartbeat_timeout / 4, 5.0)
-            if now >= self.next_due:
-                self._move_due(now)
+                may_adopt = now - self.connected_since >= app.heartbeat_timeout
+                adopted = _BEAT(self.r, [app.workers_key, self.inflight_key], [
+                    self.wid, app.heartbeat_timeout, int(may_adopt), "{%s}" % app.prefix])
+                for wid, count in zip(adopted[::2], adopted[1::2]):
+                    log.warning("worker %s is silent for over %ss: taking back its %d task(s)",
+                                wid.decode(), app.heartbeat_timeout, count)
+                for field in self.r.hkeys(self.inflight_key):
+                    if field.startswith(b"adopted:") and not field.endswith((b":t", b":s")):
+                        self._release(field.decode(), "", "worker died")
+                try:
+                    self._watch_memory(self.r.info("memory"))
+                except redis.ResponseError:
+                    pass                  # INFO not allowed for this ACL user
+
+                self.next_beat = now + min(app.heartbeat_timeout / 4, 5.0)
         except redis.RedisError as e:
-            self.next_due = time.time() + self.outage.failed(e)
+            self.connected_since, self.r = 0.0, None      # and ask the topology anew
+            self.retry_at = now + self.outage.failed(e)
+
+    def _watch_memory(self, mem):
+        """Warn once at start if Redis may evict our keys; log once when it is full, and again
+        when it has room: .delay() is refused then, but the backlog drains."""
+        if not self.next_beat and mem.get("maxmemory_policy", "noeviction").startswith("allkeys"):
+            log.warning("Redis maxmemory-policy is %s: it may evict queued tasks; use noeviction",
+                        mem["maxmemory_policy"])
+        full = 0 < mem.get("maxmemory", 0) <= mem.get("used_memory", 0)
+        if full != self.full:
+            self.full = full
+            log.warning("Redis is full (used_memory %s, maxmemory %s): new tasks are refused; "
+                        "workers keep draining" if full else "Redis has room again (%s of %s)",
+                        mem.get("used_memory"), mem.get("maxmemory"))
 
     def _release_unreleased(self):
-        for slot, reason in list(self.unreleased.items()):
-            self._release(str(slot), reason)
+        fields = None
+        for slot, ends in list(self.unreleased.items()):
+            fields = fields or self.r.hkeys(self.inflight_key)
+            for k, (reason, finished) in ends.items():
+                field = f"{slot}.{k}"
+                if field.encode() in fields:
+                    token = self.r.hget(self.inflight_key, field + ":t").decode()
+                    self._release(field, token, None if token == finished else reason)
             del self.unreleased[slot]
 
-    def _release(self, field, reason):
-        """Give back the task in our in-flight `field` by the retry rule (a stop's: in front)."""
+    def _release(self, field, token, reason):
+        """End the attempt in our in-flight `field` (with claim token `token`, "" = any): an
+        ack when reason is None, else by the retry rule."""
         raw = self.r.hget(self.inflight_key, field)
         if raw is None:
             return
-        own = None if field.startswith("adopted:") else self.bcast_key
-        key, wake, value = self.app._outcome(raw, reason, own)
-        keys = [self.inflight_key, key] + ([wake] if wake else [])
-        front = "front" if reason == "interrupted by stop" else "back"
-        if _RELEASE(self.r, keys, [field, raw, value, front]):
-            log.warning("task released (%s) to %s", reason, key)
-
-    def _adopt(self, now):
-        """Take back the tasks of workers silent for heartbeat_timeout. They land in our own
-        hash as adopted:* fields first, so a failure halfway is finished on the next pass."""
-        cutoff = now - self.app.heartbeat_timeout
-        for wid in self.r.zrangebyscore(self.app.workers_key, "-inf", cutoff, start=0, num=10):
-            wid = wid.decode()
-            if wid == self.wid:       # we were cut off from Redis for a while: still alive
-                continue
-            keys = [self.app.workers_key] + [self.app._k(k, wid) for k in
-                                             ("inflight", "bcast", "wake")] + [self.inflight_key]
-            count = _ADOPT(self.r, keys, [wid, cutoff])
-            if count is not None:
-                log.warning("worker %s is silent for over %ss: taking back its %d task(s)",
-                            wid, self.app.heartbeat_timeout, count)
-        for field in self.r.hkeys(self.inflight_key):
-            if field.startswith(b"adopted:"):
-                self._release(field.decode(), "worker died")
-
-    def _move_due(self, now):
-        keys = [k for q in self.app.queues for k in (q.eta_key, q.key, q.wake_key)]
-        for _ in range(20):           # then the loop's other duties get their turn
-            moved, nextdue = _MOVE_DUE(self.r, keys, [now, DUE_BATCH])
-            if moved < DUE_BATCH:
-                break
-        self.next_due = min(float(nextdue), now + TICK) if nextdue else now + TICK
+        outcome = (None, "", "", None, 0) if reason is None else self.app._outcome(
+            raw, reason, None if field.startswith("adopted:") else self.bcast_key)
+        if _release(self.app, self.r, self.inflight_key, field, token, outcome) and outcome[3]:
+            msg = _loads_msg(raw, decode=False) if outcome[3] else {}
+            log.warning("task %s id=%s attempt=%s: %s; %s", msg.get("name"), msg.get("id"),
+                        msg.get("retry", 0) + 1, reason, _WHERE[outcome[1]])
 
     def _stop_now(self):
         log.warning("worker %s: second stop signal, stopping now", self.wid)
         for child in self.slots:
             if child:
+                _kill(-child.pid, signal.SIGKILL)
                 _kill(child.pid, signal.SIGKILL)
-        for slot, child in enumerate(self.slots):
-            if child:
-                os.waitpid(child.pid, 0)
-                self.slots[slot] = None
-                self.unreleased[slot] = child.killed_for or "interrupted by stop"
+                child.killed_for = child.killed_for or "interrupted by stop"
+        while any(self.slots):
+            self._reap()
+            time.sleep(0.01)
         try:
+            self.r = self.r or self.app._client(retries=0)
             self._release_unreleased()
         except redis.RedisError as e:
             log.error("cannot put interrupted tasks back (%s); a live worker will take them "
@@ -1146,65 +1387,109 @@ class _Worker:
         """Deregister; broadcasts still waiting for us go to the dead-letter list. With a task
         still in our in-flight hash (Redis was down), stay listed so a live worker adopts it."""
         try:
-            if self.unreleased or self.r.hlen(self.inflight_key):
+            r = self.r or self.app._client(retries=0)
+            if self.unreleased or r.hlen(self.inflight_key):
                 return
-            self.r.zrem(self.app.workers_key, self.wid)    # first: no new broadcasts for us
-            for raw in self.r.lrange(self.bcast_key, 0, -1):
-                self.r.rpush(self.app.dead_key, _dead_entry(raw, None, "worker stopped"))
-            self.r.delete(self.bcast_key, self.wake_key)
+            r.zrem(self.app.workers_key, self.wid)    # first: no new broadcasts for us
+            for raw in r.lrange(self.bcast_key, 0, -1):
+                r.rpush(self.app.dead_key, _dead_entry(raw, None, "worker stopped"))
+            r.delete(self.bcast_key, self.wake_key)
         except redis.RedisError as e:
             log.error("could not deregister worker %s (%s)", self.wid, e)
+
+
+_WHERE = {"front": "back to the front of its queue", "back": "retried at the end of its queue",
+          "delay": "retried after retry_backoff", "dead": "dead-lettered", "": "acked"}
+
+
+def _release(app, r, inflight_key, field, token, outcome):
+    """Run _RELEASE for an outcome of WakaQ._outcome (None key: an ack)."""
+    key, where, value, queue, delay = outcome
+    wake = queue.wake_key if queue and key != app.dead_key else key
+    keys = [inflight_key, key or inflight_key, wake or inflight_key, app._k("ready"),
+            app._k("due")]
+    args = [field, token, value, where, app._rank(queue) if queue else 0,
+            queue.name if queue and key in (queue.key, queue.eta_key) else "", delay]
+    if queue and key not in (queue.key, queue.eta_key):       # a broadcast list
+        keys[2] = key.replace(":bcast:", ":wake:")
+    return _RELEASE(r, keys, args)
 
 
 # ===================================================================== worker child
 
 class _ChildProcess:
-    """A forked child: claim a task (in-flight, atomically), run it, ack it in the next claim."""
+    """A forked child: claim a task (in flight, atomically), run it, ack it in the next claim.
+    Up to K tasks run at once on the child's one event loop when they are async.
+
+    Soft timeouts: SIGALRM (setitimer) is armed for a sync task just before the hooks and the
+    task run, disarmed right after. The handler raises SoftTimeout only while `in_task` is set
+    and the interrupted frame is the task's own code: inside logging or wakaq's own code it
+    tries again 10 ms later; once the task ended it does nothing. Async tasks get their soft
+    timeout from asyncio instead."""
 
     def __init__(self, worker, slot):
         self.worker, self.app, self.slot = worker, worker.app, slot
         self.ppid = os.getppid()
         self.stopping = self.idle = self.in_task = False
-        self.prev = b""         # payload finished and not acked yet (b'' = none)
-        self.outage = _Outage(f"child {slot}")
+        self.fields = [f"{slot}.{k}" for k in range(worker.k)]
+        self.prev = dict.fromkeys(self.fields, "")   # field -> finished token, acked next
+        self.running = {}       # field -> asyncio.Task
+        self.claims = itertools.count(1)
+        self.outage = _Outage(f"child {slot}", worker.outage.cap)
         app = self.app
-        served = [q for q in app.queues if q.name not in app.exclude_queues]
-        self.sources = [worker.bcast_key] + [q.key for q in served]
-        self.wakes = [worker.wake_key] + [q.wake_key for q in served]
+        self.excluded = list(dict.fromkeys(app.exclude_queues))
+        served = [q for q in app.queues if q.name not in self.excluded]
+        self.keys = [worker.inflight_key, app.workers_key, worker.bcast_key, app._k("ready"),
+                     app._k("due")]
+        self.idle_keys = [app._k("ready"), app._k("due"), worker.bcast_key, worker.wake_key] + [
+            q.wake_key for q in served]
         self.limits = {}        # (task, queue) -> _Limits
-        keys = [worker.inflight_key, app.workers_key] + self.sources + self.wakes
-        head = ["EVALSHA", _CLAIM.sha, len(keys)] + keys + [slot]
-        tail = [len(self.sources), worker.wid]
-        bulk = [b"$%d\r\n%s\r\n" % (len(b), b) for b in (str(x).encode() for x in head + tail)]
-        self.claim_head = b"*%d\r\n" % (len(bulk) + 1) + b"".join(bulk[:len(head)])
-        self.claim_tail = b"".join(bulk[len(head):])
+        self.loop = asyncio.new_event_loop()
+        self.poll = 0.01
 
     def run(self):
         signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent decides on Ctrl-C
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGALRM, self._on_alarm)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)  # blocked by _spawn
-        self.r = _Conn(self.app._client(retries=0))
+        try:
+            os.setpgid(0, 0)
+        except OSError:
+            pass
+        asyncio.set_event_loop(self.loop)
+        self.r = _Conn(self.app)
         for hook in self.app._hooks["after_worker_started"]:
-            hook()
+            self.loop.run_until_complete(_maybe(hook()))
         limit, done = self.app.max_tasks_per_worker or float("inf"), 0
-        while not self.stopping and done < limit:
-            item = self._call(self._claim)
-            if item is None:
-                self.prev = b""          # the claim acked it
-                if os.getppid() != self.ppid:
-                    break                # orphaned (checked when idle: no syscall per task)
-                self._call(self._wait)
+        while not self.stopping and done < limit and os.getppid() == self.ppid:
+            free = next((f for f in self.fields if f not in self.running), None)
+            if free is None:
+                self._drive(None)
                 continue
+            item = self._call(lambda: self._claim(free))
+            self.prev[free] = ""                         # the claim acked it
+            if not item:
+                if self.running:
+                    self._drive(self.poll)
+                    self.poll = min(self.poll * 2, 1.0)
+                else:
+                    self._call(self._wait)
+                continue
+            raw, token = item
             if self.stopping:            # SIGTERM came while claiming: give it back untouched
-                self._release(item[1], *self.app._outcome(
-                    item[1], "interrupted by stop", self.worker.bcast_key), "front")
+                self._end(free, raw, token.decode(), "interrupted by stop")
                 break
-            self.prev = self._run(item[1])
+            self.poll = 0.01
+            self._start(free, raw, token.decode())
             done += 1
-        if self.prev:
-            self._release(self.prev, None, None, "")        # ack
+        while self.running:
+            self._drive(None)
+        for field, token in self.prev.items():
+            if token:
+                self._call(lambda: _release(self.app, self.r, self.worker.inflight_key, field,
+                                            token, (None, "", "", None, 0)))
         return 0
 
     def _on_term(self, signum, frame):
@@ -1213,8 +1498,17 @@ class _ChildProcess:
             raise _Stop()
 
     def _on_alarm(self, signum, frame):
-        if self.in_task:
-            raise SoftTimeout(f"soft timeout after {self.soft:g}s")
+        if not self.in_task:
+            return                       # the task has ended: drop it
+        f = frame
+        while f is not None and f.f_code is not _RUN_TASK_CODE:
+            if f.f_globals is globals() or f.f_globals.get("__name__", "").startswith("logging"):
+                break                    # in wakaq's own code or in logging: not here
+            f = f.f_back
+        if f is None or f is frame or f.f_code is not _RUN_TASK_CODE:
+            signal.setitimer(signal.ITIMER_REAL, 0.01)     # try again when back in the task
+            return
+        raise SoftTimeout(f"soft timeout after {self.soft:g}s")
 
     def _call(self, fn):
         """Run a Redis step until it succeeds; outages are logged once, with backoff."""
@@ -1226,75 +1520,120 @@ class _ChildProcess:
                 return result
             except redis.RedisError as e:
                 delay = self.outage.failed(e)
+                self.r.reset()
             if self.stopping or os.getppid() != self.ppid:
                 raise _Stop()
             time.sleep(delay)
 
-    def _claim(self):
-        """The hot path: the claim's command bytes are packed once, all but `prev`."""
-        try:
-            self.r.conn.send_packed_command(
-                [self.claim_head + b"$%d\r\n%s\r\n" % (len(self.prev), self.prev) + self.claim_tail])
-            return self.r.conn.read_response()
-        except redis.exceptions.NoScriptError:
-            self.r.execute_command("SCRIPT", "LOAD", _CLAIM.source)
-            return self._claim()
+    def _claim(self, field):
+        token = f"{os.getpid()}-{next(self.claims)}"
+        return _CLAIM(self.r, self.keys, [field, self.prev[field], token, self.worker.wid,
+                                          "{%s}" % self.app.prefix, *self.excluded])
 
     def _wait(self):
+        """Before an idle wait, ack what is finished; then BLPOP the wake-up lists until a
+        push, the earliest delayed task's due time or wait_timeout."""
+        for field, token in self.prev.items():
+            if token:
+                _release(self.app, self.r, self.worker.inflight_key, field, token,
+                         (None, "", "", None, 0))
+                self.prev[field] = ""
+        again, *due = _IDLE(self.r, self.idle_keys, self.excluded)
+        if again:
+            return
+        timeout = min(self.app.wait_timeout, max(0.01, float(due[0]))) if due and due[0] \
+            else self.app.wait_timeout
         self.idle = True
         try:
             if not self.stopping:
-                self.r.execute_command("BLPOP", *self.wakes, IDLE_WAIT)
+                self.r.execute_command("BLPOP", *self.idle_keys[3:], f"{timeout:.3f}")
         finally:
             self.idle = False
 
-    def _release(self, raw, key, wake, value, where="back"):
-        keys = [self.worker.inflight_key] + [k for k in (key, wake) if k]
-        self._call(lambda: _RELEASE(self.r, keys, [self.slot, raw, value, where]))
+    def _drive(self, timeout):
+        """Run the event loop until an async task ends (or `timeout` seconds pass)."""
+        self.loop.run_until_complete(asyncio.wait(
+            list(self.running.values()), timeout=timeout, return_when=asyncio.FIRST_COMPLETED))
 
-    def _run(self, raw):
-        """Run one claimed payload; returns it if done (to ack in the next claim), else ''."""
+    def _end(self, field, raw, token, reason):
+        self._call(lambda: _release(self.app, self.r, self.worker.inflight_key, field, token,
+                                    self.app._outcome(raw, reason, self.worker.bcast_key)))
+
+    def _start(self, field, raw, token):
+        """Run one claimed payload, or start it on the event loop if it is async and K > 1."""
         app = self.app
+        msg, task, queue, what = None, None, None, "unknown task"
         try:
             msg = _loads_msg(raw)
+            task, queue = app.tasks.get(msg["name"]), app._queues.get(msg["queue"])
+            what = "unknown queue" if task else what
         except _BAD_PAYLOAD as e:
-            log.error("bad payload dead-lettered: %s", e)
-            self._release(raw, app.dead_key, None, _dead_entry(raw, None, f"bad payload: {e}"))
-            return b""
-        task, queue = app.tasks.get(msg["name"]), app._queues.get(msg["queue"])
+            what = f"bad payload: {e}"
         if task is None or queue is None:
-            what = "unknown task" if task is None else "unknown queue"
-            log.error("%s %r dead-lettered", what, msg["name"] if task is None else msg["queue"])
-            self._release(raw, app.dead_key, None, _dead_entry(raw, msg, what))
-            return b""
+            log.error("%s dead-lettered: %s", what, raw[:200])
+            return self._call(lambda: _release(app, self.r, self.worker.inflight_key, field, token, (
+                app.dead_key, "dead", _dead_entry(raw, msg, what), None, 0)))
         limits = self.limits.get((task, queue)) or self.limits.setdefault(
             (task, queue), _limits_for(app, task, queue))
         start = time.monotonic()
-        struct.pack_into("d", self.worker.shm, self.slot * 8,
-                         start + limits.hard if limits.hard else 0.0)
-        token = _current.set(msg)
-        failed = None
-        try:  # SoftTimeout is raised only while in_task is set, so only inside this try
-            if limits.soft:
-                self.soft = limits.soft
-                self.in_task = True
-                signal.setitimer(signal.ITIMER_REAL, limits.soft)
-            app._run_task(task, msg["args"], msg["kwargs"], limits.soft and start + limits.soft)
-        except SoftTimeout:
-            failed = "soft timeout"
-        except Exception:
-            log.exception("task %s raised", task.name)
-        finally:
-            if self.in_task:
+        at = 16 * (self.worker.k * self.slot + self.fields.index(field))
+        struct.pack_into("d", self.worker.shm, at, start + limits.hard if limits.hard else 0.0)
+        soft = limits.soft and start + limits.soft
+        wrap = app._hooks["wrap_tasks_with"]
+        if self.worker.k > 1 and inspect.iscoroutinefunction(task.fn) and (
+                not wrap or inspect.iscoroutinefunction(wrap[0])):
+            self.running[field] = self.loop.create_task(
+                self._run_async(field, raw, token, msg, task, soft, start, at))
+            return
+        outcome = None
+        ctx = _current.set(msg)
+        try:
+            try:
+                if limits.soft and not inspect.iscoroutinefunction(task.fn):
+                    self.soft, self.in_task = limits.soft, True
+                    signal.setitimer(signal.ITIMER_REAL, limits.soft)
+                app._run_task(task, msg["args"], msg["kwargs"], soft,
+                              self.loop.run_until_complete)
+            finally:
                 self.in_task = False
                 signal.setitimer(signal.ITIMER_REAL, 0)
-            struct.pack_into("d", self.worker.shm, self.slot * 8, 0.0)
-            _current.reset(token)
-        if failed:
-            log.warning("task %s: %s after %.1fs", task.name, failed, time.monotonic() - start)
-            self._release(raw, *app._outcome(raw, failed, self.worker.bcast_key))
-            return b""
-        return raw
+        except SoftTimeout:
+            outcome = "soft timeout"
+        except Exception:
+            outcome = "raised"
+            log.exception("task %s raised (id=%s)", task.name, msg["id"])
+        finally:
+            self.in_task = False
+            _current.reset(ctx)
+        self._finish(field, raw, token, msg, start, at, outcome)
+
+    async def _run_async(self, field, raw, token, msg, task, soft, start, at):
+        _current.set(msg)          # this asyncio task's own context
+        outcome = None
+        try:
+            await self.app._run_async(task, msg["args"], msg["kwargs"], soft)
+        except SoftTimeout:
+            outcome = "soft timeout"
+        except Exception:
+            outcome = "raised"
+            log.exception("task %s raised (id=%s)", task.name, msg["id"])
+        del self.running[field]
+        self._finish(field, raw, token, msg, start, at, outcome)
+
+    def _finish(self, field, raw, token, msg, start, at, outcome):
+        """Log the attempt; a soft timeout goes by the retry rule, anything else is acked (in
+        the field's next claim; the parent acks it if this child dies first)."""
+        struct.pack_into("dd", self.worker.shm, at, 0.0, 0.0 if outcome == "soft timeout" else
+                         float(token.rsplit("-", 1)[1]))
+        log.info("task %s id=%s attempt=%d %s in %.3fs", msg["name"], msg["id"],
+                 msg["retry"] + 1, outcome or "done", time.monotonic() - start)
+        if outcome == "soft timeout":
+            self._end(field, raw, token, outcome)
+        else:
+            self.prev[field] = token
+
+
+_RUN_TASK_CODE = WakaQ._run_task.__code__
 
 
 # ===================================================================== scheduler
@@ -1335,7 +1674,8 @@ def _run_scheduler(app, stop):
                                                   cron.args, cron.kwargs], sort_keys=True,
                                                  default=str).encode()).hexdigest()[:16]
                 lock = app._k("cron", digest, str(int(fire.timestamp())))
-                if _CRON(r, [lock, q.key, q.wake_key], [raw, 2 * CRON_CATCH_UP]):
+                if _CRON(r, [lock, q.key, q.wake_key, app._k("ready")],
+                        [raw, 2 * CRON_CATCH_UP, app._rank(q), q.name]):
                     log.info("enqueued %s for %s", cron.task_name, fire.isoformat())
             last = now
             fires = [croniter(c.schedule, now).get_next(datetime) for c in app.schedules]
@@ -1414,7 +1754,8 @@ def _cmd_dead(app, args):
                 payload = json.dumps({**_loads_msg(e["payload"], decode=False), "retry": 0})
             except _BAD_PAYLOAD:
                 payload = e["payload"]   # requeued as it was; it will be dead-lettered again
-            moved += _REQUEUE(r, [app.dead_key, q.key, q.wake_key], [raw, payload])
+            moved += _REQUEUE(r, [app.dead_key, q.key, q.wake_key, app._k("ready")],
+                              [raw, payload, app._rank(q), q.name])
         print(f"requeued {moved} dead task(s)")
         return 0
     for start in itertools.count(0, 1000):    # in pages: no single slow command
