@@ -605,11 +605,23 @@ def test_cluster_failover_of_the_apps_master_loses_no_task(cl, r, spawn):
 # ===================================================================== Sentinel
 
 
+def landed_on_the_sentinel_master(sentinel_set, n=1):
+    """Guard: the first task(s) must be on the master the Sentinels name (and nowhere
+    else: a wrongly connected client would write to some other Redis, e.g. localhost:6379)."""
+    key = sentinel_app._k("q", sentinel_app.default_queue.name)
+    with sentinel_set.master() as m:
+        length = m.llen(key)
+    assert length == n, (f"{n} task(s) enqueued via {SENTINEL_URL}, but the Sentinels' master "
+                         f"127.0.0.1:{sentinel_set.master_port()} holds {length} in {key}")
+
+
 def test_sentinel_tasks_run(sentinel_set, r, spawn):
     sentinel_set.master().flushall()
+    stask.delay(0)
+    landed_on_the_sentinel_master(sentinel_set)
     w = spawn("worker", "test_topology:sentinel_app")
     workers_ready(sentinel_set.master(), sentinel_app, [w], spawn)
-    for i in range(10):
+    for i in range(1, 10):
         stask.delay(i)
     stask.delay(10, eta=1)
     wait_for(lambda: len(runs(r, "s:task")) >= 11, "11 tasks to run via sentinel", 20,
@@ -620,7 +632,9 @@ def test_sentinel_tasks_run(sentinel_set, r, spawn):
 def test_sentinel_failover_mid_run_loses_no_task(sentinel_set, r, spawn):
     sentinel_set.master().flushall()
     n = 1000
-    for i in range(n):
+    smark.delay(0)
+    landed_on_the_sentinel_master(sentinel_set)
+    for i in range(1, n):
         smark.delay(i)
     old = sentinel_set.master_port()
     w = spawn("worker", "test_topology:sentinel_app")
