@@ -29,7 +29,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 import test_wakaq
-from test_wakaq import (PRIVATE, URL, Procs, children, cli, rec, runs, wait_for, _retrying,
+from test_wakaq import (PRIVATE, URL, children, cli, rec, runs, wait_for, _retrying,
                         r, redis_server, spawn)   # noqa: F401  (fixtures pytest must see)
 from wakaq import CronTask, WakaQ
 
@@ -303,7 +303,8 @@ def cluster(topo_dir):
             [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{p}" for p in CLUSTER_PORTS),
              "--cluster-replicas", "1", "--cluster-yes"],
             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-        assert made.returncode == 0, f"redis-cli --cluster create failed:\n{made.stdout}{made.stderr}"
+        assert made.returncode == 0, \
+            f"redis-cli --cluster create failed:\n{made.stdout}{made.stderr}"
         cl = Cluster(nodes)
         wait_for(_cluster_ready, "cluster_state:ok and replicas in sync on all 6 nodes", 30,
                  diag=cl.describe)
