@@ -17,25 +17,30 @@ attempt (soft timeout, hard timeout, the child or the whole worker dying) is ret
 at the end of its queue while it has retries left, then dead-lettered with the reason.
 Any other exception is logged with its traceback and the task is done.
 
-Redis keys ({p} = "wakaq"):
-    {p}:q:{queue}       LIST  ready payloads. Children LPOP from the left. Pushed to the
-                              right (end): new (.delay), retried, due delayed, cron ticks,
-                              requeued dead letters. Pushed to the left (front): tasks that
-                              a stop interrupted (they keep their retry count).
-    {p}:eta:{queue}     ZSET  delayed payloads, score = due time (unix seconds, float).
-                              Worker parents move due ones to {p}:q:{queue} in batches.
-    {p}:wake:{queue}    LIST  wake-up tokens (at most 1,000): every push to {p}:q:{queue}
-                              adds one; idle children BLPOP them; a claim that finds all
-                              its queues empty deletes them.
-    {p}:inflight:{wid}  HASH  child slot -> the payload it is running (set in the same
-                              script that pops it). Worker {wid}'s parent releases a dead
-                              child's entry; a live worker adopts a dead worker's hash.
-    {p}:workers         ZSET  worker id -> last heartbeat (unix seconds).
+Redis keys. {p} is "{PREFIX}" (default "{wakaq}"): the hash tag puts all of an app's keys in
+one Redis Cluster slot, so every script runs on one node. Times are Redis's clock (TIME).
+    {p}:q:{queue}       LIST  ready payloads; claims LPOP from the left. Pushed to the right
+                              (end): new (.delay), retried, due delayed, cron ticks, requeued
+                              dead letters. To the left (front): tasks that a stop (or another
+                              task's hard timeout) interrupted; they keep their retry count.
+    {p}:ready           ZSET  queue name -> rank (0 = served first): the non-empty queues, so a
+                              claim costs the same with 1 or 200 queues.
+    {p}:eta:{queue}     ZSET  delayed payloads (eta, retry_backoff), score = due time.
+    {p}:due             ZSET  "RANK:NAME" -> earliest due time in that queue's delayed set; a
+                              claim moves what is due (bounded batches) to the end of its queue.
+    {p}:wake:{queue}    LIST  wake-up tokens (at most 1,000) that idle children BLPOP; pushes
+                              add them; a child deletes stale ones before it waits.
+    {p}:inflight:{wid}  HASH  "S.K" -> the payload child slot S runs in sub-slot K, "S.K:t" ->
+                              its claim token (acks compare it), "S.K:s" -> start time. The parent
+                              releases a dead child's fields; a live worker adopts a dead
+                              worker's hash as "adopted:{wid}:..." fields.
+    {p}:workers         ZSET  worker id (HOST.PID.RANDOM) -> last heartbeat.
     {p}:bcast:{wid}     LIST  broadcast payloads for one worker; claimed before queues.
     {p}:wake:{wid}      LIST  wake-up tokens for that worker's broadcasts.
     {p}:dead            LIST  dead letters: JSON {id, name, queue, attempts, reason, at,
                               payload}, payload = the original payload as a string.
-    {p}:cron:{digest}:{tick}  STRING  SET NX by the scheduler that enqueues that tick.
+    {p}:cron:{digest}   STRING the last tick enqueued for one schedule (unix seconds); compared
+                              and set by the script that pushes it.
 
 Payload: JSON {"id", "name", "queue", "retry", "args", "kwargs"} (+ "bcast": 1);
 retry = failed attempts so far. Values beyond JSON travel as {"__wakaq__": TYPE, "v": ...}.
@@ -82,7 +87,7 @@ BULK_CHUNK = 1000         # payloads per command in delay_many()
 TICK = 0.1                # worker parent loop period, seconds
 IDLE_WAIT = 5             # default wait_timeout: an idle child's longest BLPOP, seconds
 MAX_BACKOFF = 3600        # retry_backoff waits at most this, seconds
-CRON_CATCH_UP = 1800      # a missed cron tick older than this is skipped; its lock lasts 2x
+CRON_CATCH_UP = 1800      # seconds: a missed cron tick older than this is not enqueued
 
 
 # ===================================================================== errors and helpers
@@ -327,7 +332,10 @@ def _coerce_queue(q):
 
 
 class CronTask:
-    """Enqueue `task_name` on `queue` whenever `schedule` matches (croniter: 5 or 6 fields)."""
+    """Enqueue `task_name` on `queue` whenever `schedule` matches, in the app's timezone. Five
+    fields (minute hour day month weekday), or six: croniter reads seconds from the SIXTH,
+    so "* * * * * */10" is every 10 seconds and "*/10 * * * * *" every second of every
+    tenth minute. Time-zone and missed-tick rules: see _due and _run_scheduler."""
 
     __slots__ = ("schedule", "task_name", "queue", "args", "kwargs")
 
@@ -358,6 +366,7 @@ class Task:
         self.retry_backoff = _seconds(retry_backoff, f"retry_backoff of task {name!r}")
         _check_timeouts(_limits_for(app, self, self.queue or app.default_queue), f"task {name!r}")
         self.__doc__, self.__wrapped__ = fn.__doc__, fn
+        self.is_async = inspect.iscoroutinefunction(fn)
         self._json_name = json.dumps(name)
 
     def __call__(self, *args, **kwargs):
@@ -622,7 +631,7 @@ class WakaQ:
             for hook in self._hooks["before_task_started"]:
                 wait(hook())
             fn = task.fn
-            if inspect.iscoroutinefunction(fn):
+            if task.is_async:
                 def fn(*a, **k):
                     return wait(_within(task.fn(*a, **k), soft_deadline))
             wrap = self._hooks["wrap_tasks_with"]
@@ -835,8 +844,9 @@ while not p do
     if not skip[name] then
       local qk = ARGV[5] .. ':q:' .. name
       p = redis.call('LPOP', qk)
-      if redis.call('LLEN', qk) == 0 then redis.call('ZREM', KEYS[4], name) i = i - 1 end
       if p then break end
+      redis.call('ZREM', KEYS[4], name)
+      i = i - 1
     end
   end
   if #names < 16 then break end
@@ -929,13 +939,15 @@ wake(KEYS[3], 1)
 return 1
 """)
 
-# Enqueue one cron tick once: SET NX lock KEYS[1] (expires ARGV[2] s), then append payload
-# ARGV[1] to queue KEYS[2] and wake KEYS[3]. Several schedulers may race; one wins.
+# Fire cron tick ARGV[1] once: unless record KEYS[1] already holds it or a later one, store it,
+# append payload ARGV[2] to queue KEYS[2], mark it ready (KEYS[3], ARGV[3] ARGV[4]), wake KEYS[4].
 _CRON = _Script("""
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[1])
-redis.call('ZADD', KEYS[4], ARGV[3], ARGV[4])
-wake(KEYS[3], 1)
+local last = tonumber(redis.call('GET', KEYS[1]))
+if last and last >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+wake(KEYS[4], 1)
 return 1
 """)
 
@@ -1022,7 +1034,7 @@ class _Conn:
                 elif self.conn.can_read(timeout=0):        # closed by the server meanwhile
                     raise redis.ConnectionError("the connection was closed")
                 if packed:
-                    self.conn.send_packed_command(packed)
+                    self.conn.send_packed_command([packed])
                 else:
                     self.conn.send_command(*args)
             except (redis.ConnectionError, redis.TimeoutError):
@@ -1141,8 +1153,7 @@ class _Worker:
         self.inflight_key = app._k("inflight", self.wid)
         self.bcast_key, self.wake_key = app._k("bcast", self.wid), app._k("wake", self.wid)
         n, hb = app.concurrency, app.heartbeat_timeout
-        self.k = app.async_concurrency if any(
-            inspect.iscoroutinefunction(t.fn) for t in app.tasks.values()) else 1
+        self.k = app.async_concurrency if any(t.is_async for t in app.tasks.values()) else 1
         self.slots = [None] * n           # slot -> _Child, or None
         self.unreleased = {}              # slot -> {k: (reason, finished token)} of a dead child
         self.not_before = [0.0] * n       # slot -> when it may fork again (monotonic)
@@ -1445,7 +1456,12 @@ class _ChildProcess:
             q.wake_key for q in served]
         self.limits = {}        # (task, queue) -> _Limits
         self.loop = asyncio.new_event_loop()
-        self.poll = 0.01
+        self.poll, self.pid = 0.01, os.getpid()
+        head = ["EVALSHA", _CLAIM.sha, len(self.keys)] + self.keys
+        tail = [worker.wid, "{%s}" % app.prefix] + self.excluded
+        bulk = [b"$%d\r\n%s\r\n" % (len(b), b) for b in (str(x).encode() for x in head + tail)]
+        self.claim_head = b"*%d\r\n" % (len(bulk) + 3) + b"".join(bulk[:len(head)])
+        self.claim_tail = b"".join(bulk[len(head):])
 
     def run(self):
         signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent decides on Ctrl-C
@@ -1500,15 +1516,25 @@ class _ChildProcess:
     def _on_alarm(self, signum, frame):
         if not self.in_task:
             return                       # the task has ended: drop it
-        f = frame
+        f, outer = frame, None           # outer: the outermost frame of logging or wakaq
         while f is not None and f.f_code is not _RUN_TASK_CODE:
             if f.f_globals is globals() or f.f_globals.get("__name__", "").startswith("logging"):
-                break                    # in wakaq's own code or in logging: not here
+                outer = f
             f = f.f_back
-        if f is None or f is frame or f.f_code is not _RUN_TASK_CODE:
-            signal.setitimer(signal.ITIMER_REAL, 0.01)     # try again when back in the task
-            return
-        raise SoftTimeout(f"soft timeout after {self.soft:g}s")
+        if f is None or f is frame:      # not in the task yet, or between its hooks
+            signal.setitimer(signal.ITIMER_REAL, 0.001)
+        elif outer is None:
+            raise SoftTimeout(f"soft timeout after {self.soft:g}s")
+        else:                            # raise it as `outer` returns into the task's code
+            outer.f_trace = self._on_return
+            sys.settrace(_no_trace)
+
+    def _on_return(self, frame, event, arg):
+        if event != "return":
+            return self._on_return
+        sys.settrace(None)
+        if self.in_task:
+            raise SoftTimeout(f"soft timeout after {self.soft:g}s")
 
     def _call(self, fn):
         """Run a Redis step until it succeeds; outages are logged once, with backoff."""
@@ -1526,9 +1552,14 @@ class _ChildProcess:
             time.sleep(delay)
 
     def _claim(self, field):
-        token = f"{os.getpid()}-{next(self.claims)}"
-        return _CLAIM(self.r, self.keys, [field, self.prev[field], token, self.worker.wid,
-                                          "{%s}" % self.app.prefix, *self.excluded])
+        """The hot path: the claim's command bytes are packed once, all but three arguments."""
+        args = (field, self.prev[field], f"{self.pid}-{next(self.claims)}")
+        try:
+            return self.r.execute_command(packed=self.claim_head + b"".join(
+                b"$%d\r\n%s\r\n" % (len(a), a.encode()) for a in args) + self.claim_tail)
+        except redis.exceptions.NoScriptError:
+            self.r.execute_command("SCRIPT", "LOAD", _CLAIM.source)
+            return self._claim(field)
 
     def _wait(self):
         """Before an idle wait, ack what is finished; then BLPOP the wake-up lists until a
@@ -1580,7 +1611,7 @@ class _ChildProcess:
         struct.pack_into("d", self.worker.shm, at, start + limits.hard if limits.hard else 0.0)
         soft = limits.soft and start + limits.soft
         wrap = app._hooks["wrap_tasks_with"]
-        if self.worker.k > 1 and inspect.iscoroutinefunction(task.fn) and (
+        if self.worker.k > 1 and task.is_async and (
                 not wrap or inspect.iscoroutinefunction(wrap[0])):
             self.running[field] = self.loop.create_task(
                 self._run_async(field, raw, token, msg, task, soft, start, at))
@@ -1588,15 +1619,18 @@ class _ChildProcess:
         outcome = None
         ctx = _current.set(msg)
         try:
+            armed = limits.soft and not task.is_async
             try:
-                if limits.soft and not inspect.iscoroutinefunction(task.fn):
+                if armed:
                     self.soft, self.in_task = limits.soft, True
                     signal.setitimer(signal.ITIMER_REAL, limits.soft)
                 app._run_task(task, msg["args"], msg["kwargs"], soft,
                               self.loop.run_until_complete)
             finally:
                 self.in_task = False
-                signal.setitimer(signal.ITIMER_REAL, 0)
+                if armed:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    sys.settrace(None)
         except SoftTimeout:
             outcome = "soft timeout"
         except Exception:
@@ -1636,55 +1670,69 @@ class _ChildProcess:
 _RUN_TASK_CODE = WakaQ._run_task.__code__
 
 
+def _no_trace(frame, event, arg):
+    """While a soft timeout waits for logging to return: trace no new frame."""
+
+
 # ===================================================================== scheduler
 
-def _due(schedules, last, now):
-    """(CronTask, fire time) for each schedule with a fire time in (last, now]; a schedule
-    that missed several ticks fires once, for the latest, unless that is over CRON_CATCH_UP
-    seconds old. Times compare as timestamps: wall clocks repeat when DST ends."""
-    due, end = [], now.timestamp()
-    for cron in schedules:
-        it, fire = croniter(cron.schedule, last), None
-        while (nxt := it.get_next(datetime)).timestamp() <= end:
-            fire = nxt
-        if fire and end - fire.timestamp() <= CRON_CATCH_UP:
-            due.append((cron, fire))
-    return due
+def _due(cron, tz, last, now):
+    """(the latest tick of `cron` in (last, now] if at most CRON_CATCH_UP (+1) s old, else
+    None; the first tick after now), unix seconds, in zone tz. croniter walks instants: a
+    wall time that does not exist is one tick just after the gap, an hour repeated when the
+    clocks go back is two real hours. On top, cron's rule (cronie, Vixie cron): with a fixed
+    hour the repeated wall time is one tick (the first); with `*` or a step in the hour
+    field a wall time that does not exist is no tick (croniter would add one after the gap)."""
+    star, fire = cron.schedule.split()[1].startswith("*"), None
+    it = croniter(cron.schedule, datetime.fromtimestamp(max(last, now - CRON_CATCH_UP - 1), tz))
+    while (t := it.get_next(datetime)).timestamp() <= now:
+        wall, ts = t.replace(tzinfo=None), t.timestamp()
+        if not star and t.replace(fold=0).timestamp() != ts:
+            continue
+        if star and datetime.fromtimestamp(ts - 1, tz).utcoffset() != t.utcoffset() and \
+                croniter(cron.schedule, wall - timedelta(seconds=1)).get_next(datetime) != wall:
+            continue
+        fire = int(ts)
+    return fire, t.timestamp()
 
 
 def _run_scheduler(app, stop):
-    """Enqueue each tick exactly once across schedulers; re-read the clock every pass."""
+    """Enqueue each tick once across schedulers and restarts: the last tick fired per
+    schedule lives in Redis ({p}:cron:{digest}); "now" is Redis's clock (TIME)."""
+    crons = []
     for cron in app.schedules:
         if cron.task_name not in app.tasks:
             raise ValueError(f"schedule {cron.schedule!r} names unknown task {cron.task_name!r}")
-    if not app.schedules:
-        log.warning("the app has no schedules; the scheduler has nothing to do")
-    r, outage = app._client(retries=0), _Outage("scheduler")
-    last = datetime.now(app.tz)
-    log.info("scheduler started with %d schedule(s)", len(app.schedules))
+        task = app.tasks[cron.task_name]
+        q = app._queue(cron.queue) if cron.queue else task.queue or app.default_queue
+        ident = json.dumps([cron.schedule, cron.task_name, q.name, cron.args, cron.kwargs],
+                           sort_keys=True, default=str)
+        crons.append((cron, task, q, app._k("cron", hashlib.sha1(ident.encode()).hexdigest())))
+    if not crons:
+        log.warning("the app has no schedules; the scheduler exits")
+        return
+    r, outage, ready = app._client(retries=0), _Outage("scheduler"), app._k("ready")
+    log.info("scheduler started with %d schedule(s)", len(crons))
     while not stop():
-        now = datetime.now(app.tz)
         try:
             outage.ok(r)
-            for cron, fire in _due(app.schedules, last, now):
-                task = app.tasks[cron.task_name]
-                q = app._queue(cron.queue) if cron.queue else task.queue or app.default_queue
-                _, raw = app._payload(task, cron.args, cron.kwargs, q)
-                digest = hashlib.sha1(json.dumps([cron.schedule, cron.task_name, q.name,
-                                                  cron.args, cron.kwargs], sort_keys=True,
-                                                 default=str).encode()).hexdigest()[:16]
-                lock = app._k("cron", digest, str(int(fire.timestamp())))
-                if _CRON(r, [lock, q.key, q.wake_key, app._k("ready")],
-                        [raw, 2 * CRON_CATCH_UP, app._rank(q), q.name]):
-                    log.info("enqueued %s for %s", cron.task_name, fire.isoformat())
-            last = now
-            fires = [croniter(c.schedule, now).get_next(datetime) for c in app.schedules]
-            pause = (min(fires) - datetime.now(app.tz)).total_seconds() if fires else 1.0
+            now, pause = app.redis_time(), 1.0
+            for (cron, task, q, key), last in zip(crons, r.mget([c[3] for c in crons])):
+                if last is None:            # a new schedule starts from now
+                    r.set(key, int(now), nx=True)
+                    continue
+                fire, nxt = _due(cron, app.tz, float(last), now)
+                pause = min(pause, nxt - now)
+                if fire and _CRON(r, [key, q.key, ready, q.wake_key], [fire, app._payload(
+                        task, cron.args, cron.kwargs, q)[1], app._rank(q), q.name]):
+                    log.info("enqueued %s for %s", cron.task_name,
+                             datetime.fromtimestamp(fire, app.tz).isoformat())
         except redis.RedisError as e:
             pause = outage.failed(e)
-        deadline = time.monotonic() + min(max(pause, 0.01), 1.0)
+        deadline = time.monotonic() + max(pause, 0.01)
         while not stop() and time.monotonic() < deadline:
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+    log.info("scheduler stopped")
 
 
 # ===================================================================== command line

@@ -463,7 +463,7 @@ def run_main(args, rep, scratch):
             res["notes"].append(f"wakaq worker: {note}")
         r.flushall()
         res["bulk"] = run_producer(wakaq_producer("bulk", args.bulk_n), server.port)
-        if r.llen("wakaq:q:default") != args.bulk_n:
+        if r.llen("{wakaq}:q:default") != args.bulk_n:
             raise RuntimeError("bulk: queue length != bulk_n")
     finally:
         for popens, sampler in live:
@@ -535,7 +535,7 @@ def run_scale(args, rep, scratch):
     server = RedisServer(scratch)
     r, n = server.r, args.n
     app, noop = driver_app(server.port)
-    eta_key, parked = "wakaq:eta:default", "bench:eta:parked"
+    eta_key, parked = "{wakaq}:eta:default", "bench:eta:parked"
     try:
         r.config_set("slowlog-log-slower-than", 50000)
         t = perf_counter()
@@ -577,7 +577,7 @@ def run_scale(args, rep, scratch):
         sampler.start()
         try:
             deadline = time.monotonic() + 10
-            while not r.zcard("wakaq:workers") and time.monotonic() < deadline:
+            while not r.zcard("{wakaq}:workers") and time.monotonic() < deadline:
                 time.sleep(0.02)
             time.sleep(0.3)
             m = args.due_count
@@ -607,7 +607,7 @@ def run_scale(args, rep, scratch):
             res["notes"].append(f"(b): {note}")
         b["done"] = int(r.get("done") or 0)
         b["eta_left"] = r.zcard(eta_key)
-        b["queue_left"] = r.llen("wakaq:q:default")
+        b["queue_left"] = r.llen("{wakaq}:q:default")
         b["seconds_from_due"] = (t_done - t0) if t_done else None
         b["all_moved_s"] = (t_moved - t0) if t_moved else None
         b["rate"] = m / (t_done - t0) if t_done else None
