@@ -548,15 +548,17 @@ class WakaQ:
             raise ValueError(f"unknown queue {name!r}; the app has {list(self._queues)!r}")
         return self._queues[name]
 
-    def _client(self, retries=2):
+    def _client(self, retries=2, blocking=True):
         """A new client on the Redis that holds this app's keys: the server at `url` (or
         host=...), the master behind Sentinels (redis+sentinel://), or, in a Redis Cluster, the
         master that owns the slot of the app's hash tag (every key of the app is in that slot).
-        Producers retry twice; workers (retries=0) handle outages themselves."""
+        Producers retry twice; workers (retries=0) handle outages themselves. A blocking
+        client's socket timeout outlasts an idle child's BLPOP (wait_timeout)."""
         from redis.backoff import ExponentialBackoff
         from redis.retry import Retry
         kw = dict(self._redis_args, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
-                  socket_timeout=max(self.socket_timeout, self.wait_timeout + 5),
+                  socket_timeout=max(self.socket_timeout, self.wait_timeout + 5) if blocking
+                  else self.socket_timeout,
                   socket_connect_timeout=self.socket_connect_timeout,
                   health_check_interval=self.health_check_interval)
         url = kw.pop("url", None)
@@ -1055,7 +1057,9 @@ class _Conn:
             last = attempt == self.retries
             try:
                 if self.conn is None:
-                    self.conn = self.app._client(retries=0).connection_pool.make_connection()
+                    self.conn = self.app._client(0, not self.retries).connection_pool \
+                        .make_connection()
+                    self.conn.connect()       # a Sentinel's connection asks for the master
                 elif self.retries and self.conn.can_read(timeout=0):    # closed meanwhile
                     raise redis.ConnectionError("the connection was closed")
                 if packed:
@@ -1415,12 +1419,16 @@ class _Worker:
         while any(self.slots):
             self._reap()
             time.sleep(0.01)
-        try:
-            self.r = self.r or self.app._client(retries=0)
-            self._release_unreleased()
-        except redis.RedisError as e:
-            log.error("cannot put interrupted tasks back (%s); a live worker will take them "
-                      "back after heartbeat_timeout", e)
+        while self.unreleased and len(self.signals) < 3:
+            try:
+                self.r = self.r or self.app._client(retries=0)
+                self._release_unreleased()
+            except redis.RedisError as e:
+                if not self.outage.delay:
+                    log.error("cannot put interrupted tasks back (%s); waiting for Redis (a "
+                              "third signal leaves them to a live worker, as 'worker died')", e)
+                self.r = None
+                time.sleep(self.outage.failed(e))
 
     def _leave(self):
         """Deregister; broadcasts still waiting for us go to the dead-letter list. With a task
