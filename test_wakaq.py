@@ -1024,7 +1024,8 @@ def test_redis_restart_mid_run_loses_nothing_and_is_logged_once(r, spawn, redis_
     time.sleep(0.5)    # keep Redis down a moment longer, so the child notices too
     redis_server.start()
     add.delay(4, 4)
-    wait_for(lambda: len(runs(r, "add")) == 4, "all four adds after the restart", 25)
+    wait_for(lambda: len(runs(r, "add")) == 4, "all four adds after the restart", 25,
+             diag=lambda: f"adds: {runs(r, 'add')}, dead: {dead(r)}\n{spawn.tails(30)}")
     assert sorted(x[0] for x in runs(r, "add")) == [1, 2, 3, 4]
     log = w.log()
     assert runs(r, "finished") == [["running"]], log
