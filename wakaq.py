@@ -46,32 +46,9 @@ one Redis Cluster slot, so every script runs on one node. Times are Redis's cloc
 Payload: JSON {"id", "name", "queue", "retry", "args", "kwargs"} (+ "bcast": 1);
 retry = failed attempts so far. Values beyond JSON travel as {"__wakaq__": TYPE, "v": ...}.
 """
-import argparse
-import ast
-import asyncio
-import base64
-import collections
-import contextvars
-import decimal
-import functools
-import gc
-import hashlib
-import inspect
-import itertools
-import json
-import logging
-import mmap
-import os
-import random
-import re
-import select
-import signal
-import socket
-import struct
-import sys
-import threading
-import time
-import traceback
+import argparse, ast, asyncio, base64, collections, contextvars, decimal, functools, gc
+import hashlib, inspect, itertools, json, logging, mmap, os, random, re, select, signal, socket
+import struct, sys, threading, time, traceback
 from datetime import date, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
@@ -89,6 +66,7 @@ BULK_CHUNK = 1000         # payloads per command in delay_many()
 TICK = 0.1                # worker parent loop period, seconds
 IDLE_WAIT = 5             # default wait_timeout: an idle child's longest BLPOP, seconds
 MAX_BACKOFF = 3600        # retry_backoff waits at most this, seconds
+PROMOTE = 0.05            # a busy child moves due delayed tasks at most this often, seconds
 CRON_CATCH_UP = 1800      # seconds: a missed cron tick older than this is not enqueued
 
 
@@ -844,28 +822,32 @@ return #ARGV - 4
 
 # A child's claim. KEYS: in-flight hash, workers zset, this worker's broadcast list, ready zset,
 # due zset, the set of queue names this worker serves. ARGV: field, token to ack, new token,
-# worker id, "{prefix}".
-# 1. The field holds another token: a claim whose reply was lost; hand it out again.
-# 2. Ack (delete) the finished attempt. Nothing more if the worker is not listed (nobody
-#    could adopt what we claim). 3. Move due delayed tasks of up to 10 queues (a bounded batch
-#    each) to their queues. 4. Pop this worker's broadcasts, else the first non-empty queue by
-#    rank that we serve; record it in flight with the token and Redis's time. Returns
-#    {payload, token}, or nil.
+# flags ("c": a call failed since the last claim; "p": promote), worker id, "{prefix}".
+# 1. After a failure, the field may hold another token: a claim whose reply was lost; hand it
+#    out again. 2. Ack (delete) the finished attempt. Nothing more if the worker is not listed
+#    (nobody could adopt what we claim). 3. With "p", move due delayed tasks of up to 10
+#    queues (a bounded batch each) to their queues. 4. Pop this worker's broadcasts, else the
+#    first non-empty queue by rank that we serve; record it in flight with the token and
+#    Redis's time. Returns {payload, token}, or nil.
 _CLAIM = _Script(f"""
 local f, p, t = ARGV[1], nil, now()
-local cur = redis.call('HGET', KEYS[1], f .. ':t')
-if cur and cur ~= ARGV[2] then return {{redis.call('HGET', KEYS[1], f), cur}} end
-if cur then redis.call('HDEL', KEYS[1], f, f .. ':t', f .. ':s') end
-if not redis.call('ZSCORE', KEYS[2], ARGV[4]) then return false end
-for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', t, 'LIMIT', 0, 10)) do
+if string.find(ARGV[4], 'c', 1, true) then
+  local cur = redis.call('HGET', KEYS[1], f .. ':t')
+  if cur and cur ~= ARGV[2] then return {{redis.call('HGET', KEYS[1], f), cur}} end
+end
+if ARGV[2] ~= '' then redis.call('HDEL', KEYS[1], f, f .. ':t', f .. ':s') end
+if not redis.call('ZSCORE', KEYS[2], ARGV[5]) then return false end
+local due = string.find(ARGV[4], 'p', 1, true) and
+  redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', t, 'LIMIT', 0, 10) or {{}}
+for _, m in ipairs(due) do
   local rank, name = string.match(m, '^(%d+):(.*)$')
-  local ek, qk = ARGV[5] .. ':eta:' .. name, ARGV[5] .. ':q:' .. name
+  local ek, qk = ARGV[6] .. ':eta:' .. name, ARGV[6] .. ':q:' .. name
   local due = redis.call('ZRANGEBYSCORE', ek, '-inf', t, 'LIMIT', 0, {DUE_BATCH})
   if #due > 0 then
     redis.call('RPUSH', qk, unpack(due))
     redis.call('ZREM', ek, unpack(due))
     redis.call('ZADD', KEYS[4], rank, name)
-    wake(ARGV[5] .. ':wake:' .. name, #due)
+    wake(ARGV[6] .. ':wake:' .. name, #due)
   end
   local first = redis.call('ZRANGE', ek, 0, 0, 'WITHSCORES')
   if first[2] then redis.call('ZADD', KEYS[5], first[2], m) else redis.call('ZREM', KEYS[5], m) end
@@ -876,7 +858,7 @@ while not p do
   local names = redis.call('ZRANGE', KEYS[4], i, i + 15)
   for _, name in ipairs(names) do
     if redis.call('SISMEMBER', KEYS[6], name) == 1 then
-      local qk = ARGV[5] .. ':q:' .. name
+      local qk = ARGV[6] .. ':q:' .. name
       p = redis.call('LPOP', qk)
       if p then break end
       redis.call('ZREM', KEYS[4], name)
@@ -1043,11 +1025,11 @@ _REFUSED = (redis.exceptions.ReadOnlyError, redis.exceptions.MovedError)
 
 
 class _Conn:
-    """One bare connection to the node that holds the app's keys, for the hot paths (claims,
-    enqueues): redis-py's pool and command layers cost more than the round trip. A command is
-    sent again, on a new connection to the node the topology names now, only when it cannot
-    have been applied (sending failed, or the node refused it); a lost reply raises, so one
-    .delay() is never two tasks. `retries`: how many times to send again at once."""
+    """One bare connection to the node that holds the app's keys, for the hot paths (redis-py's
+    pool and command layers cost more than the round trip). A command is sent again (`retries`
+    times, on a new connection to the node the topology names now) only if it cannot have been
+    applied: sending failed, or the node refused it. A lost reply raises: one .delay() is never
+    two tasks."""
 
     def __init__(self, app, retries=0):
         self.app, self.retries, self.conn = app, retries, None
@@ -1326,9 +1308,9 @@ class _Worker:
             return
         was_high, self.mem_high = self.mem_high, pct >= self.app.max_mem_percent
         if self.mem_high != was_high:
-            log.warning("memory use %.0f%% is %s max_mem_percent=%s: forking %s", pct,
-                        *(("over", self.app.max_mem_percent, "paused") if self.mem_high
-                          else ("under", self.app.max_mem_percent, "resumed")))
+            log.warning("memory use %.0f%% is %s max_mem_percent=%s: forking %s", pct, *(
+                ("over", self.app.max_mem_percent, "paused") if self.mem_high else
+                ("under", self.app.max_mem_percent, "resumed")))
         live = [c for c in self.slots if c and not c.term_sent]
         if self.mem_high and live:
             biggest = max(live, key=lambda c: _rss(c.pid))
@@ -1495,7 +1477,8 @@ class _ChildProcess:
         head = ["EVALSHA", _CLAIM.sha, len(self.keys)] + self.keys
         tail = [worker.wid, "{%s}" % app.prefix]
         bulk = [b"$%d\r\n%s\r\n" % (len(b), b) for b in (str(x).encode() for x in head + tail)]
-        self.claim_head = b"*%d\r\n" % (len(bulk) + 3) + b"".join(bulk[:len(head)])
+        self.claim_head = b"*%d\r\n" % (len(bulk) + 4) + b"".join(bulk[:len(head)])
+        self.next_promote, self.failed = 0.0, False
         self.claim_tail = b"".join(bulk[len(head):])
 
     def run(self):
@@ -1515,7 +1498,8 @@ class _ChildProcess:
             self.loop.run_until_complete(_maybe(hook()))
         limit, done = self.app.max_tasks_per_worker or float("inf"), 0
         while not self.stopping and done < limit and os.getppid() == self.ppid:
-            free = next((f for f in self.fields if f not in self.running), None)
+            free = next((f for f in self.fields if f not in self.running), None) \
+                if self.running else self.fields[0]
             if free is None:
                 self._drive(None)
                 continue
@@ -1587,15 +1571,21 @@ class _ChildProcess:
                     self.outage.ok()
                 return result
             except redis.RedisError as e:
-                delay = self.outage.failed(e)
+                delay, self.failed = self.outage.failed(e), True
                 self.r.reset()
             if self.stopping or os.getppid() != self.ppid:
                 raise _Stop()
             time.sleep(delay)
 
     def _claim(self, field):
-        """The hot path: the claim's command bytes are packed once, all but three arguments."""
-        args = (field, self.prev[field], f"{self.pid}-{next(self.claims)}")
+        """The hot path: the claim's command bytes are packed once, all but four arguments.
+        Due delayed tasks are promoted at most every PROMOTE seconds (and after a wait)."""
+        now = time.monotonic()
+        flags = ("c" if self.outage.delay or self.failed else "") + (
+            "p" if now >= self.next_promote else "")
+        if flags:
+            self.next_promote, self.failed = now + PROMOTE, False
+        args = (field, self.prev[field], f"{self.pid}-{next(self.claims)}", flags)
         try:
             return self.r.execute_command(packed=self.claim_head + b"".join(
                 b"$%d\r\n%s\r\n" % (len(a), a.encode()) for a in args) + self.claim_tail)
@@ -1621,7 +1611,7 @@ class _ChildProcess:
             if not self.stopping:
                 self.r.execute_command("BLPOP", *self.idle_keys[5:], f"{timeout:.3f}")
         finally:
-            self.idle = False
+            self.idle, self.next_promote = False, 0.0
 
     def _drive(self, timeout):
         """Run the event loop until an async task ends (or `timeout` seconds pass)."""
