@@ -43,6 +43,13 @@ one Redis Cluster slot, so every script runs on one node. Times are Redis's cloc
     {p}:cron:{digest}   STRING the last tick enqueued for one schedule (unix seconds); compared
                               and set by the script that pushes it.
 
+Soft timeouts: a sync task runs with SIGALRM armed (setitimer) and `in_task` set, both cleared
+as it ends (before the after_task_finished hooks). The handler raises SoftTimeout only in the
+task's own code. If the alarm lands in logging, asyncio or wakaq (a library's broad `except`
+there could swallow it, or a protocol be left half-read), it traces the outermost such frame
+and raises as that frame returns into the task; after the task it does nothing. Async tasks
+get their soft timeout from asyncio (wait_for) on the child's one lasting event loop.
+
 Payload: JSON {"id", "name", "queue", "retry", "args", "kwargs"} (+ "bcast": 1);
 retry = failed attempts so far. Values beyond JSON travel as {"__wakaq__": TYPE, "v": ...}.
 """
@@ -1448,13 +1455,8 @@ def _release(app, r, inflight_key, field, token, outcome):
 
 class _ChildProcess:
     """A forked child: claim a task (in flight, atomically), run it, ack it in the next claim.
-    Up to K tasks run at once on the child's one event loop when they are async.
-
-    Soft timeouts: SIGALRM (setitimer) is armed for a sync task just before the hooks and the
-    task run, disarmed right after. The handler raises SoftTimeout only while `in_task` is set
-    and the interrupted frame is the task's own code: inside logging or wakaq's own code it
-    tries again 10 ms later; once the task ended it does nothing. Async tasks get their soft
-    timeout from asyncio instead."""
+    Up to K async tasks run at once on the child's one event loop. Soft timeouts: see the
+    module docstring (_on_alarm, _on_return)."""
 
     def __init__(self, worker, slot):
         self.worker, self.app, self.slot = worker, worker.app, slot
@@ -1521,11 +1523,15 @@ class _ChildProcess:
             done += 1
         while self.running:
             self._drive(None)
+        self._call(self._ack_finished)
+        return 0
+
+    def _ack_finished(self):
         for field, token in self.prev.items():
             if token:
-                self._call(lambda: _release(self.app, self.r, self.worker.inflight_key, field,
-                                            token, (None, "", "", None, 0)))
-        return 0
+                _release(self.app, self.r, self.worker.inflight_key, field, token,
+                         (None, "", "", None, 0))
+                self.prev[field] = ""
 
     def _on_term(self, signum, frame):
         self.stopping = True
@@ -1596,11 +1602,7 @@ class _ChildProcess:
     def _wait(self):
         """Before an idle wait, ack what is finished; then BLPOP the wake-up lists until a
         push, the earliest delayed task's due time or wait_timeout."""
-        for field, token in self.prev.items():
-            if token:
-                _release(self.app, self.r, self.worker.inflight_key, field, token,
-                         (None, "", "", None, 0))
-                self.prev[field] = ""
+        self._ack_finished()
         again, *due = _IDLE(self.r, self.idle_keys, [self.worker.wid])
         if again:
             return
