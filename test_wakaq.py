@@ -1596,3 +1596,113 @@ def test_arguments_not_matching_the_signature_are_an_ordinary_task_error(r, spaw
     assert dead(r) == [], "a task error is not a dead letter"
     settled(r, bad_app, spawn)
     assert proc.alive()
+
+
+# ===================================================================== flat costs, retry_backoff, log lines
+
+many_app = WakaQ(queues=[(i, f"q{i}") for i in range(100)], url=URL, concurrency=1,
+                 prefix="many", exclude_queues=[f"q{i}" for i in range(1, 100, 2)])
+backoff_app = WakaQ(url=URL, concurrency=1, prefix="backoff", max_retries=2, retry_backoff=1,
+                    soft_timeout=0.2, hard_timeout=5)
+
+
+@many_app.task
+def ordered(tag):
+    rec("ordered", tag)
+
+
+@backoff_app.task
+def slow_then_fine():
+    n = attempt()
+    rec("backoff", n, time.time())
+    if n < 3:
+        time.sleep(1)             # past the soft timeout: a failed attempt, retried later
+
+
+@slow
+def test_strict_priority_across_100_queues_and_exclusions_with_many_queues(r, spawn):
+    """Tasks land on several of 100 queues at once (odd ones excluded): the worker runs the
+    served ones strictly by priority, FIFO within a queue, and leaves the excluded ones."""
+    served = [0, 98, 2, 50, 10, 96, 4, 60]
+    for i in served + [1, 99, 51]:
+        ordered.delay_many([(f"q{i}-a",), (f"q{i}-b",)], queue=f"q{i}")
+    w = spawn("worker", "many_app")
+    expect = [f"q{i}-{x}" for i in sorted(served) for x in "ab"]
+    wait_for(lambda: len(runs(r, "ordered")) >= len(expect), "the served tasks", diag=spawn.tails)
+    time.sleep(0.3)                       # a task from an excluded queue would show up now
+    assert [x[0] for x in runs(r, "ordered")] == expect
+    assert {i: r.llen(f"{{many}}:q:q{i}") for i in (1, 51, 99)} == {1: 2, 51: 2, 99: 2}
+    assert "Traceback" not in w.log()
+
+
+@needs_private
+def test_an_ack_after_the_task_was_released_and_claimed_again_does_not_ack_the_new_attempt(r):
+    """The scripts themselves, against Redis: attempt 1 (token A) is released by a dead-child
+    path and claimed again (token B); a late ack with token A acks nothing."""
+    app_, wid = WakaQ(url=URL, prefix="ack"), "host.1.ab"
+    inflight, ready = app_._k("inflight", wid), app_._k("ready")
+    keys = [inflight, app_.workers_key, app_._k("bcast", wid), ready, app_._k("due"),
+            app_._k("serve", "x")]
+    r.zadd(app_.workers_key, {wid: time.time()})
+    r.sadd(app_._k("serve", "x"), "default")
+    task = app_.task(lambda: None, name="t")
+    task.delay()
+
+    def claim(ack, token):
+        return wakaq._CLAIM(r, keys, ["0.0", ack, token, "", wid, "{ack}"])
+    payload, token = claim("", "A")
+    assert token == b"A"
+    outcome = app_._outcome(payload, "worker died")                  # retried (max_retries=0:
+    assert outcome[1] == "dead"                                       # dead), by token A
+    assert wakaq._release(app_, r, inflight, "0.0", "A", outcome) == 1
+    requeued = json.dumps({**json.loads(payload), "retry": 0})
+    r.rpush(app_.default_queue.key, requeued)
+    r.zadd(ready, {"default": 0})
+    again, token_b = claim("", "B")
+    assert token_b == b"B" and json.loads(again)["id"] == json.loads(payload)["id"]
+    ack_only = (None, "", "", None, 0)
+    assert wakaq._release(app_, r, inflight, "0.0", "A", ack_only) == 0   # the late ack
+    assert r.hget(inflight, "0.0:t") == b"B"
+    assert claim("A", "C")[1] == b"B"       # a claim acking A hands B out again, acks nothing
+    assert r.hget(inflight, "0.0:t") == b"B"
+
+
+@slow
+def test_retry_backoff_delays_each_retry_and_every_attempt_is_logged(r, spawn):
+    w = spawn("worker", "backoff_app")
+    slow_then_fine.delay()
+    wait_for(lambda: len(runs(r, "backoff")) == 3, "three attempts", 20, diag=spawn.tails)
+    (_, t1), (_, t2), (_, t3) = runs(r, "backoff")
+    assert 0.9 <= t2 - t1 <= 2.0, t2 - t1     # 0.2 s soft timeout + 1 s backoff (jitter 25%)
+    assert 1.6 <= t3 - t2 <= 3.5, t3 - t2     # 0.2 s + 2 s
+    wait_for(lambda: "attempt=3 done" in w.log(), "the third attempt's log line")
+    log = w.log()
+    assert re.search(r"task slow_then_fine id=\w+ attempt=1 soft timeout in 0\.\d+s", log), log
+    assert "attempt=2 soft timeout" in log and dead(r) == []
+
+
+@slow
+def test_a_dead_lettered_task_is_logged_with_its_id_and_reason(r, spawn):
+    w = spawn("worker")
+    task_id = too_slow.delay()
+    wait_for(lambda: dead(r), "the dead letter")
+    wait_for(lambda: f"id={task_id} dead-lettered" in w.log(), "the dead-letter log line")
+    assert re.search(rf"task too_slow id={task_id} dead-lettered after \d+ attempt\(s\): "
+                     r"soft timeout", w.log())
+
+
+def test_delay_many_with_an_eta_keeps_enqueue_order(r):
+    ids = add.delay_many([(i, i) for i in range(40)], eta=30)
+    stored = r.zrange("{wakaq}:eta:default", 0, -1)
+    assert [json.loads(p)["id"] for p in stored] == ids
+
+
+@slow
+def test_an_idle_worker_exits_within_a_second_of_sigterm(r, spawn):
+    w = spawn("worker", "deploy_app")
+    workers_ready(r, [w], deploy_app)
+    time.sleep(0.3)                                    # let the children settle into their wait
+    sent = time.monotonic()
+    os.kill(w.pid, signal.SIGTERM)
+    assert w.wait_exit(5) == 0
+    assert time.monotonic() - sent < 1.0, time.monotonic() - sent

@@ -829,22 +829,20 @@ return #ARGV - 4
 
 # A child's claim. KEYS: in-flight hash, workers zset, this worker's broadcast list, ready zset,
 # due zset, the set of queue names this worker serves. ARGV: field, token to ack, new token,
-# flags ("c": a call failed since the last claim; "p": promote), worker id, "{prefix}".
-# 1. After a failure, the field may hold another token: a claim whose reply was lost; hand it
-#    out again. 2. Ack (delete) the finished attempt. Nothing more if the worker is not listed
+# flags ("p": promote due tasks), worker id, "{prefix}".
+# 1. The field holds another token than the one to ack: a claim whose reply was lost; hand
+#    it out again (never ack another attempt). 2. Ack (delete) the finished attempt. Nothing more if the worker is not listed
 #    (nobody could adopt what we claim). 3. With "p", move due delayed tasks of up to 10
 #    queues (a bounded batch each) to their queues. 4. Pop this worker's broadcasts, else the
 #    first non-empty queue by rank that we serve; record it in flight with the token and
 #    Redis's time. Returns {payload, token}, or nil.
 _CLAIM = _Script(f"""
 local f, p, t = ARGV[1], nil, now()
-if string.find(ARGV[4], 'c', 1, true) then
-  local cur = redis.call('HGET', KEYS[1], f .. ':t')
-  if cur and cur ~= ARGV[2] then return {{redis.call('HGET', KEYS[1], f), cur}} end
-end
-if ARGV[2] ~= '' then redis.call('HDEL', KEYS[1], f, f .. ':t', f .. ':s') end
+local cur = redis.call('HGET', KEYS[1], f .. ':t')
+if cur and cur ~= ARGV[2] then return {{redis.call('HGET', KEYS[1], f), cur}} end
+if cur then redis.call('HDEL', KEYS[1], f, f .. ':t', f .. ':s') end
 if not redis.call('ZSCORE', KEYS[2], ARGV[5]) then return false end
-local due = string.find(ARGV[4], 'p', 1, true) and
+local due = ARGV[4] == 'p' and
   redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', t, 'LIMIT', 0, 10) or {{}}
 for _, m in ipairs(due) do
   local rank, name = string.match(m, '^(%d+):(.*)$')
@@ -1480,7 +1478,7 @@ class _ChildProcess:
         tail = [worker.wid, "{%s}" % app.prefix]
         bulk = [b"$%d\r\n%s\r\n" % (len(b), b) for b in (str(x).encode() for x in head + tail)]
         self.claim_head = b"*%d\r\n" % (len(bulk) + 4) + b"".join(bulk[:len(head)])
-        self.next_promote, self.failed = 0.0, False
+        self.next_promote = 0.0
         self.claim_tail = b"".join(bulk[len(head):])
 
     def run(self):
@@ -1577,7 +1575,7 @@ class _ChildProcess:
                     self.outage.ok()
                 return result
             except redis.RedisError as e:
-                delay, self.failed = self.outage.failed(e), True
+                delay = self.outage.failed(e)
                 self.r.reset()
             if self.stopping or os.getppid() != self.ppid:
                 raise _Stop()
@@ -1586,12 +1584,10 @@ class _ChildProcess:
     def _claim(self, field):
         """The hot path: the claim's command bytes are packed once, all but four arguments.
         Due delayed tasks are promoted at most every PROMOTE seconds (and after a wait)."""
-        now = time.monotonic()
-        flags = ("c" if self.outage.delay or self.failed else "") + (
-            "p" if now >= self.next_promote else "")
-        if flags:
-            self.next_promote, self.failed = now + PROMOTE, False
-        args = (field, self.prev[field], f"{self.pid}-{next(self.claims)}", flags)
+        now, promote = time.monotonic(), ""
+        if now >= self.next_promote:
+            self.next_promote, promote = now + PROMOTE, "p"
+        args = (field, self.prev[field], f"{self.pid}-{next(self.claims)}", promote)
         try:
             return self.r.execute_command(packed=self.claim_head + b"".join(
                 b"$%d\r\n%s\r\n" % (len(a), a.encode()) for a in args) + self.claim_tail)
