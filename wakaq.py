@@ -36,6 +36,7 @@ one Redis Cluster slot, so every script runs on one node. Times are Redis's cloc
                               releases a dead child's fields; a live worker adopts a dead
                               worker's hash as "adopted:{wid}:..." fields.
     {p}:workers         ZSET  worker id (HOST.PID.RANDOM) -> last heartbeat.
+    {p}:serve:{digest}  SET   the queue names a worker serves (claims take only those).
     {p}:bcast:{wid}     LIST  broadcast payloads for one worker; claimed before queues.
     {p}:wake:{wid}      LIST  wake-up tokens for that worker's broadcasts.
     {p}:dead            LIST  dead letters: JSON {id, name, queue, attempts, reason, at,
@@ -753,8 +754,7 @@ def _sentinel_master(url, kw):
     if not path[0] or len(path) > 2:
         raise ValueError(f"a Sentinel URL is redis+sentinel://host:port[,...]/SERVICE[/DB], "
                          f"got {_mask(url)!r}")
-    hosts = [(h.rpartition(":")[0] or h, int(h.rpartition(":")[2] or 26379))
-             for h in netloc.split(",")]
+    hosts = [(h.partition(":")[0], int(h.partition(":")[2] or 26379)) for h in netloc.split(",")]
     auth = dict(username=unquote(parts.username) if parts.username else None,
                 password=unquote(parts.password) if parts.password else None)
     kw.pop("retry")
