@@ -488,7 +488,7 @@ class WakaQ:
         for q in self.queues:
             q.key, q.eta_key, q.wake_key = (self._k(k, q.name) for k in ("q", "eta", "wake"))
         self.dead_key, self.workers_key = self._k("dead"), self._k("workers")
-        self._redis, self._redis_pid, self._cluster = None, None, None
+        self._redis, self._redis_pid, self._cluster, self._nodes = None, None, None, []
 
     def task(self, fn=None, *, name=None, queue=None, max_retries=None, soft_timeout=None,
              hard_timeout=None, retry_backoff=None):
@@ -554,12 +554,14 @@ class WakaQ:
         if self._cluster is None:
             self._cluster = client.info("cluster").get("cluster_enabled") == 1
         if self._cluster:
-            from redis.cluster import RedisCluster
+            from redis.cluster import ClusterNode, RedisCluster
             if kw.pop("db", 0):
                 raise ValueError("a Redis Cluster has only db 0")
             kw.pop("health_check_interval")
+            kw["startup_nodes"] = [ClusterNode(*n) for n in self._nodes]  # known at last look
             cluster = RedisCluster.from_url(url, **kw) if url else RedisCluster(**kw)
             client.close()
+            self._nodes = [(n.host, n.port) for n in cluster.get_nodes()]
             client = cluster.get_node_from_key(self._k("q")).redis_connection
         return client
 
