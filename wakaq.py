@@ -1955,9 +1955,8 @@ _COMMANDS = {"worker": (_cmd_worker, "run a worker: a parent that forks `concurr
              "dead": (_cmd_dead, "list, requeue or delete dead-lettered tasks"),
              "health": (_cmd_health, "exit 0 if a worker on this host heartbeats, else 1"),
              "migrate": (_cmd_migrate, "move the original WakaQ's tasks into our queues")}
-# What Redis reports for a bad password, an ACL, "DB index is out of range": not an outage.
 _CONFIG_ERRORS = (redis.AuthenticationError, redis.exceptions.AuthorizationError,
-                  redis.ResponseError)
+                  redis.ResponseError)    # a bad password, an ACL, a bad DB index: not an outage
 
 
 def main(argv=None):
