@@ -168,19 +168,15 @@ def _concurrency(value, cores=None, name="concurrency"):
 def _import_app(spec):
     """Load a WakaQ from "module:attribute" or "module.attribute"."""
     import importlib
-    module, sep, attr = spec.partition(":")
-    if not sep:
-        module, _, attr = spec.rpartition(".")
+    module, _, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
     if not module or not attr:
         raise ValueError(f"APP must look like module:attribute, got {spec!r}")
     try:
-        obj = importlib.import_module(module)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
+        obj = functools.reduce(getattr, attr.split("."), importlib.import_module(module))
     except AttributeError:
-        if sep:
+        if ":" in spec:
             raise
-        obj = importlib.import_module(spec)
+        obj = importlib.import_module(spec)          # "examples.tasks": a module
     if type(obj) is type(sys):                       # "examples.tasks": forgot ":wakaq"
         names = [k for k, v in vars(obj).items() if type(v).__name__ == "WakaQ"] or ["APP"]
         raise ValueError(f"{spec} is a module; name its WakaQ: {obj.__name__}:{names[0]}")
@@ -1771,8 +1767,8 @@ def _run_scheduler(app, stop):
 
 def _cmd_worker(app, args):
     app.concurrency = args.concurrency or app.concurrency    # the original's options
-    app.exclude_queues = [app._queue(q.strip()).name for q in args.exclude.split(",")] \
-        if args.exclude else app.exclude_queues
+    if args.exclude:
+        app.exclude_queues = [app._queue(q.strip()).name for q in args.exclude.split(",")]
     _setup_logging(app.worker_log_file, app.worker_log_level)
     if app.default_queue.name in app.exclude_queues:
         log.warning("the default queue %r is excluded: tasks without a queue= wait for "
@@ -1786,32 +1782,31 @@ def _cmd_scheduler(app, args):
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, f: stopped.append(s))
     _run_scheduler(app, lambda: bool(stopped))
-    return 0
 
 
 def _msg(raw):
+    """A JSON object (a payload, a dead entry) as a dict whose missing keys are None."""
     try:
-        return dict(json.loads(raw))
+        return collections.defaultdict(lambda: None, json.loads(raw))
     except (ValueError, TypeError):
-        return {}
+        return collections.defaultdict(lambda: None)
 
 
 def _cmd_info(app, args):
-    r = app.redis
-    pipe = r.pipeline(transaction=False)
+    pipe = app.redis.pipeline(transaction=False)
     for q in app.queues:
         pipe.llen(q.key).zcard(q.eta_key)
     *counts, dead, workers, (sec, usec) = pipe.llen(app.dead_key).zrange(
         app.workers_key, 0, -1, withscores=True).time().execute()
-    now, pipe, running = sec + usec / 1e6, r.pipeline(transaction=False), []
+    now, running = sec + usec / 1e6, []
     for wid, _ in workers:                        # live, and dead not yet adopted
         pipe.hgetall(app._k("inflight", wid.decode()))
     for (wid, _), fields in zip(workers, pipe.execute()):
         for field, raw in fields.items():         # "S.K" -> payload, "S.K:s" -> start
+            msg, start = _msg(raw), fields.get(field + b":s")
             if not field.endswith((b":s", b":t")):
-                msg, start = _msg(raw), fields.get(field + b":s")
-                running.append({"id": msg.get("id"), "name": msg.get("name"),
-                                "queue": msg.get("queue"), "worker": wid.decode(),
+                running.append({"id": msg["id"], "name": msg["name"], "queue": msg["queue"],
+                                "worker": wid.decode(),
                                 "seconds": round(now - float(start), 1) if start else None})
     info = {"queues": {q.name: {"priority": app._priority[q.name], "pending": counts[2 * i],
                                 "delayed": counts[2 * i + 1]} for i, q in enumerate(app.queues)},
@@ -1819,16 +1814,17 @@ def _cmd_info(app, args):
             "workers": sum(beat >= now - app.heartbeat_timeout for _, beat in workers)}
     if args.json:
         return print(json.dumps(info))
-    row = "{:<20} {:>8} {:>10} {:>10}".format     # priority, pending, delayed
-    print(row("queue", "priority", "pending", "delayed"), *(row(n, *q.values()) for n, q in info[
-        "queues"].items()), f"in-flight: {len(running)}  dead: {dead}  workers: {info['workers']}",
+    row = "{:<20} {:>8} {:>10} {:>10}".format
+    print(row("queue", "priority", "pending", "delayed"),
+          *(row(name, *q.values()) for name, q in info["queues"].items()),
+          f"in-flight: {len(running)}  dead: {dead}  workers: {info['workers']}",
           *("running {id} {name} queue={queue} worker={worker} {seconds}s".format(**t)
             for t in running), sep="\n")
 
 
 def _cmd_purge(app, args):
     q = app._queue(args.queue)
-    pending, delayed, *_ = (app.redis.pipeline(transaction=True).llen(q.key).zcard(q.eta_key)
+    pending, delayed, *_ = (app.redis.pipeline().llen(q.key).zcard(q.eta_key)
                             .unlink(q.key, q.eta_key, q.wake_key).zrem(app._k("ready"), q.name)
                             .execute())                      # freed in the background
     print(pending + delayed)                                 # the contract: one number
@@ -1836,47 +1832,31 @@ def _cmd_purge(app, args):
           file=sys.stderr)
 
 
-# Requeue dead letters ARGV[3], ARGV[5], ... (each removed from KEYS[1] unless another requeue
-# took it) as payloads ARGV[4], ARGV[6], ... onto queue KEYS[2] (named ARGV[1], rank ARGV[2]).
-_REQUEUE = _Script("""
-local n = 0
-for i = 3, #ARGV, 2 do
-  if redis.call('LREM', KEYS[1], 1, ARGV[i]) == 1 then
-    redis.call('RPUSH', KEYS[2], ARGV[i + 1]); n = n + 1
-  end
-end
-if n > 0 then redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1]); wake(KEYS[3], n) end
-return n
-""")
-
-
 def _cmd_dead(app, args):
-    r, key = app.redis, app.dead_key
+    key, ids = app.dead_key, set(args.requeue or ())
     if args.purge:
-        return print(f"deleted {r.pipeline().llen(key).unlink(key).execute()[0]} dead task(s)")
-    total, start, moved, ids = r.llen(key), 0, 0, set(args.requeue or ())
-    for seen in range(0, total, 1000):       # pages of 1,000: no single slow command
-        page, batches = r.lrange(key, start, start + min(999, total - seen - 1)), {}
-        for raw in page:
-            e = _msg(raw)
-            msg, get = _msg(e.get("payload")), e.get
-            if args.requeue is None:
-                at = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(get("at") or 0))
-                call = json.dumps([msg.get("args"), msg.get("kwargs")])[1:-1]
-                print(f"{get('id')} {get('name')} queue={get('queue')} attempts={get('attempts')}"
-                      f" reason={get('reason')!r} at={at} args=" + (call if len(call) < 80 else
-                                                                    call[:76] + " ..."))
-            elif not ids or ids.intersection([get("id")]) and not ids.discard(get("id")):
-                q = app._queues.get(get("queue")) or app.default_queue   # bad payloads go as
-                payload = json.dumps({**msg, "retry": 0}) if msg else get("payload", "")  # were
-                batches.setdefault(q, []).extend((raw, payload))
-        n = sum(_REQUEUE(r, [key, q.key, q.wake_key, app._k("ready")],
-                         [q.name, app._rank(q), *b]) for q, b in batches.items())
-        moved, start = moved + n, start + len(page) - n
-    if args.requeue is None:
-        return print("no dead tasks") if not total else 0
-    print(f"requeued {moved} dead task(s)" + (f"; not found: {' '.join(ids)}" if ids else ""))
-    return 1 if ids else 0
+        return print(f"deleted {app.redis.pipeline().llen(key).unlink(key).execute()[0]} "
+                     "dead task(s)")
+    if args.requeue is None and not app.redis.llen(key):
+        return print("no dead tasks")
+
+    def visit(raw, _):                       # list it, or pick it to requeue
+        e = _msg(raw)
+        msg = _msg(e["payload"])
+        if args.requeue is None:
+            call = json.dumps([msg["args"], msg["kwargs"]])[1:-1]
+            e.update(at=time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(e["at"] or 0)),
+                     args=call if len(call) < 80 else call[:76] + " ...")
+            print("{id} {name} queue={queue} attempts={attempts} reason={reason!r} at={at} "
+                  "args={args}".format_map(e))
+        elif not args.requeue or e["id"] in ids:
+            ids.discard(e["id"])             # a bad payload goes back as it was
+            return (app._queues.get(e["queue"]) or app.default_queue, "",
+                    json.dumps({**msg, "retry": 0}) if msg else e["payload"] or "")
+    moved = _move(app, key, "list", visit)
+    if args.requeue is not None:
+        print(f"requeued {moved} dead task(s)" + (f"; not found: {' '.join(ids)}" if ids else ""))
+        return 1 if ids else 0
 
 
 def _cmd_health(app, args):
@@ -1889,10 +1869,10 @@ def _cmd_health(app, args):
     return 0 if ok else 1
 
 
-# KEYS: the original's list or zset (ARGV[1]), our queue, wake, ready, eta, due (as _ENQUEUE),
-# dead. Per (raw, due, payload) in ARGV[4..]: if raw is still in KEYS[1], remove it and push
-# payload: due '' to our queue (rank ARGV[2], name ARGV[3]), 'dead' to dead, else delayed.
-_MIGRATE = _Script("""
+# KEYS: the source (a list if ARGV[1] is 'list', else a zset), queue, wake, ready, eta, due (as
+# _ENQUEUE), dead. Per (raw, due, payload) in ARGV[4..]: if raw is still in the source, remove it
+# and push payload: due '' to the queue (rank ARGV[2], name ARGV[3]), 'dead' to dead, else delayed.
+_MOVE = _Script("""
 local n, ready = 0, 0
 for i = 4, #ARGV, 3 do
   if (ARGV[1] == 'list' and redis.call('LREM', KEYS[1], 1, ARGV[i])
@@ -1907,42 +1887,55 @@ end
 if ready > 0 then redis.call('ZADD', KEYS[4], ARGV[2], ARGV[3]); wake(KEYS[3], ready) end
 return n
 """)
+
+
+def _move(app, key, kind, pick):
+    """Move each entry of list or zset `key` that pick(raw, score or "") maps to (queue, due,
+    payload) as _MOVE does, 1,000 a page, none twice or lost. Returns how many."""
+    r, start, moved = app.redis, 0, 0
+    for _ in range(0, r.llen(key) if kind == "list" else r.zcard(key), 1000):
+        page, batches = (r.zrange(key, start, start + 999, withscores=True) if kind == "zset"
+                         else [(raw, "") for raw in r.lrange(key, start, start + 999)]), {}
+        for raw, score in page:
+            q, *item = pick(raw, score) or [None]
+            if q:
+                batches.setdefault(q, []).extend([raw, *item])
+        n = sum(_MOVE(r, [key, q.key, q.wake_key, app._k("ready"), q.eta_key, app._k("due"),
+                          app._k("dead")], [kind, app._rank(q), q.name, *items])
+                for q, items in batches.items())
+        moved, start = moved + n, start + len(page) - n
+    return moved
+
+
 _ORIGINAL = {"Decimal": lambda d: decimal.Decimal(d["value"]), "date": lambda d: date(
     d["year"], d["month"], d["day"]), "bytes": lambda d: base64.b64decode(d["value"]),
     "timedelta": lambda d: timedelta(**d["kwargs"]),
     "datetime": lambda d: datetime(**{k: v for k, v in d.items() if k != "__class__"})}
 
 
-def _from_original(raw, app, queue):
-    """One of the original WakaQ's payloads as ours; raises one of _BAD_PAYLOAD."""
-    msg = json.loads(raw, object_hook=lambda d: _ORIGINAL[d["__class__"]](d)
-                     if d.get("__class__") in _ORIGINAL else d)
-    name, args, kwargs, retry = msg["name"], msg["args"], msg["kwargs"], msg.get("retry") or 0
-    if not isinstance(name, str) or (type(args), type(kwargs), type(retry)) != (list, dict, int):
-        raise ValueError("need name, args, kwargs")
-    task = app.tasks.get(name) or type("", (), {"name": name, "_json_name": json.dumps(name)})
-    return app._payload(task, args, kwargs, queue)[1].replace('"retry":0,', f'"retry":{retry},', 1)
+def _from_original(app, queue, raw, due):
+    """One of the original WakaQ's payloads (due: "" or unix time) as (queue, due, ours), or a
+    dead entry if it is bad. Unknown task names are converted too."""
+    try:
+        msg = json.loads(raw, object_hook=lambda d: _ORIGINAL[d["__class__"]](d)
+                         if d.get("__class__") in _ORIGINAL else d)
+        name, args, kwargs, retry = msg["name"], msg["args"], msg["kwargs"], msg.get("retry") or 0
+        if (type(name), type(args), type(kwargs), type(retry)) != (str, list, dict, int):
+            raise ValueError("need name, args, kwargs")
+        task = app.tasks.get(name) or type("", (), {"name": name, "_json_name": json.dumps(name)})
+        payload = app._payload(task, args, kwargs, queue)[1]
+        return queue, due and repr(due), payload.replace('"retry":0,', f'"retry":{retry},', 1)
+    except _BAD_PAYLOAD as e:
+        return queue, "dead", _dead_entry(raw, {"id": _new_id(), "queue": queue.name},
+                                          f"bad payload from the original WakaQ: {e}")
 
 
 def _cmd_migrate(app, args):
-    """Move the original's tasks (lists P:Q, zsets P:eta:Q) to ours, each removed and pushed
-    by one script: none moved twice or lost. Unknown task names are moved too."""
-    r, moved = app.redis, 0
-    for q, kind in itertools.product(app.queues, ("list", "zset")):
-        key = f"{q.prefix}:{q.name}" if kind == "list" else f"{q.prefix}:eta:{q.name}"
-        keys = [key, q.key, q.wake_key, app._k("ready"), q.eta_key, app._k("due"), app._k("dead")]
-        for _ in range(0, r.llen(key) if kind == "list" else r.zcard(key), 100):  # not newer
-            argv = [kind, app._rank(q), q.name]
-            for raw, due in (r.zrange(key, 0, 99, withscores=True) if kind == "zset"
-                             else [(b, "") for b in r.lrange(key, 0, 99)]):
-                try:
-                    argv += [raw, due and repr(due), _from_original(raw, app, q)]
-                except _BAD_PAYLOAD as e:
-                    argv += [raw, "dead", _dead_entry(raw, {"id": _new_id(), "queue": q.name},
-                                                      f"bad payload from the original WakaQ: {e}")]
-            moved += _MIGRATE(r, keys, argv)
+    """Move the original's tasks (lists PREFIX:Q, zsets PREFIX:eta:Q) to ours."""
+    moved = sum(_move(app, f"{q.prefix}:{eta}{q.name}", "zset" if eta else "list",
+                      functools.partial(_from_original, app, q))
+                for q in app.queues for eta in ("", "eta:"))
     print(f"moved {moved} task(s) from the original WakaQ")
-    return 0
 
 
 _COMMANDS = {"worker": (_cmd_worker, "run a worker: a parent that forks `concurrency` children"),
@@ -1951,54 +1944,45 @@ _COMMANDS = {"worker": (_cmd_worker, "run a worker: a parent that forks `concurr
              "purge": (_cmd_purge, "delete a queue's pending and delayed tasks"),
              "dead": (_cmd_dead, "list, requeue or delete dead-lettered tasks"),
              "health": (_cmd_health, "exit 0 if a worker on this host heartbeats, else 1"),
-             "migrate": (_cmd_migrate, "move the original WakaQ's pending and delayed tasks "
-                         "into this library's queues")}
-# What Redis reports for a bad password, an ACL, "DB index is out of range": not an outage.
+             "migrate": (_cmd_migrate, "move the original WakaQ's tasks into our queues")}
 _CONFIG_ERRORS = (redis.AuthenticationError, redis.exceptions.AuthorizationError,
-                  redis.ResponseError)
+                  redis.ResponseError)    # a bad password, an ACL, a bad DB index: not an outage
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="wakaq", description="wakaq: a Redis task queue.")
     parser.add_argument("--version", action="version", version=f"wakaq {__version__}")
-    sub, cmd = parser.add_subparsers(dest="command", metavar="COMMAND"), {}
-    hide = argparse.SUPPRESS
+    sub, cmd, hide = parser.add_subparsers(dest="command", metavar="COMMAND"), {}, argparse.SUPPRESS
     for name, (_, text) in _COMMANDS.items():
         cmd[name] = sub.add_parser(name, help=text, description=text)
-        cmd[name].add_argument("app", metavar="APP", nargs="?",
-                               help="your WakaQ, as module:attribute (or --app=APP)")
+        cmd[name].add_argument("app", metavar="APP", nargs="?", help="module:attribute")
         cmd[name].add_argument("--app", dest="app_option", help=hide)
-        cmd[name].add_argument("--queue", dest="queue_option", help=hide)   # purge: the original's
-        cmd[name].add_argument("--foreground", action="store_true", help=hide)  # worker, scheduler
+        cmd[name].add_argument("--foreground", action="store_true", help=hide)  # the original's
     cmd["worker"].add_argument("--concurrency", type=int, help="override the app's concurrency")
-    cmd["worker"].add_argument("--exclude-queues", dest="exclude", metavar="A,B",
-                               help="override the app's exclude_queues")
+    cmd["worker"].add_argument("--exclude-queues", dest="exclude", metavar="A,B")
     cmd["info"].add_argument("--json", action="store_true", help="print one JSON object")
     cmd["purge"].add_argument("queue", metavar="QUEUE", nargs="?")
+    cmd["purge"].add_argument("--queue", dest="queue_option", help=hide)   # the original's
     group = cmd["dead"].add_mutually_exclusive_group()
-    group.add_argument("--requeue", nargs="*", metavar="ID",
-                       help="put them (all, or these ids) back on their queues, retries reset")
+    group.add_argument("--requeue", nargs="*", metavar="ID", help="all, or these; retries reset")
     group.add_argument("--purge", action="store_true", help="delete them")
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         return parser.print_help(sys.stderr) or 2
-    sub = cmd[args.command]
-    if extra:
-        sub.error(f"unrecognized arguments: {' '.join(extra)}")     # exits 2
-    if args.app_option and args.app and getattr(args, "queue", 1) is None:
-        args.queue, args.app = args.app, None        # purge --app=APP QUEUE
-    if args.app and args.app_option and args.app != args.app_option:
-        sub.error("give APP once: as APP or as --app=APP")
-    args.app = args.app or args.app_option or sub.error("APP is required (module:attribute)")
-    if args.command == "purge":
-        args.queue = args.queue or args.queue_option or sub.error("QUEUE is required")
+    sub, names = cmd[args.command], ["APP", "QUEUE"][:1 + (args.command == "purge")]
+    given = [v for v in (args.app_option, args.app, vars(args).get("queue"),
+                         vars(args).get("queue_option")) if v]     # purge --app=APP QUEUE
+    if extra or len(given) != len(names):                          # exits 2
+        sub.error(f"unrecognized arguments: {' '.join(extra)}" if extra else
+                  f"give {' and '.join(names)} once each (APP as module:attribute or --app=APP)")
+    args.app, args.queue = [*given, None][:2]
     sys.path.insert(0, os.getcwd())       # a script's sys.path[0] is its own folder
     try:
         app = _import_app(args.app)
     except Exception as e:                # any import-time error: one line, no traceback
-        where = [(f.filename, f.lineno) for f in traceback.extract_tb(e.__traceback__)
-                 if not f.filename.startswith("<") and f.filename != __file__]
-        where = [(e.filename, e.lineno)] if isinstance(e, SyntaxError) else where
+        where = [(e.filename, e.lineno)] if isinstance(e, SyntaxError) else [
+            (f.filename, f.lineno) for f in traceback.extract_tb(e.__traceback__)
+            if not f.filename.startswith("<") and f.filename != __file__]
         line = traceback.format_exception_only(type(e), e)[-1].strip().splitlines()[0]
         at = " (%s, line %s)" % where[-1] if where and where[-1][0] else ""
         print(f"wakaq: cannot load app {args.app!r}: {line}{at}", file=sys.stderr)
@@ -2010,12 +1994,10 @@ def main(argv=None):
             if isinstance(e, _CONFIG_ERRORS) or args.command not in ("worker", "scheduler"):
                 raise            # an outage is for the worker and the scheduler to ride out
         return _COMMANDS[args.command][0](app, args) or 0
-    except ValueError as e:               # e.g. an unknown queue or cron task name
-        print(f"wakaq: {e}", file=sys.stderr)
-        return 2
-    except redis.RedisError as e:
-        print(f"wakaq: Redis at {_mask(app.url)}: {e}", file=sys.stderr)
-        return 2 if isinstance(e, _CONFIG_ERRORS) else 1
+    except (ValueError, redis.RedisError) as e:     # ValueError: e.g. an unknown queue name
+        redis_at = f"Redis at {_mask(app.url)}: " if isinstance(e, redis.RedisError) else ""
+        print(f"wakaq: {redis_at}{e}", file=sys.stderr)
+        return 2 if isinstance(e, (ValueError, *_CONFIG_ERRORS)) else 1
 
 
 _worker_script, _scheduler_script, _info_script, _purge_script = (   # the original's commands
