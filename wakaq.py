@@ -1175,7 +1175,7 @@ class _Worker:
         self.not_before = [0.0] * n       # slot -> when it may fork again (monotonic)
         self.shm = mmap.mmap(-1, 16 * n * self.k)
         self.signals, self.outage, self.r = [], _Outage("worker", min(5.0, hb / 4)), None
-        self.next_beat = self.connected_since = self.retry_at = 0.0
+        self.next_beat = self.connected_since = self.retry_at = self.next_mem = 0.0
         self.mem_high = self.stop_logged = self.full = False
 
     def run(self):
@@ -1300,29 +1300,27 @@ class _Worker:
                     break
 
     def _check_memory(self, now):
-        if not self.app.max_mem_percent or now < self.next_mem:
+        """Once a second: over max_mem_percent, fork nothing and stop the biggest child."""
+        limit = self.app.max_mem_percent
+        if not limit or now < self.next_mem:
             return
-        self.next_mem = now + 1.0
         try:
-            pct = _mem_percent()
+            pct, self.next_mem = _mem_percent(), now + 1.0
         except (OSError, ValueError, KeyError, ZeroDivisionError) as e:
             log.warning("cannot read memory use (%s); checking again in a minute", e)
             self.next_mem = now + 60.0
             return
-        was_high, self.mem_high = self.mem_high, pct >= self.app.max_mem_percent
-        if self.mem_high != was_high:
-            log.warning("memory use %.0f%% is %s max_mem_percent=%s: forking %s", pct, *(
-                ("over", self.app.max_mem_percent, "paused") if self.mem_high else
-                ("under", self.app.max_mem_percent, "resumed")))
+        if self.mem_high != (pct >= limit):
+            self.mem_high = pct >= limit
+            log.warning("memory use %.0f%% is %s max_mem_percent=%s: forking %s", pct,
+                        *(("over", limit, "paused") if self.mem_high else ("under", limit, "resumed")))
         live = [c for c in self.slots if c and not c.term_sent]
         if self.mem_high and live:
             biggest = max(live, key=lambda c: _rss(c.pid))
-            log.warning("memory at %.0f%% (max_mem_percent=%s): stopping child %d",
-                        pct, self.app.max_mem_percent, biggest.pid)
+            log.warning("memory at %.0f%% (max_mem_percent=%s): stopping child %d", pct, limit,
+                        biggest.pid)
             biggest.term_sent = True
             _kill(biggest.pid, signal.SIGTERM)
-
-    next_mem = 0.0
 
     def _redis_duties(self, now):
         """Release dead children's tasks; heartbeat, adopt dead workers, watch Redis's memory."""
@@ -1350,7 +1348,6 @@ class _Worker:
                     self._watch_memory(self.r.info("memory"))
                 except redis.ResponseError:
                     pass                  # INFO not allowed for this ACL user
-
                 self.next_beat = now + min(app.heartbeat_timeout / 4, 5.0)
         except redis.RedisError as e:
             self.connected_since, self.r = 0.0, None      # and ask the topology anew
@@ -1370,29 +1367,26 @@ class _Worker:
                         mem.get("used_memory"), mem.get("maxmemory"))
 
     def _release_unreleased(self):
-        fields = None
+        """End a dead child's attempts: acked if it had finished them, else by the retry rule."""
         for slot, ends in list(self.unreleased.items()):
-            fields = fields or self.r.hkeys(self.inflight_key)
             for k, (reason, finished) in ends.items():
-                field = f"{slot}.{k}"
-                token = self.r.hget(self.inflight_key, field + ":t")
-                if field.encode() in fields and token is not None:
-                    token = token.decode()
-                    self._release(field, token, None if token == finished else reason)
+                token = self.r.hget(self.inflight_key, f"{slot}.{k}:t")
+                if token is not None:
+                    self._release(f"{slot}.{k}", token.decode(),
+                                  None if token.decode() == finished else reason)
             del self.unreleased[slot]
 
     def _release(self, field, token, reason):
-        """End the attempt in our in-flight `field` (with claim token `token`, "" = any): an
-        ack when reason is None, else by the retry rule."""
+        """End the attempt in our in-flight `field` if it still has claim token `token` ("" =
+        any): an ack when reason is None, else by the retry rule."""
         raw = self.r.hget(self.inflight_key, field)
-        if raw is None:
-            return
-        outcome = (None, "", "", None, 0) if reason is None else self.app._outcome(
-            raw, reason, None if field.startswith("adopted:") else self.bcast_key)
-        if _release(self.app, self.r, self.inflight_key, field, token, outcome) and outcome[3]:
-            msg = _loads_msg(raw, decode=False) if outcome[3] else {}
-            log.warning("task %s id=%s attempt=%s: %s; %s", msg.get("name"), msg.get("id"),
-                        msg.get("retry", 0) + 1, reason, _WHERE[outcome[1]])
+        own = None if field.startswith("adopted:") else self.bcast_key
+        outcome = reason and raw and self.app._outcome(raw, reason, own)
+        if raw and _release(self.app, self.r, self.inflight_key, field, token,
+                            outcome or _ACK) and outcome and outcome[3]:
+            msg = json.loads(raw)
+            log.warning("task %s id=%s attempt=%s: %s; %s", msg["name"], msg["id"],
+                        msg["retry"] + 1, reason, _WHERE[outcome[1]])
 
     def _stop_now(self):
         log.warning("worker %s: second stop signal, stopping now", self.wid)
@@ -1432,6 +1426,7 @@ class _Worker:
 
 _WHERE = {"front": "back to the front of its queue", "back": "retried at the end of its queue",
           "delay": "retried after retry_backoff", "dead": "dead-lettered", "": "acked"}
+_ACK = (None, "", "", None, 0)           # an outcome that only acks
 
 
 def _release(app, r, inflight_key, field, token, outcome):
@@ -1525,8 +1520,7 @@ class _ChildProcess:
     def _ack_finished(self):
         for field, token in self.prev.items():
             if token:
-                _release(self.app, self.r, self.worker.inflight_key, field, token,
-                         (None, "", "", None, 0))
+                _release(self.app, self.r, self.worker.inflight_key, field, token, _ACK)
                 self.prev[field] = ""
 
     def _on_term(self, signum, frame):
