@@ -119,13 +119,11 @@ _Limits = collections.namedtuple("_Limits", "soft hard retries backoff")
 
 
 def _limits_for(app, task, queue):
-    """Per-setting precedence: task decorator, then queue, then app."""
-    layers = [x for x in (task, queue, app) if x is not None]
-
-    def first(attr):
-        return next((getattr(x, attr) for x in layers if getattr(x, attr) is not None), None)
-    return _Limits(first("soft_timeout"), first("hard_timeout"), first("max_retries") or 0,
-                   first("retry_backoff") or 0.0)
+    """Per setting, the first one set of the task's, the queue's and the app's."""
+    soft, hard, retries, backoff = (
+        next((getattr(x, a) for x in (task, queue, app) if getattr(x, a, None) is not None), None)
+        for a in ("soft_timeout", "hard_timeout", "max_retries", "retry_backoff"))
+    return _Limits(soft, hard, retries or 0, backoff or 0.0)
 
 
 def _check_timeouts(limits, where):
@@ -134,30 +132,21 @@ def _check_timeouts(limits, where):
                          f"soft_timeout ({limits.soft:g}s)")
 
 
-_ALLOWED_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
-                ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b,
-                ast.FloorDiv: lambda a, b: a // b}
+_CORES_AST = (ast.Expression, ast.Constant, ast.Name, ast.Load, ast.BinOp, ast.Add, ast.Sub,
+              ast.Mult, ast.Div, ast.FloorDiv, ast.UnaryOp, ast.USub)
 
 
 def _concurrency(value, cores=None, name="concurrency"):
     """An int, or arithmetic of `cores` such as "cores*2" or "cores - 1" (at least 1)."""
-    cores = cores or os.cpu_count() or 1
-
-    def ev(node):
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return node.value
-        if isinstance(node, ast.Name) and node.id == "cores":
-            return cores
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -ev(node.operand)
-        if isinstance(node, ast.BinOp) and type(node.op) in _ALLOWED_OPS:
-            return _ALLOWED_OPS[type(node.op)](ev(node.left), ev(node.right))
-        raise ValueError("only numbers, `cores` and + - * / // are allowed")
-
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise TypeError(f"{name} must be an int or an expression of cores, got {value!r}")
     try:
-        n = value if isinstance(value, int) else int(ev(ast.parse(value, mode="eval").body))
+        tree = ast.parse(str(value), mode="eval")
+        if not all(isinstance(x, _CORES_AST) and getattr(x, "id", "cores") == "cores"
+                   and type(getattr(x, "value", 0)) in (int, float) for x in ast.walk(tree)):
+            raise ValueError("only numbers, `cores` and + - * / // are allowed")
+        n = int(eval(compile(tree, name, "eval"), {"__builtins__": {}},   # only the nodes above
+                     {"cores": cores or os.cpu_count() or 1}))
     except (SyntaxError, ValueError, ZeroDivisionError) as e:
         raise ValueError(f"bad {name} expression {value!r}: {e}") from None
     if n < 1:
@@ -221,37 +210,28 @@ _DECODERS = {"datetime": datetime.fromisoformat, "date": date.fromisoformat,
 
 
 def _decode(d):
-    if _TAG not in d:
-        return d
-    if d[_TAG] not in _DECODERS:
+    if _TAG in d and d[_TAG] not in _DECODERS:
         raise ValueError(f"unknown type tag {d[_TAG]!r}")
-    return _DECODERS[d[_TAG]](d["v"])
+    return _DECODERS[d[_TAG]](d["v"]) if _TAG in d else d
 
 
-def _make_dumps():
-    """Compact JSON with our default=, its C encoder built once (JSONEncoder.encode builds it
-    per call, twice the cost of a small payload). No circular check: RecursionError instead."""
-    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
-    if c_make_encoder is None:                    # no C accelerator (e.g. PyPy)
-        return json.JSONEncoder(separators=(",", ":"), default=_encode).encode
-    enc = c_make_encoder(None, _encode, json.encoder.encode_basestring_ascii, None,
-                         ":", ",", False, False, True)
-    return lambda o: "".join(enc(o, 0))
-
-
-_dumps = _make_dumps()
-_TAG_BYTES = _TAG.encode()
+# _dumps: compact JSON with default=_encode, the C encoder built once (JSONEncoder.encode builds
+# it per call: twice the cost of a small payload). Circular values raise RecursionError.
+if json.encoder.c_make_encoder:
+    _encoder = json.encoder.c_make_encoder(None, _encode, json.encoder.encode_basestring_ascii,
+                                           None, ":", ",", False, False, True)
+    _dumps = lambda o: "".join(_encoder(o, 0))
+else:                                                       # no C accelerator (e.g. PyPy)
+    _dumps = json.JSONEncoder(separators=(",", ":"), default=_encode).encode
 
 
 def _loads(raw):
     """Decode a payload; object_hook only when a tag is present (it slows every dict)."""
-    if _TAG_BYTES in raw if isinstance(raw, bytes) else _TAG in raw:
-        return json.loads(raw, object_hook=_decode)
-    return json.loads(raw)
+    hook = _decode if (_TAG.encode() if isinstance(raw, bytes) else _TAG) in raw else None
+    return json.loads(raw, object_hook=hook)
 
 
-# What decoding hostile bytes may raise (UnicodeDecodeError and binascii.Error are
-# ValueErrors, decimal.InvalidOperation and OverflowError ArithmeticErrors).
+# What decoding hostile bytes may raise (e.g. binascii.Error, decimal.InvalidOperation).
 _BAD_PAYLOAD = (ValueError, TypeError, KeyError, RecursionError, ArithmeticError)
 
 
@@ -280,30 +260,24 @@ def _check_keys(o):
 
 
 def _after_fork():
-    """Per process: the id prefix and counter, and the producer connections (per thread)."""
-    global _ids, _local
-    _ids, _local = (os.urandom(8).hex(), itertools.count()), threading.local()
+    """Per process: _new_id() (task ids without a syscall each: a random prefix + a counter)
+    and the producer connections (per thread)."""
+    global _new_id, _local
+    prefix, counter, _local = os.urandom(8).hex(), itertools.count(), threading.local()
+    _new_id = lambda: f"{prefix}{next(counter):x}"
 
 
 _after_fork()
 os.register_at_fork(after_in_child=_after_fork)
 
 
-def _new_id():
-    """Unique task ids without a syscall per call: a random prefix per process + a counter."""
-    return f"{_ids[0]}{next(_ids[1]):x}"
-
-
-# ===================================================================== Queue and CronTask
+# ===================================================================== Queue, CronTask, Task
 
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9_.\-]+\Z")   # \Z: "$" would let "q\n" through
 
 
 class Queue:
     """A named list of tasks. Lower priority number = served first."""
-
-    __slots__ = ("name", "priority", "max_retries", "soft_timeout", "hard_timeout",
-                 "retry_backoff", "key", "eta_key", "wake_key", "prefix")
 
     def __init__(self, name, priority=None, max_retries=None, soft_timeout=None,
                  hard_timeout=None, retry_backoff=None, prefix="wakaq"):
@@ -320,22 +294,17 @@ class Queue:
 
 
 def _coerce_queue(q):
-    if isinstance(q, Queue):
-        return q
-    if isinstance(q, str):
-        return Queue(q)
     if isinstance(q, (tuple, list)) and len(q) == 2:    # the original's (name, priority) too
         return Queue(*q) if isinstance(q[0], str) else Queue(q[1], priority=q[0])
-    raise TypeError(f"a queue is a Queue, a (priority, name) tuple or a name, got {q!r}")
+    if not isinstance(q, (Queue, str)):
+        raise TypeError(f"a queue is a Queue, a (priority, name) tuple or a name, got {q!r}")
+    return Queue(q) if isinstance(q, str) else q
 
 
 class CronTask:
     """Enqueue `task_name` on `queue` whenever `schedule` matches, in the app's timezone. Five
-    fields (minute hour day month weekday), or six: croniter reads seconds from the SIXTH,
-    so "* * * * * */10" is every 10 seconds and "*/10 * * * * *" every second of every
-    tenth minute. Time-zone and missed-tick rules: see _due and _run_scheduler."""
-
-    __slots__ = ("schedule", "task_name", "queue", "args", "kwargs")
+    fields (minute hour day month weekday), or six: croniter reads seconds from the SIXTH
+    ("* * * * * */10": every 10 seconds). Time zones, missed ticks: _due, _run_scheduler."""
 
     def __init__(self, schedule, task_name, queue=None, args=None, kwargs=None):
         if not isinstance(schedule, str) or len(schedule.split()) not in (5, 6) \
@@ -349,15 +318,13 @@ class CronTask:
         _dumps([self.args, self.kwargs])          # TypeError now, not at the first tick
 
 
-# ===================================================================== Task
-
 class Task:
     """A registered task: call it to run here and now, .delay() to enqueue it."""
 
     def __init__(self, app, fn, name, queue, max_retries, soft_timeout, hard_timeout,
                  retry_backoff=None):
         functools.update_wrapper(self, fn)      # __name__, __qualname__, __module__, __doc__
-        self.app, self.fn, self.name = app, fn, name
+        self.app, self.fn, self.name, self._json_name = app, fn, name, json.dumps(name)
         self.queue = app._queue(queue) if queue is not None else None
         self.max_retries = _count(max_retries, f"max_retries of task {name!r}")
         self.soft_timeout = _seconds(soft_timeout, f"soft_timeout of task {name!r}")
@@ -365,7 +332,6 @@ class Task:
         self.retry_backoff = _seconds(retry_backoff, f"retry_backoff of task {name!r}")
         _check_timeouts(_limits_for(app, self, self.queue or app.default_queue), f"task {name!r}")
         self.is_async = inspect.iscoroutinefunction(fn)
-        self._json_name = json.dumps(name)
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
@@ -1699,12 +1665,10 @@ def _no_trace(frame, event, arg):
 # ===================================================================== scheduler
 
 def _due(cron, tz, last, now):
-    """(the latest tick of `cron` in (last, now] if at most CRON_CATCH_UP (+1) s old, else
-    None; the first tick after now), unix seconds, in zone tz. croniter walks instants: a
-    wall time that does not exist is one tick just after the gap, an hour repeated when the
-    clocks go back is two real hours. On top, cron's rule (cronie, Vixie cron): with a fixed
-    hour the repeated wall time is one tick (the first); with `*` or a step in the hour
-    field a wall time that does not exist is no tick (croniter would add one after the gap)."""
+    """(the latest tick of `cron` in (last, now], if at most CRON_CATCH_UP (+1) s old, else None;
+    the first tick after now), unix seconds, in zone tz. Cron's rule (cronie): with a fixed hour
+    a repeated wall time is one tick (the first), a missing one a tick just after the gap; with
+    `*` or a step in the hour field each real hour is one, and a missing wall time is none."""
     star, fire = cron.schedule.split()[1].startswith("*"), None
     it = croniter(cron.schedule, datetime.fromtimestamp(max(last, now - CRON_CATCH_UP - 1), tz))
     while (t := it.get_next(datetime)).timestamp() <= now:
