@@ -658,6 +658,10 @@ class WakaQ:
                     msg["retry"] - 1) * random.uniform(0.75, 1.25))
                 return (queue.eta_key, "delay", json.dumps(msg), queue, delay) if delay else \
                     (queue.key, "back", json.dumps(msg), queue, 0)
+        return self._dead(raw, msg, reason)
+
+    def _dead(self, raw, msg, reason):
+        """The dead-letter outcome (see _outcome), logged with the task's id and reason."""
         log.warning("task %s id=%s dead-lettered after %d attempt(s): %s",
                     msg and msg["name"], msg and msg["id"], (msg or {}).get("retry", 0) + 1, reason)
         return self.dead_key, "dead", _dead_entry(raw, msg, reason), None, 0
@@ -1416,28 +1420,23 @@ class _ChildProcess:
     module docstring (_on_alarm, _on_return)."""
 
     def __init__(self, worker, slot):
-        self.worker, self.app, self.slot = worker, worker.app, slot
-        self.ppid = os.getppid()
+        self.worker, self.app, self.slot, app = worker, worker.app, slot, worker.app
+        self.ppid, self.pid, self.claims = os.getppid(), os.getpid(), itertools.count(1)
         self.stopping = self.idle = self.in_task = False
         self.fields = [f"{slot}.{k}" for k in range(worker.k)]
         self.prev = dict.fromkeys(self.fields, "")   # field -> finished token, acked next
-        self.running = {}       # field -> asyncio.Task
-        self.claims = itertools.count(1)
+        self.running, self.limits = {}, {}            # field -> asyncio.Task; (task, queue) -> _Limits
         self.outage = _Outage(f"child {slot}", worker.outage.cap)
-        app = self.app
         self.keys = [worker.inflight_key, app.workers_key, worker.bcast_key, app._k("ready"),
                      app._k("due"), worker.served_key]
         self.idle_keys = [app._k("ready"), app._k("due"), app.workers_key, worker.served_key,
                           worker.bcast_key, worker.wake_key] + [app._queue(q).wake_key
                                                                 for q in worker.served]
-        self.limits = {}        # (task, queue) -> _Limits
-        self.loop = asyncio.new_event_loop()
-        self.poll, self.pid = 0.01, os.getpid()
+        self.loop, self.poll, self.next_promote = asyncio.new_event_loop(), 0.01, 0.0
         head = ["EVALSHA", _CLAIM.sha, len(self.keys)] + self.keys
-        tail = [worker.wid, "{%s}" % app.prefix]
-        bulk = [b"$%d\r\n%s\r\n" % (len(b), b) for b in (str(x).encode() for x in head + tail)]
+        bulk = [b"$%d\r\n%s\r\n" % (len(b), b) for b in (
+            str(x).encode() for x in head + [worker.wid, "{%s}" % app.prefix])]
         self.claim_head = b"*%d\r\n" % (len(bulk) + 4) + b"".join(bulk[:len(head)])
-        self.next_promote = 0.0
         self.claim_tail = b"".join(bulk[len(head):])
 
     def run(self):
@@ -1589,9 +1588,9 @@ class _ChildProcess:
         except _BAD_PAYLOAD as e:
             what = f"bad payload: {e}"
         if task is None or queue is None:
-            log.error("%s dead-lettered: %s", what, raw[:200])
-            return self._call(lambda: _release(app, self.r, self.worker.inflight_key, field, token, (
-                app.dead_key, "dead", _dead_entry(raw, msg, what), None, 0)))
+            log.error("%s: %s", what, raw[:200])
+            return self._call(lambda: _release(app, self.r, self.worker.inflight_key, field,
+                                               token, app._dead(raw, msg, what)))
         limits = self.limits.get((task, queue)) or self.limits.setdefault(
             (task, queue), _limits_for(app, task, queue))
         start = time.monotonic()
