@@ -383,35 +383,27 @@ class WakaQ:
         self.default_queue = self.queues[-1]
         if isinstance(exclude_queues, str):
             raise TypeError(f"exclude_queues must be a list of names, got {exclude_queues!r}")
-        for name in exclude_queues:
-            self._queue(name)
-        self.exclude_queues = list(dict.fromkeys(exclude_queues))
+        self.exclude_queues = list(dict.fromkeys(self._queue(n).name for n in exclude_queues))
         if len(self.exclude_queues) == len(self.queues):
             raise ValueError(f"exclude_queues {self.exclude_queues!r} leaves no queue to serve")
-
         self.concurrency = _concurrency(concurrency)
-        self.soft_timeout = _seconds(soft_timeout, "soft_timeout")
-        self.hard_timeout = _seconds(hard_timeout, "hard_timeout")
-        self.max_retries = _count(max_retries, "max_retries")
-        self.retry_backoff = _seconds(retry_backoff, "retry_backoff")
         self.async_concurrency = _concurrency(async_concurrency or 10, name="async_concurrency")
-        self.wait_timeout = _seconds(wait_timeout, "wait_timeout") or IDLE_WAIT
-        self.socket_timeout = _seconds(socket_timeout, "socket_timeout") or 10.0
-        self.socket_connect_timeout = _seconds(socket_connect_timeout,
-                                               "socket_connect_timeout") or 5.0
-        self.health_check_interval = _seconds(health_check_interval, "health_check_interval")
+        self.max_retries = _count(max_retries, "max_retries")
+        self.max_tasks_per_worker = _count(max_tasks_per_worker, "max_tasks_per_worker", 1)
+        given, defaults = locals(), dict(wait_timeout=IDLE_WAIT, socket_timeout=10.0,
+                                         socket_connect_timeout=5.0)
+        for name in ("soft_timeout", "hard_timeout", "retry_backoff", "heartbeat_timeout",
+                     "health_check_interval", *defaults):       # 0 or None: the default, if any
+            value = _seconds(given[name], name)
+            setattr(self, name, value or defaults[name] if name in defaults else value)
+        if not self.heartbeat_timeout:
+            raise ValueError(f"heartbeat_timeout must be above 0, got {heartbeat_timeout!r}")
         for q in [None] + self.queues:
             _check_timeouts(_limits_for(self, None, q), f"queue {q.name!r}" if q else "WakaQ")
         if max_mem_percent is not None and (isinstance(max_mem_percent, bool) or not isinstance(
                 max_mem_percent, (int, float)) or not 1 <= max_mem_percent <= 99):
-            raise ValueError(
-                f"max_mem_percent must be a number from 1 to 99, got {max_mem_percent!r}")
+            raise ValueError(f"max_mem_percent must be from 1 to 99, got {max_mem_percent!r}")
         self.max_mem_percent = max_mem_percent
-        self.max_tasks_per_worker = _count(max_tasks_per_worker, "max_tasks_per_worker", 1)
-        self.heartbeat_timeout = _seconds(heartbeat_timeout, "heartbeat_timeout")
-        if not self.heartbeat_timeout:
-            raise ValueError(f"heartbeat_timeout must be above 0, got {heartbeat_timeout!r}")
-
         if timezone is not None and not isinstance(timezone, str):
             raise TypeError(f"timezone must be an IANA name such as 'UTC', got {timezone!r}")
         try:
@@ -431,7 +423,6 @@ class WakaQ:
         self.worker_log_file, self.scheduler_log_file = worker_log_file, scheduler_log_file
         self.worker_log_level = _level(worker_log_level, "worker_log_level")
         self.scheduler_log_level = _level(scheduler_log_level, "scheduler_log_level")
-
         if url and (host, port, db) != (None,) * 3:
             raise TypeError(f"give url={_mask(url)!r} or host/port/db={(host, port, db)!r}")
         if url and not re.match(r"(redis|rediss|unix|redis\+sentinel)://", str(url)):
@@ -459,9 +450,8 @@ class WakaQ:
             task_name = name or fn.__name__
             if task_name in self.tasks:
                 raise ValueError(f"a task named {task_name!r} is already registered")
-            t = Task(self, fn, task_name, queue, max_retries, soft_timeout, hard_timeout,
-                     retry_backoff)
-            self.tasks[task_name] = t
+            self.tasks[task_name] = t = Task(self, fn, task_name, queue, max_retries,
+                                             soft_timeout, hard_timeout, retry_backoff)
             return t
         return register(fn) if fn is not None else register
 
@@ -470,8 +460,7 @@ class WakaQ:
             if fn is None:
                 return lambda fn: decorator(self, fn)
             if kind == "wrap_tasks_with" and self._hooks[kind]:
-                raise ValueError(f"wrap_tasks_with is already {self._hooks[kind][0]!r}; "
-                                 "compose your wrappers in one function")
+                raise ValueError(f"wrap_tasks_with is already {self._hooks[kind][0]!r}: merge them")
             self._hooks[kind].append(fn)
             return fn
         decorator.__name__ = kind
@@ -485,26 +474,21 @@ class WakaQ:
     del _hook
 
     def _k(self, *parts):
-        """A Redis key of this app: "{prefix}:part:part". The hash tag {prefix} puts every
-        key of the app in one Redis Cluster slot, so each script's keys share a node."""
+        """A key "{prefix}:a:b"; the hash tag {prefix} puts all the app's keys in one slot."""
         return "{%s}:%s" % (self.prefix, ":".join(parts))
 
     def _queue(self, name):
-        if isinstance(name, Queue):
-            name = name.name
+        name = name.name if isinstance(name, Queue) else name
         if name not in self._queues:
             raise ValueError(f"unknown queue {name!r}; the app has {list(self._queues)!r}")
         return self._queues[name]
 
     def _client(self, retries=2, blocking=True):
-        """A new client on the Redis that holds this app's keys: the server at `url` (or
-        host=...), the master behind Sentinels (redis+sentinel://), or, in a Redis Cluster, the
-        master that owns the slot of the app's hash tag (every key of the app is in that slot).
-        Producers retry twice; workers (retries=0) handle outages themselves. A blocking
-        client's socket timeout outlasts an idle child's BLPOP (wait_timeout)."""
-        from redis.backoff import ExponentialBackoff
-        from redis.retry import Retry
-        kw = dict(self._redis_args, retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
+        """A new client on the node with this app's keys (`url` or host=, the Sentinels' master,
+        or the Cluster master of the app's slot). Producers retry twice; workers (retries=0)
+        handle outages. A blocking client's socket outlasts an idle child's BLPOP."""
+        backoff = redis.backoff.ExponentialBackoff(cap=0.5, base=0.05)
+        kw = dict(self._redis_args, retry=redis.retry.Retry(backoff, retries),
                   socket_timeout=max(self.socket_timeout, self.wait_timeout + 5) if blocking
                   else self.socket_timeout,
                   socket_connect_timeout=self.socket_connect_timeout,
@@ -516,12 +500,11 @@ class WakaQ:
         if self._cluster is None:
             self._cluster = client.info("cluster").get("cluster_enabled") == 1
         if self._cluster:
-            from redis.cluster import ClusterNode, RedisCluster
             if kw.pop("db", 0):
                 raise ValueError("a Redis Cluster has only db 0")
             kw.pop("health_check_interval")
-            kw["startup_nodes"] = [ClusterNode(*n) for n in self._nodes]  # known at last look
-            cluster = RedisCluster.from_url(url, **kw) if url else RedisCluster(**kw)
+            kw["startup_nodes"] = [redis.cluster.ClusterNode(*n) for n in self._nodes]
+            cluster = redis.RedisCluster.from_url(url, **kw) if url else redis.RedisCluster(**kw)
             client.close()
             self._nodes = [(n.host, n.port) for n in cluster.get_nodes()]
             client = cluster.get_node_from_key(self._k("q")).redis_connection
@@ -531,9 +514,7 @@ class WakaQ:
     def _conn(self):
         """This thread's own connection for enqueueing (see _Conn)."""
         conns = _local.__dict__.setdefault("conns", {})
-        if self not in conns:
-            conns[self] = _Conn(self, retries=1)
-        return conns[self]
+        return conns.get(self) or conns.setdefault(self, _Conn(self, retries=1))
 
     @property
     def redis(self):
@@ -563,10 +544,8 @@ class WakaQ:
                         f'"retry":0,"args":{args},"kwargs":{kwargs}{tail}')
 
     def _enqueue(self, task, calls, queue, eta):
-        if queue is None:
-            q = task.queue or self.default_queue
-        else:
-            q = self._queue(queue)
+        q = (task.queue or self.default_queue) if queue is None else self._queue(queue)
+        if queue is not None:
             _check_timeouts(_limits_for(self, task, q), f"task {task.name!r} on queue {q.name!r}")
         built = [self._payload(task, a, k, q) for a, k in calls]   # TypeError before any push
         if self.eager:
@@ -602,10 +581,9 @@ class WakaQ:
                           [self.heartbeat_timeout, raw, "{%s}" % self.prefix])
 
     def _run_task(self, task, args, kwargs, soft_deadline=None, run=asyncio.run, ended=None):
-        """Run the hooks and the task (through wrap_tasks_with). Whatever returns a coroutine
-        is run to completion by `run` (the child's lasting event loop); an async task's soft
-        timeout is kept by asyncio (a SIGALRM could land inside asyncio's own callbacks).
-        ended() is called as the task ends, before the after_task_finished hooks."""
+        """Run the hooks and the task (through wrap_tasks_with); `run` (the child's lasting event
+        loop) runs any coroutine. asyncio keeps an async task's soft timeout (a SIGALRM could hit
+        asyncio's own callbacks). ended() is called before the after_task_finished hooks."""
         def wait(x):
             return run(x) if inspect.isawaitable(x) else x
         try:
@@ -636,20 +614,19 @@ class WakaQ:
                 await _maybe(hook())
 
     def _outcome(self, raw, reason, bcast_key=None):
-        """The retry rule for an attempt that ended early: (list key, where, value, queue, delay).
-        where: "front" (a stop or another task's hard timeout interrupted it: the retry count is
-        kept), "back", "delay" (retry_backoff) or "dead". bcast_key is the worker's own broadcast
-        list; None means the broadcast's worker is gone, so it cannot be retried."""
+        """The retry rule for an attempt that ended early: (list key, where, value, queue, delay),
+        where = "front" (interrupted by a stop or another task's hard timeout: retry count kept),
+        "back", "delay" or "dead". bcast_key: our broadcast list; None: the broadcast's worker is
+        gone, so it cannot be retried."""
         try:
             msg = _loads_msg(raw, decode=False)      # tagged values are not re-encoded
         except _BAD_PAYLOAD as e:
             msg, reason = None, f"{reason}; bad payload: {e}"
-        task = msg and self.tasks.get(msg["name"])
         queue = msg and self._queues.get(msg["queue"])
-        limits = _limits_for(self, task, queue)
         if msg and queue and (bcast_key or not msg.get("bcast")):
             if reason.startswith("interrupted"):
                 return (bcast_key if msg.get("bcast") else queue.key), "front", raw, queue, 0
+            limits = _limits_for(self, self.tasks.get(msg["name"]), queue)
             if msg["retry"] < limits.retries:
                 msg["retry"] += 1
                 if msg.get("bcast"):
@@ -692,8 +669,8 @@ def _level(value, name):
 
 
 def _eta(eta):
-    """eta -> ("", 0) for now, ("in", seconds) from now by Redis's clock, or ("at", unix time)
-    for a datetime (naive = UTC): an absolute instant."""
+    """eta -> ("", 0): now, ("in", seconds from now by Redis's clock), ("at", unix time of a
+    datetime, naive = UTC)."""
     if eta is None:
         return "", 0
     if isinstance(eta, datetime):
@@ -715,19 +692,18 @@ def _sentinel_master(url, kw):
     """redis+sentinel://[user:pass@]host:port[,host:port...]/SERVICE[/DB]: the master of SERVICE
     as the Sentinels name it now; its connections ask them again after a failover."""
     from urllib.parse import unquote, urlsplit
-    from redis.sentinel import Sentinel
     parts = urlsplit(url)
-    netloc = parts.netloc.rpartition("@")[2]
     path = parts.path.strip("/").split("/")
     if not path[0] or len(path) > 2:
-        raise ValueError(f"a Sentinel URL is redis+sentinel://host:port[,...]/SERVICE[/DB], "
-                         f"got {_mask(url)!r}")
-    hosts = [(h.partition(":")[0], int(h.partition(":")[2] or 26379)) for h in netloc.split(",")]
+        raise ValueError(f"want redis+sentinel://host:port[,...]/SERVICE[/DB], got {_mask(url)!r}")
+    hosts = [(h.partition(":")[0], int(h.partition(":")[2] or 26379))
+             for h in parts.netloc.rpartition("@")[2].split(",")]
     auth = dict(username=unquote(parts.username) if parts.username else None,
                 password=unquote(parts.password) if parts.password else None)
     kw.pop("retry")
-    return Sentinel(hosts, sentinel_kwargs={"socket_timeout": kw["socket_connect_timeout"]},
-                    **kw).master_for(path[0], db=int(path[1]) if len(path) > 1 else 0, **auth)
+    return redis.Sentinel(hosts, sentinel_kwargs={"socket_timeout": kw["socket_connect_timeout"]},
+                          **kw).master_for(path[0], db=int(path[1]) if len(path) > 1 else 0,
+                                           **auth)
 
 
 def _mask(url):
@@ -739,9 +715,8 @@ def _mask(url):
 # ===================================================================== Redis scripts
 
 class _Script:
-    """A Lua script called by EVALSHA, loaded again if Redis lost it (after a restart).
-    allow_oom: the script may write when Redis is full (maxmemory with noeviction; the
-    `flags` shebang needs Redis 7): what drains the backlog must keep working then."""
+    """A Lua script run by EVALSHA, sent again if Redis lost it (a restart). allow_oom: it may
+    write when Redis is full (noeviction; the shebang needs Redis 7), to drain the backlog."""
 
     def __init__(self, source, allow_oom=False):
         self.source = ("#!lua flags=allow-oom\n" if allow_oom else "") + _LUA_LIB + source
@@ -754,18 +729,14 @@ class _Script:
             return r.execute_command("EVAL", self.source, len(keys), *keys, *args)
 
 
-# Every script starts with these. wake: push up to n wake-up tokens (at most WAKE_TOKENS kept).
-# now: Redis's clock. later: add payload p to delayed set ek due at `due`, keep the queue's
-# earliest due time in zset dk (member "RANK:NAME"), and wake idle children when it is the
-# queue's new earliest, so that they learn when to claim it.
+# In every script. wake: push up to n wake-up tokens (at most WAKE_TOKENS kept). now: Redis's
+# clock. later: add payload p due at `due` to delayed set ek; keep the queue's earliest due time
+# in zset dk (member "RANK:NAME"); if that is new, wake idle children to learn when to claim.
 _LUA_LIB = f"""
 local function wake(key, n)
-  n = math.min(n, {WAKE_TOKENS} - redis.call('LLEN', key))
-  if n > 0 then
-    local t = {{}}
-    for i = 1, n do t[i] = '1' end
-    redis.call('RPUSH', key, unpack(t))
-  end
+  local t = {{}}
+  for i = 1, math.min(n, {WAKE_TOKENS} - redis.call('LLEN', key)) do t[i] = '1' end
+  if #t > 0 then redis.call('RPUSH', key, unpack(t)) end
 end
 local function now()
   local t = redis.call('TIME')
@@ -773,24 +744,20 @@ local function now()
 end
 local function later(ek, dk, m, due, p, wk)
   redis.call('ZADD', ek, due, p)
-  local old = redis.call('ZSCORE', dk, m)
-  redis.call('ZADD', dk, 'LT', due, m)
-  if not old or due < tonumber(old) then wake(wk, 3) end
+  if redis.call('ZADD', dk, 'LT', 'CH', due, m) == 1 then wake(wk, 3) end
 end
 """
 
 # Enqueue. KEYS: queue, its wake list, ready zset, its delayed set, due zset. ARGV: rank, name,
-# mode ("" now, "in" seconds, "at" unix time), when, payloads. Payloads due at one moment keep
-# their order (a microsecond apart).
+# mode ("" now, "in" seconds, "at" unix time), when, payloads (due at once: 1e-6 s apart, in order).
 _ENQUEUE = _Script("""
 if ARGV[3] == '' then
   redis.call('RPUSH', KEYS[1], unpack(ARGV, 5))
   redis.call('ZADD', KEYS[3], ARGV[1], ARGV[2])
   wake(KEYS[2], #ARGV - 4)
 else
-  local due = tonumber(ARGV[4]) + (ARGV[3] == 'in' and now() or 0)
-  for i = 5, #ARGV do later(KEYS[4], KEYS[5], ARGV[1] .. ':' .. ARGV[2], due + (i - 5) / 1e6,
-                            ARGV[i], KEYS[2]) end
+  local due, m = tonumber(ARGV[4]) + (ARGV[3] == 'in' and now() or 0), ARGV[1] .. ':' .. ARGV[2]
+  for i = 5, #ARGV do later(KEYS[4], KEYS[5], m, due + (i - 5) / 1e6, ARGV[i], KEYS[2]) end
 end
 return #ARGV - 4
 """)
@@ -798,26 +765,26 @@ return #ARGV - 4
 # A child's claim. KEYS: in-flight hash, workers zset, this worker's broadcast list, ready zset,
 # due zset, the set of queue names this worker serves. ARGV: field, token to ack, new token,
 # flags ("p": promote due tasks), worker id, "{prefix}".
-# 1. The field holds another token than the one to ack: a claim whose reply was lost; hand
-#    it out again (never ack another attempt). 2. Ack (delete) the finished attempt. Nothing more if the worker is not listed
-#    (nobody could adopt what we claim). 3. With "p", move due delayed tasks of up to 10
-#    queues (a bounded batch each) to their queues. 4. Pop this worker's broadcasts, else the
-#    first non-empty queue by rank that we serve; record it in flight with the token and
-#    Redis's time. Returns {payload, token}, or nil.
+# 1. If the field holds another token than the one to ack, its claim's reply was lost: hand it
+# out again (never ack another attempt). 2. Ack (delete) the finished attempt; stop if the
+# worker is not listed (nobody could adopt what we claim). 3. "p": move due delayed tasks of up
+# to 10 queues (bounded batches) to them. 4. Pop our broadcasts, else the first served non-empty
+# queue by rank; record it in flight with the token and Redis's time. Returns {payload, token}
+# or nil.
 _CLAIM = _Script(f"""
-local f, p, t = ARGV[1], nil, now()
+local f, t = ARGV[1], now()
 local cur = redis.call('HGET', KEYS[1], f .. ':t')
 if cur and cur ~= ARGV[2] then return {{redis.call('HGET', KEYS[1], f), cur}} end
 if cur then redis.call('HDEL', KEYS[1], f, f .. ':t', f .. ':s') end
 if not redis.call('ZSCORE', KEYS[2], ARGV[5]) then return false end
-local due = ARGV[4] == 'p' and
+local queues = ARGV[4] == 'p' and
   redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', t, 'LIMIT', 0, 10) or {{}}
-for _, m in ipairs(due) do
+for _, m in ipairs(queues) do
   local rank, name = string.match(m, '^(%d+):(.*)$')
-  local ek, qk = ARGV[6] .. ':eta:' .. name, ARGV[6] .. ':q:' .. name
+  local ek = ARGV[6] .. ':eta:' .. name
   local due = redis.call('ZRANGEBYSCORE', ek, '-inf', t, 'LIMIT', 0, {DUE_BATCH})
   if #due > 0 then
-    redis.call('RPUSH', qk, unpack(due))
+    redis.call('RPUSH', ARGV[6] .. ':q:' .. name, unpack(due))
     redis.call('ZREM', ek, unpack(due))
     redis.call('ZADD', KEYS[4], rank, name)
     wake(ARGV[6] .. ':wake:' .. name, #due)
@@ -825,14 +792,12 @@ for _, m in ipairs(due) do
   local first = redis.call('ZRANGE', ek, 0, 0, 'WITHSCORES')
   if first[2] then redis.call('ZADD', KEYS[5], first[2], m) else redis.call('ZREM', KEYS[5], m) end
 end
-p = redis.call('LPOP', KEYS[3])
-local i = 0
+local p, i = redis.call('LPOP', KEYS[3]), 0
 while not p do
   local names = redis.call('ZRANGE', KEYS[4], i, i + 15)
   for _, name in ipairs(names) do
     if redis.call('SISMEMBER', KEYS[6], name) == 1 then
-      local qk = ARGV[6] .. ':q:' .. name
-      p = redis.call('LPOP', qk)
+      p = redis.call('LPOP', ARGV[6] .. ':q:' .. name)
       if p then break end
       redis.call('ZREM', KEYS[4], name)
       i = i - 1
@@ -847,9 +812,8 @@ return {{p, ARGV[3]}}
 """, allow_oom=True)
 
 # Before an idle wait. KEYS: ready zset, due zset, workers zset, served set, broadcast list,
-# wake lists. ARGV: worker id. A served queue or the broadcast list has a task (and the worker
-# is listed, so a claim can take it): {1}. Else delete the (stale) wake-up tokens and return
-# {0, seconds until the earliest delayed task is due, or ""}.
+# wake lists. ARGV: worker id. {1} if we are listed and a served queue or our broadcast list has
+# a task; else delete the stale wake-up tokens and return {0, seconds to the next due task or ""}.
 _IDLE = _Script("""
 if redis.call('ZSCORE', KEYS[3], ARGV[1]) then
   if redis.call('LLEN', KEYS[5]) > 0 then return {1} end
@@ -867,10 +831,9 @@ return {0, first[2] and tostring(tonumber(first[2]) - now()) or ''}
 # front, back, delay, dead), rank, queue name ("" = not a queue), delay seconds. Only while the
 # field holds that token: never twice, never another attempt's.
 _RELEASE = _Script("""
-local f = ARGV[1]
+local f, w = ARGV[1], ARGV[4]
 if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], f .. ':t') ~= ARGV[2] then return 0 end
 if redis.call('HDEL', KEYS[1], f, f .. ':t', f .. ':s') == 0 then return 0 end
-local w = ARGV[4]
 if w == 'delay' then
   later(KEYS[2], KEYS[5], ARGV[5] .. ':' .. ARGV[6], now() + tonumber(ARGV[7]), ARGV[3], KEYS[3])
 elseif w ~= '' then
@@ -881,29 +844,28 @@ end
 return 1
 """, allow_oom=True)
 
-# Heartbeat (Redis's clock) and, if ARGV[3] == '1', adoption of workers silent for ARGV[2]
-# seconds. KEYS: workers zset, our in-flight hash, our served set. ARGV: worker id,
-# heartbeat_timeout, may adopt, "{prefix}", the names of the queues we serve. A silent
-# worker's in-flight fields and pending broadcasts move into our hash as adopted:* fields
-# (released by the parent); returns {worker, count, ...}.
+# Heartbeat (Redis's clock); if ARGV[3] == '1', adopt workers silent for ARGV[2] seconds: their
+# in-flight fields and broadcasts move into our hash as adopted:* fields (the parent releases
+# them). KEYS: workers zset, our in-flight hash, our served set. ARGV: worker id,
+# heartbeat_timeout, may adopt, "{prefix}", served queue names. Returns {worker, count, ...}.
 _BEAT = _Script("""
-local t, out = now(), {}
+local t, out, p = now(), {}, ARGV[4]
 redis.call('ZADD', KEYS[1], t, ARGV[1])
 redis.call('SADD', KEYS[3], unpack(ARGV, 5))
 if ARGV[3] ~= '1' then return out end
-for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', t - tonumber(ARGV[2]), 'LIMIT', 0, 10)) do
-  local hk, bk, n = ARGV[4] .. ':inflight:' .. w, ARGV[4] .. ':bcast:' .. w, 0
+for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', t - ARGV[2], 'LIMIT', 0, 10)) do
+  local hk, bk, n = p .. ':inflight:' .. w, p .. ':bcast:' .. w, 0
   local h = redis.call('HGETALL', hk)
   for i = 1, #h, 2 do
     redis.call('HSET', KEYS[2], 'adopted:' .. w .. ':' .. h[i], h[i + 1])
     if not string.find(h[i], ':') then n = n + 1 end
   end
-  for i, p in ipairs(redis.call('LRANGE', bk, 0, -1)) do
-    redis.call('HSET', KEYS[2], 'adopted:' .. w .. ':b' .. i, p)
+  for i, b in ipairs(redis.call('LRANGE', bk, 0, -1)) do
+    redis.call('HSET', KEYS[2], 'adopted:' .. w .. ':b' .. i, b)
     n = n + 1
   end
   redis.call('ZREM', KEYS[1], w)
-  redis.call('DEL', hk, bk, ARGV[4] .. ':wake:' .. w)
+  redis.call('DEL', hk, bk, p .. ':wake:' .. w)
   out[#out + 1], out[#out + 2] = w, n
 end
 return out
@@ -998,11 +960,10 @@ _REFUSED = (redis.exceptions.ReadOnlyError, redis.exceptions.MovedError)
 
 
 class _Conn:
-    """One bare connection to the node that holds the app's keys, for the hot paths (redis-py's
-    pool and command layers cost more than the round trip). A command is sent again (`retries`
-    times, on a new connection to the node the topology names now) only if it cannot have been
-    applied: sending failed, or the node refused it. A lost reply raises: one .delay() is never
-    two tasks."""
+    """One bare connection to the node with the app's keys, for the hot paths (redis-py's pool
+    and command layers cost more than the round trip). A command is sent again (`retries` times,
+    on a new connection to the node named now) only if it cannot have been applied: sending
+    failed, or the node refused it. A lost reply raises: one .delay() is never two tasks."""
 
     def __init__(self, app, retries=0):
         self.app, self.retries, self.conn = app, retries, None
@@ -1028,13 +989,10 @@ class _Conn:
                 continue
             try:
                 return self.conn.read_response()
-            except _REFUSED:
+            except (*_REFUSED, redis.ConnectionError, redis.TimeoutError) as e:
                 self.reset()
-                if last:
+                if last or not isinstance(e, _REFUSED):     # a lost reply: never sent again
                     raise
-            except (redis.ConnectionError, redis.TimeoutError):
-                self.reset()
-                raise
 
     def reset(self):
         if self.conn is not None:
@@ -1056,12 +1014,10 @@ def _parse_meminfo(text):
 def _parse_cgroup(max_text, current_text, stat_text="", cache_key="inactive_file"):
     """Percent of a cgroup's memory limit in use, or None without a limit. Inactive page
     cache (memory.stat) is left out: the kernel reclaims it before it would kill anything."""
-    stat = dict(line.split() for line in stat_text.splitlines() if len(line.split()) == 2)
-    cache = int(stat.get(cache_key, 0))
-    limit = None if max_text.strip() == "max" else int(max_text)
-    if limit is None or limit >= 2 ** 62:          # cgroup v1 says "no limit" with a huge number
+    if max_text.strip() == "max" or int(max_text) >= 2 ** 62:   # v1's "no limit": a huge number
         return None
-    return 100.0 * max(0, int(current_text) - cache) / limit
+    stat = dict(line.split() for line in stat_text.splitlines() if len(line.split()) == 2)
+    return 100.0 * max(0, int(current_text) - int(stat.get(cache_key, 0))) / int(max_text)
 
 
 def _read(path):
@@ -1070,9 +1026,8 @@ def _read(path):
 
 
 def _mem_percent(root="/sys/fs/cgroup", proc="/proc/self"):
-    """Use of the memory limit of this process's own cgroup (/proc/self/cgroup), or of the
-    nearest ancestor that has one (a systemd MemoryMax=, a nested container): v2, else v1 with
-    its hierarchical total_inactive_file. Without a limit: the machine's use."""
+    """Use of the memory limit of this process's cgroup, or of its nearest ancestor with one (a
+    systemd MemoryMax=, a nested container); v2 or v1. Without a limit: the machine's use."""
     for line in _read(f"{proc}/cgroup").splitlines():
         _, controllers, path = line.split(":", 2)
         if controllers == "":
