@@ -17,32 +17,29 @@ attempt (soft timeout, hard timeout, the child or the whole worker dying) is ret
 at the end of its queue while it has retries left, then dead-lettered with the reason.
 Any other exception is logged with its traceback and the task is done.
 
-Redis keys. {p} is "{PREFIX}" (default "{wakaq}"): the hash tag puts all of an app's keys in
-one Redis Cluster slot, so every script runs on one node. Times are Redis's clock (TIME).
-    {p}:q:{queue}       LIST  ready payloads; claims LPOP from the left. Pushed to the right
-                              (end): new (.delay), retried, due delayed, cron ticks, requeued
-                              dead letters, `migrate`d. To the left (front): tasks that a stop
-                              (or another task's hard timeout) interrupted; they keep their
-                              retry count.
-    {p}:ready           ZSET  queue name -> rank (0 = served first): the non-empty queues, so a
-                              claim costs the same with 1 or 200 queues.
-    {p}:eta:{queue}     ZSET  delayed payloads (eta, retry_backoff, migrate), score = due time.
-    {p}:due             ZSET  "RANK:NAME" -> earliest due time in that queue's delayed set; a
-                              claim moves what is due (bounded batches) to the end of its queue.
-    {p}:wake:{queue}    LIST  wake-up tokens (at most 1,000) that idle children BLPOP; pushes
-                              add them; a child deletes stale ones before it waits.
-    {p}:inflight:{wid}  HASH  "S.K" -> the payload child slot S runs in sub-slot K, "S.K:t" ->
-                              its claim token (acks compare it), "S.K:s" -> start time. The parent
-                              releases a dead child's fields; a live worker adopts a dead
-                              worker's hash as "adopted:{wid}:..." fields.
+Redis keys. {p} is "{PREFIX}" (default "{wakaq}"): a hash tag, so all of an app's keys are in one
+Redis Cluster slot and every script runs on one node. Times are Redis's clock (TIME).
+    {p}:q:{queue}       LIST  ready payloads, claimed from the left. Pushed to the end: new
+                              (.delay), retried, due delayed, cron ticks, requeued dead letters,
+                              migrated. To the front: tasks a stop (or another task's hard
+                              timeout) interrupted; they keep their retry count.
+    {p}:ready           ZSET  non-empty queues: name -> rank (0 first); claims cost the same
+                              with 1 or 200 queues.
+    {p}:eta:{queue}     ZSET  delayed payloads (eta, retry_backoff, migrated), score = due time.
+    {p}:due             ZSET  "RANK:NAME" -> the earliest due time in that queue's delayed set;
+                              claims move what is due to the end of its queue, in batches.
+    {p}:wake:{queue}    LIST  wake-up tokens (at most 1,000) idle children BLPOP; every push
+                              adds them; a child deletes stale ones before it waits.
+    {p}:inflight:{wid}  HASH  "S.K" -> the payload child slot S runs in sub-slot K; "S.K:t" ->
+                              its claim token (acks compare it); "S.K:s" -> its start time. A
+                              live worker adopts a dead one's fields as "adopted:{wid}:...".
     {p}:workers         ZSET  worker id (HOST.PID.RANDOM) -> last heartbeat.
     {p}:serve:{digest}  SET   the queue names a worker serves (claims take only those).
-    {p}:bcast:{wid}     LIST  broadcast payloads for one worker; claimed before queues.
-    {p}:wake:{wid}      LIST  wake-up tokens for that worker's broadcasts.
+    {p}:bcast:{wid}     LIST  broadcasts for one worker, claimed before queues; {p}:wake:{wid}
+                              holds their wake-up tokens.
     {p}:dead            LIST  dead letters: JSON {id, name, queue, attempts, reason, at,
-                              payload}, payload = the original payload as a string.
-    {p}:cron:{digest}   STRING the last tick enqueued for one schedule (unix seconds); compared
-                              and set by the script that pushes it.
+                              payload (the original payload as a string)}.
+    {p}:cron:{digest}   STRING the last tick enqueued for one schedule (unix seconds).
 
 Soft timeouts: a sync task runs with SIGALRM armed (setitimer) and `in_task` set, both cleared
 as it ends (before the after_task_finished hooks). The handler raises SoftTimeout only in the
@@ -63,7 +60,7 @@ from zoneinfo import ZoneInfo
 import redis
 from croniter import croniter
 
-__version__ = "1.0.0"
+__version__ = "2.0.0"
 __all__ = ["WakaQ", "Queue", "CronTask", "Task", "SoftTimeout", "current_task", "WakaQError"]
 
 log = logging.getLogger("wakaq")
