@@ -1066,86 +1066,97 @@ def _kill(pid, sig):
 
 class _Child:
     """The parent's record of one slot's child process."""
-
-    __slots__ = ("pid", "killed_for", "over", "term_sent", "born")
+    killed_for = over = term_sent = None   # why it was killed; the field over its hard timeout
 
     def __init__(self, pid):
-        self.pid, self.killed_for, self.over, self.term_sent = pid, None, None, False
-        self.born = time.monotonic()
+        self.pid, self.born = pid, time.monotonic()
 
 
 class _Worker:
     """The parent; it never runs task code. Child slot S runs up to K tasks at once (K = 1, or
-    async_concurrency when the app has async tasks), each in in-flight field "S.k". Per field,
-    16 bytes of shared memory hold the task's hard deadline (monotonic; 0 = none) and the
-    number of the claim it finished last, so hard timeouts need no message per task and a dead
-    child's finished task is acked, not run again. Signal handlers only count; a pipe wakes
-    select(). Liveness uses Redis's clock; this worker presumes another dead only after it has
-    itself been connected for heartbeat_timeout (an outage is not a death)."""
+    async_concurrency with async tasks), each in in-flight field "S.k". Per field, 16 bytes of
+    shared memory hold the task's hard deadline (monotonic; 0 = none) and the number of the claim
+    it finished last: hard timeouts need no message per task, and a dead child's finished task is
+    acked, not run again. Signal handlers only count; a pipe wakes select(). Liveness is by Redis's
+    clock; another worker is presumed dead only once this one was connected heartbeat_timeout."""
 
     def __init__(self, app):
-        self.app = app
-        self.wid = f"{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
+        self.app, self.wid = app, f"{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
         self.inflight_key = app._k("inflight", self.wid)
         self.served = [q.name for q in app.queues if q.name not in app.exclude_queues]
-        self.served_key = app._k("serve", hashlib.sha1(" ".join(self.served).encode()).hexdigest()[:16])
+        digest = hashlib.sha1(" ".join(self.served).encode()).hexdigest()[:16]
+        self.served_key = app._k("serve", digest)
         self.bcast_key, self.wake_key = app._k("bcast", self.wid), app._k("wake", self.wid)
         n, hb = app.concurrency, app.heartbeat_timeout
         self.k = app.async_concurrency if any(t.is_async for t in app.tasks.values()) else 1
-        self.slots = [None] * n           # slot -> _Child, or None
+        self.slots, self.fork_at = [None] * n, [0.0] * n   # _Child; when it may fork again
         self.unreleased = {}              # slot -> {k: (reason, finished token)} of a dead child
-        self.not_before = [0.0] * n       # slot -> when it may fork again (monotonic)
-        self.shm = mmap.mmap(-1, 16 * n * self.k)
+        self.shm, self.fmt = mmap.mmap(-1, 16 * n * self.k), struct.Struct(f"{2 * self.k}d")
         self.signals, self.outage, self.r = [], _Outage("worker", min(5.0, hb / 4)), None
         self.next_beat = self.connected_since = self.retry_at = self.next_mem = 0.0
-        self.mem_high = self.stop_logged = self.full = False
+        self.mem_high, self.full, self.seen = False, False, 0   # seen: stop signals acted on
 
     def run(self):
         app = self.app
         self.pipe = wake_r, wake_w = os.pipe()
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, lambda s, f: self.signals.append(s))
-        signal.signal(signal.SIGCHLD, lambda s, f: None)   # only to wake select()
+        for sig in _PARENT_SIGNALS:                # SIGCHLD only wakes select()
+            signal.signal(sig, lambda s, f: s == signal.SIGCHLD or self.signals.append(s))
         log.info("worker %s started: concurrency=%d%s queues=%s redis=%s", self.wid,
                  app.concurrency, f" async_concurrency={self.k}" if self.k > 1 else "",
                  ",".join(self.served), _mask(app.url))
         while True:
             self._reap()
-            if len(self.signals) >= 2:
-                self._stop_now()
+            if self.signals and self._stop():
                 break
-            if self.signals:
-                self._begin_stop()
-                if not any(self.slots) and not self.unreleased:
-                    break
-            self._enforce_hard_timeouts()
-            self._redis_duties(time.monotonic())
+            now = time.monotonic()
+            for slot, child in enumerate(self.slots):      # hard timeouts
+                deadlines = self.fmt.unpack_from(self.shm, 16 * self.k * slot)[::2]
+                late = [k for k, d in enumerate(deadlines) if 0 < d < now]
+                if child and late and not child.killed_for:
+                    child.killed_for, child.over = "hard timeout", late[0]
+                    for pid in (-child.pid, child.pid):    # with its subprocesses
+                        _kill(pid, signal.SIGKILL)
+            self._redis_duties(now)
             if not self.signals:
-                self._check_memory(time.monotonic())
-                self._fork_missing()
+                self._check_memory(now)
+                for slot, child in enumerate(self.slots):
+                    if child is None and slot not in self.unreleased and not self.mem_high \
+                            and now >= self.fork_at[slot]:
+                        self._spawn(slot)
             if select.select([wake_r], [], [], TICK)[0]:
                 os.read(wake_r, 4096)         # signal numbers: we only needed the wake-up
-        self._leave()
+        try:    # deregister, unless a task is still in flight: a live worker adopts it then
+            r = self.r or app._client(retries=0)
+            if not self.unreleased and not r.hlen(self.inflight_key):
+                r.zrem(app.workers_key, self.wid)    # first: no new broadcasts for us
+                for raw in r.lrange(self.bcast_key, 0, -1):    # broadcasts waiting for us
+                    r.rpush(app.dead_key, _dead_entry(raw, None, "worker stopped"))
+                r.delete(self.bcast_key, self.wake_key)
+        except redis.RedisError as e:
+            log.error("could not deregister worker %s (%s)", self.wid, e)
         log.info("worker %s stopped", self.wid)
         return 0
 
-    def _begin_stop(self):
-        for child in self.slots:
-            if child and not child.term_sent:
-                child.term_sent = True
-                _kill(child.pid, signal.SIGTERM)
-        if not self.stop_logged:
-            self.stop_logged = True
-            log.info("worker %s stopping on %s: letting running tasks finish", self.wid,
-                     signal.Signals(self.signals[0]).name)
-
-    def _fork_missing(self):
-        for slot, child in enumerate(self.slots):
-            if child is None and slot not in self.unreleased and not self.mem_high \
-                    and time.monotonic() >= self.not_before[slot]:
-                self._spawn(slot)
+    def _stop(self):
+        """On a stop signal; True once the worker may leave. 1: SIGTERM the children (they finish
+        their tasks); 2: SIGKILL them (tasks go to the front); 3: leave what Redis (down) kept."""
+        n = len(self.signals)
+        if n > self.seen:
+            self.seen = n
+            log.log(logging.INFO if n == 1 else logging.WARNING, "worker %s stopping on %s: %s",
+                    self.wid, signal.Signals(self.signals[-1]).name, "letting running tasks "
+                    "finish" if n == 1 else "now" if n == 2 else "leaving tasks Redis kept")
+            for child in filter(None, self.slots):
+                if n > 1:
+                    child.killed_for = child.killed_for or "interrupted by stop"
+                    for pid in (-child.pid, child.pid):
+                        _kill(pid, signal.SIGKILL)
+                elif not child.term_sent:
+                    child.term_sent = True
+                    _kill(child.pid, signal.SIGTERM)
+        return not any(self.slots) and (not self.unreleased or n > 2)
 
     def _spawn(self, slot):
         self.shm[16 * self.k * slot:16 * self.k * (slot + 1)] = bytes(16 * self.k)
@@ -1154,7 +1165,7 @@ class _Worker:
             pid = os.fork()
         except OSError as e:
             log.error("cannot fork a child (%s); trying again in a second", e)
-            self.not_before[slot], pid = time.monotonic() + 1, None
+            self.fork_at[slot], pid = time.monotonic() + 1, None
         if pid == 0:                                    # child: this branch never returns
             code = 1
             gc.freeze()      # the collector skips what the child inherits: shorter pauses
@@ -1174,52 +1185,22 @@ class _Worker:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)
         if pid:
             self.slots[slot] = _Child(pid)
-            try:
-                os.setpgid(pid, pid)       # its own process group: a hard timeout kills it all
-            except OSError:
-                pass                       # it did so itself, or is gone already
 
     def _reap(self):
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            for slot, child in enumerate(self.slots):
-                if child and child.pid == pid:
-                    self.slots[slot] = None
-                    code = os.waitstatus_to_exitcode(status)
-                    self.unreleased[slot] = {k: (self._reason(child, code, k), self._finished(
-                        slot, k, pid)) for k in range(self.k)}
-                    if child.killed_for or code != 0:
-                        log.warning("child %d exited with %s (%s)", pid, code,
-                                    child.killed_for or "died")
-                    if code != 0 and time.monotonic() - child.born < 1.0:
-                        self.not_before[slot] = time.monotonic() + 1.0   # no crash loop
-
-    def _reason(self, child, code, k):
-        """Why a dead child's task in field k ended: a stop interrupts only a child that left
-        cleanly (exit 0) or that a second signal killed; a crash is a failed attempt."""
-        if child.killed_for == "hard timeout":
-            return "hard timeout" if k == child.over else "interrupted by another hard timeout"
-        return child.killed_for or ("interrupted by stop" if code == 0 else "worker died")
-
-    def _finished(self, slot, k, pid):
-        n = struct.unpack_from("d", self.shm, 16 * (self.k * slot + k) + 8)[0]
-        return f"{pid}-{int(n)}" if n else None
-
-    def _enforce_hard_timeouts(self):
-        now = time.monotonic()
+        """A dead child's fields become unreleased: {k: (reason, the token it finished last)}.
+        A stop interrupts a child that exits 0 or that a second signal killed; a crash fails."""
         for slot, child in enumerate(self.slots):
-            for k in range(self.k if child and not child.killed_for else 0):
-                deadline = struct.unpack_from("d", self.shm, 16 * (self.k * slot + k))[0]
-                if deadline and now > deadline:
-                    child.killed_for, child.over = "hard timeout", k
-                    _kill(-child.pid, signal.SIGKILL)     # with the subprocesses it started
-                    _kill(child.pid, signal.SIGKILL)
-                    break
+            pid, status = os.waitpid(child.pid, os.WNOHANG) if child else (0, 0)
+            if pid:
+                self.slots[slot], code = None, os.waitstatus_to_exitcode(status)
+                why = child.killed_for or ("interrupted by stop" if code == 0 else "worker died")
+                self.unreleased[slot] = {k: (
+                    why if child.over in (None, k) else "interrupted by another hard timeout",
+                    b"%d-%d" % (pid, n) if n else b"") for k, n in enumerate(
+                        self.fmt.unpack_from(self.shm, 16 * self.k * slot)[1::2])}
+                if child.killed_for or code != 0:
+                    log.warning("child %d exited with %s (%s)", pid, code, why)
+                self.fork_at[slot] = child.born + (1.0 if code else 0.0)   # no crash loop
 
     def _check_memory(self, now):
         """Once a second: over max_mem_percent, fork nothing and stop the biggest child."""
@@ -1233,135 +1214,82 @@ class _Worker:
             self.next_mem = now + 60.0
             return
         if self.mem_high != (pct >= limit):
-            self.mem_high = pct >= limit
+            self.mem_high = high = pct >= limit
             log.warning("memory use %.0f%% is %s max_mem_percent=%s: forking %s", pct,
-                        *(("over", limit, "paused") if self.mem_high else ("under", limit, "resumed")))
+                        "over" if high else "under", limit, "paused" if high else "resumed")
         live = [c for c in self.slots if c and not c.term_sent]
         if self.mem_high and live:
-            biggest = max(live, key=lambda c: _rss(c.pid))
+            c = max(live, key=lambda x: _rss(x.pid))
             log.warning("memory at %.0f%% (max_mem_percent=%s): stopping child %d", pct, limit,
-                        biggest.pid)
-            biggest.term_sent = True
-            _kill(biggest.pid, signal.SIGTERM)
+                        c.pid)
+            c.term_sent = True
+            _kill(c.pid, signal.SIGTERM)
 
     def _redis_duties(self, now):
-        """Release dead children's tasks; heartbeat, adopt dead workers, watch Redis's memory."""
+        """Release dead children's tasks; heartbeat, adopt dead workers, log when Redis may
+        evict our keys (once), is full (.delay() is refused; the backlog drains) or has room."""
         if self.outage.delay and now < self.retry_at:
             return                    # backing off
-        app = self.app
+        app, hb = self.app, self.app.heartbeat_timeout
         try:
-            if self.r is None:
-                self.r = app._client(retries=0)
+            self.r = self.r or app._client(retries=0)
             self.outage.ok(self.r)
             self.connected_since = self.connected_since or now
-            self._release_unreleased()
-            if now >= self.next_beat:
-                may_adopt = now - self.connected_since >= app.heartbeat_timeout
-                adopted = _BEAT(self.r, [app.workers_key, self.inflight_key, self.served_key], [
-                    self.wid, app.heartbeat_timeout, int(may_adopt), "{%s}" % app.prefix,
-                    *self.served])
-                for wid, count in zip(adopted[::2], adopted[1::2]):
-                    log.warning("worker %s is silent for over %ss: taking back its %d task(s)",
-                                wid.decode(), app.heartbeat_timeout, count)
-                for field in self.r.hkeys(self.inflight_key):
-                    if field.startswith(b"adopted:") and not field.endswith((b":t", b":s")):
-                        self._release(field.decode(), "", "worker died")
-                try:
-                    self._watch_memory(self.r.info("memory"))
-                except redis.ResponseError:
-                    pass                  # INFO not allowed for this ACL user
-                self.next_beat = now + min(app.heartbeat_timeout / 4, 5.0)
+            for slot, ends in list(self.unreleased.items()):
+                for k, (reason, finished) in ends.items():
+                    self._release(f"{slot}.{k}", reason, finished)
+                del self.unreleased[slot]
+            if now < self.next_beat:
+                return
+            adopted = _BEAT(self.r, [app.workers_key, self.inflight_key, self.served_key], [
+                self.wid, hb, int(now - self.connected_since >= hb), "{%s}" % app.prefix,
+                *self.served])
+            for wid, count in zip(adopted[::2], adopted[1::2]):
+                log.warning("worker %s is silent for over %ss: taking back its %d task(s)",
+                            wid.decode(), hb, count)
+            for field in self.r.hkeys(self.inflight_key):
+                if field.startswith(b"adopted:") and not field.endswith((b":t", b":s")):
+                    self._release(field.decode(), "worker died")
+            try:
+                mem = self.r.info("memory")
+            except redis.ResponseError:
+                mem = {}                  # INFO not allowed for this ACL user
+            if not self.next_beat and mem.get("maxmemory_policy", "").startswith("allkeys"):
+                log.warning("Redis maxmemory-policy is %s: it may evict queued tasks; use "
+                            "noeviction", mem["maxmemory_policy"])
+            if self.full != (0 < mem.get("maxmemory", 0) <= mem.get("used_memory", 0)):
+                self.full = not self.full
+                log.warning("Redis is full (used_memory %s, maxmemory %s): new tasks are refused; "
+                            "workers keep draining" if self.full else "Redis has room again (%s of "
+                            "%s)", mem.get("used_memory"), mem.get("maxmemory"))
+            self.next_beat = now + min(hb / 4, 5.0)
         except redis.RedisError as e:
             self.connected_since, self.r = 0.0, None      # and ask the topology anew
             self.retry_at = now + self.outage.failed(e)
 
-    def _watch_memory(self, mem):
-        """Warn once at start if Redis may evict our keys; log once when it is full, and again
-        when it has room: .delay() is refused then, but the backlog drains."""
-        if not self.next_beat and mem.get("maxmemory_policy", "noeviction").startswith("allkeys"):
-            log.warning("Redis maxmemory-policy is %s: it may evict queued tasks; use noeviction",
-                        mem["maxmemory_policy"])
-        full = 0 < mem.get("maxmemory", 0) <= mem.get("used_memory", 0)
-        if full != self.full:
-            self.full = full
-            log.warning("Redis is full (used_memory %s, maxmemory %s): new tasks are refused; "
-                        "workers keep draining" if full else "Redis has room again (%s of %s)",
-                        mem.get("used_memory"), mem.get("maxmemory"))
-
-    def _release_unreleased(self):
-        """End a dead child's attempts: acked if it had finished them, else by the retry rule."""
-        for slot, ends in list(self.unreleased.items()):
-            for k, (reason, finished) in ends.items():
-                token = self.r.hget(self.inflight_key, f"{slot}.{k}:t")
-                if token is not None:
-                    self._release(f"{slot}.{k}", token.decode(),
-                                  None if token.decode() == finished else reason)
-            del self.unreleased[slot]
-
-    def _release(self, field, token, reason):
-        """End the attempt in our in-flight `field` if it still has claim token `token` ("" =
-        any): an ack when reason is None, else by the retry rule."""
-        raw = self.r.hget(self.inflight_key, field)
+    def _release(self, field, reason, finished=b""):
+        """End our in-flight `field`'s attempt: acked if its token is `finished`, else retried."""
+        raw, token = self.r.hmget(self.inflight_key, field, field + ":t")   # None: a broadcast
         own = None if field.startswith("adopted:") else self.bcast_key
-        outcome = reason and raw and self.app._outcome(raw, reason, own)
-        if raw and _release(self.app, self.r, self.inflight_key, field, token,
+        outcome = raw and token != finished and self.app._outcome(raw, reason, own)
+        if raw and _release(self.app, self.r, self.inflight_key, field, token or "",
                             outcome or _ACK) and outcome and outcome[3]:
-            msg = json.loads(raw)
-            log.warning("task %s id=%s attempt=%s: %s; %s", msg["name"], msg["id"],
-                        msg["retry"] + 1, reason, _WHERE[outcome[1]])
-
-    def _stop_now(self):
-        log.warning("worker %s: second stop signal, stopping now", self.wid)
-        for child in self.slots:
-            if child:
-                _kill(-child.pid, signal.SIGKILL)
-                _kill(child.pid, signal.SIGKILL)
-                child.killed_for = child.killed_for or "interrupted by stop"
-        while any(self.slots):
-            self._reap()
-            time.sleep(0.01)
-        while self.unreleased and len(self.signals) < 3:
-            try:
-                self.r = self.r or self.app._client(retries=0)
-                self._release_unreleased()
-            except redis.RedisError as e:
-                if not self.outage.delay:
-                    log.error("cannot put interrupted tasks back (%s); waiting for Redis (a "
-                              "third signal leaves them to a live worker, as 'worker died')", e)
-                self.r = None
-                time.sleep(self.outage.failed(e))
-
-    def _leave(self):
-        """Deregister; broadcasts still waiting for us go to the dead-letter list. With a task
-        still in our in-flight hash (Redis was down), stay listed so a live worker adopts it."""
-        try:
-            r = self.r or self.app._client(retries=0)
-            if self.unreleased or r.hlen(self.inflight_key):
-                return
-            r.zrem(self.app.workers_key, self.wid)    # first: no new broadcasts for us
-            for raw in r.lrange(self.bcast_key, 0, -1):
-                r.rpush(self.app.dead_key, _dead_entry(raw, None, "worker stopped"))
-            r.delete(self.bcast_key, self.wake_key)
-        except redis.RedisError as e:
-            log.error("could not deregister worker %s (%s)", self.wid, e)
+            msg = json.loads(raw)      # a dead letter is logged by WakaQ._dead
+            log.warning("task %s id=%s attempt=%s: %s; requeued (%s)", msg["name"], msg["id"],
+                        msg["retry"] + 1, reason, outcome[1])
 
 
-_WHERE = {"front": "back to the front of its queue", "back": "retried at the end of its queue",
-          "delay": "retried after retry_backoff", "dead": "dead-lettered", "": "acked"}
 _ACK = (None, "", "", None, 0)           # an outcome that only acks
 
 
 def _release(app, r, inflight_key, field, token, outcome):
     """Run _RELEASE for an outcome of WakaQ._outcome (None key: an ack)."""
     key, where, value, queue, delay = outcome
-    wake = queue.wake_key if queue and key != app.dead_key else key
-    keys = [inflight_key, key or inflight_key, wake or inflight_key, app._k("ready"),
-            app._k("due")]
-    args = [field, token, value, where, app._rank(queue) if queue else 0,
-            queue.name if queue and key in (queue.key, queue.eta_key) else "", delay]
-    if queue and key not in (queue.key, queue.eta_key):       # a broadcast list
-        keys[2] = key.replace(":bcast:", ":wake:")
-    return _RELEASE(r, keys, args)
+    in_queue = queue and key in (queue.key, queue.eta_key)     # else a broadcast list, or none
+    wake = queue.wake_key if in_queue else key.replace(":bcast:", ":wake:") if queue else key
+    keys = [inflight_key, key or inflight_key, wake or inflight_key, app._k("ready"), app._k("due")]
+    return _RELEASE(r, keys, [field, token, value, where, app._rank(queue) if queue else 0,
+                              queue.name if in_queue else "", delay])
 
 
 # ===================================================================== worker child
@@ -1370,6 +1298,7 @@ class _ChildProcess:
     """A forked child: claim a task (in flight, atomically), run it, ack it in the next claim.
     Up to K async tasks run at once on the child's one event loop. Soft timeouts: see the
     module docstring (_on_alarm, _on_return)."""
+    RUN_TASK = WakaQ._run_task.__code__
 
     def __init__(self, worker, slot):
         self.worker, self.app, self.slot, app = worker, worker.app, slot, worker.app
@@ -1377,33 +1306,28 @@ class _ChildProcess:
         self.stopping = self.idle = self.in_task = False
         self.fields = [f"{slot}.{k}" for k in range(worker.k)]
         self.prev = dict.fromkeys(self.fields, "")   # field -> finished token, acked next
-        self.running, self.limits = {}, {}            # field -> asyncio.Task; (task, queue) -> _Limits
-        self.outage = _Outage(f"child {slot}", worker.outage.cap)
-        self.keys = [worker.inflight_key, app.workers_key, worker.bcast_key, app._k("ready"),
-                     app._k("due"), worker.served_key]
+        self.running = {}                             # field -> asyncio.Task
+        self.limits = functools.lru_cache(None)(functools.partial(_limits_for, app))
+        self.r, self.outage = _Conn(app), _Outage(f"child {slot}", worker.outage.cap)
         self.idle_keys = [app._k("ready"), app._k("due"), app.workers_key, worker.served_key,
                           worker.bcast_key, worker.wake_key] + [app._queue(q).wake_key
                                                                 for q in worker.served]
         self.loop, self.poll, self.next_promote = asyncio.new_event_loop(), 0.01, 0.0
-        head = ["EVALSHA", _CLAIM.sha, len(self.keys)] + self.keys
+        head = ["EVALSHA", _CLAIM.sha, 6, worker.inflight_key, app.workers_key, worker.bcast_key,
+                app._k("ready"), app._k("due"), worker.served_key]        # _CLAIM's 6 keys
         bulk = [b"$%d\r\n%s\r\n" % (len(b), b) for b in (
             str(x).encode() for x in head + [worker.wid, "{%s}" % app.prefix])]
         self.claim_head = b"*%d\r\n" % (len(bulk) + 4) + b"".join(bulk[:len(head)])
         self.claim_tail = b"".join(bulk[len(head):])
 
     def run(self):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent decides on Ctrl-C
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, self._on_term)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGALRM, self._on_alarm)
+        for sig, how in ((signal.SIGINT, signal.SIG_IGN), (signal.SIGHUP, signal.SIG_IGN),
+                         (signal.SIGTERM, self._on_term), (signal.SIGCHLD, signal.SIG_DFL),
+                         (signal.SIGALRM, self._on_alarm)):    # the parent decides on a stop
+            signal.signal(sig, how)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)  # blocked by _spawn
-        try:
-            os.setpgid(0, 0)
-        except OSError:
-            pass
+        os.setpgid(0, 0)           # its own process group: a hard timeout kills it all
         asyncio.set_event_loop(self.loop)
-        self.r = _Conn(self.app)
         for hook in self.app._hooks["after_worker_started"]:
             self.loop.run_until_complete(_maybe(hook()))
         limit, done = self.app.max_tasks_per_worker or float("inf"), 0
@@ -1424,7 +1348,8 @@ class _ChildProcess:
                 continue
             raw, token = item
             if self.stopping:            # SIGTERM came while claiming: give it back untouched
-                self._end(free, raw, token.decode(), "interrupted by stop")
+                self._end(free, token.decode(), self.app._outcome(
+                    raw, "interrupted by stop", self.worker.bcast_key))
                 break
             self.poll = 0.01
             self._start(free, raw, token.decode())
@@ -1448,14 +1373,13 @@ class _ChildProcess:
     def _on_alarm(self, signum, frame):
         if not self.in_task:
             return                       # the task has ended: drop it
-        f, guard, user = frame, None, None
-        while f is not None and f.f_code is not _RUN_TASK_CODE:
-            if user is None:             # guard: the outermost guarded frame below user code
-                name = f.f_globals.get("__name__", "")
-                if f.f_globals is globals() or name.split(".")[0] in ("logging", "asyncio"):
-                    guard = f
-                else:
-                    user = f
+        f, guard, user = frame, None, None   # guard: the outermost guarded frame below user code
+        while f is not None and f.f_code is not self.RUN_TASK:
+            if user is None and (f.f_globals is globals() or f.f_globals.get(
+                    "__name__", "").partition(".")[0] in ("logging", "asyncio")):
+                guard = f
+            else:
+                user = user or f
             f = f.f_back
         if f is None or f is frame:      # not in the task yet, or between its hooks
             signal.setitimer(signal.ITIMER_REAL, 0.001)
@@ -1463,10 +1387,7 @@ class _ChildProcess:
             raise SoftTimeout(f"soft timeout after {self.soft:g}s")
         else:                            # in logging, asyncio or wakaq: raise it as that returns
             guard.f_trace = self._on_return
-            sys.settrace(_no_trace)
-
-    def _ended(self):
-        self.in_task = False
+            sys.settrace(lambda *a: None)   # and trace no new frame meanwhile
 
     def _on_return(self, frame, event, arg):
         if event != "return":
@@ -1474,6 +1395,12 @@ class _ChildProcess:
         sys.settrace(None)
         if self.in_task:
             raise SoftTimeout(f"soft timeout after {self.soft:g}s")
+
+    def _ended(self):            # before the after_task_finished hooks: disarm the soft timeout
+        if self.in_task:
+            self.in_task = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            sys.settrace(None)
 
     def _call(self, fn):
         """Run a Redis step until it succeeds; outages are logged once, with backoff."""
@@ -1505,14 +1432,12 @@ class _ChildProcess:
             return self._claim(field)
 
     def _wait(self):
-        """Before an idle wait, ack what is finished; then BLPOP the wake-up lists until a
-        push, the earliest delayed task's due time or wait_timeout."""
+        """Ack what is finished; BLPOP the wake-up lists until a push, due time or wait_timeout."""
         self._ack_finished()
         again, *due = _IDLE(self.r, self.idle_keys, [self.worker.wid])
         if again:
             return
-        timeout = min(self.app.wait_timeout, max(0.01, float(due[0]))) if due and due[0] \
-            else self.app.wait_timeout
+        timeout = min(self.app.wait_timeout, max(0.01, float(due[0] or self.app.wait_timeout)))
         self.idle = True
         try:
             if not self.stopping:
@@ -1525,92 +1450,66 @@ class _ChildProcess:
         self.loop.run_until_complete(asyncio.wait(
             list(self.running.values()), timeout=timeout, return_when=asyncio.FIRST_COMPLETED))
 
-    def _end(self, field, raw, token, reason):
+    def _end(self, field, token, outcome):
         self._call(lambda: _release(self.app, self.r, self.worker.inflight_key, field, token,
-                                    self.app._outcome(raw, reason, self.worker.bcast_key)))
+                                    outcome))
 
     def _start(self, field, raw, token):
         """Run one claimed payload, or start it on the event loop if it is async and K > 1."""
         app = self.app
-        msg, task, queue, what = None, None, None, "unknown task"
         try:
             msg = _loads_msg(raw)
             task, queue = app.tasks.get(msg["name"]), app._queues.get(msg["queue"])
-            what = "unknown queue" if task else what
+            what = None if task and queue else "unknown queue" if task else "unknown task"
         except _BAD_PAYLOAD as e:
-            what = f"bad payload: {e}"
-        if task is None or queue is None:
+            msg, what = None, f"bad payload: {e}"
+        if what:
             log.error("%s: %s", what, raw[:200])
-            return self._call(lambda: _release(app, self.r, self.worker.inflight_key, field,
-                                               token, app._dead(raw, msg, what)))
-        limits = self.limits.get((task, queue)) or self.limits.setdefault(
-            (task, queue), _limits_for(app, task, queue))
-        start = time.monotonic()
-        at = 16 * (self.worker.k * self.slot + self.fields.index(field))
+            return self._end(field, token, app._dead(raw, msg, what))
+        limits = self.limits(task, queue)
+        start, at = time.monotonic(), 16 * (self.worker.k * self.slot + self.fields.index(field))
         struct.pack_into("d", self.worker.shm, at, start + limits.hard if limits.hard else 0.0)
         soft = limits.soft and start + limits.soft
-        wrap = app._hooks["wrap_tasks_with"]
-        if self.worker.k > 1 and task.is_async and (
-                not wrap or inspect.iscoroutinefunction(wrap[0])):
+        wrap = app._hooks["wrap_tasks_with"][:1]
+        if self.worker.k > 1 and task.is_async and all(map(inspect.iscoroutinefunction, wrap)):
             self.running[field] = self.loop.create_task(
                 self._run_async(field, raw, token, msg, task, soft, start, at))
             return
-        outcome = None
-        ctx = _current.set(msg)
+        ctx, error = _current.set(msg), None
         try:
-            armed = limits.soft and not task.is_async
-            try:
-                if armed:
-                    self.soft, self.in_task = limits.soft, True
-                    signal.setitimer(signal.ITIMER_REAL, limits.soft)
-                app._run_task(task, msg["args"], msg["kwargs"], soft,
-                              self.loop.run_until_complete, self._ended)
-            finally:
-                self.in_task = False
-                if armed:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
-                    sys.settrace(None)
-        except SoftTimeout:
-            outcome = "soft timeout"
-        except Exception:
-            outcome = "raised"
-            log.exception("task %s raised (id=%s)", task.name, msg["id"])
-        finally:
-            self.in_task = False
-            _current.reset(ctx)
-        self._finish(field, raw, token, msg, start, at, outcome)
+            if limits.soft and not task.is_async:
+                self.soft, self.in_task = limits.soft, True
+                signal.setitimer(signal.ITIMER_REAL, limits.soft)
+            app._run_task(task, msg["args"], msg["kwargs"], soft, self.loop.run_until_complete,
+                          self._ended)
+        except Exception as e:
+            error = e
+        self._finish(field, raw, token, msg, start, at, error)
+        _current.reset(ctx)
 
     async def _run_async(self, field, raw, token, msg, task, soft, start, at):
         _current.set(msg)          # this asyncio task's own context
-        outcome = None
+        error = None
         try:
             await self.app._run_async(task, msg["args"], msg["kwargs"], soft)
-        except SoftTimeout:
-            outcome = "soft timeout"
-        except Exception:
-            outcome = "raised"
-            log.exception("task %s raised (id=%s)", task.name, msg["id"])
+        except Exception as e:
+            error = e
         del self.running[field]
-        self._finish(field, raw, token, msg, start, at, outcome)
+        self._finish(field, raw, token, msg, start, at, error)
 
-    def _finish(self, field, raw, token, msg, start, at, outcome):
-        """Log the attempt; a soft timeout goes by the retry rule, anything else is acked (in
-        the field's next claim; the parent acks it if this child dies first)."""
-        struct.pack_into("dd", self.worker.shm, at, 0.0, 0.0 if outcome == "soft timeout" else
-                         float(token.rsplit("-", 1)[1]))
-        log.info("task %s id=%s attempt=%d %s in %.3fs", msg["name"], msg["id"],
-                 msg["retry"] + 1, outcome or "done", time.monotonic() - start)
-        if outcome == "soft timeout":
-            self._end(field, raw, token, outcome)
+    def _finish(self, field, raw, token, msg, start, at, error):
+        """Log the attempt. A soft timeout is retried; else it is acked in the field's next claim
+        (or by the parent if this child dies first: the shared memory says it finished)."""
+        soft = isinstance(error, SoftTimeout)
+        struct.pack_into("dd", self.worker.shm, at, 0.0, 0 if soft else float(token.split("-")[1]))
+        if error and not soft:
+            log.error("task %s raised (id=%s)", msg["name"], msg["id"], exc_info=error)
+        log.info("task %s id=%s attempt=%d %s in %.3fs", msg["name"], msg["id"], msg["retry"] + 1,
+                 "soft timeout" if soft else error and "raised" or "done", time.monotonic() - start)
+        if soft:
+            self._end(field, token, self.app._outcome(raw, "soft timeout", self.worker.bcast_key))
         else:
             self.prev[field] = token
-
-
-_RUN_TASK_CODE = WakaQ._run_task.__code__
-
-
-def _no_trace(frame, event, arg):
-    """While a soft timeout waits for logging to return: trace no new frame."""
 
 
 # ===================================================================== scheduler
