@@ -82,37 +82,30 @@ class WakaQError(Exception):
 
 
 class SoftTimeout(WakaQError):
-    """Raised inside a running task at its soft timeout (SIGALRM). An Exception, as in the
-    original WakaQ and Celery: a broad `except Exception` can swallow it (hard_timeout remains)."""
-
-
-class _Stop(BaseException):
-    """Raised by a child's SIGTERM handler while it waits idle, to leave the wait."""
+    """Raised in a task at its soft timeout; an Exception (as in the original and Celery)."""
 
 
 def _seconds(value, name):
-    if value is None:
-        return None
     if isinstance(value, timedelta):
         value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise TypeError(f"{name} must be seconds or a timedelta, got {value!r}")
-    if not 0 <= value < float("inf"):        # also refuses nan
+    if value is not None and not 0 <= value < float("inf"):        # also refuses nan
         raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
-    return float(value)
+    return value if value is None else float(value)
 
 
 def _count(value, name, minimum=0):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
         raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
+    if value is not None and value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
     return value
 
 
+_Stop = type("_Stop", (BaseException,), {})    # a child's SIGTERM handler leaves an idle wait
 _Limits = collections.namedtuple("_Limits", "soft hard retries backoff")
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9_.\-]+\Z")   # \Z: "$" would let "q\n" through
 
 
 def _limits_for(app, task, queue):
@@ -129,22 +122,21 @@ def _check_timeouts(limits, where):
                          f"soft_timeout ({limits.soft:g}s)")
 
 
-_CORES_AST = (ast.Expression, ast.Constant, ast.Name, ast.Load, ast.BinOp, ast.Add, ast.Sub,
-              ast.Mult, ast.Div, ast.FloorDiv, ast.UnaryOp, ast.USub)
+def _set_limits(obj, where, max_retries, *seconds):      # soft, hard timeout, retry_backoff
+    obj.max_retries = _count(max_retries, f"max_retries of {where}")
+    for name, value in zip(("soft_timeout", "hard_timeout", "retry_backoff"), seconds):
+        setattr(obj, name, _seconds(value, f"{name} of {where}"))
 
 
 def _concurrency(value, cores=None, name="concurrency"):
     """An int, or arithmetic of `cores` such as "cores*2" or "cores - 1" (at least 1)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise TypeError(f"{name} must be an int or an expression of cores, got {value!r}")
-    try:
-        tree = ast.parse(str(value), mode="eval")
-        if not all(isinstance(x, _CORES_AST) and getattr(x, "id", "cores") == "cores"
-                   and type(getattr(x, "value", 0)) in (int, float) for x in ast.walk(tree)):
-            raise ValueError("only numbers, `cores` and + - * / // are allowed")
-        n = int(eval(compile(tree, name, "eval"), {"__builtins__": {}},   # only the nodes above
-                     {"cores": cores or os.cpu_count() or 1}))
-    except (SyntaxError, ValueError, ZeroDivisionError) as e:
+    try:        # eval of this alphabet (no names but cores, no "**") is safe
+        if not re.fullmatch(r"(cores\b|[\d.]+|[-+*/ ()])+", str(value)) or "**" in str(value):
+            raise ValueError("only numbers, `cores`, parentheses and + - * / // are allowed")
+        n = int(eval(str(value), {"__builtins__": {}}, {"cores": cores or os.cpu_count() or 1}))
+    except Exception as e:        # SyntaxError, ArithmeticError, TypeError ("2(3)"), ...
         raise ValueError(f"bad {name} expression {value!r}: {e}") from None
     if n < 1:
         raise ValueError(f"{name} must come to at least 1, got {value!r} = {n}")
@@ -166,19 +158,22 @@ def _import_app(spec):
     if type(obj) is type(sys):                       # "examples.tasks": forgot ":wakaq"
         names = [k for k, v in vars(obj).items() if type(v).__name__ == "WakaQ"] or ["APP"]
         raise ValueError(f"{spec} is a module; name its WakaQ: {obj.__name__}:{names[0]}")
-    if type(obj).__name__ == "WakaQ" and not isinstance(obj, WakaQ):
-        other = sys.modules[type(obj).__module__]
-        raise TypeError(f"{spec} is a WakaQ of another copy of wakaq ({other.__name__} from "
-                        f"{other.__file__}), not of this one ({__name__} from {__file__}): "
-                        f"run the app's copy, python -m {other.__name__}")
     if not isinstance(obj, WakaQ):
-        raise TypeError(f"{spec} is a {type(obj).__name__}, not a WakaQ")
+        kind, other = type(obj).__name__, sys.modules.get(type(obj).__module__, sys)
+        raise TypeError(f"{spec} is a {kind}, not a WakaQ" if kind != "WakaQ" else
+                        f"{spec} is a WakaQ of another copy of wakaq ({other.__file__}), not "
+                        f"of this one ({__file__}): run python -m {other.__name__}")
     return obj
 
 
 # ===================================================================== serializer
 
 _TAG = "__wakaq__"
+_DECODERS = {"datetime": datetime.fromisoformat, "date": date.fromisoformat,
+             "timedelta": lambda v: timedelta(*v), "decimal": decimal.Decimal,
+             "bytes": base64.b64decode}
+# What decoding hostile bytes may raise (e.g. binascii.Error, decimal.InvalidOperation).
+_BAD_PAYLOAD = (ValueError, TypeError, KeyError, RecursionError, ArithmeticError)
 
 
 def _encode(o):
@@ -201,19 +196,13 @@ def _encode(o):
                     "pass JSON types, datetime, date, timedelta, Decimal, bytes, set or tuple")
 
 
-_DECODERS = {"datetime": datetime.fromisoformat, "date": date.fromisoformat,
-             "timedelta": lambda v: timedelta(*v), "decimal": decimal.Decimal,
-             "bytes": base64.b64decode}
-
-
 def _decode(d):
-    if _TAG in d and d[_TAG] not in _DECODERS:
-        raise ValueError(f"unknown type tag {d[_TAG]!r}")
+    """object_hook for {"__wakaq__": TYPE, "v": ...}; an unknown TYPE raises KeyError."""
     return _DECODERS[d[_TAG]](d["v"]) if _TAG in d else d
 
 
-# _dumps: compact JSON with default=_encode, the C encoder built once (JSONEncoder.encode builds
-# it per call: twice the cost of a small payload). Circular values raise RecursionError.
+# Compact JSON; the C encoder built once (JSONEncoder.encode builds it per call: twice the cost
+# of a small payload). Circular values raise RecursionError.
 if json.encoder.c_make_encoder:
     _encoder = json.encoder.c_make_encoder(None, _encode, json.encoder.encode_basestring_ascii,
                                            None, ":", ",", False, False, True)
@@ -228,13 +217,8 @@ def _loads(raw):
     return json.loads(raw, object_hook=hook)
 
 
-# What decoding hostile bytes may raise (e.g. binascii.Error, decimal.InvalidOperation).
-_BAD_PAYLOAD = (ValueError, TypeError, KeyError, RecursionError, ArithmeticError)
-
-
 def _loads_msg(raw, decode=True):
-    """A task payload, checked for shape; raises one of _BAD_PAYLOAD. With decode=False
-    tagged values stay as they are (to move a payload on without re-encoding them)."""
+    """A task payload, checked for shape, or one of _BAD_PAYLOAD; decode=False: keep tags."""
     msg = _loads(raw) if decode else json.loads(raw)
     if not (isinstance(msg, dict) and isinstance(msg.get("id"), str)
             and isinstance(msg.get("name"), str) and isinstance(msg.get("queue"), str)
@@ -257,8 +241,7 @@ def _check_keys(o):
 
 
 def _after_fork():
-    """Per process: _new_id() (task ids without a syscall each: a random prefix + a counter)
-    and the producer connections (per thread)."""
+    """Per process: _new_id() (a random prefix + a counter: no syscall) and _local (per thread)."""
     global _new_id, _local
     prefix, counter, _local = os.urandom(8).hex(), itertools.count(), threading.local()
     _new_id = lambda: f"{prefix}{next(counter):x}"
@@ -270,9 +253,6 @@ os.register_at_fork(after_in_child=_after_fork)
 
 # ===================================================================== Queue, CronTask, Task
 
-_QUEUE_NAME = re.compile(r"[A-Za-z0-9_.\-]+\Z")   # \Z: "$" would let "q\n" through
-
-
 class Queue:
     """A named list of tasks. Lower priority number = served first."""
 
@@ -281,12 +261,8 @@ class Queue:
         if not isinstance(name, str) or not _QUEUE_NAME.match(name):
             raise ValueError(f"queue name must be letters, digits, _ . or -, got {name!r}")
         self.prefix = re.sub(r"[^A-Za-z0-9_.\-]", "", prefix or "wakaq")  # the original's, migrate
-        self.name = name
-        self.priority = _count(priority, f"priority of queue {name!r}", minimum=-2**31)
-        self.max_retries = _count(max_retries, f"max_retries of queue {name!r}")
-        self.soft_timeout = _seconds(soft_timeout, f"soft_timeout of queue {name!r}")
-        self.hard_timeout = _seconds(hard_timeout, f"hard_timeout of queue {name!r}")
-        self.retry_backoff = _seconds(retry_backoff, f"retry_backoff of queue {name!r}")
+        self.name, self.priority = name, _count(priority, f"priority of queue {name!r}", -2**31)
+        _set_limits(self, f"queue {name!r}", max_retries, soft_timeout, hard_timeout, retry_backoff)
         self.key = self.eta_key = self.wake_key = None      # set by the app (its prefix)
 
 
@@ -299,9 +275,8 @@ def _coerce_queue(q):
 
 
 class CronTask:
-    """Enqueue `task_name` on `queue` whenever `schedule` matches, in the app's timezone. Five
-    fields (minute hour day month weekday), or six: croniter reads seconds from the SIXTH
-    ("* * * * * */10": every 10 seconds). Time zones, missed ticks: _due, _run_scheduler."""
+    """Enqueue `task_name` on `queue` when `schedule` matches (in the app's timezone): 5 fields,
+    or 6 with seconds LAST ("* * * * * */10": every 10 s). Time zones, missed ticks: _due."""
 
     def __init__(self, schedule, task_name, queue=None, args=None, kwargs=None):
         if not isinstance(schedule, str) or len(schedule.split()) not in (5, 6) \
@@ -318,15 +293,11 @@ class CronTask:
 class Task:
     """A registered task: call it to run here and now, .delay() to enqueue it."""
 
-    def __init__(self, app, fn, name, queue, max_retries, soft_timeout, hard_timeout,
-                 retry_backoff=None):
+    def __init__(self, app, fn, name, queue, *limits):
         functools.update_wrapper(self, fn)      # __name__, __qualname__, __module__, __doc__
         self.app, self.fn, self.name, self._json_name = app, fn, name, json.dumps(name)
         self.queue = app._queue(queue) if queue is not None else None
-        self.max_retries = _count(max_retries, f"max_retries of task {name!r}")
-        self.soft_timeout = _seconds(soft_timeout, f"soft_timeout of task {name!r}")
-        self.hard_timeout = _seconds(hard_timeout, f"hard_timeout of task {name!r}")
-        self.retry_backoff = _seconds(retry_backoff, f"retry_backoff of task {name!r}")
+        _set_limits(self, f"task {name!r}", *limits)   # max_retries, soft, hard, retry_backoff
         _check_timeouts(_limits_for(app, self, self.queue or app.default_queue), f"task {name!r}")
         self.is_async = inspect.iscoroutinefunction(fn)
 
@@ -334,13 +305,11 @@ class Task:
         return self.fn(*args, **kwargs)
 
     def delay(self, *args, queue=None, eta=None, **kwargs):
-        """Enqueue one call; returns its id. `queue` and `eta` are reserved keywords:
-        eta = seconds or timedelta from now, or a datetime (naive = UTC)."""
+        """Enqueue one call; returns its id. eta: seconds, a timedelta or a datetime (naive UTC)."""
         return self.app._enqueue(self, [(args, kwargs)], queue, eta)[0]
 
     def delay_many(self, calls, queue=None, eta=None):
-        """Enqueue many calls in bulk, one round trip per 1,000; each item is a tuple of
-        positional args, or a dict {"args": [...], "kwargs": {...}}. Returns the ids."""
+        """Enqueue calls (tuples of args, or {"args": [...], "kwargs": {...}}); returns the ids."""
         items = [(c.get("args", ()), c.get("kwargs", {})) if isinstance(c, dict) else (c, {})
                  for c in calls]
         bad = [a for a, _ in items if not isinstance(a, (tuple, list))]
@@ -1515,10 +1484,10 @@ class _ChildProcess:
 # ===================================================================== scheduler
 
 def _due(cron, tz, last, now):
-    """(the latest tick of `cron` in (last, now], if at most CRON_CATCH_UP (+1) s old, else None;
-    the first tick after now), unix seconds, in zone tz. Cron's rule (cronie): with a fixed hour
-    a repeated wall time is one tick (the first), a missing one a tick just after the gap; with
-    `*` or a step in the hour field each real hour is one, and a missing wall time is none."""
+    """(the latest tick in (last, now] at most CRON_CATCH_UP (+1) s old, or None; the next tick),
+    unix seconds, in zone tz. Cron's rule (cronie): with a fixed hour a repeated wall time is one
+    tick, a missing one a tick just after the gap; with `*` or a step in the hour field each real
+    hour is one, and a missing wall time none."""
     star, fire = cron.schedule.split()[1].startswith("*"), None
     it = croniter(cron.schedule, datetime.fromtimestamp(max(last, now - CRON_CATCH_UP - 1), tz))
     while (t := it.get_next(datetime)).timestamp() <= now:
@@ -1532,10 +1501,13 @@ def _due(cron, tz, last, now):
     return fire, t.timestamp()
 
 
-def _run_scheduler(app, stop):
+def _cmd_scheduler(app, args):
     """Enqueue each tick once across schedulers and restarts: the last tick fired per
     schedule lives in Redis ({p}:cron:{digest}); "now" is Redis's clock (TIME)."""
-    crons = []
+    _setup_logging(app.scheduler_log_file, app.scheduler_log_level)
+    crons, stopped = [], []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, f: stopped.append(s))
     for cron in app.schedules:
         if cron.task_name not in app.tasks:
             raise ValueError(f"schedule {cron.schedule!r} names unknown task {cron.task_name!r}")
@@ -1545,11 +1517,10 @@ def _run_scheduler(app, stop):
                            sort_keys=True, default=str)
         crons.append((cron, task, q, app._k("cron", hashlib.sha1(ident.encode()).hexdigest())))
     if not crons:
-        log.warning("the app has no schedules; the scheduler exits")
-        return
+        return log.warning("the app has no schedules; the scheduler exits")
     r, outage, ready = app._client(retries=0), _Outage("scheduler"), app._k("ready")
     log.info("scheduler started with %d schedule(s)", len(crons))
-    while not stop():
+    while not stopped:
         try:
             outage.ok(r)
             now, pause = app.redis_time(), 1.0
@@ -1565,9 +1536,9 @@ def _run_scheduler(app, stop):
                              datetime.fromtimestamp(fire, app.tz).isoformat())
         except redis.RedisError as e:
             pause = outage.failed(e)
-        deadline = time.monotonic() + max(pause, 0.01)
-        while not stop() and time.monotonic() < deadline:
-            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        end = time.monotonic() + max(pause, 0.01)
+        while not stopped and time.monotonic() < end:
+            time.sleep(min(0.1, max(0.0, end - time.monotonic())))
     log.info("scheduler stopped")
 
 
@@ -1575,21 +1546,13 @@ def _run_scheduler(app, stop):
 
 def _cmd_worker(app, args):
     app.concurrency = args.concurrency or app.concurrency    # the original's options
-    if args.exclude:
-        app.exclude_queues = [app._queue(q.strip()).name for q in args.exclude.split(",")]
+    if args.exclude_queues:
+        app.exclude_queues = [app._queue(q.strip()).name for q in args.exclude_queues.split(",")]
     _setup_logging(app.worker_log_file, app.worker_log_level)
     if app.default_queue.name in app.exclude_queues:
         log.warning("the default queue %r is excluded: tasks without a queue= wait for "
                     "another app's workers", app.default_queue.name)
     return _Worker(app).run()
-
-
-def _cmd_scheduler(app, args):
-    _setup_logging(app.scheduler_log_file, app.scheduler_log_level)
-    stopped = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda s, f: stopped.append(s))
-    _run_scheduler(app, lambda: bool(stopped))
 
 
 def _msg(raw):
@@ -1606,55 +1569,48 @@ def _cmd_info(app, args):
         pipe.llen(q.key).zcard(q.eta_key)
     *counts, dead, workers, (sec, usec) = pipe.llen(app.dead_key).zrange(
         app.workers_key, 0, -1, withscores=True).time().execute()
-    now, running = sec + usec / 1e6, []
+    now = sec + usec / 1e6
     for wid, _ in workers:                        # live, and dead not yet adopted
         pipe.hgetall(app._k("inflight", wid.decode()))
-    for (wid, _), fields in zip(workers, pipe.execute()):
-        for field, raw in fields.items():         # "S.K" -> payload, "S.K:s" -> start
-            msg, start = _msg(raw), fields.get(field + b":s")
-            if not field.endswith((b":s", b":t")):
-                running.append({"id": msg["id"], "name": msg["name"], "queue": msg["queue"],
-                                "worker": wid.decode(),
-                                "seconds": round(now - float(start), 1) if start else None})
+    running = [{**{k: _msg(raw)[k] for k in ("id", "name", "queue")}, "worker": wid.decode(),
+                "seconds": (s := fields.get(f + b":s")) and round(now - float(s), 1)}
+               for (wid, _), fields in zip(workers, pipe.execute())
+               for f, raw in fields.items() if not f.endswith((b":s", b":t"))]  # f: "S.K"
     info = {"queues": {q.name: {"priority": app._priority[q.name], "pending": counts[2 * i],
                                 "delayed": counts[2 * i + 1]} for i, q in enumerate(app.queues)},
             "inflight": len(running), "dead": dead, "running": running,
             "workers": sum(beat >= now - app.heartbeat_timeout for _, beat in workers)}
-    if args.json:
-        return print(json.dumps(info))
     row = "{:<20} {:>8} {:>10} {:>10}".format
-    print(row("queue", "priority", "pending", "delayed"),
-          *(row(name, *q.values()) for name, q in info["queues"].items()),
-          f"in-flight: {len(running)}  dead: {dead}  workers: {info['workers']}",
-          *("running {id} {name} queue={queue} worker={worker} {seconds}s".format(**t)
-            for t in running), sep="\n")
+    print(json.dumps(info) if args.json else "\n".join([
+        row("queue", "priority", "pending", "delayed"),
+        *(row(name, *q.values()) for name, q in info["queues"].items()),
+        "in-flight: {inflight}  dead: {dead}  workers: {workers}".format_map(info),
+        *("running {id} {name} queue={queue} worker={worker} {seconds}s".format_map(t)
+          for t in running)]))
 
 
 def _cmd_purge(app, args):
     q = app._queue(args.queue)
-    pending, delayed, *_ = (app.redis.pipeline().llen(q.key).zcard(q.eta_key)
-                            .unlink(q.key, q.eta_key, q.wake_key).zrem(app._k("ready"), q.name)
-                            .execute())                      # freed in the background
+    pipe = app.redis.pipeline().llen(q.key).zcard(q.eta_key).unlink(q.key, q.eta_key, q.wake_key)
+    pending, delayed, *_ = pipe.zrem(app._k("ready"), q.name).execute()  # UNLINK: freed later
     print(pending + delayed)                                 # the contract: one number
     print(f"wakaq: purged {pending} pending and {delayed} delayed task(s) from queue {q.name!r}",
           file=sys.stderr)
 
 
 def _cmd_dead(app, args):
-    key, ids = app.dead_key, set(args.requeue or ())
+    key, ids, listing = app.dead_key, set(args.requeue or ()), args.requeue is None
     if args.purge:
         return print(f"deleted {app.redis.pipeline().llen(key).unlink(key).execute()[0]} "
                      "dead task(s)")
-    if args.requeue is None and not app.redis.llen(key):
+    if listing and not app.redis.llen(key):
         return print("no dead tasks")
-
     def visit(raw, _):                       # list it, or pick it to requeue
-        e = _msg(raw)
-        msg = _msg(e["payload"])
-        if args.requeue is None:
-            call = json.dumps([msg["args"], msg["kwargs"]])[1:-1]
-            e.update(at=time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(e["at"] or 0)),
-                     args=call if len(call) < 80 else call[:76] + " ...")
+        msg = _msg((e := _msg(raw))["payload"])
+        call = json.dumps([msg["args"], msg["kwargs"]])[1:-1]
+        e.update(at=time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(e["at"] or 0)),
+                 args=call if len(call) < 80 else call[:76] + " ...")
+        if listing:
             print("{id} {name} queue={queue} attempts={attempts} reason={reason!r} at={at} "
                   "args={args}".format_map(e))
         elif not args.requeue or e["id"] in ids:
@@ -1662,19 +1618,18 @@ def _cmd_dead(app, args):
             return (app._queues.get(e["queue"]) or app.default_queue, "",
                     json.dumps({**msg, "retry": 0}) if msg else e["payload"] or "")
     moved = _move(app, key, "list", visit)
-    if args.requeue is not None:
+    if not listing:
         print(f"requeued {moved} dead task(s)" + (f"; not found: {' '.join(ids)}" if ids else ""))
         return 1 if ids else 0
 
 
 def _cmd_health(app, args):
-    (sec, usec), host = app.redis.time(), socket.gethostname()
+    (sec, usec), host, limit = app.redis.time(), socket.gethostname(), app.heartbeat_timeout
     age = min((sec + usec / 1e6 - b for w, b in app.redis.zrange(app.workers_key, 0, -1,
-               withscores=True) if w.decode().rsplit(".", 2)[0] == host), default=None)
-    ok, limit = age is not None and age <= app.heartbeat_timeout, app.heartbeat_timeout
-    print(("ok: " if ok else "unhealthy: ") + (f"no worker of this app on {host}" if age is None
-          else f"a worker on {host} heartbeated {age:.1f}s ago (limit {limit:g}s)"))
-    return 0 if ok else 1
+               withscores=True) if w.decode().rsplit(".", 2)[0] == host), default=float("inf"))
+    print(("ok: " if age <= limit else "unhealthy: ") + (f"no worker of this app on {host}" if age
+          == float("inf") else f"a worker on {host} heartbeated {age:.1f}s ago (limit {limit:g}s)"))
+    return 0 if age <= limit else 1
 
 
 # KEYS: the source (a list if ARGV[1] is 'list', else a zset), queue, wake, ready, eta, due (as
@@ -1715,44 +1670,45 @@ def _move(app, key, kind, pick):
     return moved
 
 
-_ORIGINAL = {"Decimal": lambda d: decimal.Decimal(d["value"]), "date": lambda d: date(
-    d["year"], d["month"], d["day"]), "bytes": lambda d: base64.b64decode(d["value"]),
-    "timedelta": lambda d: timedelta(**d["kwargs"]),
-    "datetime": lambda d: datetime(**{k: v for k, v in d.items() if k != "__class__"})}
-
-
-def _from_original(app, queue, raw, due):
-    """One of the original WakaQ's payloads (due: "" or unix time) as (queue, due, ours), or a
-    dead entry if it is bad. Unknown task names are converted too."""
-    try:
-        msg = json.loads(raw, object_hook=lambda d: _ORIGINAL[d["__class__"]](d)
-                         if d.get("__class__") in _ORIGINAL else d)
-        name, args, kwargs, retry = msg["name"], msg["args"], msg["kwargs"], msg.get("retry") or 0
-        if (type(name), type(args), type(kwargs), type(retry)) != (str, list, dict, int):
-            raise ValueError("need name, args, kwargs")
-        task = app.tasks.get(name) or type("", (), {"name": name, "_json_name": json.dumps(name)})
-        payload = app._payload(task, args, kwargs, queue)[1]
-        return queue, due and repr(due), payload.replace('"retry":0,', f'"retry":{retry},', 1)
-    except _BAD_PAYLOAD as e:
-        return queue, "dead", _dead_entry(raw, {"id": _new_id(), "queue": queue.name},
-                                          f"bad payload from the original WakaQ: {e}")
-
-
 def _cmd_migrate(app, args):
-    """Move the original's tasks (lists PREFIX:Q, zsets PREFIX:eta:Q) to ours."""
+    """Move the original's tasks (lists PREFIX:Q, zsets PREFIX:eta:Q) to ours, converted (also
+    of unknown tasks); bad ones to our dead letters."""
+    types = {"Decimal": lambda d: decimal.Decimal(d["value"]), "date": lambda d: date(
+        d["year"], d["month"], d["day"]), "bytes": lambda d: base64.b64decode(d["value"]),
+        "timedelta": lambda d: timedelta(**d["kwargs"]),
+        "datetime": lambda d: datetime(**{k: v for k, v in d.items() if k != "__class__"})}
+    def convert(queue, raw, due):            # due: "" or unix time
+        try:
+            msg = json.loads(raw, object_hook=lambda d: types.get(d.get("__class__"), dict)(d))
+            name, a, kw, retry = msg["name"], msg["args"], msg["kwargs"], msg.get("retry") or 0
+            if (type(name), type(a), type(kw), type(retry)) != (str, list, dict, int):
+                raise ValueError("need name, args, kwargs")
+            task = app.tasks.get(name) or type("", (), dict(name=name, _json_name=json.dumps(name)))
+            payload = app._payload(task, a, kw, queue)[1]
+            return queue, due and repr(due), payload.replace('"retry":0,', f'"retry":{retry},', 1)
+        except _BAD_PAYLOAD as e:
+            return queue, "dead", _dead_entry(raw, {"id": _new_id(), "queue": queue.name},
+                                              f"bad payload from the original WakaQ: {e}")
     moved = sum(_move(app, f"{q.prefix}:{eta}{q.name}", "zset" if eta else "list",
-                      functools.partial(_from_original, app, q))
-                for q in app.queues for eta in ("", "eta:"))
+                      functools.partial(convert, q)) for q in app.queues for eta in ("", "eta:"))
     print(f"moved {moved} task(s) from the original WakaQ")
 
 
-_COMMANDS = {"worker": (_cmd_worker, "run a worker: a parent that forks `concurrency` children"),
-             "scheduler": (_cmd_scheduler, "enqueue the app's CronTasks on time"),
-             "info": (_cmd_info, "show queues, running, in-flight and dead tasks, live workers"),
-             "purge": (_cmd_purge, "delete a queue's pending and delayed tasks"),
-             "dead": (_cmd_dead, "list, requeue or delete dead-lettered tasks"),
-             "health": (_cmd_health, "exit 0 if a worker on this host heartbeats, else 1"),
-             "migrate": (_cmd_migrate, "move the original WakaQ's tasks into our queues")}
+_HIDE = argparse.SUPPRESS
+_COMMANDS = {  # name: (function, help, (argument, add_argument's options) ...)
+    "worker": (_cmd_worker, "run a worker: a parent that forks `concurrency` children",
+               ("--concurrency", dict(type=int, help="override the app's concurrency")),
+               ("--exclude-queues", dict(metavar="A,B"))),
+    "scheduler": (_cmd_scheduler, "enqueue the app's CronTasks on time"),
+    "info": (_cmd_info, "show queues, running, in-flight and dead tasks, live workers",
+             ("--json", dict(action="store_true", help="print one JSON object"))),
+    "purge": (_cmd_purge, "delete a queue's pending and delayed tasks", ("queue", dict(
+        metavar="QUEUE", nargs="?")), ("--queue", dict(dest="queue_option", help=_HIDE))),
+    "dead": (_cmd_dead, "list, requeue or delete dead-lettered tasks", ("--requeue", dict(
+        nargs="*", metavar="ID", help="all, or these; retries reset")),
+             ("--purge", dict(action="store_true", help="delete them"))),
+    "health": (_cmd_health, "exit 0 if a worker on this host heartbeats, else 1"),
+    "migrate": (_cmd_migrate, "move the original WakaQ's tasks into our queues")}
 _CONFIG_ERRORS = (redis.AuthenticationError, redis.exceptions.AuthorizationError,
                   redis.ResponseError)    # a bad password, an ACL, a bad DB index: not an outage
 
@@ -1760,40 +1716,35 @@ _CONFIG_ERRORS = (redis.AuthenticationError, redis.exceptions.AuthorizationError
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="wakaq", description="wakaq: a Redis task queue.")
     parser.add_argument("--version", action="version", version=f"wakaq {__version__}")
-    sub, cmd, hide = parser.add_subparsers(dest="command", metavar="COMMAND"), {}, argparse.SUPPRESS
-    for name, (_, text) in _COMMANDS.items():
-        cmd[name] = sub.add_parser(name, help=text, description=text)
-        cmd[name].add_argument("app", metavar="APP", nargs="?", help="module:attribute")
-        cmd[name].add_argument("--app", dest="app_option", help=hide)
-        cmd[name].add_argument("--foreground", action="store_true", help=hide)  # the original's
-    cmd["worker"].add_argument("--concurrency", type=int, help="override the app's concurrency")
-    cmd["worker"].add_argument("--exclude-queues", dest="exclude", metavar="A,B")
-    cmd["info"].add_argument("--json", action="store_true", help="print one JSON object")
-    cmd["purge"].add_argument("queue", metavar="QUEUE", nargs="?")
-    cmd["purge"].add_argument("--queue", dest="queue_option", help=hide)   # the original's
-    group = cmd["dead"].add_mutually_exclusive_group()
-    group.add_argument("--requeue", nargs="*", metavar="ID", help="all, or these; retries reset")
-    group.add_argument("--purge", action="store_true", help="delete them")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, text, *options) in _COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("app", metavar="APP", nargs="?", help="module:attribute")
+        p.add_argument("--app", dest="app_option", help=_HIDE)            # the original's
+        p.add_argument("--foreground", action="store_true", help=_HIDE)   # the original's
+        group = p.add_mutually_exclusive_group() if name == "dead" else p  # --requeue | --purge
+        for arg, kw in options:
+            group.add_argument(arg, **kw)
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         return parser.print_help(sys.stderr) or 2
-    sub, names = cmd[args.command], ["APP", "QUEUE"][:1 + (args.command == "purge")]
+    names = ["APP", "QUEUE"][:1 + (args.command == "purge")]
     given = [v for v in (args.app_option, args.app, vars(args).get("queue"),
                          vars(args).get("queue_option")) if v]     # purge --app=APP QUEUE
     if extra or len(given) != len(names):                          # exits 2
-        sub.error(f"unrecognized arguments: {' '.join(extra)}" if extra else
-                  f"give {' and '.join(names)} once each (APP as module:attribute or --app=APP)")
+        sub.choices[args.command].error(
+            f"unrecognized arguments: {' '.join(extra)}" if extra else
+            f"give {' and '.join(names)} once each (APP as module:attribute or --app=APP)")
     args.app, args.queue = [*given, None][:2]
     sys.path.insert(0, os.getcwd())       # a script's sys.path[0] is its own folder
     try:
         app = _import_app(args.app)
     except Exception as e:                # any import-time error: one line, no traceback
-        where = [(e.filename, e.lineno)] if isinstance(e, SyntaxError) else [
-            (f.filename, f.lineno) for f in traceback.extract_tb(e.__traceback__)
-            if not f.filename.startswith("<") and f.filename != __file__]
-        line = traceback.format_exception_only(type(e), e)[-1].strip().splitlines()[0]
-        at = " (%s, line %s)" % where[-1] if where and where[-1][0] else ""
-        print(f"wakaq: cannot load app {args.app!r}: {line}{at}", file=sys.stderr)
+        where = [] if isinstance(e, SyntaxError) else [      # str(a SyntaxError) has its line
+            f" ({f.filename}, line {f.lineno})" for f in traceback.extract_tb(e.__traceback__)
+            if f.filename and not f.filename.startswith("<") and f.filename != __file__]
+        line = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+        print(f"wakaq: cannot load app {args.app!r}: {line}{''.join(where[-1:])}", file=sys.stderr)
         return 2
     try:
         try:
@@ -1812,7 +1763,6 @@ _worker_script, _scheduler_script, _info_script, _purge_script = (   # the origi
     lambda c=c: main([*c, *sys.argv[1:]]) for c in (["worker"], ["scheduler"], ["info", "--json"],
                                                       ["purge"]))
 
-if __name__ == "__main__":
-    # Let `import wakaq` in the app find this module instead of loading a second copy.
+if __name__ == "__main__":       # `import wakaq` in the app finds this module, not a 2nd copy
     sys.modules.setdefault(__spec__.name if __spec__ else "wakaq", sys.modules[__name__])
     sys.exit(main())
