@@ -346,10 +346,10 @@ class WakaQ:
         self.queues, lowest = ranked + plain, ranked[-1].priority if ranked else -1
         self._priority = {q.name: q.priority for q in ranked}
         self._priority.update((q.name, lowest + 1 + i) for i, q in enumerate(plain))
+        self._rank = {q: i for i, q in enumerate(self.queues)}.__getitem__   # 0 served first
         self.default_queue = self.queues[-1]
-        if isinstance(exclude_queues, str):
-            raise TypeError(f"exclude_queues must be a list of names, got {exclude_queues!r}")
-        self.exclude_queues = list(dict.fromkeys(self._queue(n).name for n in exclude_queues))
+        ex = [exclude_queues] if isinstance(exclude_queues, str) else exclude_queues  # or one name
+        self.exclude_queues = list(dict.fromkeys(self._queue(n).name for n in ex))
         if len(self.exclude_queues) == len(self.queues):
             raise ValueError(f"exclude_queues {self.exclude_queues!r} leaves no queue to serve")
         self.concurrency = _concurrency(concurrency)
@@ -366,29 +366,28 @@ class WakaQ:
             raise ValueError(f"heartbeat_timeout must be above 0, got {heartbeat_timeout!r}")
         for q in [None] + self.queues:
             _check_timeouts(_limits_for(self, None, q), f"queue {q.name!r}" if q else "WakaQ")
-        if max_mem_percent is not None and (isinstance(max_mem_percent, bool) or not isinstance(
-                max_mem_percent, (int, float)) or not 1 <= max_mem_percent <= 99):
-            raise ValueError(f"max_mem_percent must be from 1 to 99, got {max_mem_percent!r}")
-        self.max_mem_percent = max_mem_percent
-        if timezone is not None and not isinstance(timezone, str):
-            raise TypeError(f"timezone must be an IANA name such as 'UTC', got {timezone!r}")
+        self.max_mem_percent = m = max_mem_percent
+        if m is not None and (type(m) not in (int, float) or not 1 <= m <= 99):
+            raise ValueError(f"max_mem_percent must be from 1 to 99, got {m!r}")
         try:
             self.tz = ZoneInfo(timezone or "UTC")
-        except (ValueError, KeyError, OSError) as e:   # ZoneInfoNotFoundError is a KeyError
-            raise ValueError(f"unknown timezone {timezone!r}: {e}") from None
+        except (ValueError, KeyError, OSError, TypeError) as e:   # not found: a KeyError
+            raise ValueError(f"unknown timezone {timezone!r} (an IANA name): {e}") from None
         self.schedules = [CronTask(*c[:2], None, *c[2:]) if isinstance(c, (tuple, list))
                           and len(c) in (2, 4) else c for c in schedules]  # the original's tuples
         for cron in self.schedules:
             if not isinstance(cron, CronTask):
                 raise TypeError(f"schedules holds CronTask objects or tuples, got {cron!r}")
-            if cron.queue is not None:
-                self._queue(cron.queue)
+            self._queue(self.default_queue if cron.queue is None else cron.queue)
         if not isinstance(eager, bool):
             raise TypeError(f"eager must be True or False, got {eager!r}")
         self.eager = eager
         self.worker_log_file, self.scheduler_log_file = worker_log_file, scheduler_log_file
-        self.worker_log_level = _level(worker_log_level, "worker_log_level")
-        self.scheduler_log_level = _level(scheduler_log_level, "scheduler_log_level")
+        for name in ("worker_log_level", "scheduler_log_level"):
+            level = logging.getLevelName(v.upper()) if isinstance(v := given[name], str) else v
+            if not isinstance(level, int) or isinstance(level, bool):
+                raise ValueError(f"{name} must be a logging level such as 'INFO', got {v!r}")
+            setattr(self, name, level)
         if url and (host, port, db) != (None,) * 3:
             raise TypeError(f"give url={_mask(url)!r} or host/port/db={(host, port, db)!r}")
         if url and not re.match(r"(redis|rediss|unix|redis\+sentinel)://", str(url)):
@@ -397,10 +396,7 @@ class WakaQ:
         self._redis_args = dict(url=url) if url else dict(
             host=host, port=port, db=db, username=username, password=password)
         self.url = url or f"redis://{host}:{port}/{db}"
-        self._ranks = {q.name: i for i, q in enumerate(self.queues)}
-        self.tasks = {}
-        self._hooks = {"after_worker_started": [], "before_task_started": [],
-                       "after_task_finished": [], "wrap_tasks_with": []}
+        self.tasks, self._hooks = {}, collections.defaultdict(list)
         if not isinstance(prefix, str) or not _QUEUE_NAME.match(prefix):
             raise ValueError(f"prefix must be letters, digits, _ . or -, got {prefix!r}")
         self.prefix = prefix
@@ -413,34 +409,27 @@ class WakaQ:
              hard_timeout=None, retry_backoff=None):
         """Register a task: @wakaq.task or @wakaq.task(queue=..., max_retries=...)."""
         def register(fn):
-            task_name = name or fn.__name__
-            if task_name in self.tasks:
-                raise ValueError(f"a task named {task_name!r} is already registered")
-            self.tasks[task_name] = t = Task(self, fn, task_name, queue, max_retries,
-                                             soft_timeout, hard_timeout, retry_backoff)
+            t = Task(self, fn, name or fn.__name__, queue, max_retries, soft_timeout,
+                     hard_timeout, retry_backoff)
+            if self.tasks.setdefault(t.name, t) is not t:
+                raise ValueError(f"a task named {t.name!r} is already registered")
             return t
         return register(fn) if fn is not None else register
 
-    def _hook(kind):
-        def decorator(self, fn=None):               # @app.hook and @app.hook()
-            if fn is None:
-                return lambda fn: decorator(self, fn)
-            if kind == "wrap_tasks_with" and self._hooks[kind]:
-                raise ValueError(f"wrap_tasks_with is already {self._hooks[kind][0]!r}: merge them")
-            self._hooks[kind].append(fn)
-            return fn
-        decorator.__name__ = kind
-        decorator.__doc__ = f"Decorator: register a function called {kind.replace('_', ' ')}."
-        return decorator
+    def _hook(self, kind, fn=None):
+        if fn is None:
+            return functools.partial(self._hook, kind)
+        if kind == "wrap_tasks_with" and self._hooks[kind]:
+            raise ValueError(f"wrap_tasks_with is already {self._hooks[kind][0]!r}: merge them")
+        self._hooks[kind].append(fn)
+        return fn
 
-    after_worker_started = _hook("after_worker_started")     # in each child, after fork
-    before_task_started = _hook("before_task_started")
-    after_task_finished = _hook("after_task_finished")
-    wrap_tasks_with = _hook("wrap_tasks_with")                 # wrapper(fn, args, kwargs)
-    del _hook
+    after_worker_started = functools.partialmethod(_hook, "after_worker_started")  # per child
+    before_task_started = functools.partialmethod(_hook, "before_task_started")
+    after_task_finished = functools.partialmethod(_hook, "after_task_finished")
+    wrap_tasks_with = functools.partialmethod(_hook, "wrap_tasks_with")  # wrapper(fn, args, kwargs)
 
-    def _k(self, *parts):
-        """A key "{prefix}:a:b"; the hash tag {prefix} puts all the app's keys in one slot."""
+    def _k(self, *parts):       # "{prefix}:a:b": the hash tag puts all the app's keys in one slot
         return "{%s}:%s" % (self.prefix, ":".join(parts))
 
     def _queue(self, name):
@@ -450,15 +439,11 @@ class WakaQ:
         return self._queues[name]
 
     def _client(self, retries=2, blocking=True):
-        """A new client on the node with this app's keys (`url` or host=, the Sentinels' master,
-        or the Cluster master of the app's slot). Producers retry twice; workers (retries=0)
-        handle outages. A blocking client's socket outlasts an idle child's BLPOP."""
-        backoff = redis.backoff.ExponentialBackoff(cap=0.5, base=0.05)
-        kw = dict(self._redis_args, retry=redis.retry.Retry(backoff, retries),
+        """A new client on the node with the app's keys (a blocking one outlasts an idle BLPOP)."""
+        kw = dict(self._redis_args, socket_connect_timeout=self.socket_connect_timeout,
+                  retry=redis.retry.Retry(redis.backoff.ExponentialBackoff(0.5, 0.05), retries),
                   socket_timeout=max(self.socket_timeout, self.wait_timeout + 5) if blocking
-                  else self.socket_timeout,
-                  socket_connect_timeout=self.socket_connect_timeout,
-                  health_check_interval=self.health_check_interval)
+                  else self.socket_timeout, health_check_interval=self.health_check_interval)
         url = kw.pop("url", None)
         if url and url.startswith("redis+sentinel://"):
             return _sentinel_master(url, kw)
@@ -478,7 +463,6 @@ class WakaQ:
 
     @property
     def _conn(self):
-        """This thread's own connection for enqueueing (see _Conn)."""
         conns = _local.__dict__.setdefault("conns", {})
         return conns.get(self) or conns.setdefault(self, _Conn(self, retries=1))
 
@@ -494,12 +478,8 @@ class WakaQ:
         sec, usec = self.redis.time()
         return sec + usec / 1e6
 
-    def _rank(self, queue):
-        return self._ranks[queue.name]
-
     def _payload(self, task, args, kwargs, queue, bcast=False):
-        """(id, payload). Formatted by hand: the same JSON as dumping a dict, twice as fast.
-        Queue names need no escaping (see Queue); the task's name is escaped once."""
+        """(id, payload): JSON formatted by hand (twice as fast)."""
         try:
             _check_keys([args, kwargs])
             args, kwargs = _dumps(args), _dumps(kwargs) if kwargs else "{}"
@@ -514,42 +494,29 @@ class WakaQ:
         if queue is not None:
             _check_timeouts(_limits_for(self, task, q), f"task {task.name!r} on queue {q.name!r}")
         built = [self._payload(task, a, k, q) for a, k in calls]   # TypeError before any push
-        if self.eager:
-            for _, raw in built:
-                self._run_eager(task, raw)
+        if self.eager:      # the same serializer round trip and current_task() as in a worker
+            for msg in (_loads(raw) for _, raw in built):
+                token = _current.set(msg)
+                try:
+                    self._run_task(task, msg["args"], msg["kwargs"])
+                finally:
+                    _current.reset(token)
         else:
-            self._push_raw(q, [raw for _, raw in built], *_eta(eta))
+            keys = [q.key, q.wake_key, self._k("ready"), q.eta_key, self._k("due")]
+            head = [self._rank(q), q.name, *_eta(eta)]
+            for start in range(0, len(built), BULK_CHUNK):      # one round trip per 1,000
+                _ENQUEUE(self._conn, keys, head + [r for _, r in built[start:start + BULK_CHUNK]])
         return [i for i, _ in built]
 
-    def _push_raw(self, q, payloads, mode="", when=0):
-        """Append payloads to queue q, or (mode "in": `when` seconds from now by Redis's clock;
-        "at": at unix time `when`) add them to its delayed set. One round trip per 1,000."""
-        keys = [q.key, q.wake_key, self._k("ready"), q.eta_key, self._k("due")]
-        for start in range(0, len(payloads), BULK_CHUNK):
-            _ENQUEUE(self._conn, keys, [self._rank(q), q.name, mode, when,
-                                        *payloads[start:start + BULK_CHUNK]])
-
-    def _run_eager(self, task, raw):
-        """eager=True: the same serializer round trip and current_task() as in a worker."""
-        msg = _loads(raw)
-        token = _current.set(msg)
-        try:
-            return self._run_task(task, msg["args"], msg["kwargs"])
-        finally:
-            _current.reset(token)
-
     def _broadcast(self, task, args, kwargs):
-        _, raw = self._payload(task, args, kwargs, task.queue or self.default_queue, bcast=True)
         if self.eager:
-            self._run_eager(task, raw)
-            return 1
+            return len(self._enqueue(task, [(args, kwargs)], None, None))
+        _, raw = self._payload(task, args, kwargs, task.queue or self.default_queue, bcast=True)
         return _BROADCAST(self._conn, [self.workers_key],
                           [self.heartbeat_timeout, raw, "{%s}" % self.prefix])
 
     def _run_task(self, task, args, kwargs, soft_deadline=None, run=asyncio.run, ended=None):
-        """Run the hooks and the task (through wrap_tasks_with); `run` (the child's lasting event
-        loop) runs any coroutine. asyncio keeps an async task's soft timeout (a SIGALRM could hit
-        asyncio's own callbacks). ended() is called before the after_task_finished hooks."""
+        """Hooks and task; `run` runs coroutines (soft timeout by asyncio, not by SIGALRM)."""
         def wait(x):
             return run(x) if inspect.isawaitable(x) else x
         try:
@@ -558,7 +525,7 @@ class WakaQ:
             fn = task.fn
             if task.is_async:
                 def fn(*a, **k):
-                    return wait(_within(task.fn(*a, **k), soft_deadline))
+                    return run(_maybe(task.fn(*a, **k), soft_deadline))
             wrap = self._hooks["wrap_tasks_with"]
             return wait(wrap[0](fn, args, kwargs) if wrap else fn(*args, **kwargs))
         finally:
@@ -568,82 +535,61 @@ class WakaQ:
                 wait(hook())
 
     async def _run_async(self, task, args, kwargs, soft_deadline):
-        """The same as _run_task, awaited on the child's event loop (async_concurrency)."""
+        """_run_task on the child's running event loop (async_concurrency)."""
         try:
             for hook in self._hooks["before_task_started"]:
                 await _maybe(hook())
             wrap = self._hooks["wrap_tasks_with"]
             coro = wrap[0](task.fn, args, kwargs) if wrap else task.fn(*args, **kwargs)
-            return await _within(_maybe(coro), soft_deadline)
+            return await _maybe(coro, soft_deadline)
         finally:
             for hook in self._hooks["after_task_finished"]:
                 await _maybe(hook())
 
     def _outcome(self, raw, reason, bcast_key=None):
-        """The retry rule for an attempt that ended early: (list key, where, value, queue, delay),
-        where = "front" (interrupted by a stop or another task's hard timeout: retry count kept),
-        "back", "delay" or "dead". bcast_key: our broadcast list; None: the broadcast's worker is
-        gone, so it cannot be retried."""
+        """By the retry rule: (key, front|back|delay|dead, value, queue, delay); bcast_key: ours."""
         try:
             msg = _loads_msg(raw, decode=False)      # tagged values are not re-encoded
         except _BAD_PAYLOAD as e:
             msg, reason = None, f"{reason}; bad payload: {e}"
         queue = msg and self._queues.get(msg["queue"])
-        if msg and queue and (bcast_key or not msg.get("bcast")):
+        if queue and (bcast_key or not msg.get("bcast")):
+            key = bcast_key if msg.get("bcast") else queue.key
             if reason.startswith("interrupted"):
-                return (bcast_key if msg.get("bcast") else queue.key), "front", raw, queue, 0
+                return key, "front", raw, queue, 0
             limits = _limits_for(self, self.tasks.get(msg["name"]), queue)
             if msg["retry"] < limits.retries:
                 msg["retry"] += 1
-                if msg.get("bcast"):
-                    return bcast_key, "back", json.dumps(msg), queue, 0
-                delay = limits.backoff and min(MAX_BACKOFF, limits.backoff * 2 ** (
-                    msg["retry"] - 1) * random.uniform(0.75, 1.25))
-                return (queue.eta_key, "delay", json.dumps(msg), queue, delay) if delay else \
-                    (queue.key, "back", json.dumps(msg), queue, 0)
+                delay = min(MAX_BACKOFF, limits.backoff * 2 ** (msg["retry"] - 1) * random.uniform(
+                    0.75, 1.25)) if limits.backoff and not msg.get("bcast") else 0
+                key, where = (queue.eta_key, "delay") if delay else (key, "back")
+                return key, where, json.dumps(msg), queue, delay
         return self._dead(raw, msg, reason)
 
-    def _dead(self, raw, msg, reason):
-        """The dead-letter outcome (see _outcome), logged with the task's id and reason."""
+    def _dead(self, raw, msg, reason):         # the dead-letter outcome (see _outcome), logged
         log.warning("task %s id=%s dead-lettered after %d attempt(s): %s",
                     msg and msg["name"], msg and msg["id"], (msg or {}).get("retry", 0) + 1, reason)
         return self.dead_key, "dead", _dead_entry(raw, msg, reason), None, 0
 
 
-async def _maybe(x):
-    return await x if inspect.isawaitable(x) else x
-
-
-async def _within(coro, deadline):
-    """Await coro until the monotonic deadline (None: no limit), then raise SoftTimeout in it."""
-    if deadline is None:
-        return await coro
+async def _maybe(x, deadline=None):     # x, or awaited until deadline (monotonic): SoftTimeout
+    if not inspect.isawaitable(x):
+        return x
     try:
-        return await asyncio.wait_for(coro, max(0.0, deadline - time.monotonic()))
+        return await asyncio.wait_for(x, deadline and max(0.0, deadline - time.monotonic()))
     except asyncio.TimeoutError:
-        if time.monotonic() < deadline:
+        if not deadline or time.monotonic() < deadline:
             raise               # the task's own TimeoutError
         raise SoftTimeout("soft timeout") from None
 
 
-def _level(value, name):
-    if isinstance(value, str) and isinstance(logging.getLevelName(value.upper()), int):
-        return logging.getLevelName(value.upper())
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise ValueError(f"{name} must be a logging level such as 'INFO', got {value!r}")
-
-
 def _eta(eta):
-    """eta -> ("", 0): now, ("in", seconds from now by Redis's clock), ("at", unix time of a
-    datetime, naive = UTC)."""
-    if eta is None:
-        return "", 0
+    """-> ("", 0): now, ("in", seconds from now by Redis's clock), ("at", unix time; naive UTC)."""
     if isinstance(eta, datetime):
         return "at", (eta.replace(tzinfo=timezone.utc) if eta.tzinfo is None else eta).timestamp()
     if isinstance(eta, (int, float)) and not isinstance(eta, bool) and eta < 0:
         eta = 0                                    # in the past: now
-    return "in", _seconds(eta, "eta or a datetime")
+    return ("", 0) if eta is None else ("in", _seconds(eta, "eta or a datetime"))
 
 
 def _dead_entry(raw, msg, reason):
@@ -655,25 +601,21 @@ def _dead_entry(raw, msg, reason):
 
 
 def _sentinel_master(url, kw):
-    """redis+sentinel://[user:pass@]host:port[,host:port...]/SERVICE[/DB]: the master of SERVICE
-    as the Sentinels name it now; its connections ask them again after a failover."""
+    """redis+sentinel://[user:pass@]host:port[,...]/SERVICE[/DB]: SERVICE's master, now or later."""
     from urllib.parse import unquote, urlsplit
     parts = urlsplit(url)
-    path = parts.path.strip("/").split("/")
-    if not path[0] or len(path) > 2:
+    service, _, db = parts.path.strip("/").partition("/")
+    if not service or "/" in db:
         raise ValueError(f"want redis+sentinel://host:port[,...]/SERVICE[/DB], got {_mask(url)!r}")
     hosts = [(h.partition(":")[0], int(h.partition(":")[2] or 26379))
              for h in parts.netloc.rpartition("@")[2].split(",")]
-    auth = dict(username=unquote(parts.username) if parts.username else None,
-                password=unquote(parts.password) if parts.password else None)
-    kw.pop("retry")
+    del kw["retry"]
     return redis.Sentinel(hosts, sentinel_kwargs={"socket_timeout": kw["socket_connect_timeout"]},
-                          **kw).master_for(path[0], db=int(path[1]) if len(path) > 1 else 0,
-                                           **auth)
+                          **kw).master_for(service, db=int(db or 0), username=unquote(
+                              parts.username or ""), password=unquote(parts.password or ""))
 
 
-def _mask(url):
-    """The URL with its password (user:PASSWORD@ or ?password=) replaced by ***."""
+def _mask(url):                    # the password (user:PASSWORD@, ?password=) as ***
     return re.sub(r"(://[^:/@]*:)[^/]*@|(password=)[^&]*",
                   lambda m: f"{m[1]}***@" if m[1] else "password=***", str(url))
 
@@ -681,8 +623,7 @@ def _mask(url):
 # ===================================================================== Redis scripts
 
 class _Script:
-    """A Lua script run by EVALSHA, sent again if Redis lost it (a restart). allow_oom: it may
-    write when Redis is full (noeviction; the shebang needs Redis 7), to drain the backlog."""
+    """EVALSHA, or EVAL if Redis lost it. allow_oom: it may write when Redis is full (Redis 7)."""
 
     def __init__(self, source, allow_oom=False):
         self.source = ("#!lua flags=allow-oom\n" if allow_oom else "") + _LUA_LIB + source
@@ -695,9 +636,8 @@ class _Script:
             return r.execute_command("EVAL", self.source, len(keys), *keys, *args)
 
 
-# In every script. wake: push up to n wake-up tokens (at most WAKE_TOKENS kept). now: Redis's
-# clock. later: add payload p due at `due` to delayed set ek; keep the queue's earliest due time
-# in zset dk (member "RANK:NAME"); if that is new, wake idle children to learn when to claim.
+# In every script. wake: n wake-up tokens (WAKE_TOKENS at most). now: Redis's clock. later: p into
+# delayed set ek; due zset dk keeps m = "RANK:NAME" at its earliest due time (if new: wake up).
 _LUA_LIB = f"""
 local function wake(key, n)
   local t = {{}}
@@ -714,8 +654,8 @@ local function later(ek, dk, m, due, p, wk)
 end
 """
 
-# Enqueue. KEYS: queue, its wake list, ready zset, its delayed set, due zset. ARGV: rank, name,
-# mode ("" now, "in" seconds, "at" unix time), when, payloads (due at once: 1e-6 s apart, in order).
+# KEYS: queue, its wake list, ready, its delayed set, due. ARGV: rank, name, mode ("" now, "in"
+# seconds, "at" unix time), when, payloads (due at once: 1e-6 s apart, in order).
 _ENQUEUE = _Script("""
 if ARGV[3] == '' then
   redis.call('RPUSH', KEYS[1], unpack(ARGV, 5))
@@ -728,24 +668,17 @@ end
 return #ARGV - 4
 """)
 
-# A child's claim. KEYS: in-flight hash, workers zset, this worker's broadcast list, ready zset,
-# due zset, the set of queue names this worker serves. ARGV: field, token to ack, new token,
-# flags ("p": promote due tasks), worker id, "{prefix}".
-# 1. If the field holds another token than the one to ack, its claim's reply was lost: hand it
-# out again (never ack another attempt). 2. Ack (delete) the finished attempt; stop if the
-# worker is not listed (nobody could adopt what we claim). 3. "p": move due delayed tasks of up
-# to 10 queues (bounded batches) to them. 4. Pop our broadcasts, else the first served non-empty
-# queue by rank; record it in flight with the token and Redis's time. Returns {payload, token}
-# or nil.
+# KEYS: in-flight hash, workers, our broadcast list, ready, due, served set. ARGV: field, token to
+# ack, new token, "p" (promote up to 10 queues' due tasks), worker id, "{prefix}". Re-sends a claim
+# whose reply was lost; acks; claims only while listed. -> {payload, token} or nil.
 _CLAIM = _Script(f"""
 local f, t = ARGV[1], now()
 local cur = redis.call('HGET', KEYS[1], f .. ':t')
 if cur and cur ~= ARGV[2] then return {{redis.call('HGET', KEYS[1], f), cur}} end
 if cur then redis.call('HDEL', KEYS[1], f, f .. ':t', f .. ':s') end
 if not redis.call('ZSCORE', KEYS[2], ARGV[5]) then return false end
-local queues = ARGV[4] == 'p' and
-  redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', t, 'LIMIT', 0, 10) or {{}}
-for _, m in ipairs(queues) do
+local qs = ARGV[4] == 'p' and redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', t, 'LIMIT', 0, 10)
+for _, m in ipairs(qs or {{}}) do
   local rank, name = string.match(m, '^(%d+):(.*)$')
   local ek = ARGV[6] .. ':eta:' .. name
   local due = redis.call('ZRANGEBYSCORE', ek, '-inf', t, 'LIMIT', 0, {DUE_BATCH})
@@ -758,9 +691,10 @@ for _, m in ipairs(queues) do
   local first = redis.call('ZRANGE', ek, 0, 0, 'WITHSCORES')
   if first[2] then redis.call('ZADD', KEYS[5], first[2], m) else redis.call('ZREM', KEYS[5], m) end
 end
-local p, i = redis.call('LPOP', KEYS[3]), 0
-while not p do
+local p, i, n = redis.call('LPOP', KEYS[3]), 0, 16
+while not p and n == 16 do
   local names = redis.call('ZRANGE', KEYS[4], i, i + 15)
+  n, i = #names, i + 16
   for _, name in ipairs(names) do
     if redis.call('SISMEMBER', KEYS[6], name) == 1 then
       p = redis.call('LPOP', ARGV[6] .. ':q:' .. name)
@@ -769,33 +703,24 @@ while not p do
       i = i - 1
     end
   end
-  if #names < 16 then break end
-  i = i + 16
 end
 if not p then return false end
 redis.call('HSET', KEYS[1], f, p, f .. ':t', ARGV[3], f .. ':s', t)
 return {{p, ARGV[3]}}
 """, allow_oom=True)
 
-# Before an idle wait. KEYS: ready zset, due zset, workers zset, served set, broadcast list,
-# wake lists. ARGV: worker id. {1} if we are listed and a served queue or our broadcast list has
-# a task; else delete the stale wake-up tokens and return {0, seconds to the next due task or ""}.
+# KEYS: ready, due, workers, served set, broadcast list, wake lists. ARGV: worker id. -> {1} if we
+# are listed and have a task; else drops stale wake-ups -> {0, seconds to the next due task or ""}.
 _IDLE = _Script("""
-if redis.call('ZSCORE', KEYS[3], ARGV[1]) then
-  if redis.call('LLEN', KEYS[5]) > 0 then return {1} end
-  for _, name in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-    if redis.call('SISMEMBER', KEYS[4], name) == 1 then return {1} end
-  end
-end
+if redis.call('ZSCORE', KEYS[3], ARGV[1]) and (redis.call('LLEN', KEYS[5]) > 0
+    or redis.call('ZINTERCARD', 2, KEYS[1], KEYS[4], 'LIMIT', 1) > 0) then return {1} end
 redis.call('DEL', unpack(KEYS, 6))
 local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
 return {0, first[2] and tostring(tonumber(first[2]) - now()) or ''}
 """, allow_oom=True)
 
-# End an attempt. KEYS: in-flight hash, target (queue, delayed set, dead list or broadcast
-# list), wake list, ready zset, due zset. ARGV: field, token ("" = any), value, where ("" ack,
-# front, back, delay, dead), rank, queue name ("" = not a queue), delay seconds. Only while the
-# field holds that token: never twice, never another attempt's.
+# KEYS: in-flight hash, target, wake list, ready, due. ARGV: field, token ("" any), value, where
+# ("" ack, front, back, delay, dead), rank, queue ("" none), delay. Only while the token holds.
 _RELEASE = _Script("""
 local f, w = ARGV[1], ARGV[4]
 if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], f .. ':t') ~= ARGV[2] then return 0 end
@@ -810,10 +735,9 @@ end
 return 1
 """, allow_oom=True)
 
-# Heartbeat (Redis's clock); if ARGV[3] == '1', adopt workers silent for ARGV[2] seconds: their
-# in-flight fields and broadcasts move into our hash as adopted:* fields (the parent releases
-# them). KEYS: workers zset, our in-flight hash, our served set. ARGV: worker id,
-# heartbeat_timeout, may adopt, "{prefix}", served queue names. Returns {worker, count, ...}.
+# KEYS: workers, our in-flight hash, served set. ARGV: worker id, heartbeat_timeout, may adopt,
+# "{prefix}", served names. Heartbeats; adopts workers silent that long: their in-flight fields and
+# broadcasts become our adopted:* fields (the parent releases them). -> {worker, count, ...}.
 _BEAT = _Script("""
 local t, out, p = now(), {}, ARGV[4]
 redis.call('ZADD', KEYS[1], t, ARGV[1])
@@ -822,13 +746,10 @@ if ARGV[3] ~= '1' then return out end
 for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', t - ARGV[2], 'LIMIT', 0, 10)) do
   local hk, bk, n = p .. ':inflight:' .. w, p .. ':bcast:' .. w, 0
   local h = redis.call('HGETALL', hk)
+  for i, b in ipairs(redis.call('LRANGE', bk, 0, -1)) do h[#h + 1], h[#h + 2] = 'b' .. i, b end
   for i = 1, #h, 2 do
     redis.call('HSET', KEYS[2], 'adopted:' .. w .. ':' .. h[i], h[i + 1])
     if not string.find(h[i], ':') then n = n + 1 end
-  end
-  for i, b in ipairs(redis.call('LRANGE', bk, 0, -1)) do
-    redis.call('HSET', KEYS[2], 'adopted:' .. w .. ':b' .. i, b)
-    n = n + 1
   end
   redis.call('ZREM', KEYS[1], w)
   redis.call('DEL', hk, bk, p .. ':wake:' .. w)
@@ -837,8 +758,7 @@ end
 return out
 """, allow_oom=True)
 
-# Push payload ARGV[2] to the broadcast list of every worker that heartbeated within ARGV[1]
-# seconds (Redis's clock). Keys are built from ARGV[3] = "{prefix}" (the same slot).
+# KEYS: workers. ARGV: seconds, payload, "{prefix}". To every worker heard from in those seconds.
 _BROADCAST = _Script("""
 local ws = redis.call('ZRANGEBYSCORE', KEYS[1], now() - tonumber(ARGV[1]), '+inf')
 for _, w in ipairs(ws) do
@@ -868,33 +788,26 @@ _current = contextvars.ContextVar("wakaq_current_task", default=None)
 
 def current_task():
     """Inside a running task: {"id", "name", "queue", "attempt"} (1 = first run), else None."""
-    msg = _current.get()
-    return None if msg is None else {"id": msg.get("id"), "name": msg["name"],
-                                     "queue": msg["queue"], "attempt": msg["retry"] + 1}
+    return None if (m := _current.get()) is None else {
+        "id": m.get("id"), "name": m["name"], "queue": m["queue"], "attempt": m["retry"] + 1}
 
 
-def _task_filter(record):
-    """Adds %(task)s to every record: ' task=NAME' inside a task, '' elsewhere."""
-    msg = _current.get()
-    record.task = f" task={msg['name']}" if msg else ""
+def _task_filter(record):          # %(task)s: " task=NAME" inside a task, else ""
+    record.task = f" task={msg['name']}" if (msg := _current.get()) else ""
     return True
 
 
 def _setup_logging(path, level):
-    """Send this process's (and its children's) logs, stdout and stderr to `path` or
-    stderr, line-buffered, so that a task's print() and log lines reach the same place."""
+    """Logs, stdout and stderr (inherited by children) to `path` or stderr, line-buffered."""
     if path:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(fd, 2)
-        os.close(fd)
+        with open(path, "a") as f:
+            os.dup2(f.fileno(), 2)
     os.dup2(2, 1)
-    for stream in (sys.stdout, sys.stderr):
-        stream.reconfigure(line_buffering=True)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_task_filter)
-    handler.setFormatter(logging.Formatter(
-        "[%(asctime)s] %(levelname)s %(name)s pid=%(process)d%(task)s: %(message)s"))
-    logging.basicConfig(handlers=[handler], level=level, force=True)  # replaces root's handlers
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    logging.basicConfig(format="[%(asctime)s] %(levelname)s %(name)s pid=%(process)d%(task)s: "
+                        "%(message)s", level=level, force=True)   # replaces root's handlers
+    logging.root.handlers[0].addFilter(_task_filter)
     log.disabled = False     # an app's dictConfig() at import (disable_existing_loggers)
 
 
@@ -910,33 +823,26 @@ class _Outage:
         self.delay = min(max(self.delay * 2, 0.1), self.cap)
         return self.delay
 
-    def ok(self, r=None):
-        """After a success; or, with a client r after an outage, once a ping of r succeeds."""
-        if self.delay:
-            if r is not None:
-                r.ping()
+    def ok(self, r=None):          # with r after an outage: only once a ping of r succeeds
+        if self.delay and (r is None or r.ping()):
             log.info("%s reconnected to Redis", self.who)
         self.delay = 0.0
 
 
 # Blocked around fork() so that a stop signal reaches the child's handlers, not ours.
 _PARENT_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
-# Refusals: the node did not apply the command (a replica after a failover, a moved slot).
-_REFUSED = (redis.exceptions.ReadOnlyError, redis.exceptions.MovedError)
+_REFUSED = (redis.exceptions.ReadOnlyError, redis.exceptions.MovedError)  # not applied: resend
 
 
 class _Conn:
-    """One bare connection to the node with the app's keys, for the hot paths (redis-py's pool
-    and command layers cost more than the round trip). A command is sent again (`retries` times,
-    on a new connection to the node named now) only if it cannot have been applied: sending
-    failed, or the node refused it. A lost reply raises: one .delay() is never two tasks."""
+    """A bare connection (no pool: cheaper); resends only what cannot have been applied."""
 
     def __init__(self, app, retries=0):
         self.app, self.retries, self.conn = app, retries, None
 
     def execute_command(self, *args, packed=None):
         for attempt in range(self.retries + 1):
-            last = attempt == self.retries
+            sent = False
             try:
                 if self.conn is None:
                     self.conn = self.app._client(0, not self.retries).connection_pool \
@@ -944,46 +850,34 @@ class _Conn:
                     self.conn.connect()       # a Sentinel's connection asks for the master
                 elif self.retries and self.conn.can_read(timeout=0):    # closed meanwhile
                     raise redis.ConnectionError("the connection was closed")
-                if packed:
-                    self.conn.send_packed_command([packed])
-                else:
-                    self.conn.send_command(*args)
-            except (redis.ConnectionError, redis.TimeoutError):
-                self.reset()
-                if last:
-                    raise
-                continue
-            try:
+                self.conn.send_packed_command([packed] if packed else self.conn.pack_command(*args))
+                sent = True
                 return self.conn.read_response()
             except (*_REFUSED, redis.ConnectionError, redis.TimeoutError) as e:
                 self.reset()
-                if last or not isinstance(e, _REFUSED):     # a lost reply: never sent again
-                    raise
+                if attempt == self.retries or sent and not isinstance(e, _REFUSED):
+                    raise                       # a lost reply: never sent again
 
     def reset(self):
         if self.conn is not None:
             self.conn.disconnect()
         self.conn = None
-        if self.app._cluster:
-            self.app._redis = None          # the slot may have a new owner
+        self.app._redis = None if self.app._cluster else self.app._redis   # the slot may move
 
 
 # ===================================================================== OS helpers
 
-def _parse_meminfo(text):
-    """Percent of memory in use from /proc/meminfo text."""
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    total, available = (int(fields[k].split()[0]) for k in ("MemTotal", "MemAvailable"))
-    return 100.0 * (total - available) / total
+def _parse_meminfo(text):          # percent of memory in use, from /proc/meminfo
+    kb = {k: int(v) for k, v in re.findall(r"(\w+):\s*(\d+)", text)}
+    return 100.0 * (kb["MemTotal"] - kb["MemAvailable"]) / kb["MemTotal"]
 
 
 def _parse_cgroup(max_text, current_text, stat_text="", cache_key="inactive_file"):
-    """Percent of a cgroup's memory limit in use, or None without a limit. Inactive page
-    cache (memory.stat) is left out: the kernel reclaims it before it would kill anything."""
+    """Percent of a cgroup's limit in use (None: no limit), less reclaimable inactive cache."""
     if max_text.strip() == "max" or int(max_text) >= 2 ** 62:   # v1's "no limit": a huge number
         return None
-    stat = dict(line.split() for line in stat_text.splitlines() if len(line.split()) == 2)
-    return 100.0 * max(0, int(current_text) - int(stat.get(cache_key, 0))) / int(max_text)
+    cache = re.search(rf"^{cache_key} (\d+)$", stat_text, re.M)
+    return 100.0 * max(0, int(current_text) - int(cache[1] if cache else 0)) / int(max_text)
 
 
 def _read(path):
@@ -992,23 +886,19 @@ def _read(path):
 
 
 def _mem_percent(root="/sys/fs/cgroup", proc="/proc/self"):
-    """Use of the memory limit of this process's cgroup, or of its nearest ancestor with one (a
-    systemd MemoryMax=, a nested container); v2 or v1. Without a limit: the machine's use."""
+    """Percent used of the limit of our cgroup or nearest limited ancestor (v2/v1), else RAM."""
     for line in _read(f"{proc}/cgroup").splitlines():
         _, controllers, path = line.split(":", 2)
-        if controllers == "":
-            d, files = root, ("memory.max", "memory.current", "inactive_file")
-        elif "memory" in controllers.split(","):
-            d, files = f"{root}/memory", ("memory.limit_in_bytes", "memory.usage_in_bytes",
-                                          "total_inactive_file")
-        else:
+        v1 = "memory" in controllers.split(",")
+        if controllers and not v1:
             continue
-        parts = [p for p in path.strip().split("/") if p]
-        for n in range(len(parts), -1, -1):
-            base = "/".join([d] + parts[:n])
+        *files, cache = ("limit_in_bytes usage_in_bytes stat total_inactive_file" if v1 else
+                         "max current stat inactive_file").split()
+        parts = [root + "/memory" * v1] + [p for p in path.strip().split("/") if p]
+        for n in range(len(parts), 0, -1):
             try:
-                pct = _parse_cgroup(_read(f"{base}/{files[0]}"), _read(f"{base}/{files[1]}"),
-                                    _read(f"{base}/memory.stat"), files[2])
+                pct = _parse_cgroup(*(_read(f"{'/'.join(parts[:n])}/memory.{f}") for f in files),
+                                    cache)
             except (OSError, ValueError):
                 continue       # not mounted here, or no such file at this level
             if pct is not None:
@@ -1016,8 +906,7 @@ def _mem_percent(root="/sys/fs/cgroup", proc="/proc/self"):
     return _parse_meminfo(_read("/proc/meminfo"))
 
 
-def _rss(pid):
-    """Resident set size of `pid` in bytes from /proc/<pid>/statm (0 if it is gone)."""
+def _rss(pid):                     # resident set size in bytes (0 if the process is gone)
     try:
         return int(_read(f"/proc/{pid}/statm").split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
