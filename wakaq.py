@@ -51,7 +51,7 @@ get their soft timeout from asyncio (wait_for) on the child's one lasting event 
 Payload: JSON {"id", "name", "queue", "retry", "args", "kwargs"} (+ "bcast": 1);
 retry = failed attempts so far. Values beyond JSON travel as {"__wakaq__": TYPE, "v": ...}.
 """
-import argparse, ast, asyncio, base64, collections, contextvars, decimal, functools, gc
+import argparse, asyncio, base64, collections, contextvars, decimal, functools, gc
 import hashlib, inspect, itertools, json, logging, mmap, os, random, re, select, signal, socket
 import struct, sys, threading, time, traceback
 from datetime import date, datetime, timedelta, timezone
@@ -522,10 +522,8 @@ class WakaQ:
         try:
             for hook in self._hooks["before_task_started"]:
                 wait(hook())
-            fn = task.fn
-            if task.is_async:
-                def fn(*a, **k):
-                    return run(_maybe(task.fn(*a, **k), soft_deadline))
+            fn = (lambda *a, **k: run(_maybe(task.fn(*a, **k), soft_deadline))) \
+                if task.is_async else task.fn
             wrap = self._hooks["wrap_tasks_with"]
             return wait(wrap[0](fn, args, kwargs) if wrap else fn(*args, **kwargs))
         finally:
@@ -576,7 +574,7 @@ async def _maybe(x, deadline=None):     # x, or awaited until deadline (monotoni
     if not inspect.isawaitable(x):
         return x
     try:
-        return await asyncio.wait_for(x, deadline and max(0.0, deadline - time.monotonic()))
+        return await asyncio.wait_for(x, max(0.0, deadline - time.monotonic()) if deadline else None)
     except asyncio.TimeoutError:
         if not deadline or time.monotonic() < deadline:
             raise               # the task's own TimeoutError
