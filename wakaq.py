@@ -2,59 +2,49 @@
 
     python wakaq.py worker myapp:wakaq       # a parent that forks `concurrency` children
     python wakaq.py scheduler myapp:wakaq    # enqueues the app's CronTasks on time
-    python wakaq.py info myapp:wakaq         # queues, in-flight, dead letters, workers
-
-Quick start:
+    python wakaq.py info myapp:wakaq         # queues, running, dead letters, workers
 
     wakaq = WakaQ(queues=["default"], url="redis://localhost:6379/0")
     @wakaq.task
     def send_email(to): ...
     send_email.delay("bob@example.com", eta=60)        # returns the task id; eta: in a minute
-    send_email.delay_many([("a@x.io",), ("b@x.io",)])  # bulk: one round trip per 1,000
 
-Delivery is at least once: a task leaves Redis only after its attempt ends. A failed
-attempt (soft timeout, hard timeout, the child or the whole worker dying) is retried
-at the end of its queue while it has retries left, then dead-lettered with the reason.
-Any other exception is logged with its traceback and the task is done.
+Delivery is at least once: a task leaves Redis only after its attempt ends. A failed attempt
+(soft or hard timeout, the child or the whole worker dying) is retried while it has retries
+left, then dead-lettered with the reason. Any other exception is logged; the task is done.
 
-Redis keys. {p} is "{PREFIX}" (default "{wakaq}"): a hash tag, so all of an app's keys are in one
-Redis Cluster slot and every script runs on one node. Times are Redis's clock (TIME).
-    {p}:q:{queue}       LIST  ready payloads, claimed from the left. Pushed to the end: new
-                              (.delay), retried, due delayed, cron ticks, requeued dead letters,
-                              migrated. To the front: tasks a stop (or another task's hard
-                              timeout) interrupted; they keep their retry count.
-    {p}:ready           ZSET  non-empty queues: name -> rank (0 first); claims cost the same
-                              with 1 or 200 queues.
-    {p}:eta:{queue}     ZSET  delayed payloads (eta, retry_backoff, migrated), score = due time.
-    {p}:due             ZSET  "RANK:NAME" -> the earliest due time in that queue's delayed set;
-                              claims move what is due to the end of its queue, in batches.
-    {p}:wake:{queue}    LIST  wake-up tokens (at most 1,000) idle children BLPOP; every push
-                              adds them; a child deletes stale ones before it waits.
-    {p}:inflight:{wid}  HASH  "S.K" -> the payload child slot S runs in sub-slot K; "S.K:t" ->
-                              its claim token (acks compare it); "S.K:s" -> its start time. A
-                              live worker adopts a dead one's fields as "adopted:{wid}:...".
-    {p}:workers         ZSET  worker id (HOST.PID.RANDOM) -> last heartbeat.
-    {p}:serve:{digest}  SET   the queue names a worker serves (claims take only those).
-    {p}:bcast:{wid}     LIST  broadcasts for one worker, claimed before queues; {p}:wake:{wid}
-                              holds their wake-up tokens.
-    {p}:dead            LIST  dead letters: JSON {id, name, queue, attempts, reason, at,
-                              payload (the original payload as a string)}.
-    {p}:cron:{digest}   STRING the last tick enqueued for one schedule (unix seconds).
+Redis keys, all "{p}:..." with {p} = "{PREFIX}" (default "{wakaq}"): a hash tag, so all of an
+app's keys are in one Redis Cluster slot and every script runs on one node. Times: Redis's TIME.
+  {p}:q:{queue}      LIST  ready payloads, claimed from the left. Pushed to the end: new, retried,
+                           due delayed, cron ticks, requeued dead letters, migrated. To the front:
+                           tasks a stop (or another task's hard timeout) interrupted, retry kept.
+  {p}:ready          ZSET  the non-empty queues, name -> rank (0 first): claims cost the same
+                           with 1 or 200 queues.
+  {p}:eta:{queue}    ZSET  delayed payloads (eta, retry_backoff, migrated), score = due time.
+  {p}:due            ZSET  "RANK:NAME" -> the queue's earliest due time; claims move due tasks.
+  {p}:wake:{queue}   LIST  wake-up tokens (<= 1,000) idle children BLPOP; pushes add them.
+  {p}:inflight:{wid} HASH  "S.K" -> the payload child slot S runs in sub-slot K, "S.K:t" -> its
+                           claim token, "S.K:s" -> its start time; "adopted:{wid}:..." fields.
+  {p}:workers        ZSET  worker id (HOST.PID.RANDOM) -> last heartbeat.
+  {p}:serve:{digest} SET   the queue names a worker serves (claims take only those).
+  {p}:bcast:{wid}    LIST  broadcasts for one worker, claimed first; tokens in {p}:wake:{wid}.
+  {p}:dead           LIST  dead letters: JSON {id, name, queue, attempts, reason, at, payload}.
+  {p}:cron:{digest}  STRING the last tick enqueued for one schedule (unix seconds).
 
 Soft timeouts: a sync task runs with SIGALRM armed (setitimer) and `in_task` set, both cleared
 as it ends (before the after_task_finished hooks). The handler raises SoftTimeout only in the
-task's own code. If the alarm lands in logging, asyncio or wakaq (a library's broad `except`
-there could swallow it, or a protocol be left half-read), it traces the outermost such frame
-and raises as that frame returns into the task; after the task it does nothing. Async tasks
-get their soft timeout from asyncio (wait_for) on the child's one lasting event loop.
+task's own code: if it lands in logging, asyncio or wakaq (whose broad `except` could swallow
+it, or a protocol be left half-read), it traces the outermost such frame and raises as that
+returns into the task; after the task it does nothing. Async tasks: asyncio's wait_for.
 
 Payload: JSON {"id", "name", "queue", "retry", "args", "kwargs"} (+ "bcast": 1);
 retry = failed attempts so far. Values beyond JSON travel as {"__wakaq__": TYPE, "v": ...}.
 """
-import argparse, asyncio, base64, collections, contextvars, decimal, functools, gc
+import argparse, asyncio, base64, collections, contextlib, contextvars, decimal, functools, gc
 import hashlib, inspect, itertools, json, logging, mmap, os, random, re, select, signal, socket
-import struct, sys, threading, time, traceback
+import struct, sys, threading, time, traceback, types
 from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import redis
@@ -203,12 +193,9 @@ def _decode(d):
 
 # Compact JSON; the C encoder built once (JSONEncoder.encode builds it per call: twice the cost
 # of a small payload). Circular values raise RecursionError.
-if json.encoder.c_make_encoder:
-    _encoder = json.encoder.c_make_encoder(None, _encode, json.encoder.encode_basestring_ascii,
-                                           None, ":", ",", False, False, True)
-    _dumps = lambda o: "".join(_encoder(o, 0))
-else:                                                       # no C accelerator (e.g. PyPy)
-    _dumps = json.JSONEncoder(separators=(",", ":"), default=_encode).encode
+_encoder = json.encoder.c_make_encoder(None, _encode, json.encoder.encode_basestring_ascii,
+                                       None, ":", ",", False, False, True)     # CPython's C one
+_dumps = lambda o: "".join(_encoder(o, 0))
 
 
 def _loads(raw):
@@ -263,7 +250,6 @@ class Queue:
         self.prefix = re.sub(r"[^A-Za-z0-9_.\-]", "", prefix or "wakaq")  # the original's, migrate
         self.name, self.priority = name, _count(priority, f"priority of queue {name!r}", -2**31)
         _set_limits(self, f"queue {name!r}", max_retries, soft_timeout, hard_timeout, retry_backoff)
-        self.key = self.eta_key = self.wake_key = None      # set by the app (its prefix)
 
 
 def _coerce_queue(q):
@@ -532,18 +518,6 @@ class WakaQ:
             for hook in self._hooks["after_task_finished"]:
                 wait(hook())
 
-    async def _run_async(self, task, args, kwargs, soft_deadline):
-        """_run_task on the child's running event loop (async_concurrency)."""
-        try:
-            for hook in self._hooks["before_task_started"]:
-                await _maybe(hook())
-            wrap = self._hooks["wrap_tasks_with"]
-            coro = wrap[0](task.fn, args, kwargs) if wrap else task.fn(*args, **kwargs)
-            return await _maybe(coro, soft_deadline)
-        finally:
-            for hook in self._hooks["after_task_finished"]:
-                await _maybe(hook())
-
     def _outcome(self, raw, reason, bcast_key=None):
         """By the retry rule: (key, front|back|delay|dead, value, queue, delay); bcast_key: ours."""
         try:
@@ -574,7 +548,8 @@ async def _maybe(x, deadline=None):     # x, or awaited until deadline (monotoni
     if not inspect.isawaitable(x):
         return x
     try:
-        return await asyncio.wait_for(x, max(0.0, deadline - time.monotonic()) if deadline else None)
+        timeout = max(0.0, deadline - time.monotonic()) if deadline else None
+        return await asyncio.wait_for(x, timeout)
     except asyncio.TimeoutError:
         if not deadline or time.monotonic() < deadline:
             raise               # the task's own TimeoutError
@@ -585,17 +560,14 @@ def _eta(eta):
     """-> ("", 0): now, ("in", seconds from now by Redis's clock), ("at", unix time; naive UTC)."""
     if isinstance(eta, datetime):
         return "at", (eta.replace(tzinfo=timezone.utc) if eta.tzinfo is None else eta).timestamp()
-    if isinstance(eta, (int, float)) and not isinstance(eta, bool) and eta < 0:
-        eta = 0                                    # in the past: now
+    eta = max(eta, 0) if type(eta) in (int, float) else eta      # in the past: now
     return ("", 0) if eta is None else ("in", _seconds(eta, "eta or a datetime"))
 
 
 def _dead_entry(raw, msg, reason):
     text = raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else raw
-    msg = msg or {}
-    return json.dumps({"id": msg.get("id"), "name": msg.get("name"), "queue": msg.get("queue"),
-                       "attempts": msg.get("retry", 0) + 1, "reason": reason, "at": time.time(),
-                       "payload": text})
+    return json.dumps({**{k: (msg or {}).get(k) for k in ("id", "name", "queue")}, "attempts": (
+        msg or {}).get("retry", 0) + 1, "reason": reason, "at": time.time(), "payload": text})
 
 
 def _sentinel_master(url, kw):
@@ -857,9 +829,7 @@ class _Conn:
                     raise                       # a lost reply: never sent again
 
     def reset(self):
-        if self.conn is not None:
-            self.conn.disconnect()
-        self.conn = None
+        self.conn = self.conn and self.conn.disconnect()     # None
         self.app._redis = None if self.app._cluster else self.app._redis   # the slot may move
 
 
@@ -878,14 +848,9 @@ def _parse_cgroup(max_text, current_text, stat_text="", cache_key="inactive_file
     return 100.0 * max(0, int(current_text) - int(cache[1] if cache else 0)) / int(max_text)
 
 
-def _read(path):
-    with open(path) as f:
-        return f.read()
-
-
 def _mem_percent(root="/sys/fs/cgroup", proc="/proc/self"):
     """Percent used of the limit of our cgroup or nearest limited ancestor (v2/v1), else RAM."""
-    for line in _read(f"{proc}/cgroup").splitlines():
+    for line in Path(f"{proc}/cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)
         v1 = "memory" in controllers.split(",")
         if controllers and not v1:
@@ -895,38 +860,29 @@ def _mem_percent(root="/sys/fs/cgroup", proc="/proc/self"):
         parts = [root + "/memory" * v1] + [p for p in path.strip().split("/") if p]
         for n in range(len(parts), 0, -1):
             try:
-                pct = _parse_cgroup(*(_read(f"{'/'.join(parts[:n])}/memory.{f}") for f in files),
-                                    cache)
+                base = "/".join(parts[:n])
+                pct = _parse_cgroup(*(Path(f"{base}/memory.{f}").read_text() for f in files), cache)
             except (OSError, ValueError):
                 continue       # not mounted here, or no such file at this level
             if pct is not None:
                 return pct
-    return _parse_meminfo(_read("/proc/meminfo"))
+    return _parse_meminfo(Path("/proc/meminfo").read_text())
 
 
 def _rss(pid):                     # resident set size in bytes (0 if the process is gone)
     try:
-        return int(_read(f"/proc/{pid}/statm").split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
 
 
-def _kill(pid, sig):
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+def _kill(pid, sig, group=False):      # and, with group, its process group; gone: fine
+    for p in (-pid, pid) if group else (pid,):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, sig)
 
 
 # ===================================================================== worker parent
-
-class _Child:
-    """The parent's record of one slot's child process."""
-    killed_for = over = term_sent = None   # why it was killed; the field over its hard timeout
-
-    def __init__(self, pid):
-        self.pid, self.born = pid, time.monotonic()
-
 
 class _Worker:
     """The parent; it never runs task code. Child slot S runs up to K tasks at once (K = 1, or
@@ -940,8 +896,7 @@ class _Worker:
         self.app, self.wid = app, f"{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
         self.inflight_key = app._k("inflight", self.wid)
         self.served = [q.name for q in app.queues if q.name not in app.exclude_queues]
-        digest = hashlib.sha1(" ".join(self.served).encode()).hexdigest()[:16]
-        self.served_key = app._k("serve", digest)
+        self.served_key = app._k("serve", hashlib.sha1(" ".join(self.served).encode()).hexdigest())
         self.bcast_key, self.wake_key = app._k("bcast", self.wid), app._k("wake", self.wid)
         n, hb = app.concurrency, app.heartbeat_timeout
         self.k = app.async_concurrency if any(t.is_async for t in app.tasks.values()) else 1
@@ -972,8 +927,7 @@ class _Worker:
                 late = [k for k, d in enumerate(deadlines) if 0 < d < now]
                 if child and late and not child.killed_for:
                     child.killed_for, child.over = "hard timeout", late[0]
-                    for pid in (-child.pid, child.pid):    # with its subprocesses
-                        _kill(pid, signal.SIGKILL)
+                    _kill(child.pid, signal.SIGKILL, group=True)    # with its subprocesses
             self._redis_duties(now)
             if not self.signals:
                 self._check_memory(now)
@@ -1007,8 +961,7 @@ class _Worker:
             for child in filter(None, self.slots):
                 if n > 1:
                     child.killed_for = child.killed_for or "interrupted by stop"
-                    for pid in (-child.pid, child.pid):
-                        _kill(pid, signal.SIGKILL)
+                    _kill(child.pid, signal.SIGKILL, group=True)
                 elif not child.term_sent:
                     child.term_sent = True
                     _kill(child.pid, signal.SIGTERM)
@@ -1040,7 +993,8 @@ class _Worker:
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)
         if pid:
-            self.slots[slot] = _Child(pid)
+            self.slots[slot] = types.SimpleNamespace(   # over: the field over its hard timeout
+                pid=pid, born=time.monotonic(), killed_for=None, over=None, term_sent=None)
 
     def _reap(self):
         """A dead child's fields become unreleased: {k: (reason, the token it finished last)}.
@@ -1082,8 +1036,7 @@ class _Worker:
             _kill(c.pid, signal.SIGTERM)
 
     def _redis_duties(self, now):
-        """Release dead children's tasks; heartbeat, adopt dead workers, log when Redis may
-        evict our keys (once), is full (.delay() is refused; the backlog drains) or has room."""
+        """Release dead children's tasks; heartbeat; adopt; log Redis's eviction policy and fill."""
         if self.outage.delay and now < self.retry_at:
             return                    # backing off
         app, hb = self.app, self.app.heartbeat_timeout
@@ -1151,9 +1104,7 @@ def _release(app, r, inflight_key, field, token, outcome):
 # ===================================================================== worker child
 
 class _ChildProcess:
-    """A forked child: claim a task (in flight, atomically), run it, ack it in the next claim.
-    Up to K async tasks run at once on the child's one event loop. Soft timeouts: see the
-    module docstring (_on_alarm, _on_return)."""
+    """A forked child: claim a task (in flight), run it (K async ones at once), ack it next."""
     RUN_TASK = WakaQ._run_task.__code__
 
     def __init__(self, worker, slot):
@@ -1165,9 +1116,9 @@ class _ChildProcess:
         self.running = {}                             # field -> asyncio.Task
         self.limits = functools.lru_cache(None)(functools.partial(_limits_for, app))
         self.r, self.outage = _Conn(app), _Outage(f"child {slot}", worker.outage.cap)
+        wakes = [app._k("wake", q) for q in (worker.wid, *worker.served)]   # BLPOPed when idle
         self.idle_keys = [app._k("ready"), app._k("due"), app.workers_key, worker.served_key,
-                          worker.bcast_key, worker.wake_key] + [app._queue(q).wake_key
-                                                                for q in worker.served]
+                          worker.bcast_key, *wakes]
         self.loop, self.poll, self.next_promote = asyncio.new_event_loop(), 0.01, 0.0
         head = ["EVALSHA", _CLAIM.sha, 6, worker.inflight_key, app.workers_key, worker.bcast_key,
                 app._k("ready"), app._k("due"), worker.served_key]        # _CLAIM's 6 keys
@@ -1274,8 +1225,7 @@ class _ChildProcess:
             time.sleep(delay)
 
     def _claim(self, field):
-        """The hot path: the claim's command bytes are packed once, all but four arguments.
-        Due delayed tasks are promoted at most every PROMOTE seconds (and after a wait)."""
+        """The hot path, packed once but for 4 arguments; "p": promote due tasks (PROMOTE s)."""
         now, promote = time.monotonic(), ""
         if now >= self.next_promote:
             self.next_promote, promote = now + PROMOTE, "p"
@@ -1345,11 +1295,17 @@ class _ChildProcess:
 
     async def _run_async(self, field, raw, token, msg, task, soft, start, at):
         _current.set(msg)          # this asyncio task's own context
-        error = None
-        try:
-            await self.app._run_async(task, msg["args"], msg["kwargs"], soft)
+        error, hooks, wrap = None, self.app._hooks, self.app._hooks["wrap_tasks_with"]
+        try:                       # as WakaQ._run_task, awaited on the running event loop
+            for hook in hooks["before_task_started"]:
+                await _maybe(hook())
+            await _maybe(wrap[0](task.fn, msg["args"], msg["kwargs"]) if wrap else task.fn(
+                *msg["args"], **msg["kwargs"]), soft)
         except Exception as e:
             error = e
+        finally:
+            for hook in hooks["after_task_finished"]:
+                await _maybe(hook())
         del self.running[field]
         self._finish(field, raw, token, msg, start, at, error)
 
@@ -1389,8 +1345,7 @@ def _due(cron, tz, last, now):
 
 
 def _cmd_scheduler(app, args):
-    """Enqueue each tick once across schedulers and restarts: the last tick fired per
-    schedule lives in Redis ({p}:cron:{digest}); "now" is Redis's clock (TIME)."""
+    """Each tick once, across schedulers and restarts ({p}:cron:{digest}); now: Redis TIME."""
     _setup_logging(app.scheduler_log_file, app.scheduler_log_level)
     crons, stopped = [], []
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1442,8 +1397,7 @@ def _cmd_worker(app, args):
     return _Worker(app).run()
 
 
-def _msg(raw):
-    """A JSON object (a payload, a dead entry) as a dict whose missing keys are None."""
+def _msg(raw):       # a JSON object (payload, dead entry); missing keys are None
     try:
         return collections.defaultdict(lambda: None, json.loads(raw))
     except (ValueError, TypeError):
