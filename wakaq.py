@@ -459,11 +459,6 @@ class WakaQ:
             self._redis, self._redis_pid = self._client(), os.getpid()
         return self._redis
 
-    def redis_time(self):
-        """Redis's clock (TIME), unix seconds: the one clock every host compares against."""
-        sec, usec = self.redis.time()
-        return sec + usec / 1e6
-
     def _payload(self, task, args, kwargs, queue, bcast=False):
         """(id, payload): JSON formatted by hand (twice as fast)."""
         try:
@@ -885,12 +880,10 @@ def _kill(pid, sig, group=False):      # and, with group, its process group; gon
 # ===================================================================== worker parent
 
 class _Worker:
-    """The parent; it never runs task code. Child slot S runs up to K tasks at once (K = 1, or
-    async_concurrency with async tasks), each in in-flight field "S.k". Per field, 16 bytes of
-    shared memory hold the task's hard deadline (monotonic; 0 = none) and the number of the claim
-    it finished last: hard timeouts need no message per task, and a dead child's finished task is
-    acked, not run again. Signal handlers only count; a pipe wakes select(). Liveness is by Redis's
-    clock; another worker is presumed dead only once this one was connected heartbeat_timeout."""
+    """The parent (no task code). Child slot S runs up to K tasks (K = 1, or async_concurrency),
+    each in in-flight field "S.k", with 16 bytes of shared memory: its hard deadline (monotonic)
+    and the claim it finished last (a dead child's finished task is acked, not run again). Others
+    are presumed dead by Redis's clock, and only once we were connected heartbeat_timeout."""
 
     def __init__(self, app):
         self.app, self.wid = app, f"{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
@@ -997,8 +990,7 @@ class _Worker:
                 pid=pid, born=time.monotonic(), killed_for=None, over=None, term_sent=None)
 
     def _reap(self):
-        """A dead child's fields become unreleased: {k: (reason, the token it finished last)}.
-        A stop interrupts a child that exits 0 or that a second signal killed; a crash fails."""
+        """Dead children's fields -> unreleased {k: (reason, token finished)}; a crash fails."""
         for slot, child in enumerate(self.slots):
             pid, status = os.waitpid(child.pid, os.WNOHANG) if child else (0, 0)
             if pid:
@@ -1310,8 +1302,7 @@ class _ChildProcess:
         self._finish(field, raw, token, msg, start, at, error)
 
     def _finish(self, field, raw, token, msg, start, at, error):
-        """Log the attempt. A soft timeout is retried; else it is acked in the field's next claim
-        (or by the parent if this child dies first: the shared memory says it finished)."""
+        """Log the attempt; retry a soft timeout, else ack it next claim (or the parent acks)."""
         soft = isinstance(error, SoftTimeout)
         struct.pack_into("dd", self.worker.shm, at, 0.0, 0 if soft else float(token.split("-")[1]))
         if error and not soft:
@@ -1328,9 +1319,8 @@ class _ChildProcess:
 
 def _due(cron, tz, last, now):
     """(the latest tick in (last, now] at most CRON_CATCH_UP (+1) s old, or None; the next tick),
-    unix seconds, in zone tz. Cron's rule (cronie): with a fixed hour a repeated wall time is one
-    tick, a missing one a tick just after the gap; with `*` or a step in the hour field each real
-    hour is one, and a missing wall time none."""
+    unix seconds, in zone tz. Cron's rule (cronie): a fixed hour fires a repeated wall time once,
+    a missing one just after the gap; `*` or a step fires each real hour, a missing one never."""
     star, fire = cron.schedule.split()[1].startswith("*"), None
     it = croniter(cron.schedule, datetime.fromtimestamp(max(last, now - CRON_CATCH_UP - 1), tz))
     while (t := it.get_next(datetime)).timestamp() <= now:
@@ -1365,7 +1355,8 @@ def _cmd_scheduler(app, args):
     while not stopped:
         try:
             outage.ok(r)
-            now, pause = app.redis_time(), 1.0
+            (sec, usec), pause = r.time(), 1.0
+            now = sec + usec / 1e6              # Redis's clock
             for (cron, task, q, key), last in zip(crons, r.mget([c[3] for c in crons])):
                 if last is None:            # a new schedule starts from now
                     r.set(key, int(now), nx=True)
@@ -1494,8 +1485,7 @@ return n
 
 
 def _move(app, key, kind, pick):
-    """Move each entry of list or zset `key` that pick(raw, score or "") maps to (queue, due,
-    payload) as _MOVE does, 1,000 a page, none twice or lost. Returns how many."""
+    """_MOVE, 1,000 a page, what pick(raw, score or "") maps to (queue, due, payload); -> count."""
     r, start, moved = app.redis, 0, 0
     for _ in range(0, r.llen(key) if kind == "list" else r.zcard(key), 1000):
         page, batches = (r.zrange(key, start, start + 999, withscores=True) if kind == "zset"
@@ -1512,15 +1502,14 @@ def _move(app, key, kind, pick):
 
 
 def _cmd_migrate(app, args):
-    """Move the original's tasks (lists PREFIX:Q, zsets PREFIX:eta:Q) to ours, converted (also
-    of unknown tasks); bad ones to our dead letters."""
-    types = {"Decimal": lambda d: decimal.Decimal(d["value"]), "date": lambda d: date(
+    """The original's tasks (lists PREFIX:Q, zsets PREFIX:eta:Q) to ours; bad ones dead."""
+    classes = {"Decimal": lambda d: decimal.Decimal(d["value"]), "date": lambda d: date(
         d["year"], d["month"], d["day"]), "bytes": lambda d: base64.b64decode(d["value"]),
         "timedelta": lambda d: timedelta(**d["kwargs"]),
         "datetime": lambda d: datetime(**{k: v for k, v in d.items() if k != "__class__"})}
     def convert(queue, raw, due):            # due: "" or unix time
         try:
-            msg = json.loads(raw, object_hook=lambda d: types.get(d.get("__class__"), dict)(d))
+            msg = json.loads(raw, object_hook=lambda d: classes.get(d.get("__class__"), dict)(d))
             name, a, kw, retry = msg["name"], msg["args"], msg["kwargs"], msg.get("retry") or 0
             if (type(name), type(a), type(kw), type(retry)) != (str, list, dict, int):
                 raise ValueError("need name, args, kwargs")
