@@ -1025,7 +1025,9 @@ def test_redis_restart_mid_run_loses_nothing_and_is_logged_once(r, spawn, redis_
     redis_server.start()
     add.delay(4, 4)
     wait_for(lambda: len(runs(r, "add")) == 4, "all four adds after the restart", 25,
-             diag=lambda: f"adds: {runs(r, 'add')}, dead: {dead(r)}\n{spawn.tails(30)}")
+             diag=lambda: f"adds: {runs(r, 'add')}, dead: {dead(r)}, queue: {queue(r, 'default')}"
+             f", in flight: {inflight(r)}, ready: {r.zrange('{wakaq}:ready', 0, -1)}, workers: "
+             f"{r.zrange('{wakaq}:workers', 0, -1)}, keys: {r.keys('*')}\n{spawn.tails(30)}")
     assert sorted(x[0] for x in runs(r, "add")) == [1, 2, 3, 4]
     log = w.log()
     assert runs(r, "finished") == [["running"]], log
