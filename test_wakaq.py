@@ -137,13 +137,20 @@ def redis_server(tmp_path_factory):
             pytest.skip("no redis-server binary and no WAKAQ_TEST_REDIS_URL")
         yield None
         return
+    if _SERVER:                  # other test modules import this fixture: one server for all
+        yield _SERVER[0]
+        return
     server = RedisServer(int(os.environ["WAKAQ_TEST_PORT"]), str(tmp_path_factory.mktemp("redis")),
                          "--appendonly", "yes", "--appendfsync", "always")
     server.start()
+    _SERVER.append(server)
     try:
         yield server
     finally:
         server.stop()
+
+
+_SERVER = []      # the one private redis-server (a fixture imported elsewhere is another one)
 
 
 @pytest.fixture
