@@ -1658,7 +1658,7 @@ def test_an_ack_after_the_task_was_released_and_claimed_again_does_not_ack_the_n
     task.delay()
 
     def claim(ack, token):
-        return wakaq._CLAIM(r, keys, ["0.0", ack, token, "", wid, "{ack}"])
+        return wakaq._CLAIM(r, keys, ["0.0", ack, token, "", "", wid, "{ack}"])
     payload, token = claim("", "A")
     assert token == b"A"
     outcome = app_._outcome(payload, "worker died")                  # retried (max_retries=0:

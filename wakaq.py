@@ -634,42 +634,45 @@ return #ARGV - 4
 """)
 
 # KEYS: in-flight hash, workers, our broadcast list, ready, due, served set. ARGV: field, token to
-# ack, new token, "p" (promote up to 10 queues' due tasks), worker id, "{prefix}". Re-sends a claim
-# whose reply was lost; acks; claims only while listed. -> {payload, token} or nil.
+# ack, new token, "p" (promote up to 10 queues' due tasks, take a broadcast), a served queue to try
+# first ("" none), worker id, "{prefix}". Re-sends a claim whose reply was lost; claims only while
+# listed; the new attempt overwrites the acked one. -> {payload, token} or nil.
 _CLAIM = _Script(f"""
-local f, t = ARGV[1], now()
+local f, t, p = ARGV[1], now(), false
 local cur = redis.call('HGET', KEYS[1], f .. ':t')
 if cur and cur ~= ARGV[2] then return {{redis.call('HGET', KEYS[1], f), cur}} end
-if cur then redis.call('HDEL', KEYS[1], f, f .. ':t', f .. ':s') end
-if not redis.call('ZSCORE', KEYS[2], ARGV[5]) then return false end
-local qs = ARGV[4] == 'p' and redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', t, 'LIMIT', 0, 10)
-for _, m in ipairs(qs or {{}}) do
-  local rank, name = string.match(m, '^(%d+):(.*)$')
-  local ek = ARGV[6] .. ':eta:' .. name
-  local due = redis.call('ZRANGEBYSCORE', ek, '-inf', t, 'LIMIT', 0, {DUE_BATCH})
-  if #due > 0 then
-    redis.call('RPUSH', ARGV[6] .. ':q:' .. name, unpack(due))
-    redis.call('ZREM', ek, unpack(due))
-    redis.call('ZADD', KEYS[4], rank, name)
-    wake(ARGV[6] .. ':wake:' .. name, #due)
+if redis.call('ZRANK', KEYS[2], ARGV[6]) then
+  local qs = ARGV[4] == 'p' and redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', t, 'LIMIT', 0, 10)
+  for _, m in ipairs(qs or {{}}) do
+    local rank, name = string.match(m, '^(%d+):(.*)$')
+    local ek = ARGV[7] .. ':eta:' .. name
+    local due = redis.call('ZRANGEBYSCORE', ek, '-inf', t, 'LIMIT', 0, {DUE_BATCH})
+    if #due > 0 then
+      redis.call('RPUSH', ARGV[7] .. ':q:' .. name, unpack(due))
+      redis.call('ZREM', ek, unpack(due))
+      redis.call('ZADD', KEYS[4], rank, name)
+      wake(ARGV[7] .. ':wake:' .. name, #due)
+    end
+    local first = redis.call('ZRANGE', ek, 0, 0, 'WITHSCORES')
+    if first[2] then redis.call('ZADD', KEYS[5], first[2], m) else redis.call('ZREM', KEYS[5], m) end
   end
-  local first = redis.call('ZRANGE', ek, 0, 0, 'WITHSCORES')
-  if first[2] then redis.call('ZADD', KEYS[5], first[2], m) else redis.call('ZREM', KEYS[5], m) end
-end
-local p, i, n = redis.call('LPOP', KEYS[3]), 0, 16
-while not p and n == 16 do
-  local names = redis.call('ZRANGE', KEYS[4], i, i + 15)
-  n, i = #names, i + 16
-  for _, name in ipairs(names) do
-    if redis.call('SISMEMBER', KEYS[6], name) == 1 then
-      p = redis.call('LPOP', ARGV[6] .. ':q:' .. name)
-      if p then break end
-      redis.call('ZREM', KEYS[4], name)
-      i = i - 1
+  if qs then p = redis.call('LPOP', KEYS[3]) end
+  p = p or ARGV[5] ~= '' and redis.call('LPOP', ARGV[7] .. ':q:' .. ARGV[5])
+  local i, n = 0, 16
+  while not p and n == 16 do
+    local names = redis.call('ZRANGE', KEYS[4], i, i + 15)
+    n, i = #names, i + 16
+    for _, name in ipairs(names) do
+      if redis.call('SISMEMBER', KEYS[6], name) == 1 then
+        p = redis.call('LPOP', ARGV[7] .. ':q:' .. name)
+        if p then break end
+        redis.call('ZREM', KEYS[4], name)
+        i = i - 1
+      end
     end
   end
 end
-if not p then return false end
+if not p then redis.call('HDEL', KEYS[1], f, f .. ':t', f .. ':s') return false end
 redis.call('HSET', KEYS[1], f, p, f .. ':t', ARGV[3], f .. ':s', t)
 return {{p, ARGV[3]}}
 """, allow_oom=True)
@@ -677,7 +680,7 @@ return {{p, ARGV[3]}}
 # KEYS: ready, due, workers, served set, broadcast list, wake lists. ARGV: worker id. -> {1} if we
 # are listed and have a task; else drops stale wake-ups -> {0, seconds to the next due task or ""}.
 _IDLE = _Script("""
-if redis.call('ZSCORE', KEYS[3], ARGV[1]) and (redis.call('LLEN', KEYS[5]) > 0
+if redis.call('ZRANK', KEYS[3], ARGV[1]) and (redis.call('LLEN', KEYS[5]) > 0
     or redis.call('ZINTERCARD', 2, KEYS[1], KEYS[4], 'LIMIT', 1) > 0) then return {1} end
 redis.call('DEL', unpack(KEYS, 6))
 local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
@@ -805,7 +808,7 @@ class _Conn:
     def __init__(self, app, retries=0):
         self.app, self.retries, self.conn = app, retries, None
 
-    def execute_command(self, *args, packed=None):
+    def execute_command(self, *args, packed=None, meanwhile=None):   # meanwhile(): while Redis works
         for attempt in range(self.retries + 1):
             sent = False
             try:
@@ -817,6 +820,8 @@ class _Conn:
                     raise redis.ConnectionError("the connection was closed")
                 self.conn.send_packed_command([packed] if packed else self.conn.pack_command(*args))
                 sent = True
+                if meanwhile:
+                    meanwhile()
                 return self.conn.read_response()
             except (*_REFUSED, redis.ConnectionError, redis.TimeoutError) as e:
                 self.reset()
@@ -1112,11 +1117,13 @@ class _ChildProcess:
         self.idle_keys = [app._k("ready"), app._k("due"), app.workers_key, worker.served_key,
                           worker.bcast_key, *wakes]
         self.loop, self.poll, self.next_promote = asyncio.new_event_loop(), 0.01, 0.0
+        self.top = ""             # the first served queue while our last task came from it
+        self.lines = []           # finished attempts' INFO lines, written during the next claim
         head = ["EVALSHA", _CLAIM.sha, 6, worker.inflight_key, app.workers_key, worker.bcast_key,
                 app._k("ready"), app._k("due"), worker.served_key]        # _CLAIM's 6 keys
         bulk = [b"$%d\r\n%s\r\n" % (len(b), b) for b in (
             str(x).encode() for x in head + [worker.wid, "{%s}" % app.prefix])]
-        self.claim_head = b"*%d\r\n" % (len(bulk) + 4) + b"".join(bulk[:len(head)])
+        self.claim_head = b"*%d\r\n" % (len(bulk) + 5) + b"".join(bulk[:len(head)])
         self.claim_tail = b"".join(bulk[len(head):])
 
     def run(self):
@@ -1155,8 +1162,17 @@ class _ChildProcess:
             done += 1
         while self.running:
             self._drive(None)
+        self._log_attempts()
         self._call(self._ack_finished)
         return 0
+
+    def _log_attempts(self):      # one INFO line per finished attempt (in its task's context)
+        while self.lines:
+            msg, outcome, seconds = self.lines.pop(0)
+            ctx = _current.set(msg)
+            log.info("task %s id=%s attempt=%d %s in %.3fs", msg["name"], msg["id"],
+                     msg["retry"] + 1, outcome, seconds)
+            _current.reset(ctx)
 
     def _ack_finished(self):
         for field, token in self.prev.items():
@@ -1212,19 +1228,21 @@ class _ChildProcess:
             except redis.RedisError as e:
                 delay = self.outage.failed(e)
                 self.r.reset()
+            self._log_attempts()
             if self.stopping or os.getppid() != self.ppid:
                 raise _Stop()
             time.sleep(delay)
 
     def _claim(self, field):
-        """The hot path, packed once but for 4 arguments; "p": promote due tasks (PROMOTE s)."""
+        """The hot path, packed once but for 5 arguments; "p": promote due tasks (PROMOTE s)."""
         now, promote = time.monotonic(), ""
         if now >= self.next_promote:
             self.next_promote, promote = now + PROMOTE, "p"
-        args = (field, self.prev[field], f"{self.pid}-{next(self.claims)}", promote)
+        args = (field, self.prev[field], f"{self.pid}-{next(self.claims)}", promote, self.top)
         try:
             return self.r.execute_command(packed=self.claim_head + b"".join(
-                b"$%d\r\n%s\r\n" % (len(a), a.encode()) for a in args) + self.claim_tail)
+                b"$%d\r\n%s\r\n" % (len(a), a.encode()) for a in args) + self.claim_tail,
+                meanwhile=self.lines and self._log_attempts)
         except redis.exceptions.NoScriptError:
             self.r.execute_command("SCRIPT", "LOAD", _CLAIM.source)
             return self._claim(field)
@@ -1245,6 +1263,7 @@ class _ChildProcess:
 
     def _drive(self, timeout):
         """Run the event loop until an async task ends (or `timeout` seconds pass)."""
+        self._log_attempts()
         self.loop.run_until_complete(asyncio.wait(
             list(self.running.values()), timeout=timeout, return_when=asyncio.FIRST_COMPLETED))
 
@@ -1258,6 +1277,7 @@ class _ChildProcess:
         try:
             msg = _loads_msg(raw)
             task, queue = app.tasks.get(msg["name"]), app._queues.get(msg["queue"])
+            self.top = msg["queue"] if msg["queue"] == self.worker.served[0] else ""
             what = None if task and queue else "unknown queue" if task else "unknown task"
         except _BAD_PAYLOAD as e:
             msg, what = None, f"bad payload: {e}"
@@ -1307,9 +1327,11 @@ class _ChildProcess:
         struct.pack_into("dd", self.worker.shm, at, 0.0, 0 if soft else float(token.split("-")[1]))
         if error and not soft:
             log.error("task %s raised (id=%s)", msg["name"], msg["id"], exc_info=error)
-        log.info("task %s id=%s attempt=%d %s in %.3fs", msg["name"], msg["id"], msg["retry"] + 1,
-                 "soft timeout" if soft else error and "raised" or "done", time.monotonic() - start)
+        if log.isEnabledFor(logging.INFO):
+            self.lines.append((msg, "soft timeout" if soft else error and "raised" or "done",
+                               time.monotonic() - start))
         if soft:
+            self._log_attempts()
             self._end(field, token, self.app._outcome(raw, "soft timeout", self.worker.bcast_key))
         else:
             self.prev[field] = token
