@@ -117,21 +117,8 @@ def skewed_env(offset):
     return env
 
 
-class SkewedProc(Proc):
-    """A `python wakaq.py ...` process (own process group) whose wall clock is off."""
-
-    def __init__(self, args, folder, offset):
-        env = skewed_env(offset)
-        fd, self.log_path = tempfile.mkstemp(prefix="wakaq-skewed-", suffix=".log", dir=folder)
-        with os.fdopen(fd, "w") as out:
-            self.popen = subprocess.Popen([sys.executable, "wakaq.py", *args], cwd=HERE,
-                                          stdin=subprocess.DEVNULL, stdout=out, env=env,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
-        self.pid = self.popen.pid
-
-
 def spawn_skewed(spawn, app_spec, offset):
-    p = SkewedProc(["worker", app_spec], spawn.folder, offset)
+    p = Proc(["worker", app_spec], spawn.folder, skewed_env(offset))
     spawn.append(p)                     # the spawn fixture stops it
     return p
 
@@ -246,6 +233,13 @@ def lines_of(path):
 @app.task
 def lost_reply(n):
     pass
+
+
+# A worker on its own DEBUG-enabled redis-server (WAKAQ_TEST_LOSSY_URL, set by the test): its
+# claim connection gives up on a reply after max(socket_timeout, wait_timeout + 5) = 5.5 s.
+lossy_claims = WakaQ(queues=["default"], url=os.environ.get("WAKAQ_TEST_LOSSY_URL", URL),
+                     concurrency=1, socket_timeout=1, wait_timeout=0.5)
+lossy_claims.task(sleeper.fn)
 
 
 # ===================================================================== 1. clocks differ
@@ -503,6 +497,37 @@ def test_6_a_delay_whose_reply_is_lost_is_one_task_in_redis(tmp_path, settings, 
         assert took < stall - 0.5 or new_conns > 0, \
             f"socket_timeout=1 not honoured: .delay() waited out the {stall}s stall " \
             f"({took:.2f}s) on one connection, so no reply was lost and the case is void"
+    finally:
+        admin.close()
+        server.stop()
+
+
+@slow
+def test_6b_a_claim_whose_reply_is_lost_is_handed_out_again(r, spawn, tmp_path):
+    """The child's claim (ack "first", claim "second") is applied while Redis stalls past the
+    child's socket timeout; the claim it sends again hands "second" out, once."""
+    server = RedisServer(_free_port(), str(tmp_path), "--enable-debug-command", "local")
+    server.start()
+    url = f"redis://127.0.0.1:{server.port}/0"
+    admin = redis.Redis.from_url(url, socket_timeout=20)
+    try:
+        w = Proc(["worker", "test_delivery:lossy_claims"], spawn.folder,
+                 dict(ENV, WAKAQ_TEST_LOSSY_URL=url))
+        spawn.append(w)
+        producer = WakaQ(queues=["default"], url=url)
+        task = producer.task(sleeper.fn, name="sleeper")
+        task.delay("first", 1.5)
+        task.delay("second", 0)
+        wait_for(lambda: runs(r, "started"), "the first task to start", diag=spawn.tails)
+        time.sleep(0.3)
+        admin.execute_command("DEBUG", "SLEEP", 7)     # "first" ends and claims meanwhile
+        wait_for(lambda: len(runs(r, "finished")) == 2, "the second task", 20, diag=spawn.tails)
+        time.sleep(0.5)                                # a second run would show up by now
+        assert [x[0] for x in runs(r, "started")] == ["first", "second"], spawn.tails()
+        assert w.log().count("child 0 lost Redis") == 1, w.log()   # 0: the case is void
+        assert admin.llen(producer.default_queue.key) == 0
+        wait_for(lambda: not any(admin.hlen(k) for k in admin.keys("*inflight*")),
+                 "the second task's ack", diag=spawn.tails)
     finally:
         admin.close()
         server.stop()

@@ -176,11 +176,11 @@ class Proc:
     """A `python wakaq.py ...` process in its own process group (the parent and its
     children); stdout and stderr go to a temp file."""
 
-    def __init__(self, args, folder):
+    def __init__(self, args, folder, env=None):
         fd, self.log_path = tempfile.mkstemp(prefix="wakaq-", suffix=".log", dir=folder)
         with os.fdopen(fd, "w") as out:
             self.popen = subprocess.Popen([sys.executable, "wakaq.py", *args], cwd=HERE,
-                                          stdin=subprocess.DEVNULL, stdout=out, env=ENV,
+                                          stdin=subprocess.DEVNULL, stdout=out, env=env or ENV,
                                           stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.popen.pid
 
@@ -1657,8 +1657,8 @@ def test_an_ack_after_the_task_was_released_and_claimed_again_does_not_ack_the_n
     task = app_.task(lambda: None, name="t")
     task.delay()
 
-    def claim(ack, token):
-        return wakaq._CLAIM(r, keys, ["0.0", ack, token, "", "", wid, "{ack}"])
+    def claim(ack, token, resend=""):
+        return wakaq._CLAIM(r, keys, ["0.0", ack, token, "", "", resend, wid, "{ack}"])
     payload, token = claim("", "A")
     assert token == b"A"
     outcome = app_._outcome(payload, "worker died")                  # retried (max_retries=0:
@@ -1672,7 +1672,7 @@ def test_an_ack_after_the_task_was_released_and_claimed_again_does_not_ack_the_n
     ack_only = (None, "", "", None, 0)
     assert wakaq._release(app_, r, inflight, "0.0", "A", ack_only) == 0   # the late ack
     assert r.hget(inflight, "0.0:t") == b"B"
-    assert claim("A", "C")[1] == b"B"       # a claim acking A hands B out again, acks nothing
+    assert claim("A", "C", "r")[1] == b"B"  # a re-sent claim acking A hands B out again
     assert r.hget(inflight, "0.0:t") == b"B"
 
 

@@ -634,37 +634,38 @@ return #ARGV - 4
 """)
 
 # KEYS: in-flight hash, workers, our broadcast list, ready, due, served set. ARGV: field, token to
-# ack, new token, "p" (promote up to 10 queues' due tasks, take a broadcast), a served queue to try
-# first ("" none), worker id, "{prefix}". Re-sends a claim whose reply was lost; claims only while
-# listed; the new attempt overwrites the acked one. -> {payload, token} or nil.
+# ack, new token, "p" (read TIME, promote up to 10 queues' due tasks, take a broadcast) or the
+# caller's estimate of TIME, a served queue to try first ("" none), "r" if a reply was lost (then
+# hand out again what it claimed), worker id, "{prefix}". Claims only while listed; the new
+# attempt replaces the acked one. -> {payload, token[, TIME if "p"]} or nil.
 _CLAIM = _Script(f"""
-local f, t, p = ARGV[1], now(), false
-local cur = redis.call('HGET', KEYS[1], f .. ':t')
+local f, t, p, qs = ARGV[1], tonumber(ARGV[4]) or now(), false, false
+local cur = ARGV[6] == 'r' and redis.call('HGET', KEYS[1], f .. ':t')
 if cur and cur ~= ARGV[2] then return {{redis.call('HGET', KEYS[1], f), cur}} end
-if redis.call('ZRANK', KEYS[2], ARGV[6]) then
-  local qs = ARGV[4] == 'p' and redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', t, 'LIMIT', 0, 10)
+if redis.call('ZRANK', KEYS[2], ARGV[7]) then
+  qs = ARGV[4] == 'p' and redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', t, 'LIMIT', 0, 10)
   for _, m in ipairs(qs or {{}}) do
     local rank, name = string.match(m, '^(%d+):(.*)$')
-    local ek = ARGV[7] .. ':eta:' .. name
+    local ek = ARGV[8] .. ':eta:' .. name
     local due = redis.call('ZRANGEBYSCORE', ek, '-inf', t, 'LIMIT', 0, {DUE_BATCH})
     if #due > 0 then
-      redis.call('RPUSH', ARGV[7] .. ':q:' .. name, unpack(due))
+      redis.call('RPUSH', ARGV[8] .. ':q:' .. name, unpack(due))
       redis.call('ZREM', ek, unpack(due))
       redis.call('ZADD', KEYS[4], rank, name)
-      wake(ARGV[7] .. ':wake:' .. name, #due)
+      wake(ARGV[8] .. ':wake:' .. name, #due)
     end
     local first = redis.call('ZRANGE', ek, 0, 0, 'WITHSCORES')
     if first[2] then redis.call('ZADD', KEYS[5], first[2], m) else redis.call('ZREM', KEYS[5], m) end
   end
   if qs then p = redis.call('LPOP', KEYS[3]) end
-  p = p or ARGV[5] ~= '' and redis.call('LPOP', ARGV[7] .. ':q:' .. ARGV[5])
+  p = p or ARGV[5] ~= '' and redis.call('LPOP', ARGV[8] .. ':q:' .. ARGV[5])
   local i, n = 0, 16
   while not p and n == 16 do
     local names = redis.call('ZRANGE', KEYS[4], i, i + 15)
     n, i = #names, i + 16
     for _, name in ipairs(names) do
       if redis.call('SISMEMBER', KEYS[6], name) == 1 then
-        p = redis.call('LPOP', ARGV[7] .. ':q:' .. name)
+        p = redis.call('LPOP', ARGV[8] .. ':q:' .. name)
         if p then break end
         redis.call('ZREM', KEYS[4], name)
         i = i - 1
@@ -674,7 +675,7 @@ if redis.call('ZRANK', KEYS[2], ARGV[6]) then
 end
 if not p then redis.call('HDEL', KEYS[1], f, f .. ':t', f .. ':s') return false end
 redis.call('HSET', KEYS[1], f, p, f .. ':t', ARGV[3], f .. ':s', t)
-return {{p, ARGV[3]}}
+return {{p, ARGV[3], qs and tostring(t) or nil}}
 """, allow_oom=True)
 
 # KEYS: ready, due, workers, served set, broadcast list, wake lists. ARGV: worker id. -> {1} if we
@@ -1119,11 +1120,12 @@ class _ChildProcess:
         self.loop, self.poll, self.next_promote = asyncio.new_event_loop(), 0.01, 0.0
         self.top = ""             # the first served queue while our last task came from it
         self.lines = []           # finished attempts' INFO lines, written during the next claim
+        self.clock, self.unsure = None, False   # Redis's TIME - time.monotonic(); reply lost
         head = ["EVALSHA", _CLAIM.sha, 6, worker.inflight_key, app.workers_key, worker.bcast_key,
                 app._k("ready"), app._k("due"), worker.served_key]        # _CLAIM's 6 keys
         bulk = [b"$%d\r\n%s\r\n" % (len(b), b) for b in (
             str(x).encode() for x in head + [worker.wid, "{%s}" % app.prefix])]
-        self.claim_head = b"*%d\r\n" % (len(bulk) + 5) + b"".join(bulk[:len(head)])
+        self.claim_head = b"*%d\r\n" % (len(bulk) + 6) + b"".join(bulk[:len(head)])
         self.claim_tail = b"".join(bulk[len(head):])
 
     def run(self):
@@ -1152,7 +1154,7 @@ class _ChildProcess:
                 else:
                     self._call(self._wait)
                 continue
-            raw, token = item
+            raw, token = item[:2]
             if self.stopping:            # SIGTERM came while claiming: give it back untouched
                 self._end(free, token.decode(), self.app._outcome(
                     raw, "interrupted by stop", self.worker.bcast_key))
@@ -1234,18 +1236,27 @@ class _ChildProcess:
             time.sleep(delay)
 
     def _claim(self, field):
-        """The hot path, packed once but for 5 arguments; "p": promote due tasks (PROMOTE s)."""
-        now, promote = time.monotonic(), ""
-        if now >= self.next_promote:
-            self.next_promote, promote = now + PROMOTE, "p"
-        args = (field, self.prev[field], f"{self.pid}-{next(self.claims)}", promote, self.top)
+        """The hot path, packed once but for 6 arguments. Every PROMOTE s: "p" (promote due
+        tasks, read Redis's clock); else the start time is our estimate of Redis's clock."""
+        now = time.monotonic()
+        if self.clock is None or now >= self.next_promote:
+            self.next_promote, when = now + PROMOTE, "p"
+        else:
+            when = "%.3f" % (self.clock + now)
+        args = (field, self.prev[field], f"{self.pid}-{next(self.claims)}", when, self.top,
+                "r" if self.unsure else "")
+        self.unsure = True                    # until a reply comes
         try:
-            return self.r.execute_command(packed=self.claim_head + b"".join(
+            item = self.r.execute_command(packed=self.claim_head + b"".join(
                 b"$%d\r\n%s\r\n" % (len(a), a.encode()) for a in args) + self.claim_tail,
                 meanwhile=self.lines and self._log_attempts)
         except redis.exceptions.NoScriptError:
             self.r.execute_command("SCRIPT", "LOAD", _CLAIM.source)
             return self._claim(field)
+        self.unsure = False
+        if item and len(item) > 2:
+            self.clock = float(item[2]) - time.monotonic()
+        return item
 
     def _wait(self):
         """Ack what is finished; BLPOP the wake-up lists until a push, due time or wait_timeout."""
