@@ -634,10 +634,11 @@ return #ARGV - 4
 """)
 
 # KEYS: in-flight hash, workers, our broadcast list, ready, due, served set. ARGV: field, token to
-# ack, new token, "p" (read TIME, promote up to 10 queues' due tasks, take a broadcast) or the
-# caller's estimate of TIME, a served queue to try first ("" none), "r" if a reply was lost (then
-# hand out again what it claimed), worker id, "{prefix}". Claims only while listed; the new
-# attempt replaces the acked one. -> {payload, token[, TIME if "p"]} or nil.
+# ack, new token, "p" (read TIME, promote up to 10 queues' due tasks, take a broadcast first) or
+# the caller's estimate of TIME, a served queue to try first ("" none), "r" if a reply was lost
+# (then hand out again what it claimed), worker id, "{prefix}". Claims only while listed; the new
+# attempt replaces the acked one. -> {payload, token[, TIME if "p"]}; or, with nothing to claim,
+# the ack and stale wake-ups dropped, {nil, seconds to the next due task or ""}.
 _CLAIM = _Script(f"""
 local f, t, p, qs = ARGV[1], tonumber(ARGV[4]) or now(), false, false
 local cur = ARGV[6] == 'r' and redis.call('HGET', KEYS[1], f .. ':t')
@@ -672,20 +673,18 @@ if redis.call('ZRANK', KEYS[2], ARGV[7]) then
       end
     end
   end
+  p = p or redis.call('LPOP', KEYS[3])
 end
-if not p then redis.call('HDEL', KEYS[1], f, f .. ':t', f .. ':s') return false end
+if not p then
+  redis.call('HDEL', KEYS[1], f, f .. ':t', f .. ':s')
+  local ws = {{ARGV[8] .. ':wake:' .. ARGV[7]}}
+  for _, q in ipairs(redis.call('SMEMBERS', KEYS[6])) do ws[#ws + 1] = ARGV[8] .. ':wake:' .. q end
+  redis.call('DEL', unpack(ws))
+  local first = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
+  return {{false, first[2] and tostring(tonumber(first[2]) - t) or ''}}
+end
 redis.call('HSET', KEYS[1], f, p, f .. ':t', ARGV[3], f .. ':s', t)
 return {{p, ARGV[3], qs and tostring(t) or nil}}
-""", allow_oom=True)
-
-# KEYS: ready, due, workers, served set, broadcast list, wake lists. ARGV: worker id. -> {1} if we
-# are listed and have a task; else drops stale wake-ups -> {0, seconds to the next due task or ""}.
-_IDLE = _Script("""
-if redis.call('ZRANK', KEYS[3], ARGV[1]) and (redis.call('LLEN', KEYS[5]) > 0
-    or redis.call('ZINTERCARD', 2, KEYS[1], KEYS[4], 'LIMIT', 1) > 0) then return {1} end
-redis.call('DEL', unpack(KEYS, 6))
-local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-return {0, first[2] and tostring(tonumber(first[2]) - now()) or ''}
 """, allow_oom=True)
 
 # KEYS: in-flight hash, target, wake list, ready, due. ARGV: field, token ("" any), value, where
@@ -766,16 +765,6 @@ def _task_filter(record):          # %(task)s: " task=NAME" inside a task, else 
     return True
 
 
-class _Formatter(logging.Formatter):
-    """logging's own format, with the date and time made once a second (a tenth of a line)."""
-    last = (None, "")
-
-    def formatTime(self, record, datefmt=None):
-        if self.last[0] != int(record.created):
-            self.last = (int(record.created), super().formatTime(record)[:-4])  # no ",mmm"
-        return "%s,%03d" % (self.last[1], record.msecs)
-
-
 def _setup_logging(path, level):
     """Logs, stdout and stderr (inherited by children) to `path` or stderr, line-buffered."""
     if path:
@@ -784,10 +773,9 @@ def _setup_logging(path, level):
     os.dup2(2, 1)
     sys.stdout.reconfigure(line_buffering=True)
     sys.stderr.reconfigure(line_buffering=True)
-    logging.basicConfig(level=level, force=True)                  # replaces root's handlers
+    logging.basicConfig(format="[%(asctime)s] %(levelname)s %(name)s pid=%(process)d%(task)s: "
+                        "%(message)s", level=level, force=True)   # replaces root's handlers
     logging.root.handlers[0].addFilter(_task_filter)
-    logging.root.handlers[0].setFormatter(_Formatter(
-        "[%(asctime)s] %(levelname)s %(name)s pid=%(process)d%(task)s: %(message)s"))
     log.disabled = False     # an app's dictConfig() at import (disable_existing_loggers)
 
 
@@ -1098,6 +1086,7 @@ class _Worker:
 
 
 _ACK = (None, "", "", None, 0)           # an outcome that only acks
+_ATTEMPT = "task %s id=%s attempt=%d %s in %.3fs"      # one INFO line per finished attempt
 
 
 def _release(app, r, inflight_key, field, token, outcome):
@@ -1125,13 +1114,9 @@ class _ChildProcess:
         self.running = {}                             # field -> asyncio.Task
         self.limits = functools.lru_cache(None)(functools.partial(_limits_for, app))
         self.r, self.outage = _Conn(app), _Outage(f"child {slot}", worker.outage.cap)
-        wakes = [app._k("wake", q) for q in (worker.wid, *worker.served)]   # BLPOPed when idle
-        self.idle_keys = [app._k("ready"), app._k("due"), app.workers_key, worker.served_key,
-                          worker.bcast_key, *wakes]
+        self.wakes = [app._k("wake", q) for q in (worker.wid, *worker.served)]   # BLPOPed idle
         self.loop, self.poll, self.next_promote = asyncio.new_event_loop(), 0.01, 0.0
-        self.top = ""             # the first served queue while our last task came from it
-        self.lines = []           # finished attempts' INFO lines, written during the next claim
-        self.clock, self.unsure = None, False   # Redis's TIME - time.monotonic(); reply lost
+        self.top, self.lines, self.clock = "", [], None   # for _claim; clock: TIME - monotonic
         head = ["EVALSHA", _CLAIM.sha, 6, worker.inflight_key, app.workers_key, worker.bcast_key,
                 app._k("ready"), app._k("due"), worker.served_key]        # _CLAIM's 6 keys
         bulk = [b"$%d\r\n%s\r\n" % (len(b), b) for b in (
@@ -1158,12 +1143,12 @@ class _ChildProcess:
                 continue
             item = self._call(lambda: self._claim(free))
             self.prev[free] = ""                         # the claim acked it
-            if not item:
+            if item[0] is None:
                 if self.running:
                     self._drive(self.poll)
                     self.poll = min(self.poll * 2, 1.0)
                 else:
-                    self._call(self._wait)
+                    self._call(lambda: self._wait(item[1]))
                 continue
             raw, token = item[:2]
             if self.stopping:            # SIGTERM came while claiming: give it back untouched
@@ -1179,15 +1164,11 @@ class _ChildProcess:
         self._call(self._ack_finished)
         return 0
 
-    def _log_attempts(self):
-        """One INFO line per finished attempt, in its task's context (no caller lookup: that
-        is a quarter of a line's cost)."""
+    def _log_attempts(self):     # as logging.info in the task, less the caller lookup (1/4)
         while self.lines:
-            msg, outcome, seconds = self.lines.pop(0)
+            msg, args = self.lines.pop(0)
             ctx = _current.set(msg)
-            log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, "task %s id=%s "
-                                      "attempt=%d %s in %.3fs", (msg["name"], msg["id"],
-                                      msg["retry"] + 1, outcome, seconds), None))
+            log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, _ATTEMPT, args, None))
             _current.reset(ctx)
 
     def _ack_finished(self):
@@ -1250,16 +1231,16 @@ class _ChildProcess:
             time.sleep(delay)
 
     def _claim(self, field):
-        """The hot path, packed once but for 6 arguments. Every PROMOTE s: "p" (promote due
-        tasks, read Redis's clock); else the start time is our estimate of Redis's clock."""
+        """The hot path, packed once but for 6 arguments. "p" every PROMOTE s: promote due
+        tasks, read TIME; else the start time is our estimate of TIME. Our attempt lines are
+        written while Redis works. On a new connection, a reply may have been lost: "r"."""
         now = time.monotonic()
         if self.clock is None or now >= self.next_promote:
             self.next_promote, when = now + PROMOTE, "p"
         else:
             when = "%.3f" % (self.clock + now)
         args = (field, self.prev[field], f"{self.pid}-{next(self.claims)}", when, self.top,
-                "r" if self.unsure else "")
-        self.unsure = True                    # until a reply comes
+                "r" if self.r.conn is None else "")
         try:
             item = self.r.execute_command(packed=self.claim_head + "".join(   # all ASCII
                 [f"${len(a)}\r\n{a}\r\n" for a in args]).encode() + self.claim_tail,
@@ -1267,22 +1248,18 @@ class _ChildProcess:
         except redis.exceptions.NoScriptError:
             self.r.execute_command("SCRIPT", "LOAD", _CLAIM.source)
             return self._claim(field)
-        self.unsure = False
-        if item and len(item) > 2:
+        if len(item) > 2:
             self.clock = float(item[2]) - time.monotonic()
         return item
 
-    def _wait(self):
+    def _wait(self, due):
         """Ack what is finished; BLPOP the wake-up lists until a push, due time or wait_timeout."""
         self._ack_finished()
-        again, *due = _IDLE(self.r, self.idle_keys, [self.worker.wid])
-        if again:
-            return
-        timeout = min(self.app.wait_timeout, max(0.01, float(due[0] or self.app.wait_timeout)))
+        timeout = min(self.app.wait_timeout, max(0.01, float(due or self.app.wait_timeout)))
         self.idle = True
         try:
             if not self.stopping:
-                self.r.execute_command("BLPOP", *self.idle_keys[5:], f"{timeout:.3f}")
+                self.r.execute_command("BLPOP", *self.wakes, f"{timeout:.3f}")
         finally:
             self.idle, self.next_promote = False, 0.0
 
@@ -1353,8 +1330,8 @@ class _ChildProcess:
         if error and not soft:
             log.error("task %s raised (id=%s)", msg["name"], msg["id"], exc_info=error)
         if log.isEnabledFor(logging.INFO):
-            self.lines.append((msg, "soft timeout" if soft else error and "raised" or "done",
-                               time.monotonic() - start))
+            self.lines.append((msg, (msg["name"], msg["id"], msg["retry"] + 1, "soft timeout" if
+                                soft else error and "raised" or "done", time.monotonic() - start)))
         if soft:
             self._log_attempts()
             self._end(field, token, self.app._outcome(raw, "soft timeout", self.worker.bcast_key))
