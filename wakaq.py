@@ -594,11 +594,11 @@ class _Script:
         self.source = ("#!lua flags=allow-oom\n" if allow_oom else "") + _LUA_LIB + source
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
-    def __call__(self, r, keys, args):
+    def __call__(self, r, keys, args, **kw):        # kw: for a _Conn
         try:
-            return r.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+            return r.execute_command("EVALSHA", self.sha, len(keys), *keys, *args, **kw)
         except redis.exceptions.NoScriptError:
-            return r.execute_command("EVAL", self.source, len(keys), *keys, *args)
+            return r.execute_command("EVAL", self.source, len(keys), *keys, *args, **kw)
 
 
 # In every script. wake: n wake-up tokens (WAKE_TOKENS at most). now: Redis's clock. later: p into
@@ -619,10 +619,16 @@ local function later(ek, dk, m, due, p, wk)
 end
 """
 
-# KEYS: queue, its wake list, ready, its delayed set, due. ARGV: rank, name, mode ("" now, "in"
-# seconds, "at" unix time), when, payloads (due at once: 1e-6 s apart, in order).
+# KEYS: queue, its wake list, ready, its delayed set, due[, cron record]. ARGV: rank, name, mode
+# ("" now, "in" seconds, "at" unix time, "cron": now, once per tick), when (cron: the tick),
+# payloads (due at once: 1e-6 s apart, in order). A cron tick the record holds (or a later one)
+# is not enqueued again: -> 0.
 _ENQUEUE = _Script("""
-if ARGV[3] == '' then
+if ARGV[3] == 'cron' then
+  if tonumber(redis.call('GET', KEYS[6]) or 0) >= tonumber(ARGV[4]) then return 0 end
+  redis.call('SET', KEYS[6], ARGV[4])
+end
+if ARGV[3] == '' or ARGV[3] == 'cron' then
   redis.call('RPUSH', KEYS[1], unpack(ARGV, 5))
   redis.call('ZADD', KEYS[3], ARGV[1], ARGV[2])
   wake(KEYS[2], #ARGV - 4)
@@ -634,39 +640,39 @@ return #ARGV - 4
 """)
 
 # KEYS: in-flight hash, workers, our broadcast list, ready, due, served set. ARGV: field, token to
-# ack, new token, "p" (read TIME, promote up to 10 queues' due tasks, take a broadcast first) or
-# the caller's estimate of TIME, a served queue to try first ("" none), "r" if a reply was lost
-# (then hand out again what it claimed), worker id, "{prefix}". Claims only while listed; the new
-# attempt replaces the acked one. -> {payload, token[, TIME if "p"]}; or, with nothing to claim,
-# the ack and stale wake-ups dropped, {nil, seconds to the next due task or ""}.
+# ack, new token, "p" (promote up to 10 queues' due tasks, take a broadcast first), a served queue
+# to try first ("" none), worker id, "{prefix}". Hands out again what the field holds if that is
+# not the acked attempt (a lost reply; a dead child's late claim). Claims only while listed; the
+# new attempt replaces the acked one. -> {payload, token}; or, the ack done and stale wake-ups
+# dropped, {nil, seconds to the next due task or ""}.
 _CLAIM = _Script(f"""
-local f, t, p, qs = ARGV[1], tonumber(ARGV[4]) or now(), false, false
-local cur = ARGV[6] == 'r' and redis.call('HGET', KEYS[1], f .. ':t')
+local f, t, p, qs = ARGV[1], now(), false, false
+local cur = redis.call('HGET', KEYS[1], f .. ':t')
 if cur and cur ~= ARGV[2] then return {{redis.call('HGET', KEYS[1], f), cur}} end
-if redis.call('ZRANK', KEYS[2], ARGV[7]) then
+if redis.call('ZRANK', KEYS[2], ARGV[6]) then
   qs = ARGV[4] == 'p' and redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', t, 'LIMIT', 0, 10)
   for _, m in ipairs(qs or {{}}) do
     local rank, name = string.match(m, '^(%d+):(.*)$')
-    local ek = ARGV[8] .. ':eta:' .. name
+    local ek = ARGV[7] .. ':eta:' .. name
     local due = redis.call('ZRANGEBYSCORE', ek, '-inf', t, 'LIMIT', 0, {DUE_BATCH})
     if #due > 0 then
-      redis.call('RPUSH', ARGV[8] .. ':q:' .. name, unpack(due))
+      redis.call('RPUSH', ARGV[7] .. ':q:' .. name, unpack(due))
       redis.call('ZREM', ek, unpack(due))
       redis.call('ZADD', KEYS[4], rank, name)
-      wake(ARGV[8] .. ':wake:' .. name, #due)
+      wake(ARGV[7] .. ':wake:' .. name, #due)
     end
-    local first = redis.call('ZRANGE', ek, 0, 0, 'WITHSCORES')
-    if first[2] then redis.call('ZADD', KEYS[5], first[2], m) else redis.call('ZREM', KEYS[5], m) end
+    local nx = redis.call('ZRANGE', ek, 0, 0, 'WITHSCORES')
+    if nx[2] then redis.call('ZADD', KEYS[5], nx[2], m) else redis.call('ZREM', KEYS[5], m) end
   end
   if qs then p = redis.call('LPOP', KEYS[3]) end
-  p = p or ARGV[5] ~= '' and redis.call('LPOP', ARGV[8] .. ':q:' .. ARGV[5])
+  p = p or ARGV[5] ~= '' and redis.call('LPOP', ARGV[7] .. ':q:' .. ARGV[5])
   local i, n = 0, 16
   while not p and n == 16 do
     local names = redis.call('ZRANGE', KEYS[4], i, i + 15)
     n, i = #names, i + 16
     for _, name in ipairs(names) do
       if redis.call('SISMEMBER', KEYS[6], name) == 1 then
-        p = redis.call('LPOP', ARGV[8] .. ':q:' .. name)
+        p = redis.call('LPOP', ARGV[7] .. ':q:' .. name)
         if p then break end
         redis.call('ZREM', KEYS[4], name)
         i = i - 1
@@ -677,14 +683,14 @@ if redis.call('ZRANK', KEYS[2], ARGV[7]) then
 end
 if not p then
   redis.call('HDEL', KEYS[1], f, f .. ':t', f .. ':s')
-  local ws = {{ARGV[8] .. ':wake:' .. ARGV[7]}}
-  for _, q in ipairs(redis.call('SMEMBERS', KEYS[6])) do ws[#ws + 1] = ARGV[8] .. ':wake:' .. q end
+  local ws = {{ARGV[7] .. ':wake:' .. ARGV[6]}}
+  for _, q in ipairs(redis.call('SMEMBERS', KEYS[6])) do ws[#ws + 1] = ARGV[7] .. ':wake:' .. q end
   redis.call('DEL', unpack(ws))
   local first = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
   return {{false, first[2] and tostring(tonumber(first[2]) - t) or ''}}
 end
 redis.call('HSET', KEYS[1], f, p, f .. ':t', ARGV[3], f .. ':s', t)
-return {{p, ARGV[3], qs and tostring(t) or nil}}
+return {{p, ARGV[3]}}
 """, allow_oom=True)
 
 # KEYS: in-flight hash, target, wake list, ready, due. ARGV: field, token ("" any), value, where
@@ -735,19 +741,6 @@ for _, w in ipairs(ws) do
 end
 return #ws
 """)
-
-# Fire cron tick ARGV[1] once: unless record KEYS[1] already holds it or a later one, store it,
-# append payload ARGV[2] to queue KEYS[2], mark it ready (KEYS[3], ARGV[3] ARGV[4]), wake KEYS[4].
-_CRON = _Script("""
-local last = tonumber(redis.call('GET', KEYS[1]))
-if last and last >= tonumber(ARGV[1]) then return 0 end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('RPUSH', KEYS[2], ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
-wake(KEYS[4], 1)
-return 1
-""")
-
 
 # ===================================================================== logging
 
@@ -802,13 +795,21 @@ _PARENT_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 _REFUSED = (redis.exceptions.ReadOnlyError, redis.exceptions.MovedError)  # not applied: resend
 
 
+def _pack(args):            # RESP, as redis-py's packer writes it, in a third of the time
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        a = a if type(a) is bytes else str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(out)
+
+
 class _Conn:
     """A bare connection (no pool: cheaper); resends only what cannot have been applied."""
 
     def __init__(self, app, retries=0):
         self.app, self.retries, self.conn = app, retries, None
 
-    def execute_command(self, *args, packed=None, meanwhile=None):   # meanwhile(): while Redis works
+    def execute_command(self, *args, meanwhile=None):      # meanwhile(): while Redis works
         for attempt in range(self.retries + 1):
             sent = False
             try:
@@ -818,7 +819,7 @@ class _Conn:
                     self.conn.connect()       # a Sentinel's connection asks for the master
                 elif self.retries and self.conn.can_read(timeout=0):    # closed meanwhile
                     raise redis.ConnectionError("the connection was closed")
-                self.conn.send_packed_command([packed] if packed else self.conn.pack_command(*args))
+                self.conn.send_packed_command([_pack(args)])
                 sent = True
                 if meanwhile:
                     meanwhile()
@@ -1110,19 +1111,13 @@ class _ChildProcess:
         self.ppid, self.pid, self.claims = os.getppid(), os.getpid(), itertools.count(1)
         self.stopping = self.idle = self.in_task = False
         self.fields = [f"{slot}.{k}" for k in range(worker.k)]
-        self.prev = dict.fromkeys(self.fields, "")   # field -> finished token, acked next
-        self.running = {}                             # field -> asyncio.Task
+        self.prev, self.running = dict.fromkeys(self.fields, ""), {}  # field -> finished token
         self.limits = functools.lru_cache(None)(functools.partial(_limits_for, app))
         self.r, self.outage = _Conn(app), _Outage(f"child {slot}", worker.outage.cap)
         self.wakes = [app._k("wake", q) for q in (worker.wid, *worker.served)]   # BLPOPed idle
-        self.loop, self.poll, self.next_promote = asyncio.new_event_loop(), 0.01, 0.0
-        self.top, self.lines, self.clock = "", [], None   # for _claim; clock: TIME - monotonic
-        head = ["EVALSHA", _CLAIM.sha, 6, worker.inflight_key, app.workers_key, worker.bcast_key,
-                app._k("ready"), app._k("due"), worker.served_key]        # _CLAIM's 6 keys
-        bulk = [b"$%d\r\n%s\r\n" % (len(b), b) for b in (
-            str(x).encode() for x in head + [worker.wid, "{%s}" % app.prefix])]
-        self.claim_head = b"*%d\r\n" % (len(bulk) + 6) + b"".join(bulk[:len(head)])
-        self.claim_tail = b"".join(bulk[len(head):])
+        self.loop, self.next_promote, self.top, self.lines = asyncio.new_event_loop(), 0.0, "", []
+        self.claim_keys = [worker.inflight_key, app.workers_key, worker.bcast_key,
+                           app._k("ready"), app._k("due"), worker.served_key]
 
     def run(self):
         for sig, how in ((signal.SIGINT, signal.SIG_IGN), (signal.SIGHUP, signal.SIG_IGN),
@@ -1143,24 +1138,18 @@ class _ChildProcess:
                 continue
             item = self._call(lambda: self._claim(free))
             self.prev[free] = ""                         # the claim acked it
-            if item[0] is None:
-                if self.running:
-                    self._drive(self.poll)
-                    self.poll = min(self.poll * 2, 1.0)
-                else:
-                    self._call(lambda: self._wait(item[1]))
+            if item[0] is None:          # nothing: run async tasks a while, else wait for a push
+                self._drive(PROMOTE) if self.running else self._call(lambda: self._wait(item[1]))
                 continue
-            raw, token = item[:2]
+            raw, token = item
             if self.stopping:            # SIGTERM came while claiming: give it back untouched
                 self._end(free, token.decode(), self.app._outcome(
                     raw, "interrupted by stop", self.worker.bcast_key))
                 break
-            self.poll = 0.01
             self._start(free, raw, token.decode())
             done += 1
         while self.running:
             self._drive(None)
-        self._log_attempts()
         self._call(self._ack_finished)
         return 0
 
@@ -1172,6 +1161,7 @@ class _ChildProcess:
             _current.reset(ctx)
 
     def _ack_finished(self):
+        self._log_attempts()
         for field, token in self.prev.items():
             if token:
                 _release(self.app, self.r, self.worker.inflight_key, field, token, _ACK)
@@ -1231,26 +1221,13 @@ class _ChildProcess:
             time.sleep(delay)
 
     def _claim(self, field):
-        """The hot path, packed once but for 6 arguments. "p" every PROMOTE s: promote due
-        tasks, read TIME; else the start time is our estimate of TIME. Our attempt lines are
-        written while Redis works. On a new connection, a reply may have been lost: "r"."""
-        now = time.monotonic()
-        if self.clock is None or now >= self.next_promote:
-            self.next_promote, when = now + PROMOTE, "p"
-        else:
-            when = "%.3f" % (self.clock + now)
-        args = (field, self.prev[field], f"{self.pid}-{next(self.claims)}", when, self.top,
-                "r" if self.r.conn is None else "")
-        try:
-            item = self.r.execute_command(packed=self.claim_head + "".join(   # all ASCII
-                [f"${len(a)}\r\n{a}\r\n" for a in args]).encode() + self.claim_tail,
-                meanwhile=self.lines and self._log_attempts)
-        except redis.exceptions.NoScriptError:
-            self.r.execute_command("SCRIPT", "LOAD", _CLAIM.source)
-            return self._claim(field)
-        if len(item) > 2:
-            self.clock = float(item[2]) - time.monotonic()
-        return item
+        """The hot path: "p" (promote due tasks) every PROMOTE s; attempt lines logged meanwhile."""
+        now, promote = time.monotonic(), ""
+        if now >= self.next_promote:
+            self.next_promote, promote = now + PROMOTE, "p"
+        args = (field, self.prev[field], f"{self.pid}-{next(self.claims)}", promote, self.top,
+                self.worker.wid, "{%s}" % self.app.prefix)
+        return _CLAIM(self.r, self.claim_keys, args, meanwhile=self.lines and self._log_attempts)
 
     def _wait(self, due):
         """Ack what is finished; BLPOP the wake-up lists until a push, due time or wait_timeout."""
@@ -1371,24 +1348,25 @@ def _cmd_scheduler(app, args):
         q = app._queue(cron.queue) if cron.queue else task.queue or app.default_queue
         ident = json.dumps([cron.schedule, cron.task_name, q.name, cron.args, cron.kwargs],
                            sort_keys=True, default=str)
-        crons.append((cron, task, q, app._k("cron", hashlib.sha1(ident.encode()).hexdigest())))
+        crons.append((cron, task, q, [q.key, q.wake_key, app._k("ready"), q.eta_key, app._k(
+            "due"), app._k("cron", hashlib.sha1(ident.encode()).hexdigest())]))   # _ENQUEUE's
     if not crons:
         return log.warning("the app has no schedules; the scheduler exits")
-    r, outage, ready = app._client(retries=0), _Outage("scheduler"), app._k("ready")
+    r, outage = app._client(retries=0), _Outage("scheduler")
     log.info("scheduler started with %d schedule(s)", len(crons))
     while not stopped:
         try:
             outage.ok(r)
             (sec, usec), pause = r.time(), 1.0
             now = sec + usec / 1e6              # Redis's clock
-            for (cron, task, q, key), last in zip(crons, r.mget([c[3] for c in crons])):
+            for (cron, task, q, keys), last in zip(crons, r.mget([c[3][5] for c in crons])):
                 if last is None:            # a new schedule starts from now
-                    r.set(key, int(now), nx=True)
+                    r.set(keys[5], int(now), nx=True)
                     continue
                 fire, nxt = _due(cron, app.tz, float(last), now)
                 pause = min(pause, nxt - now)
-                if fire and _CRON(r, [key, q.key, ready, q.wake_key], [fire, app._payload(
-                        task, cron.args, cron.kwargs, q)[1], app._rank(q), q.name]):
+                if fire and _ENQUEUE(r, keys, [app._rank(q), q.name, "cron", fire, app._payload(
+                        task, cron.args, cron.kwargs, q)[1]]):
                     log.info("enqueued %s for %s", cron.task_name,
                              datetime.fromtimestamp(fire, app.tz).isoformat())
         except redis.RedisError as e:

@@ -1243,9 +1243,11 @@ def report(main_runs, scale_runs, meta, cases=None):
         P("floor: producer RPUSH per task (bulk: RPUSH pipelined x1000); 2 consumers "
           "BLPOP + json.loads + call + INCR")
         targets += [
-            ("drain >= 0.90 x floor", med(R, "ratio.drain"), med(R, "ratio.drain") >= 0.90),
-            ("drain excl. start-up >= 0.90 x floor (info)", med(R, "ratio.drain_excl_startup"),
-             med(R, "ratio.drain_excl_startup") >= 0.90),
+            # The main app logs one INFO line per attempt (on by default): issue 12 allows it
+            # 0.8 x floor; the 0.9 x floor drain is the loglevel case's WARNING figure.
+            ("drain (INFO) >= 0.80 x floor", med(R, "ratio.drain"), med(R, "ratio.drain") >= 0.80),
+            ("drain excl. start-up >= 0.80 x floor (info)", med(R, "ratio.drain_excl_startup"),
+             med(R, "ratio.drain_excl_startup") >= 0.80),
             ("single enqueue >= 0.90 x floor", med(R, "ratio.enqueue"), med(R, "ratio.enqueue") >= 0.90),
             ("pickup p50 <= 1 ms", med(R, "pickup.p50_ms"), med(R, "pickup.p50_ms") <= 1.0),
             ("pickup p99 <= 3 ms", med(R, "pickup.p99_ms"), med(R, "pickup.p99_ms") <= 3.0),
