@@ -1650,15 +1650,14 @@ def test_an_ack_after_the_task_was_released_and_claimed_again_does_not_ack_the_n
     path and claimed again (token B); a late ack with token A acks nothing."""
     app_, wid = WakaQ(url=URL, prefix="ack"), "host.1.ab"
     inflight, ready = app_._k("inflight", wid), app_._k("ready")
-    keys = [inflight, app_.workers_key, app_._k("bcast", wid), ready, app_._k("due"),
-            app_._k("serve", "x")]
+    keys = [inflight, app_._k("serve", "x")]
     r.zadd(app_.workers_key, {wid: time.time()})
     r.sadd(app_._k("serve", "x"), "default")
     task = app_.task(lambda: None, name="t")
     task.delay()
 
     def claim(ack, token):
-        return wakaq._CLAIM(r, keys, ["0.0", ack, token, "", "", wid, "{ack}"])
+        return wakaq._CLAIM(r, keys, ["0.0", ack, token, "", ""])
     payload, token = claim("", "A")
     assert token == b"A"
     outcome = app_._outcome(payload, "worker died")                  # retried (max_retries=0:

@@ -639,54 +639,55 @@ end
 return #ARGV - 4
 """)
 
-# KEYS: in-flight hash, workers, our broadcast list, ready, due, served set. ARGV: field, token to
-# ack, new token, "p" (promote up to 10 queues' due tasks, take a broadcast first), a served queue
-# to try first ("" none), worker id, "{prefix}". Hands out again what the field holds if that is
+# KEYS: in-flight hash "{p}:inflight:{wid}" (the other keys follow from it), served set. ARGV:
+# field, token to ack, new token, "p" (promote up to 10 queues' due tasks, take a broadcast
+# first), a served queue to try first ("" none). Hands out again what the field holds if that is
 # not the acked attempt (a lost reply; a dead child's late claim). Claims only while listed; the
 # new attempt replaces the acked one. -> {payload, token}; or, the ack done and stale wake-ups
 # dropped, {nil, seconds to the next due task or ""}.
 _CLAIM = _Script(f"""
 local f, t, p, qs = ARGV[1], now(), false, false
+local P, w = string.match(KEYS[1], '^(.-):inflight:(.*)$')
 local cur = redis.call('HGET', KEYS[1], f .. ':t')
 if cur and cur ~= ARGV[2] then return {{redis.call('HGET', KEYS[1], f), cur}} end
-if redis.call('ZRANK', KEYS[2], ARGV[6]) then
-  qs = ARGV[4] == 'p' and redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', t, 'LIMIT', 0, 10)
+if redis.call('ZRANK', P .. ':workers', w) then
+  qs = ARGV[4] == 'p' and redis.call('ZRANGEBYSCORE', P .. ':due', '-inf', t, 'LIMIT', 0, 10)
   for _, m in ipairs(qs or {{}}) do
     local rank, name = string.match(m, '^(%d+):(.*)$')
-    local ek = ARGV[7] .. ':eta:' .. name
+    local ek = P .. ':eta:' .. name
     local due = redis.call('ZRANGEBYSCORE', ek, '-inf', t, 'LIMIT', 0, {DUE_BATCH})
     if #due > 0 then
-      redis.call('RPUSH', ARGV[7] .. ':q:' .. name, unpack(due))
+      redis.call('RPUSH', P .. ':q:' .. name, unpack(due))
       redis.call('ZREM', ek, unpack(due))
-      redis.call('ZADD', KEYS[4], rank, name)
-      wake(ARGV[7] .. ':wake:' .. name, #due)
+      redis.call('ZADD', P .. ':ready', rank, name)
+      wake(P .. ':wake:' .. name, #due)
     end
-    local nx = redis.call('ZRANGE', ek, 0, 0, 'WITHSCORES')
-    if nx[2] then redis.call('ZADD', KEYS[5], nx[2], m) else redis.call('ZREM', KEYS[5], m) end
+    local nx, dk = redis.call('ZRANGE', ek, 0, 0, 'WITHSCORES'), P .. ':due'
+    if nx[2] then redis.call('ZADD', dk, nx[2], m) else redis.call('ZREM', dk, m) end
   end
-  if qs then p = redis.call('LPOP', KEYS[3]) end
-  p = p or ARGV[5] ~= '' and redis.call('LPOP', ARGV[7] .. ':q:' .. ARGV[5])
+  if qs then p = redis.call('LPOP', P .. ':bcast:' .. w) end
+  p = p or ARGV[5] ~= '' and redis.call('LPOP', P .. ':q:' .. ARGV[5])
   local i, n = 0, 16
   while not p and n == 16 do
-    local names = redis.call('ZRANGE', KEYS[4], i, i + 15)
+    local names = redis.call('ZRANGE', P .. ':ready', i, i + 15)
     n, i = #names, i + 16
     for _, name in ipairs(names) do
-      if redis.call('SISMEMBER', KEYS[6], name) == 1 then
-        p = redis.call('LPOP', ARGV[7] .. ':q:' .. name)
+      if redis.call('SISMEMBER', KEYS[2], name) == 1 then
+        p = redis.call('LPOP', P .. ':q:' .. name)
         if p then break end
-        redis.call('ZREM', KEYS[4], name)
+        redis.call('ZREM', P .. ':ready', name)
         i = i - 1
       end
     end
   end
-  p = p or redis.call('LPOP', KEYS[3])
+  p = p or redis.call('LPOP', P .. ':bcast:' .. w)
 end
 if not p then
   redis.call('HDEL', KEYS[1], f, f .. ':t', f .. ':s')
-  local ws = {{ARGV[7] .. ':wake:' .. ARGV[6]}}
-  for _, q in ipairs(redis.call('SMEMBERS', KEYS[6])) do ws[#ws + 1] = ARGV[7] .. ':wake:' .. q end
+  local ws = {{P .. ':wake:' .. w}}
+  for _, q in ipairs(redis.call('SMEMBERS', KEYS[2])) do ws[#ws + 1] = P .. ':wake:' .. q end
   redis.call('DEL', unpack(ws))
-  local first = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
+  local first = redis.call('ZRANGE', P .. ':due', 0, 0, 'WITHSCORES')
   return {{false, first[2] and tostring(tonumber(first[2]) - t) or ''}}
 end
 redis.call('HSET', KEYS[1], f, p, f .. ':t', ARGV[3], f .. ':s', t)
@@ -1116,8 +1117,7 @@ class _ChildProcess:
         self.r, self.outage = _Conn(app), _Outage(f"child {slot}", worker.outage.cap)
         self.wakes = [app._k("wake", q) for q in (worker.wid, *worker.served)]   # BLPOPed idle
         self.loop, self.next_promote, self.top, self.lines = asyncio.new_event_loop(), 0.0, "", []
-        self.claim_keys = [worker.inflight_key, app.workers_key, worker.bcast_key,
-                           app._k("ready"), app._k("due"), worker.served_key]
+        self.claim_keys = [worker.inflight_key, worker.served_key]
 
     def run(self):
         for sig, how in ((signal.SIGINT, signal.SIG_IGN), (signal.SIGHUP, signal.SIG_IGN),
@@ -1225,8 +1225,7 @@ class _ChildProcess:
         now, promote = time.monotonic(), ""
         if now >= self.next_promote:
             self.next_promote, promote = now + PROMOTE, "p"
-        args = (field, self.prev[field], f"{self.pid}-{next(self.claims)}", promote, self.top,
-                self.worker.wid, "{%s}" % self.app.prefix)
+        args = (field, self.prev[field], f"{self.pid}-{next(self.claims)}", promote, self.top)
         return _CLAIM(self.r, self.claim_keys, args, meanwhile=self.lines and self._log_attempts)
 
     def _wait(self, due):
