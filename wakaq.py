@@ -27,7 +27,8 @@ app's keys are in one Redis Cluster slot and every script runs on one node. Time
                            claim token, "S.K:s" -> its start time; "adopted:{wid}:..." fields.
   {p}:workers        ZSET  worker id (HOST.PID.RANDOM) -> last heartbeat.
   {p}:serve:{digest} SET   the queue names a worker serves (claims take only those).
-  {p}:bcast:{wid}    LIST  broadcasts for one worker, claimed first; tokens in {p}:wake:{wid}.
+  {p}:bcast:{wid}    LIST  broadcasts for one worker, taken every 50 ms or when no queue has a
+                           task; tokens in {p}:wake:{wid}.
   {p}:dead           LIST  dead letters: JSON {id, name, queue, attempts, reason, at, payload}.
   {p}:cron:{digest}  STRING the last tick enqueued for one schedule (unix seconds).
 
