@@ -642,16 +642,16 @@ return #ARGV - 4
 
 # KEYS: in-flight hash "{p}:inflight:{wid}" (the other keys follow from it), served set. ARGV:
 # field, token to ack, new token, "p" (promote up to 10 queues' due tasks, take a broadcast
-# first), a served queue to try first ("" none). Hands out again what the field holds if that is
-# not the acked attempt (a lost reply; a dead child's late claim). Claims only while listed; the
-# new attempt replaces the acked one. -> {payload, token}; or, the ack done and stale wake-ups
-# dropped, {nil, seconds to the next due task or ""}.
+# first), a served queue to try first ("" none). Hands out again, under the new token, what the
+# field holds if that is not the acked attempt (a lost reply; a dead child's late claim). Claims
+# only while listed; the new attempt replaces the acked one. -> {payload, token}; or, the ack
+# done and stale wake-ups dropped, {nil (RESP3: false), seconds to the next due task or ""}.
 _CLAIM = _Script(f"""
 local f, t, p, qs = ARGV[1], now(), false, false
 local P, w = string.match(KEYS[1], '^(.-):inflight:(.*)$')
 local cur = redis.call('HGET', KEYS[1], f .. ':t')
-if cur and cur ~= ARGV[2] then return {{redis.call('HGET', KEYS[1], f), cur}} end
-if redis.call('ZRANK', P .. ':workers', w) then
+if cur and cur ~= ARGV[2] then p = redis.call('HGET', KEYS[1], f)   -- again, newly tokened
+elseif redis.call('ZRANK', P .. ':workers', w) then
   qs = ARGV[4] == 'p' and redis.call('ZRANGEBYSCORE', P .. ':due', '-inf', t, 'LIMIT', 0, 10)
   for _, m in ipairs(qs or {{}}) do
     local rank, name = string.match(m, '^(%d+):(.*)$')
@@ -1139,7 +1139,7 @@ class _ChildProcess:
                 continue
             item = self._call(lambda: self._claim(free))
             self.prev[free] = ""                         # the claim acked it
-            if item[0] is None:          # nothing: run async tasks a while, else wait for a push
+            if item[0] in (None, False):   # nothing: run async tasks a while, else wait
                 self._drive(PROMOTE) if self.running else self._call(lambda: self._wait(item[1]))
                 continue
             raw, token = item
