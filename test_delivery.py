@@ -657,7 +657,8 @@ def cgroup_reader():
 
 def machine_percent():
     with open("/proc/meminfo") as f:
-        return wakaq._parse_meminfo(f.read())
+        kb = {k: int(v) for k, v in re.findall(r"(\w+):\s*(\d+)", f.read())}
+    return 100.0 * (kb["MemTotal"] - kb["MemAvailable"]) / kb["MemTotal"]
 
 
 CGROUP_TREES = {

@@ -15,11 +15,9 @@ left, then dead-lettered with the reason. Any other exception is logged; the tas
 
 Redis keys, all "{p}:..." with {p} = "{PREFIX}" (default "{wakaq}"): a hash tag, so all of an
 app's keys are in one Redis Cluster slot and every script runs on one node. Times: Redis's TIME.
-  {p}:q:{queue}      LIST  ready payloads, claimed from the left. Pushed to the end: new, retried,
-                           due delayed, cron ticks, requeued dead letters, migrated. To the front:
-                           tasks a stop (or another task's hard timeout) interrupted, retry kept.
-  {p}:ready          ZSET  the non-empty queues, name -> rank (0 first): claims cost the same
-                           with 1 or 200 queues.
+  {p}:q:{queue}      LIST  ready payloads, claimed from the left; pushed to the end, or to the
+                           front if a stop (or another's hard timeout) interrupted them.
+  {p}:ready          ZSET  the non-empty queues, name -> rank (0 first).
   {p}:eta:{queue}    ZSET  delayed payloads (eta, retry_backoff, migrated), score = due time.
   {p}:due            ZSET  "RANK:NAME" -> the queue's earliest due time; claims move due tasks.
   {p}:wake:{queue}   LIST  wake-up tokens (<= 1,000) idle children BLPOP; pushes add them.
@@ -27,23 +25,20 @@ app's keys are in one Redis Cluster slot and every script runs on one node. Time
                            claim token, "S.K:s" -> its start time; "adopted:{wid}:..." fields.
   {p}:workers        ZSET  worker id (HOST.PID.RANDOM) -> last heartbeat.
   {p}:serve:{digest} SET   the queue names a worker serves (claims take only those).
-  {p}:bcast:{wid}    LIST  broadcasts for one worker, taken every 50 ms or when no queue has a
-                           task; tokens in {p}:wake:{wid}.
+  {p}:bcast:{wid}    LIST  broadcasts for one worker: taken first every 50 ms, or when idle.
   {p}:dead           LIST  dead letters: JSON {id, name, queue, attempts, reason, at, payload}.
   {p}:cron:{digest}  STRING the last tick enqueued for one schedule (unix seconds).
 
-Soft timeouts: a sync task runs with SIGALRM armed (setitimer) and `in_task` set, both cleared
-as it ends (before the after_task_finished hooks). The handler raises SoftTimeout only in the
-task's own code: if it lands in logging, asyncio or wakaq (whose broad `except` could swallow
-it, or a protocol be left half-read), it traces the outermost such frame and raises as that
-returns into the task; after the task it does nothing. Async tasks: asyncio's wait_for.
+Soft timeouts: SIGALRM, armed (setitimer) with `in_task` set while a sync task runs (up to its
+after_task_finished hooks), raises SoftTimeout in the task's own code only: landing in logging,
+asyncio or wakaq, it traces the outermost such frame and raises as that returns. Async: wait_for.
 
 Payload: JSON {"id", "name", "queue", "retry", "args", "kwargs"} (+ "bcast": 1);
 retry = failed attempts so far. Values beyond JSON travel as {"__wakaq__": TYPE, "v": ...}.
 """
 import argparse, asyncio, base64, collections, contextlib, contextvars, decimal, functools, gc
 import hashlib, inspect, itertools, json, logging, mmap, os, random, re, select, signal, socket
-import struct, sys, threading, time, traceback, types
+import importlib, struct, sys, threading, time, traceback, types
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -136,7 +131,6 @@ def _concurrency(value, cores=None, name="concurrency"):
 
 def _import_app(spec):
     """Load a WakaQ from "module:attribute" or "module.attribute"."""
-    import importlib
     module, _, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
     if not module or not attr:
         raise ValueError(f"APP must look like module:attribute, got {spec!r}")
@@ -160,27 +154,23 @@ def _import_app(spec):
 # ===================================================================== serializer
 
 _TAG = "__wakaq__"
-_DECODERS = {"datetime": datetime.fromisoformat, "date": date.fromisoformat,
-             "timedelta": lambda v: timedelta(*v), "decimal": decimal.Decimal,
-             "bytes": base64.b64decode}
+_TYPES = {  # TYPE: (Python types, encode, decode); datetime first (a datetime is a date)
+    "datetime": (datetime, lambda o: (o if o.tzinfo is None else o.astimezone(  # naive: UTC
+        timezone.utc).replace(tzinfo=None)).isoformat(), datetime.fromisoformat),
+    "date": (date, date.isoformat, date.fromisoformat),
+    "timedelta": (timedelta, lambda o: [o.days, o.seconds, o.microseconds],
+                  lambda v: timedelta(*v)),
+    "decimal": (decimal.Decimal, str, decimal.Decimal),
+    "bytes": ((bytes, bytearray), lambda o: base64.b64encode(o).decode(), base64.b64decode)}
 # What decoding hostile bytes may raise (e.g. binascii.Error, decimal.InvalidOperation).
 _BAD_PAYLOAD = (ValueError, TypeError, KeyError, RecursionError, ArithmeticError)
 
 
 def _encode(o):
     """json.dumps default=: the types we carry beyond JSON; anything else is a TypeError."""
-    if isinstance(o, datetime):          # aware -> naive UTC; naive is taken as UTC
-        if o.tzinfo is not None:
-            o = o.astimezone(timezone.utc).replace(tzinfo=None)
-        return {_TAG: "datetime", "v": o.isoformat()}
-    if isinstance(o, date):
-        return {_TAG: "date", "v": o.isoformat()}
-    if isinstance(o, timedelta):
-        return {_TAG: "timedelta", "v": [o.days, o.seconds, o.microseconds]}
-    if isinstance(o, decimal.Decimal):
-        return {_TAG: "decimal", "v": str(o)}
-    if isinstance(o, (bytes, bytearray)):
-        return {_TAG: "bytes", "v": base64.b64encode(o).decode()}
+    for tag, (kind, encode, _) in _TYPES.items():
+        if isinstance(o, kind):
+            return {_TAG: tag, "v": encode(o)}
     if isinstance(o, (set, frozenset)):
         return list(o)
     raise TypeError(f"wakaq cannot serialize {type(o).__name__} value {o!r:.80}; "
@@ -189,7 +179,7 @@ def _encode(o):
 
 def _decode(d):
     """object_hook for {"__wakaq__": TYPE, "v": ...}; an unknown TYPE raises KeyError."""
-    return _DECODERS[d[_TAG]](d["v"]) if _TAG in d else d
+    return _TYPES[d[_TAG]][2](d["v"]) if _TAG in d else d
 
 
 # Compact JSON; the C encoder built once (JSONEncoder.encode builds it per call: twice the cost
@@ -755,13 +745,11 @@ def current_task():
         "id": m.get("id"), "name": m["name"], "queue": m["queue"], "attempt": m["retry"] + 1}
 
 
-def _task_filter(record):          # %(task)s: " task=NAME" inside a task, else ""
-    record.task = f" task={msg['name']}" if (msg := _current.get()) else ""
-    return True
-
-
 def _setup_logging(path, level):
     """Logs, stdout and stderr (inherited by children) to `path` or stderr, line-buffered."""
+    def task_filter(record):        # %(task)s: " task=NAME" inside a task, else ""
+        record.task = f" task={msg['name']}" if (msg := _current.get()) else ""
+        return True
     if path:
         with open(path, "a") as f:
             os.dup2(f.fileno(), 2)
@@ -770,7 +758,7 @@ def _setup_logging(path, level):
     sys.stderr.reconfigure(line_buffering=True)
     logging.basicConfig(format="[%(asctime)s] %(levelname)s %(name)s pid=%(process)d%(task)s: "
                         "%(message)s", level=level, force=True)   # replaces root's handlers
-    logging.root.handlers[0].addFilter(_task_filter)
+    logging.root.handlers[0].addFilter(task_filter)
     log.disabled = False     # an app's dictConfig() at import (disable_existing_loggers)
 
 
@@ -806,42 +794,53 @@ def _pack(args):            # RESP, as redis-py's packer writes it, in a third o
 
 
 class _Conn:
-    """A bare connection (no pool: cheaper); resends only what cannot have been applied."""
+    """A bare connection (no pool; replies read here, 1/3 of redis-py's cost); no blind resend."""
 
     def __init__(self, app, retries=0):
         self.app, self.retries, self.conn = app, retries, None
 
     def execute_command(self, *args, meanwhile=None):      # meanwhile(): while Redis works
+        data = _pack(args)
         for attempt in range(self.retries + 1):
             sent = False
             try:
                 if self.conn is None:
-                    self.conn = self.app._client(0, not self.retries).connection_pool \
-                        .make_connection()
-                    self.conn.connect()       # a Sentinel's connection asks for the master
+                    conn = self.app._client(0, not self.retries).connection_pool.make_connection()
+                    conn.connect()            # a Sentinel's connection asks for the master
+                    self.conn, self.file = conn, conn._sock.makefile("rb")
                 elif self.retries and self.conn.can_read(timeout=0):    # closed meanwhile
                     raise redis.ConnectionError("the connection was closed")
-                self.conn.send_packed_command([_pack(args)])
+                self.conn.check_health()      # a PING first, as health_check_interval asks
+                self.conn._sock.sendall(data)
                 sent = True
                 if meanwhile:
                     meanwhile()
-                return self.conn.read_response()
-            except (*_REFUSED, redis.ConnectionError, redis.TimeoutError) as e:
+                return self._read()
+            except (*_REFUSED, redis.ConnectionError, redis.TimeoutError, OSError) as e:
                 self.reset()
                 if attempt == self.retries or sent and not isinstance(e, _REFUSED):
-                    raise                       # a lost reply: never sent again
+                    raise e if isinstance(e, redis.RedisError) else redis.ConnectionError(
+                        f"Redis at {_mask(self.app.url)}: {e!r}")    # a lost reply: not resent
 
-    def reset(self):
-        self.conn = self.conn and self.conn.disconnect()     # None
+    def _read(self):           # one reply: bulk, array, error, nil, integer, RESP3 boolean
+        line = self.file.readline()
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"$" and rest != b"-1":
+            if len(data := self.file.read(int(rest) + 2)) == int(rest) + 2:
+                return data[:-2]
+        elif kind == b"*" and rest != b"-1":
+            return [self._read() for _ in range(int(rest))]
+        elif line[-2:] == b"\r\n" and kind in b"$*_:#":     # as RESP2 gives them: nil, integer
+            return int(rest) if kind == b":" else 1 if rest == b"t" else None
+        raise self.conn._parser.parse_error(rest.decode()) if kind == b"-" else \
+            redis.ConnectionError(f"Redis closed the connection (read {line[:40]!r})")
+
+    def reset(self):                 # dropping the file closes the socket
+        self.conn, self.file = self.conn and self.conn.disconnect(), None
         self.app._redis = None if self.app._cluster else self.app._redis   # the slot may move
 
 
 # ===================================================================== OS helpers
-
-def _parse_meminfo(text):          # percent of memory in use, from /proc/meminfo
-    kb = {k: int(v) for k, v in re.findall(r"(\w+):\s*(\d+)", text)}
-    return 100.0 * (kb["MemTotal"] - kb["MemAvailable"]) / kb["MemTotal"]
-
 
 def _parse_cgroup(max_text, current_text, stat_text="", cache_key="inactive_file"):
     """Percent of a cgroup's limit in use (None: no limit), less reclaimable inactive cache."""
@@ -869,7 +868,8 @@ def _mem_percent(root="/sys/fs/cgroup", proc="/proc/self"):
                 continue       # not mounted here, or no such file at this level
             if pct is not None:
                 return pct
-    return _parse_meminfo(Path("/proc/meminfo").read_text())
+    kb = {k: int(v) for k, v in re.findall(r"(\w+):\s*(\d+)", Path("/proc/meminfo").read_text())}
+    return 100.0 * (kb["MemTotal"] - kb["MemAvailable"]) / kb["MemTotal"]      # of RAM
 
 
 def _rss(pid):                     # resident set size in bytes (0 if the process is gone)
@@ -1139,7 +1139,7 @@ class _ChildProcess:
                 continue
             item = self._call(lambda: self._claim(free))
             self.prev[free] = ""                         # the claim acked it
-            if item[0] in (None, False):   # nothing: run async tasks a while, else wait
+            if item[0] is None:            # nothing: run async tasks a while, else wait
                 self._drive(PROMOTE) if self.running else self._call(lambda: self._wait(item[1]))
                 continue
             raw, token = item
