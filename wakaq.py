@@ -490,7 +490,7 @@ class WakaQ:
     def _run_task(self, task, args, kwargs, soft_deadline=None, run=asyncio.run, ended=None):
         """Hooks and task; `run` runs coroutines (soft timeout by asyncio, not by SIGALRM)."""
         def wait(x):
-            return run(x) if inspect.isawaitable(x) else x
+            return run(x) if x is not None and inspect.isawaitable(x) else x
         try:
             for hook in self._hooks["before_task_started"]:
                 wait(hook())
@@ -634,8 +634,8 @@ return #ARGV - 4
 # field, token to ack, new token, "p" (promote up to 10 queues' due tasks, take a broadcast
 # first), a served queue to try first ("" none). Hands out again, under the new token, what the
 # field holds if that is not the acked attempt (a lost reply; a dead child's late claim). Claims
-# only while listed; the new attempt replaces the acked one. -> {payload, token}; or, the ack
-# done and stale wake-ups dropped, {nil (RESP3: false), seconds to the next due task or ""}.
+# only while listed; the new attempt replaces the acked one. -> the payload; or, the ack done
+# and stale wake-ups dropped, milliseconds to the next due task (-1: none): an integer.
 _CLAIM = _Script(f"""
 local f, t, p, qs = ARGV[1], now(), false, false
 local P, w = string.match(KEYS[1], '^(.-):inflight:(.*)$')
@@ -679,10 +679,10 @@ if not p then
   for _, q in ipairs(redis.call('SMEMBERS', KEYS[2])) do ws[#ws + 1] = P .. ':wake:' .. q end
   redis.call('DEL', unpack(ws))
   local first = redis.call('ZRANGE', P .. ':due', 0, 0, 'WITHSCORES')
-  return {{false, first[2] and tostring(tonumber(first[2]) - t) or ''}}
+  return first[2] and math.max(0, (tonumber(first[2]) - t) * 1000) or -1
 end
 redis.call('HSET', KEYS[1], f, p, f .. ':t', ARGV[3], f .. ':s', t)
-return {{p, ARGV[3]}}
+return p
 """, allow_oom=True)
 
 # KEYS: in-flight hash, target, wake list, ready, due. ARGV: field, token ("" any), value, where
@@ -785,22 +785,21 @@ _PARENT_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 _REFUSED = (redis.exceptions.ReadOnlyError, redis.exceptions.MovedError)  # not applied: resend
 
 
-def _pack(args):            # RESP, as redis-py's packer writes it, in a third of the time
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        a = a if type(a) is bytes else str(a).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-    return b"".join(out)
+def _pack(args):            # RESP bulk strings, as redis-py's packer writes them, in 1/3 the time
+    args = [a if type(a) is bytes else str(a).encode() for a in args]
+    return b"".join([b"$%d\r\n%s\r\n" % (len(a), a) for a in args])
 
 
 class _Conn:
     """A bare connection (no pool; replies read here, 1/3 of redis-py's cost); no blind resend."""
 
     def __init__(self, app, retries=0):
-        self.app, self.retries, self.conn = app, retries, None
+        self.app, self.retries, self.conn, self.heads = app, retries, None, {}
 
     def execute_command(self, *args, meanwhile=None):      # meanwhile(): while Redis works
-        data = _pack(args)
+        n = 3 + args[2] if args[0] == "EVALSHA" else 0      # a script's name and keys: packed once
+        head = self.heads.get(args[:n]) or self.heads.setdefault(args[:n], _pack(args[:n]))
+        data = b"*%d\r\n%s%s" % (len(args), head, _pack(args[n:]))
         for attempt in range(self.retries + 1):
             sent = False
             try:
@@ -813,8 +812,7 @@ class _Conn:
                 self.conn.check_health()      # a PING first, as health_check_interval asks
                 self.conn._sock.sendall(data)
                 sent = True
-                if meanwhile:
-                    meanwhile()
+                meanwhile and meanwhile()
                 return self._read()
             except (*_REFUSED, redis.ConnectionError, redis.TimeoutError, OSError) as e:
                 self.reset()
@@ -828,8 +826,9 @@ class _Conn:
         if kind == b"$" and rest != b"-1":
             if len(data := self.file.read(int(rest) + 2)) == int(rest) + 2:
                 return data[:-2]
-        elif kind == b"*" and rest != b"-1":
-            return [self._read() for _ in range(int(rest))]
+        elif kind in (b"*", b">") and rest != b"-1":     # ">": a RESP3 push (a notice): skipped
+            items = [self._read() for _ in range(int(rest))]
+            return items if kind == b"*" else self._read()
         elif line[-2:] == b"\r\n" and kind in b"$*_:#":     # as RESP2 gives them: nil, integer
             return int(rest) if kind == b":" else 1 if rest == b"t" else None
         raise self.conn._parser.parse_error(rest.decode()) if kind == b"-" else \
@@ -899,14 +898,13 @@ class _Worker:
         self.served = [q.name for q in app.queues if q.name not in app.exclude_queues]
         self.served_key = app._k("serve", hashlib.sha1(" ".join(self.served).encode()).hexdigest())
         self.bcast_key, self.wake_key = app._k("bcast", self.wid), app._k("wake", self.wid)
-        n, hb = app.concurrency, app.heartbeat_timeout
         self.k = app.async_concurrency if any(t.is_async for t in app.tasks.values()) else 1
-        self.slots, self.fork_at = [None] * n, [0.0] * n   # _Child; when it may fork again
+        self.slots, self.fork_at = [None] * (n := app.concurrency), [0.0] * n  # when it may fork
         self.unreleased = {}              # slot -> {k: (reason, finished token)} of a dead child
         self.shm, self.fmt = mmap.mmap(-1, 16 * n * self.k), struct.Struct(f"{2 * self.k}d")
-        self.signals, self.outage, self.r = [], _Outage("worker", min(5.0, hb / 4)), None
+        self.signals, self.outage = [], _Outage("worker", min(5.0, app.heartbeat_timeout / 4))
         self.next_beat = self.connected_since = self.retry_at = self.next_mem = 0.0
-        self.mem_high, self.full, self.seen = False, False, 0   # seen: stop signals acted on
+        self.mem_high, self.full, self.seen, self.r = False, False, 0, None   # seen: stop signals
 
     def run(self):
         app = self.app
@@ -1137,17 +1135,16 @@ class _ChildProcess:
             if free is None:
                 self._drive(None)
                 continue
-            item = self._call(lambda: self._claim(free))
+            raw, token = self._call(lambda: self._claim(free))
             self.prev[free] = ""                         # the claim acked it
-            if item[0] is None:            # nothing: run async tasks a while, else wait
-                self._drive(PROMOTE) if self.running else self._call(lambda: self._wait(item[1]))
+            if type(raw) is int:           # nothing (ms to a due task): run async tasks, or wait
+                self._drive(PROMOTE) if self.running else self._call(lambda: self._wait(raw))
                 continue
-            raw, token = item
             if self.stopping:            # SIGTERM came while claiming: give it back untouched
-                self._end(free, token.decode(), self.app._outcome(
+                self._end(free, token, self.app._outcome(
                     raw, "interrupted by stop", self.worker.bcast_key))
                 break
-            self._start(free, raw, token.decode())
+            self._start(free, raw, token)
             done += 1
         while self.running:
             self._drive(None)
@@ -1226,13 +1223,14 @@ class _ChildProcess:
         now, promote = time.monotonic(), ""
         if now >= self.next_promote:
             self.next_promote, promote = now + PROMOTE, "p"
-        args = (field, self.prev[field], f"{self.pid}-{next(self.claims)}", promote, self.top)
-        return _CLAIM(self.r, self.claim_keys, args, meanwhile=self.lines and self._log_attempts)
+        token = f"{self.pid}-{next(self.claims)}"
+        return _CLAIM(self.r, self.claim_keys, (field, self.prev[field], token, promote, self.top),
+                      meanwhile=self.lines and self._log_attempts), token
 
     def _wait(self, due):
         """Ack what is finished; BLPOP the wake-up lists until a push, due time or wait_timeout."""
         self._ack_finished()
-        timeout = min(self.app.wait_timeout, max(0.01, float(due or self.app.wait_timeout)))
+        timeout = min(self.app.wait_timeout, max(0.01, due / 1e3 if due >= 0 else float("inf")))
         self.idle = True
         try:
             if not self.stopping:
