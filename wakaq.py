@@ -816,9 +816,10 @@ class _Conn:
                 return self._read()
             except (*_REFUSED, redis.ConnectionError, redis.TimeoutError, OSError) as e:
                 self.reset()
-                if attempt == self.retries or sent and not isinstance(e, _REFUSED):
-                    raise e if isinstance(e, redis.RedisError) else redis.ConnectionError(
-                        f"Redis at {_mask(self.app.url)}: {e!r}")    # a lost reply: not resent
+                if attempt == self.retries or sent and not isinstance(e, _REFUSED):   # not resent
+                    raise e if isinstance(e, redis.RedisError) else (   # a socket's, as redis-py's
+                        redis.TimeoutError if isinstance(e, TimeoutError) else redis.ConnectionError
+                    )(f"Redis at {_mask(self.app.url)}: {e!r}")
 
     def _read(self):           # one reply: bulk, array, error, nil, integer, RESP3 boolean
         line = self.file.readline()
