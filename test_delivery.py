@@ -502,6 +502,47 @@ def test_6_a_delay_whose_reply_is_lost_is_one_task_in_redis(tmp_path, settings, 
         server.stop()
 
 
+def test_6c_a_delay_cut_off_midway_leaves_the_next_calls_their_own_replies(tmp_path):
+    """A KeyboardInterrupt while .delay() waits for its reply (Redis busy): the reply must not
+    be read as the next call's. The next .delay() is enqueued; one Redis refuses (OOM) raises."""
+    if not REDIS_SERVER:
+        pytest.skip("needs a redis-server binary")
+    server = RedisServer(_free_port(), str(tmp_path))
+    server.start()
+    url = f"redis://127.0.0.1:{server.port}/0"
+    admin = redis.Redis.from_url(url, socket_timeout=20)
+    old = signal.getsignal(signal.SIGALRM)
+    try:
+        app_ = WakaQ(queues=["default"], url=url)
+        task = app_.task(lost_reply.fn, name="cut_off")
+        task.delay(0)                                # connected, script loaded
+        busy = threading.Thread(target=lambda: redis.Redis.from_url(url).eval(
+            "local s = redis.call('TIME') repeat local n = redis.call('TIME') "
+            "until (n[1] - s[1]) * 1e6 + (n[2] - s[2]) > 500000", 0))   # Redis busy 0.5 s
+        busy.start()
+        time.sleep(0.1)
+
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGALRM, interrupt)
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        with pytest.raises(KeyboardInterrupt):
+            task.delay(1)                            # cut off while its reply is on the way
+        second = task.delay(2)                       # sent while Redis is still busy
+        busy.join(10)
+        admin.config_set("maxmemory", 1)
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            task.delay(3)                            # refused: must raise, not return an id
+        admin.config_set("maxmemory", 0)
+        queued = [json.loads(p) for p in admin.lrange(app_.default_queue.key, 0, -1)]
+        assert second in [m["id"] for m in queued] and [3] not in [m["args"] for m in queued]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        admin.close()
+        server.stop()
+
+
 @slow
 def test_6b_a_claim_whose_reply_is_lost_is_handed_out_again(r, spawn, tmp_path):
     """The child's claim (ack "first", claim "second") is applied while Redis stalls past the

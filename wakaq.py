@@ -814,12 +814,15 @@ class _Conn:
                 sent = True
                 meanwhile and meanwhile()
                 return self._read()
-            except (*_REFUSED, redis.ConnectionError, redis.TimeoutError, OSError) as e:
-                self.reset()
-                if attempt == self.retries or sent and not isinstance(e, _REFUSED):   # not resent
-                    raise e if isinstance(e, redis.RedisError) else (   # a socket's, as redis-py's
-                        redis.TimeoutError if isinstance(e, TimeoutError) else redis.ConnectionError
-                    )(f"Redis at {_mask(self.app.url)}: {e!r}")
+            except BaseException as e:
+                if isinstance(e, redis.ResponseError) and not isinstance(e, _REFUSED):
+                    raise                       # an error reply, read whole: still in step
+                self.reset()                    # cut off midway (KeyboardInterrupt too), or lost
+                if attempt == self.retries or sent and not isinstance(e, _REFUSED) or not \
+                        isinstance(e, (redis.RedisError, OSError)):    # a lost reply: not resent
+                    raise e if not isinstance(e, OSError) else (redis.TimeoutError if isinstance(
+                        e, socket.timeout) else redis.ConnectionError)(
+                        f"Redis at {_mask(self.app.url)}: {e!r}")
 
     def _read(self):           # one reply: bulk, array, error, nil, integer, RESP3 boolean
         line = self.file.readline()
@@ -832,8 +835,8 @@ class _Conn:
             return items if kind == b"*" else self._read()
         elif line[-2:] == b"\r\n" and kind in b"$*_:#":     # as RESP2 gives them: nil, integer
             return int(rest) if kind == b":" else 1 if rest == b"t" else None
-        raise self.conn._parser.parse_error(rest.decode()) if kind == b"-" else \
-            redis.ConnectionError(f"Redis closed the connection (read {line[:40]!r})")
+        raise self.conn._parser.parse_error(rest.decode(errors="replace")) if kind == b"-" else \
+            redis.ConnectionError(f"Redis closed the connection, or sent {line[:40]!r}")
 
     def reset(self):                 # dropping the file closes the socket
         self.conn, self.file = self.conn and self.conn.disconnect(), None
@@ -873,10 +876,9 @@ def _mem_percent(root="/sys/fs/cgroup", proc="/proc/self"):
 
 
 def _rss(pid):                     # resident set size in bytes (0 if the process is gone)
-    try:
+    with contextlib.suppress(OSError, ValueError, IndexError):
         return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+    return 0
 
 
 def _kill(pid, sig, group=False):      # and, with group, its process group; gone: fine
@@ -1390,10 +1392,9 @@ def _cmd_worker(app, args):
 
 
 def _msg(raw):       # a JSON object (payload, dead entry); missing keys are None
-    try:
+    with contextlib.suppress(ValueError, TypeError):
         return collections.defaultdict(lambda: None, json.loads(raw))
-    except (ValueError, TypeError):
-        return collections.defaultdict(lambda: None)
+    return collections.defaultdict(lambda: None)
 
 
 def _cmd_info(app, args):
