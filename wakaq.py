@@ -2,131 +2,302 @@
 
     python wakaq.py worker myapp:wakaq       # a parent that forks `concurrency` children
     python wakaq.py scheduler myapp:wakaq    # enqueues the app's CronTasks on time
-    python wakaq.py info myapp:wakaq         # queues, running, dead letters, workers
+    python wakaq.py info myapp:wakaq         # queues, workers, running, dead letters
+    python wakaq.py metrics myapp:wakaq      # Prometheus text at :9808/metrics
 
     wakaq = WakaQ(queues=["default"], url="redis://localhost:6379/0")
+
     @wakaq.task
     def send_email(to): ...
-    send_email.delay("bob@example.com", eta=60)        # returns the task id; eta: in a minute
+
+    send_email.delay("bob@example.com", eta=60)   # returns the task id; runs in a minute
+    wakaq.cancel(task_id)                          # "pending", "delayed", "running", "dead"
 
 Delivery is at least once: a task leaves Redis only after its attempt ends. A failed attempt
-(soft or hard timeout, the child or the whole worker dying) is retried while it has retries
-left, then dead-lettered with the reason. Any other exception is logged; the task is done.
+(soft or hard timeout, the child or the whole worker dying, an exception in `retry_on`) is
+retried while it has retries left, then dead-lettered with its reason. Any other exception
+is dead-lettered at once ("raised TYPE: message"), so `dead` shows it and can requeue it.
 
-Redis keys, all "{p}:..." with {p} = "{PREFIX}" (default "{wakaq}"): a hash tag, so all of an
-app's keys are in one Redis Cluster slot and every script runs on one node. Times: Redis's TIME.
-  {p}:q:{queue}      LIST  ready payloads, claimed from the left; pushed to the end, or to the
-                           front if a stop (or another's hard timeout) interrupted them.
-  {p}:ready          ZSET  the non-empty queues, name -> rank (0 first).
-  {p}:eta:{queue}    ZSET  delayed payloads (eta, retry_backoff, migrated), score = due time.
-  {p}:due            ZSET  "RANK:NAME" -> the queue's earliest due time; claims move due tasks.
-  {p}:wake:{queue}   LIST  wake-up tokens (<= 1,000) idle children BLPOP; pushes add them.
-  {p}:inflight:{wid} HASH  "S.K" -> the payload child slot S runs in sub-slot K, "S.K:t" -> its
-                           claim token, "S.K:s" -> its start time; "adopted:{wid}:..." fields.
-  {p}:workers        ZSET  worker id (HOST.PID.RANDOM) -> last heartbeat.
-  {p}:serve:{digest} SET   the queue names a worker serves (claims take only those).
-  {p}:bcast:{wid}    LIST  broadcasts for one worker: taken first every 50 ms, or when idle.
-  {p}:dead           LIST  dead letters: JSON {id, name, queue, attempts, reason, at, payload}.
-  {p}:cron:{digest}  STRING the last tick enqueued for one schedule (unix seconds).
-
-Soft timeouts: SIGALRM, armed (setitimer) with `in_task` set while a sync task runs (up to its
-after_task_finished hooks), raises SoftTimeout in the task's own code only: landing in logging,
-asyncio or wakaq, it traces the outermost such frame and raises as that returns. Async: wait_for.
-
-Payload: JSON {"id", "name", "queue", "retry", "args", "kwargs"} (+ "bcast": 1);
+REDIS KEYS. Every key is "{p}:..." with {p} = "{PREFIX}" (default "{wakaq}"): a hash tag, so
+all of an app's keys share one Redis Cluster slot and every script runs on one node. Key names
+are built by WakaQ._k in Python and from the prefix P in the scripts.
+  {p}:q:{queue}        LIST  ready payloads, claimed from the left. New, retried, due and cron
+                             tasks are pushed to the end; interrupted ones to the front.
+  {p}:eta:{queue}      ZSET  delayed payloads (eta, retry_backoff), score = due time.
+  {p}:ids:{queue}      HASH  id -> when it is (or becomes) ready, for every queued or delayed
+                             task: cancel's index and the latency gauge.
+  {p}:ready            ZSET  non-empty queues, name -> rank (0 is served first).
+  {p}:due              ZSET  "RANK:NAME" -> the queue's earliest due time; claims move due tasks.
+  {p}:wake:{queue}     LIST  wake-up tokens (at most 1,000) that idle children BLPOP; every
+  {p}:wake:{wid}       LIST  push adds some; a worker's own list wakes it for broadcasts.
+  {p}:inflight:{wid}   HASH  "S.K" -> the payload child slot S runs in sub-slot K, "S.K:t" ->
+                             its claim token "PID-N", "S.K:s" -> its start (Redis time);
+                             "adopted:{wid}:S.K" -> a dead worker's payloads, until released.
+  {p}:running          HASH  id -> "WID S.K TOKEN" of every task in flight (cancel's index).
+  {p}:cancelled        HASH  id -> when: cancelled, dropped when next claimed or released.
+  {p}:cancel:{wid}     SET   "S.K TOKEN": a worker's running attempts to cancel (each beat).
+  {p}:workers          ZSET  worker id (HOST.PID.RANDOM) -> last heartbeat.
+  {p}:served           HASH  worker id -> the queue names it serves, comma-separated.
+  {p}:serve:{digest}   SET   the queue names one set of workers serves (claims take only those).
+  {p}:bcast:{wid}      LIST  broadcasts for one worker, claimed before its queues.
+  {p}:dead             LIST  dead letters, oldest first (max_dead): JSON {id, name, queue,
+                             attempts, reason, at, payload}.
+  {p}:stats            HASH  counters for `metrics`: "n OUTCOME QUEUE TASK", "b BUCKET QUEUE
+                             TASK", "u QUEUE TASK" (microseconds), "e QUEUE" (enqueued).
+  {p}:cron:{digest}    STRING the last tick enqueued for one schedule (unix seconds).
+Payload: JSON {"id", "name", "queue", "retry", "args", "kwargs"} (+ "bcast": 1), "id" first;
 retry = failed attempts so far. Values beyond JSON travel as {"__wakaq__": TYPE, "v": ...}.
+
+THE WORKER. A parent runs no task code; it forks `concurrency` children and watches them:
+  parent  loop every 0.1 s: reap children, enforce deadlines, Redis duties (release a dead
+          child's tasks, heartbeat, adopt, cancels), check memory, fork missing children.
+          SIGTERM/SIGINT/SIGHUP: stop (1st: children finish their tasks; 2nd: kill them).
+  child   claim -> run -> ack with the next claim; idle: BLPOP the wake-up lists. SIGTERM:
+          finish the running tasks and exit 0. SIGUSR1: deliver a soft timeout or a cancel.
+Shared memory (mmap before fork): per sub-slot five doubles, written by the child as an
+attempt starts and ends: soft and hard deadline (monotonic; 0 none), the claim number N
+running, the claim number last finished (its ack waits for the next claim), and the claim
+number the parent asks to cancel. The parent SIGKILLs the child's process group at the hard
+deadline, and sends SIGUSR1 every tick past the soft one until the child clears it. A child
+whose parent is gone claims nothing more.
+
+CLOCKS. Anything compared across processes or hosts (heartbeats, due times, start times) uses
+Redis's TIME; deadlines inside one worker use time.monotonic(). The one exception: an eta
+given as a datetime is an absolute instant.
+
+LIFE OF AN ATTEMPT. enqueue (RPUSH, or ZADD if delayed) -> claim (_CLAIM: LPOP into the
+in-flight hash under a new token, indexed in running) -> run (_Child._run: hooks, wrapper,
+task) -> an _Outcome -> release (_RELEASE, or the next claim for a "done"): ack; requeue to
+the front ("interrupted": never started, or cut by a stop or another task's hard timeout;
+no retry spent); retry at the end or delayed (a failed attempt with retries left); dead
+letter; or drop (cancelled). A dead child's sub-slots are released by the parent by the same
+rule; a silent worker's in-flight hash is adopted by a live worker and released as died.
+
+SOFT TIMEOUTS AND CANCELS are raised only in the task's own code: the child's SIGUSR1 handler
+raises SoftTimeout or Cancelled when every frame between it and _call_task is the task's
+(none of logging, asyncio or wakaq); otherwise it returns and the parent signals again
+next tick. An async task is cancelled through its asyncio task instead. Both are dropped
+once the attempt has ended.
+
+Sections: errors and settings - serializer - Redis scripts - Redis connections - Queue,
+CronTask, Task - the app - logging - OS helpers - worker parent - worker child - scheduler -
+command line - compatibility with the original WakaQ.
 """
-import argparse, asyncio, base64, collections, contextlib, contextvars, decimal, functools, gc
-import hashlib, inspect, itertools, json, logging, mmap, os, random, re, select, signal, socket
-import importlib, struct, sys, threading, time, traceback, types
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import concurrent.futures
+import contextlib
+import contextvars
+import decimal
+import functools
+import gc
+import glob
+import hashlib
+import importlib
+import inspect
+import itertools
+import json
+import logging
+import mmap
+import os
+import random
+import re
+import select
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import types
 from datetime import date, datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Generic,
+    NamedTuple,
+    Optional,
+    TypeVar,
+    overload,
+)
 from zoneinfo import ZoneInfo
 
 import redis
 from croniter import croniter
 
-__version__ = "2.0.0"
-__all__ = ["WakaQ", "Queue", "CronTask", "Task", "SoftTimeout", "current_task", "WakaQError"]
+if TYPE_CHECKING or sys.version_info >= (3, 10):
+    from typing import ParamSpec
+else:  # Python 3.9 at run time: generic over a plain TypeVar
+    ParamSpec = TypeVar
+
+__version__ = "3.0.0"
+__all__ = [
+    # defining an app
+    "WakaQ",
+    "Queue",
+    "CronTask",
+    "Task",
+    # inside a task
+    "current_task",
+    "SoftTimeout",
+    "Cancelled",
+    "WakaQError",
+]
 
 log = logging.getLogger("wakaq")
+P = ParamSpec("P")
+R = TypeVar("R")
 
-WAKE_TOKENS = 1000        # wake-up tokens kept per queue at most
-DUE_BATCH = 1000          # delayed payloads moved per script call (bounded command time)
-BULK_CHUNK = 1000         # payloads per command in delay_many()
-TICK = 0.1                # worker parent loop period, seconds
-IDLE_WAIT = 5             # default wait_timeout: an idle child's longest BLPOP, seconds
-MAX_BACKOFF = 3600        # retry_backoff waits at most this, seconds
-PROMOTE = 0.05            # a busy child moves due delayed tasks at most this often, seconds
-CRON_CATCH_UP = 1800      # seconds: a missed cron tick older than this is not enqueued
+TICK = 0.1  # seconds: the worker parent's loop period
+IDLE_WAIT = 5.0  # seconds: default wait_timeout, an idle child's longest BLPOP
+PROMOTE = 0.05  # seconds: a busy child moves due delayed tasks at most this often
+BEAT = 1.0  # seconds: heartbeat period at most (also how fast a cancel reaches a worker)
+WAKE_TOKENS = 1000  # wake-up tokens kept per list at most
+DUE_BATCH = 1000  # delayed payloads moved per queue per claim
+ADOPT_BATCH = 500  # silent workers looked at per heartbeat, newest first
+BULK_CHUNK = 1000  # payloads per script call in delay_many()
+MAX_BACKOFF = 3600.0  # seconds: retry_backoff waits at most this
+CRON_CATCH_UP = 1800  # seconds: a missed cron tick older than this is not enqueued
+MAX_DEAD = 10_000  # default max_dead
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
+OUTCOMES = (
+    "done",
+    "raised",
+    "soft_timeout",
+    "hard_timeout",
+    "worker_died",
+    "cancelled",
+)
 
 
-# ===================================================================== errors and helpers
+# ============================================================================ errors and settings
+
 
 class WakaQError(Exception):
-    """Base class for the errors wakaq raises at runtime."""
+    """Raised when wakaq cannot do what was asked at run time (e.g. too few replicas)."""
 
 
 class SoftTimeout(WakaQError):
-    """Raised in a task at its soft timeout; an Exception (as in the original and Celery)."""
+    """Raised in a task at its soft timeout. An Exception, as in the original and Celery: a
+    task's own `except Exception` can swallow it; the hard timeout is then the backstop."""
+
+
+class Cancelled(WakaQError):
+    """Raised in a running task that wakaq.cancel(id) cancelled; it is not retried."""
+
+
+class _Stop(BaseException):
+    """Raised by a child's SIGTERM handler to leave a wait (an idle BLPOP, a backoff)."""
+
+
+class _Limits(NamedTuple):
+    soft: Optional[float]
+    hard: Optional[float]
+    retries: int
+    backoff: float
+    retry_on: tuple
+
+
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9_.\-]+\Z")  # \Z: "$" would let "q\n" through
+_LIMITS = ("soft_timeout", "hard_timeout", "max_retries", "retry_backoff", "retry_on")
 
 
 def _seconds(value, name):
+    """A duration as float seconds (int, float or timedelta); None stays None (unset)."""
     if isinstance(value, timedelta):
         value = value.total_seconds()
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be seconds or a timedelta, got {value!r}")
-    if value is not None and not 0 <= value < float("inf"):        # also refuses nan
+    if not 0 <= value < float("inf"):  # also refuses nan
         raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
-    return value if value is None else float(value)
+    return float(value)
 
 
 def _count(value, name, minimum=0):
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {value!r}")
-    if value is not None and value < minimum:
+    if value < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
     return value
 
 
-_Stop = type("_Stop", (BaseException,), {})    # a child's SIGTERM handler leaves an idle wait
-_Limits = collections.namedtuple("_Limits", "soft hard retries backoff")
-_QUEUE_NAME = re.compile(r"[A-Za-z0-9_.\-]+\Z")   # \Z: "$" would let "q\n" through
+def _exceptions(value, name):
+    """retry_on: a tuple of exception classes (one class is fine); None stays None."""
+    if value is None:
+        return None
+    value = (value,) if isinstance(value, type) else tuple(value)
+    for cls in value:
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+            raise TypeError(f"{name} must be exception classes, got {cls!r}")
+    return value
+
+
+def _set_limits(
+    obj,
+    where,
+    soft_timeout=None,
+    hard_timeout=None,
+    max_retries=None,
+    retry_backoff=None,
+    retry_on=None,
+):
+    """The settings a task, a queue and the app each may set (task, then queue, then app)."""
+    obj.soft_timeout = _seconds(soft_timeout, f"soft_timeout of {where}")
+    obj.hard_timeout = _seconds(hard_timeout, f"hard_timeout of {where}")
+    obj.max_retries = _count(max_retries, f"max_retries of {where}")
+    obj.retry_backoff = _seconds(retry_backoff, f"retry_backoff of {where}")
+    obj.retry_on = _exceptions(retry_on, f"retry_on of {where}")
 
 
 def _limits_for(app, task, queue):
     """Per setting, the first one set of the task's, the queue's and the app's."""
-    soft, hard, retries, backoff = (
-        next((getattr(x, a) for x in (task, queue, app) if getattr(x, a, None) is not None), None)
-        for a in ("soft_timeout", "hard_timeout", "max_retries", "retry_backoff"))
-    return _Limits(soft, hard, retries or 0, backoff or 0.0)
+
+    def first(name):
+        return next(
+            (getattr(x, name) for x in (task, queue, app) if getattr(x, name, None) is not None),
+            None,
+        )
+
+    soft, hard, retries, backoff, retry_on = map(first, _LIMITS)
+    return _Limits(soft, hard, retries or 0, backoff or 0.0, retry_on or ())
 
 
 def _check_timeouts(limits, where):
     if limits.soft is not None and limits.hard is not None and limits.hard <= limits.soft:
-        raise ValueError(f"{where}: hard_timeout ({limits.hard:g}s) must be greater than "
-                         f"soft_timeout ({limits.soft:g}s)")
-
-
-def _set_limits(obj, where, max_retries, *seconds):      # soft, hard timeout, retry_backoff
-    obj.max_retries = _count(max_retries, f"max_retries of {where}")
-    for name, value in zip(("soft_timeout", "hard_timeout", "retry_backoff"), seconds):
-        setattr(obj, name, _seconds(value, f"{name} of {where}"))
+        raise ValueError(
+            f"{where}: hard_timeout ({limits.hard:g}s) must be greater than "
+            f"soft_timeout ({limits.soft:g}s)"
+        )
 
 
 def _concurrency(value, cores=None, name="concurrency"):
-    """An int, or arithmetic of `cores` such as "cores*2" or "cores - 1" (at least 1)."""
+    """An int (at least 1), or arithmetic of `cores` such as "cores*2" or "cores - 1" (then at
+    least 1, so that "cores - 1" on a one-core host is one child, not an error)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise TypeError(f"{name} must be an int or an expression of cores, got {value!r}")
-    try:        # eval of this alphabet (no names but cores, no "**") is safe
-        if not re.fullmatch(r"(cores\b|[\d.]+|[-+*/ ()])+", str(value)) or "**" in str(value):
+    if isinstance(value, int):
+        return _count(value, name, 1)
+    try:  # eval of this alphabet (no names but cores, no "**") is safe
+        if not re.fullmatch(r"(cores\b|[\d.]+|[-+*/ ()])+", value) or "**" in value:
             raise ValueError("only numbers, `cores`, parentheses and + - * / // are allowed")
-        n = int(eval(str(value), {"__builtins__": {}}, {"cores": cores or os.cpu_count() or 1}))
-    except Exception as e:        # SyntaxError, ArithmeticError, TypeError ("2(3)"), ...
+        n = int(eval(value, {"__builtins__": {}}, {"cores": cores or os.cpu_count() or 1}))
+    except Exception as e:  # SyntaxError, ArithmeticError, TypeError ("2(3)"), ...
         raise ValueError(f"bad {name} expression {value!r}: {e}") from None
-    if n < 1:
-        raise ValueError(f"{name} must come to at least 1, got {value!r} = {n}")
-    return n
+    return max(n, 1)
 
 
 def _import_app(spec):
@@ -139,42 +310,60 @@ def _import_app(spec):
     except AttributeError:
         if ":" in spec:
             raise
-        obj = importlib.import_module(spec)          # "examples.tasks": a module
-    if type(obj) is type(sys):                       # "examples.tasks": forgot ":wakaq"
+        obj = importlib.import_module(spec)  # "examples.tasks": a module
+    if isinstance(obj, types.ModuleType):  # "examples.tasks": forgot ":wakaq"
         names = [k for k, v in vars(obj).items() if type(v).__name__ == "WakaQ"] or ["APP"]
         raise ValueError(f"{spec} is a module; name its WakaQ: {obj.__name__}:{names[0]}")
-    if not isinstance(obj, WakaQ):
-        kind, other = type(obj).__name__, sys.modules.get(type(obj).__module__, sys)
-        raise TypeError(f"{spec} is a {kind}, not a WakaQ" if kind != "WakaQ" else
-                        f"{spec} is a WakaQ of another copy of wakaq ({other.__file__}), not "
-                        f"of this one ({__file__}): run python -m {other.__name__}")
-    return obj
+    if isinstance(obj, WakaQ):
+        return obj
+    kind, other = type(obj).__name__, sys.modules.get(type(obj).__module__, sys)
+    if kind != "WakaQ":
+        raise TypeError(f"{spec} is a {kind}, not a WakaQ")
+    raise TypeError(
+        f"{spec} is a WakaQ of another copy of wakaq ({other.__file__}), not of this one "
+        f"({__file__}): run python -m {other.__name__}"
+    )
 
 
-# ===================================================================== serializer
+# ============================================================================ serializer
 
 _TAG = "__wakaq__"
+
+
+def _naive_utc(o):
+    return o if o.tzinfo is None else o.astimezone(timezone.utc).replace(tzinfo=None)
+
+
 _TYPES = {  # TYPE: (Python types, encode, decode); datetime first (a datetime is a date)
-    "datetime": (datetime, lambda o: (o if o.tzinfo is None else o.astimezone(  # naive: UTC
-        timezone.utc).replace(tzinfo=None)).isoformat(), datetime.fromisoformat),
+    "datetime": (datetime, lambda o: _naive_utc(o).isoformat(), datetime.fromisoformat),
     "date": (date, date.isoformat, date.fromisoformat),
-    "timedelta": (timedelta, lambda o: [o.days, o.seconds, o.microseconds],
-                  lambda v: timedelta(*v)),
+    "timedelta": (
+        timedelta,
+        lambda o: [o.days, o.seconds, o.microseconds],
+        lambda v: timedelta(*v),
+    ),
     "decimal": (decimal.Decimal, str, decimal.Decimal),
-    "bytes": ((bytes, bytearray), lambda o: base64.b64encode(o).decode(), base64.b64decode)}
+    "bytes": (
+        (bytes, bytearray),
+        lambda o: base64.b64encode(o).decode(),
+        base64.b64decode,
+    ),
+}
 # What decoding hostile bytes may raise (e.g. binascii.Error, decimal.InvalidOperation).
 _BAD_PAYLOAD = (ValueError, TypeError, KeyError, RecursionError, ArithmeticError)
 
 
 def _encode(o):
-    """json.dumps default=: the types we carry beyond JSON; anything else is a TypeError."""
+    """json default=: the types we carry beyond JSON; anything else is a TypeError."""
     for tag, (kind, encode, _) in _TYPES.items():
         if isinstance(o, kind):
             return {_TAG: tag, "v": encode(o)}
     if isinstance(o, (set, frozenset)):
         return list(o)
-    raise TypeError(f"wakaq cannot serialize {type(o).__name__} value {o!r:.80}; "
-                    "pass JSON types, datetime, date, timedelta, Decimal, bytes, set or tuple")
+    raise TypeError(
+        f"wakaq cannot serialize {type(o).__name__} value {o!r:.80}; pass JSON types, "
+        "datetime, date, timedelta, Decimal, bytes, set or tuple"
+    )
 
 
 def _decode(d):
@@ -182,26 +371,43 @@ def _decode(d):
     return _TYPES[d[_TAG]][2](d["v"]) if _TAG in d else d
 
 
-# Compact JSON; the C encoder built once (JSONEncoder.encode builds it per call: twice the cost
-# of a small payload). Circular values raise RecursionError.
-_encoder = json.encoder.c_make_encoder(None, _encode, json.encoder.encode_basestring_ascii,
-                                       None, ":", ",", False, False, True)     # CPython's C one
-_dumps = lambda o: "".join(_encoder(o, 0))
+# Compact JSON through CPython's C encoder, built once (json.dumps builds one per call, twice
+# the cost of a small payload). Circular values raise RecursionError.
+_encoder = json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+    None,
+    _encode,
+    json.encoder.encode_basestring_ascii,
+    None,
+    ":",
+    ",",
+    False,
+    False,
+    True,
+)
+
+
+def _dumps(o):
+    return "".join(_encoder(o, 0))
 
 
 def _loads(raw):
     """Decode a payload; object_hook only when a tag is present (it slows every dict)."""
-    raw = raw.decode() if isinstance(raw, bytes) else raw      # UTF-8, as _dumps writes it
+    raw = raw.decode() if isinstance(raw, bytes) else raw
     return json.loads(raw, object_hook=_decode if _TAG in raw else None)
 
 
 def _loads_msg(raw, decode=True):
     """A task payload, checked for shape, or one of _BAD_PAYLOAD; decode=False: keep tags."""
     msg = _loads(raw) if decode else json.loads(raw)
-    if not (isinstance(msg, dict) and isinstance(msg.get("id"), str)
-            and isinstance(msg.get("name"), str) and isinstance(msg.get("queue"), str)
-            and type(msg.get("retry")) is int and isinstance(msg.get("args"), list)
-            and isinstance(msg.get("kwargs"), dict)):
+    shape = {
+        "id": str,
+        "name": str,
+        "queue": str,
+        "retry": int,
+        "args": list,
+        "kwargs": dict,
+    }
+    if not isinstance(msg, dict) or any(type(msg.get(k)) is not t for k, t in shape.items()):
         raise ValueError("not a wakaq payload (need id, name, queue, retry, args, kwargs)")
     return msg
 
@@ -218,37 +424,575 @@ def _check_keys(o):
             _check_keys(v)
 
 
-def _after_fork():
-    """Per process: _new_id() (a random prefix + a counter: no syscall) and _local (per thread)."""
-    global _new_id, _local
-    prefix, counter, _local = os.urandom(8).hex(), itertools.count(), threading.local()
-    _new_id = lambda: f"{prefix}{next(counter):x}"
+class _Ids:
+    """Task ids: a random prefix per process and a counter (no system call per id)."""
+
+    def __init__(self):
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self):
+        self.prefix, self.counter = os.urandom(8).hex(), itertools.count()
+
+    def new(self):
+        return f"{self.prefix}{next(self.counter):x}"
 
 
-_after_fork()
-os.register_at_fork(after_in_child=_after_fork)
+_ids = _Ids()
 
 
-# ===================================================================== Queue, CronTask, Task
+# ============================================================================ Redis scripts
+
+# Shared by every script. P is the app's key prefix "{prefix}"; every key is P .. ':...'.
+_LUA_LIB = """
+local BUCKETS = {%(buckets)s}
+
+-- Redis's clock, in seconds.
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1e6
+end
+
+-- Add up to n wake-up tokens to the wake list `key` (at most %(wake)d there).
+local function wake(key, n)
+  local tokens = {}
+  for i = 1, math.min(n, %(wake)d - redis.call('LLEN', key)) do tokens[i] = '1' end
+  if #tokens > 0 then redis.call('RPUSH', key, unpack(tokens)) end
+end
+
+-- The id that starts every payload: {"id":"ID",...
+local function id_of(payload)
+  return string.match(payload, '^{"id":"([^"]*)"') or ''
+end
+
+-- Queue `payload` on `queue` (of rank `rank`): at the 'back' or 'front' of its list, or
+-- 'delay'ed until `due`. The id index records when it is (or becomes) ready.
+local function push(P, queue, rank, payload, where, due)
+  if where == 'delay' then
+    redis.call('ZADD', P .. ':eta:' .. queue, due, payload)
+    -- A new earliest due time: wake idle children, so that they wait until then.
+    if redis.call('ZADD', P .. ':due', 'LT', 'CH', due, rank .. ':' .. queue) == 1 then
+      wake(P .. ':wake:' .. queue, 3)
+    end
+  else
+    redis.call(where == 'front' and 'LPUSH' or 'RPUSH', P .. ':q:' .. queue, payload)
+    redis.call('ZADD', P .. ':ready', rank, queue)
+    wake(P .. ':wake:' .. queue, 1)
+  end
+  redis.call('HSET', P .. ':ids:' .. queue, id_of(payload), due)
+end
+
+-- Count an attempt's outcome for `metrics`, and its duration if known.
+local function count(P, outcome, queue, task, seconds)
+  local stats = P .. ':stats'
+  redis.call('HINCRBY', stats, 'n ' .. outcome .. ' ' .. queue .. ' ' .. task, 1)
+  if seconds == '' then return end
+  local s, bucket = tonumber(seconds), #BUCKETS + 1
+  for i, le in ipairs(BUCKETS) do
+    if s <= le then bucket = i; break end
+  end
+  redis.call('HINCRBY', stats, 'b ' .. bucket .. ' ' .. queue .. ' ' .. task, 1)
+  redis.call('HINCRBY', stats, 'u ' .. queue .. ' ' .. task, math.floor(s * 1e6))
+end
+
+-- Append a dead letter, keeping at most max_dead (0: no limit). -> how many were dropped.
+local function bury(P, entry, max_dead)
+  local n = redis.call('RPUSH', P .. ':dead', entry)
+  if max_dead == 0 or n <= max_dead then return 0 end
+  redis.call('LTRIM', P .. ':dead', n - max_dead, -1)
+  return n - max_dead
+end
+
+-- The one release: end the attempt in `field` of in-flight hash `inflight` if it still holds
+-- `token` (a late or repeated release changes nothing), then by `where`: '' ack, 'front',
+-- 'back' or 'delay' queue `value` again (a broadcast goes back to worker `bcast`'s list),
+-- 'dead' append the dead letter `value`, 'drop' nothing. A task cancelled meanwhile is
+-- dropped, whatever `where` says. ARGV[i..i+12] as named below. -> {released, dropped}.
+local function release(P, inflight, i, t)
+  local field, token, id, where, value = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local queue, rank, delay, outcome = ARGV[i + 5], ARGV[i + 6], tonumber(ARGV[i + 7]), ARGV[i + 8]
+  local task, seconds, bcast, max_dead = ARGV[i + 9], ARGV[i + 10], ARGV[i + 11], tonumber(ARGV[i + 12])
+  -- Still ours? Then forget it: in flight, and in the running index.
+  if token ~= '' and redis.call('HGET', inflight, field .. ':t') ~= token then return {0, 0} end
+  if redis.call('HDEL', inflight, field, field .. ':t', field .. ':s') == 0 then return {0, 0} end
+  redis.call('HDEL', P .. ':running', id)
+  if outcome ~= '' then count(P, outcome, queue, task, seconds) end
+  -- Cancelled while in flight: nothing more runs.
+  if redis.call('HDEL', P .. ':cancelled', id) == 1 and where ~= '' then
+    if outcome ~= 'cancelled' then count(P, 'cancelled', queue, task, '') end
+    return {1, 0}
+  end
+  if where == 'dead' then
+    count(P, 'dead', queue, task, '')
+    return {1, bury(P, value, max_dead)}
+  elseif where == 'front' or where == 'back' or where == 'delay' then
+    if outcome ~= '' then count(P, 'retried', queue, task, '') end
+    if bcast ~= '' then
+      redis.call(where == 'front' and 'LPUSH' or 'RPUSH', P .. ':bcast:' .. bcast, value)
+      wake(P .. ':wake:' .. bcast, 1)
+    else
+      push(P, queue, rank, value, where, t + delay)
+    end
+  end
+  return {1, 0}
+end
+""" % {"buckets": ", ".join(map(str, BUCKETS)), "wake": WAKE_TOKENS}
+
+
+class _Script:
+    """A Lua script: EVALSHA, or EVAL if Redis lost it. allow_oom: it may write when Redis is
+    full (Redis 7), so that workers drain a full Redis."""
+
+    def __init__(self, source, allow_oom=False):
+        self.source = ("#!lua flags=allow-oom\n" if allow_oom else "") + _LUA_LIB + source
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+    def __call__(self, r, keys, args, **kw):  # kw: for a _Conn
+        try:
+            return r.execute_command("EVALSHA", self.sha, len(keys), *keys, *args, **kw)
+        except redis.exceptions.NoScriptError:
+            return r.execute_command("EVAL", self.source, len(keys), *keys, *args, **kw)
+
+
+# New tasks, and cron ticks (once per tick across schedulers).
+# KEYS: the queue's list[, the schedule's cron record]. ARGV: rank, queue, mode ("" now, "in"
+# seconds from now, "at" unix time, "cron" now), when (seconds, unix time, or the tick),
+# payloads... -> how many were queued (0: the tick was enqueued already).
+_ENQUEUE = _Script("""
+local P = string.match(KEYS[1], '^(.-):q:')
+local rank, queue, mode, when = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local first, n, t = 5, #ARGV - 4, now()
+-- A cron tick: only if no scheduler enqueued it (or a later one) yet.
+if mode == 'cron' then
+  if tonumber(redis.call('GET', KEYS[2]) or 0) >= when then return 0 end
+  redis.call('SET', KEYS[2], when)
+end
+local due = mode == 'in' and t + when or mode == 'at' and when or t
+if due > t then
+  -- Delayed: 1 microsecond apart, so that they come due in order.
+  for i = first, #ARGV do push(P, queue, rank, ARGV[i], 'delay', due + (i - first) / 1e6) end
+else
+  -- Ready now: one push for all, indexed by id, with a wake-up token each.
+  redis.call('RPUSH', P .. ':q:' .. queue, unpack(ARGV, first))
+  redis.call('ZADD', P .. ':ready', rank, queue)
+  wake(P .. ':wake:' .. queue, n)
+  local index = {}
+  for i = first, #ARGV do index[#index + 1] = id_of(ARGV[i]); index[#index + 1] = t end
+  redis.call('HSET', P .. ':ids:' .. queue, unpack(index))
+end
+redis.call('HINCRBY', P .. ':stats', 'e ' .. queue, n)
+return n
+""")
+
+# The hot path: release the field's previous attempt, then claim the next task for it.
+# KEYS: our in-flight hash, the served set. ARGV: new token, promote ('p': move due delayed
+# tasks and look at broadcasts first), a queue to try first ('' none), then the release of
+# the field's previous attempt (13 values, see release; its field is the one claimed).
+# -> the payload; or, nothing to claim, ms to the next due task (-1: none).
+_CLAIM = _Script(
+    """
+local inflight, served = KEYS[1], KEYS[2]
+local P, wid = string.match(inflight, '^(.-):inflight:(.*)$')
+local new_token, promote, top = ARGV[1], ARGV[2] == 'p', ARGV[3]
+local field, done_token = ARGV[4], ARGV[5]
+local t = now()
+local payload = false
+
+-- 1. The field holds a claim that is not the one the child finished (its reply was lost,
+--    or a dead child claimed late): hand it out again under the new token, unless cancelled.
+local held = redis.call('HGET', inflight, field .. ':t')
+if held and held ~= done_token then
+  payload = redis.call('HGET', inflight, field)
+  if redis.call('HDEL', P .. ':cancelled', id_of(payload)) == 0 then
+    redis.call('HSET', inflight, field .. ':t', new_token)
+    redis.call('HSET', P .. ':running', id_of(payload), wid .. ' ' .. field .. ' ' .. new_token)
+    return payload
+  end
+  redis.call('HDEL', inflight, field, field .. ':t', field .. ':s')
+  redis.call('HDEL', P .. ':running', id_of(payload))
+  payload = false
+elseif held then
+  -- 2. The previous attempt ended: release it as the child decided (an ack, counted).
+  release(P, inflight, 4, t)
+end
+
+-- 3. An adopted (unregistered) worker claims nothing.
+if not redis.call('ZSCORE', P .. ':workers', wid) then return -1 end
+
+-- 4. Every PROMOTE seconds: move due delayed tasks of up to 10 queues to their lists.
+if promote then
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', P .. ':due', '-inf', t, 'LIMIT', 0, 10)) do
+    local rank, queue = string.match(member, '^(%%d+):(.*)$')
+    local delayed = P .. ':eta:' .. queue
+    local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', t, 'LIMIT', 0, %(batch)d)
+    if #due > 0 then
+      redis.call('RPUSH', P .. ':q:' .. queue, unpack(due))
+      redis.call('ZREM', delayed, unpack(due))
+      redis.call('ZADD', P .. ':ready', rank, queue)
+      wake(P .. ':wake:' .. queue, #due)
+    end
+    local next_due = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')[2]
+    if next_due then
+      redis.call('ZADD', P .. ':due', next_due, member)
+    else
+      redis.call('ZREM', P .. ':due', member)
+    end
+  end
+  payload = redis.call('LPOP', P .. ':bcast:' .. wid)
+end
+
+-- 5. The first task of the best-ranked served queue; cancelled ones are dropped here.
+local function pop(queue)
+  while true do
+    local p = redis.call('LPOP', P .. ':q:' .. queue)
+    if not p then return false end
+    local id = id_of(p)
+    redis.call('HDEL', P .. ':ids:' .. queue, id)
+    if redis.call('HDEL', P .. ':cancelled', id) == 0 then return p end
+    count(P, 'cancelled', queue, string.match(p, '"name":"([^"]*)"') or '?', '')
+  end
+end
+if not payload and top ~= '' then payload = pop(top) end
+local start = 0
+while not payload do
+  local names = redis.call('ZRANGE', P .. ':ready', start, start + 15)
+  if #names == 0 then break end
+  for _, queue in ipairs(names) do
+    if redis.call('SISMEMBER', served, queue) == 1 then
+      payload = pop(queue)
+      if payload then break end
+      redis.call('ZREM', P .. ':ready', queue)
+      start = start - 1
+    end
+  end
+  start = start + #names
+end
+payload = payload or redis.call('LPOP', P .. ':bcast:' .. wid)
+
+-- 6. Nothing: drop stale wake-ups, say when the next delayed task comes due.
+if not payload then
+  local lists = {P .. ':wake:' .. wid}
+  for _, queue in ipairs(redis.call('SMEMBERS', served)) do lists[#lists + 1] = P .. ':wake:' .. queue end
+  redis.call('DEL', unpack(lists))
+  local first_due = redis.call('ZRANGE', P .. ':due', 0, 0, 'WITHSCORES')[2]
+  return first_due and math.max(0, (tonumber(first_due) - t) * 1000) or -1
+end
+
+-- 7. In flight under the new token, indexed for cancel.
+redis.call('HSET', inflight, field, payload, field .. ':t', new_token, field .. ':s', t)
+redis.call('HSET', P .. ':running', id_of(payload), wid .. ' ' .. field .. ' ' .. new_token)
+return payload
+"""
+    % {"batch": DUE_BATCH},
+    allow_oom=True,
+)
+
+# An attempt's release outside a claim. KEYS: our in-flight hash. ARGV: the release (13).
+_RELEASE = _Script(
+    """
+local P = string.match(KEYS[1], '^(.-):inflight:')
+return release(P, KEYS[1], 1, now())
+""",
+    allow_oom=True,
+)
+
+# The heartbeat. KEYS: workers, our in-flight hash, our served set. ARGV: our worker id,
+# heartbeat_timeout, may adopt ('1': we were connected that long), served names...
+# -> {fields to cancel, {worker, tasks taken, ...}, silent workers cleared, adopted fields}
+_BEAT = _Script(
+    """
+local workers, inflight, served = KEYS[1], KEYS[2], KEYS[3]
+local wid, timeout, may_adopt = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
+local P = string.match(inflight, '^(.-):inflight:')
+local t = now()
+-- 1. We are alive, and serve these queues.
+redis.call('ZADD', workers, t, wid)
+redis.call('SADD', served, unpack(ARGV, 4))
+redis.call('HSET', P .. ':served', wid, table.concat(ARGV, ',', 4))
+-- 2. Running attempts of ours that wakaq.cancel() asked to stop.
+local cancels = redis.call('SMEMBERS', P .. ':cancel:' .. wid)
+if #cancels > 0 then redis.call('DEL', P .. ':cancel:' .. wid) end
+-- 3. Silent workers, newest first: take their tasks and broadcasts as our "adopted:" fields
+--    (the parent releases them as died); a silent worker without any is just cleared.
+local adopted, cleared = {}, 0
+if may_adopt then
+  local silent = redis.call('ZREVRANGEBYSCORE', workers, t - timeout, '-inf', 'LIMIT', 0, %(batch)d)
+  for _, w in ipairs(silent) do
+    local held = redis.call('HGETALL', P .. ':inflight:' .. w)
+    for i, payload in ipairs(redis.call('LRANGE', P .. ':bcast:' .. w, 0, -1)) do
+      held[#held + 1], held[#held + 2] = 'b' .. i, payload
+    end
+    local n = 0
+    for i = 1, #held, 2 do
+      redis.call('HSET', inflight, 'adopted:' .. w .. ':' .. held[i], held[i + 1])
+      if not string.find(held[i], ':') then n = n + 1 end
+    end
+    if n > 0 then
+      adopted[#adopted + 1], adopted[#adopted + 2] = w, n
+    else
+      cleared = cleared + 1
+    end
+    redis.call('ZREM', workers, w)
+    redis.call('HDEL', P .. ':served', w)
+    local keys = {'inflight', 'bcast', 'wake', 'cancel'}
+    for i, kind in ipairs(keys) do keys[i] = P .. ':' .. kind .. ':' .. w end
+    redis.call('DEL', unpack(keys))
+  end
+end
+-- 4. Adopted fields still waiting for their release.
+local waiting = {}
+for _, f in ipairs(redis.call('HKEYS', inflight)) do
+  if string.sub(f, 1, 8) == 'adopted:' and not string.find(f, ':[ts]$') then
+    waiting[#waiting + 1] = f
+  end
+end
+return {cancels, adopted, cleared, waiting}
+"""
+    % {"batch": ADOPT_BATCH},
+    allow_oom=True,
+)
+
+# KEYS: workers. ARGV: seconds, payload. To every worker heard from in those seconds.
+_BROADCAST = _Script("""
+local P = string.match(KEYS[1], '^(.-):workers$')
+local recent = redis.call('ZRANGEBYSCORE', KEYS[1], now() - tonumber(ARGV[1]), '+inf')
+for _, w in ipairs(recent) do
+  redis.call('RPUSH', P .. ':bcast:' .. w, ARGV[2])
+  wake(P .. ':wake:' .. w, 1)
+end
+return #recent
+""")
+
+# KEYS: the running index. ARGV: id, the app's queue names... -> 'running', 'delayed',
+# 'pending' or false. A queued task is dropped when claimed; a running one is interrupted by
+# its worker (the next beat) and dropped at its release.
+_CANCEL = _Script("""
+local P = string.match(KEYS[1], '^(.-):running$')
+local id, t = ARGV[1], now()
+local holder = redis.call('HGET', KEYS[1], id)
+if holder then
+  local wid, field, token = string.match(holder, '^(%S+) (%S+) (%S+)$')
+  redis.call('HSET', P .. ':cancelled', id, t)
+  redis.call('SADD', P .. ':cancel:' .. wid, field .. ' ' .. token)
+  return 'running'
+end
+for i = 2, #ARGV do
+  local ready_at = redis.call('HGET', P .. ':ids:' .. ARGV[i], id)
+  if ready_at then
+    redis.call('HDEL', P .. ':ids:' .. ARGV[i], id)
+    redis.call('HSET', P .. ':cancelled', id, t)
+    return tonumber(ready_at) > t and 'delayed' or 'pending'
+  end
+end
+return false
+""")
+
+# Moves payloads from a list or zset to a queue, delayed set or the dead letters (dead
+# --requeue, migrate). KEYS: the source. ARGV: 'list' or 'zset', rank, queue, then triples
+# (raw, due, payload): if raw is still in the source, remove it and push payload: due '' to
+# the queue, 'dead' to the dead letters, else delayed until due. -> how many moved.
+_MOVE = _Script("""
+local P = string.match(KEYS[2], '^(.-):')
+local kind, rank, queue, t = ARGV[1], ARGV[2], ARGV[3], now()
+local n = 0
+for i = 4, #ARGV, 3 do
+  local raw, due, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local removed = kind == 'list' and redis.call('LREM', KEYS[1], 1, raw) or redis.call('ZREM', KEYS[1], raw)
+  if removed == 1 then
+    n = n + 1
+    if due == 'dead' then
+      bury(P, payload, 0)
+    elseif due == '' then
+      push(P, queue, rank, payload, 'back', t)
+    else
+      push(P, queue, rank, payload, 'delay', tonumber(due))
+    end
+  end
+end
+return n
+""")
+
+
+# ============================================================================ Redis connections
+
+# Errors after which a connection is dropped and made anew: an outage, or a topology change
+# (a failover demoted the master: READONLY; a Cluster slot moved: MOVED).
+_RECONNECT = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.MovedError,
+)
+_REFUSED = (redis.exceptions.ReadOnlyError, redis.exceptions.MovedError)  # not applied
+
+
+def _pack(args):
+    """RESP bulk strings, as redis-py's packer writes them, at a third of its cost."""
+    args = [a if type(a) is bytes else str(a).encode() for a in args]
+    return b"".join([b"$%d\r\n%s\r\n" % (len(a), a) for a in args])
+
+
+class _Conn:
+    """One connection outside redis-py's pool, for the child's claims and for .delay():
+    commands are packed here (a script's name and keys once per connection), replies are
+    read by redis-py's parser (hiredis when installed). `resend`: a command Redis refused
+    (READONLY, MOVED) or that could not be sent goes once more on a new connection; one
+    whose reply was lost is never resent, so a write is not applied twice."""
+
+    def __init__(self, app, resend=False):
+        self.app, self.resend, self.conn, self.heads = app, resend, None, {}
+
+    def execute_command(self, *args, meanwhile=None):
+        """Send, run meanwhile() while Redis works, read the reply."""
+        n = 3 + args[2] if args[0] == "EVALSHA" else 0
+        head = self.heads.get(args[:n]) or self.heads.setdefault(args[:n], _pack(args[:n]))
+        data = b"*%d\r\n%s%s" % (len(args), head, _pack(args[n:]))
+        for attempt in range(2 if self.resend else 1):
+            try:
+                self._send(data)
+            except (redis.ConnectionError, *_REFUSED):
+                self.reset()
+                if attempt or not self.resend:
+                    raise
+                continue
+            try:
+                if meanwhile:
+                    meanwhile()
+                return self.conn.read_response()
+            except _REFUSED:
+                self.reset()
+                if attempt or not self.resend:
+                    raise
+            except redis.ResponseError:
+                raise  # an error reply, read whole: the connection is still in step
+            except BaseException:
+                self.reset()  # cut off midway, or lost: never read a stale reply later
+                raise
+
+    def _send(self, data):
+        if self.conn is None:
+            client = self.app._client(retries=0, blocking=not self.resend)
+            self.conn = client.connection_pool.make_connection()
+            self.conn.connect()  # a Sentinel's connection asks for the master here
+        elif self.resend and self.conn.can_read(timeout=0):  # closed by Redis meanwhile
+            raise redis.ConnectionError("the connection was closed")
+        self.conn.send_packed_command([data])
+
+    def reset(self):
+        if self.conn is not None:
+            self.conn.disconnect()
+        self.conn = None
+        self.app._drop_client()  # a Cluster slot may have moved
+
+
+class _Outage:
+    """The one outage rule, for every process: an episode begins with the first Redis step
+    that fails and ends with the next one that succeeds (a real command, not a PING). Each
+    kind of failure is logged once per episode: a lost connection as "lost Redis", an error
+    reply as that error. Retries back off from 0.1 s to `cap` seconds."""
+
+    def __init__(self, who, cap=5.0):
+        self.who, self.cap, self.delay, self.seen = who, cap, 0.0, set()
+
+    def failed(self, e):
+        """Log e once per kind per episode; -> seconds to wait before the next try."""
+        lost = isinstance(e, (redis.ConnectionError, redis.TimeoutError))
+        kind = "lost" if lost else type(e).__name__
+        if kind not in self.seen:
+            self.seen.add(kind)
+            if lost:
+                log.warning("%s lost Redis (%s); retrying with backoff", self.who, e)
+            else:
+                log.warning(
+                    "%s: Redis refused (%s: %s); retrying with backoff",
+                    self.who,
+                    kind,
+                    e,
+                )
+        self.delay = min(max(self.delay * 2, 0.1), self.cap)
+        return self.delay
+
+    def ok(self):
+        if self.seen:
+            log.info("%s: Redis answers again", self.who)
+        self.seen.clear()
+        self.delay = 0.0
+
+
+def _sentinel_master(url, kw):
+    """redis+sentinel://[user:pass@]host:port[,...]/SERVICE[/DB]: SERVICE's master, now or later."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    service, _, db = parts.path.strip("/").partition("/")
+    if not service or "/" in db:
+        raise ValueError(f"want redis+sentinel://host:port[,...]/SERVICE[/DB], got {_mask(url)!r}")
+    hosts = [
+        (h.partition(":")[0], int(h.partition(":")[2] or 26379))
+        for h in parts.netloc.rpartition("@")[2].split(",")
+    ]
+    del kw["retry"]
+    sentinel = redis.Sentinel(
+        hosts, sentinel_kwargs={"socket_timeout": kw["socket_connect_timeout"]}, **kw
+    )
+    username, password = unquote(parts.username or ""), unquote(parts.password or "")
+    return sentinel.master_for(service, db=int(db or 0), username=username, password=password)
+
+
+def _mask(url):
+    """The URL with its password (user:PASSWORD@, ?password=) as ***."""
+    return re.sub(
+        r"(://[^:/@]*:)[^/]*@|(password=)[^&]*",
+        lambda m: f"{m[1]}***@" if m[1] else "password=***",
+        str(url),
+    )
+
+
+# ============================================================================ Queue, CronTask, Task
+
 
 class Queue:
     """A named list of tasks. Lower priority number = served first."""
 
-    def __init__(self, name, priority=None, max_retries=None, soft_timeout=None,
-                 hard_timeout=None, retry_backoff=None, prefix="wakaq"):
+    def __init__(
+        self,
+        name: str,
+        priority: Optional[int] = None,
+        max_retries: Optional[int] = None,
+        soft_timeout: Any = None,
+        hard_timeout: Any = None,
+        retry_backoff: Any = None,
+        retry_on: Any = None,
+        prefix: str = "wakaq",
+    ):
         if not isinstance(name, str) or not _QUEUE_NAME.match(name):
             raise ValueError(f"queue name must be letters, digits, _ . or -, got {name!r}")
-        self.prefix = re.sub(r"[^A-Za-z0-9_.\-]", "", prefix or "wakaq")  # the original's, migrate
-        self.name, self.priority = name, _count(priority, f"priority of queue {name!r}", -2**31)
-        _set_limits(self, f"queue {name!r}", max_retries, soft_timeout, hard_timeout, retry_backoff)
+        self.name, self.priority = (
+            name,
+            _count(priority, f"priority of queue {name!r}", -(2**31)),
+        )
+        # The original WakaQ's key prefix of this queue: where `migrate` looks.
+        self.prefix = re.sub(r"[^A-Za-z0-9_.\-]", "", prefix or "wakaq")
+        where = f"queue {name!r}"
+        _set_limits(
+            self,
+            where,
+            soft_timeout,
+            hard_timeout,
+            max_retries,
+            retry_backoff,
+            retry_on,
+        )
 
 
 def _coerce_queue(q):
-    if isinstance(q, (tuple, list)) and len(q) == 2:    # the original's (name, priority) too
+    if isinstance(q, (tuple, list)) and len(q) == 2:  # the original's (name, priority) too
         return Queue(*q) if isinstance(q[0], str) else Queue(q[1], priority=q[0])
-    if not isinstance(q, (Queue, str)):
+    if isinstance(q, str):
+        return Queue(q)
+    if not isinstance(q, Queue):
         raise TypeError(f"a queue is a Queue, a (priority, name) tuple or a name, got {q!r}")
-    return Queue(q) if isinstance(q, str) else q
+    return q
 
 
 class CronTask:
@@ -256,62 +1000,152 @@ class CronTask:
     or 6 with seconds LAST ("* * * * * */10": every 10 s). Time zones, missed ticks: _due."""
 
     def __init__(self, schedule, task_name, queue=None, args=None, kwargs=None):
-        if not isinstance(schedule, str) or len(schedule.split()) not in (5, 6) \
-                or not croniter.is_valid(schedule):
+        if not isinstance(schedule, str) or len(schedule.split()) not in (5, 6):
+            raise ValueError(f"bad cron expression {schedule!r} (5 fields, or 6 with seconds)")
+        if not croniter.is_valid(schedule):
             raise ValueError(f"bad cron expression {schedule!r} (5 fields, or 6 with seconds)")
         if not isinstance(task_name, str):
             raise TypeError(f"CronTask task_name must be a str, got {task_name!r}")
         self.schedule, self.task_name, self.queue = schedule, task_name, queue
         self.args, self.kwargs = list(args or ()), dict(kwargs or {})
         _check_keys([self.args, self.kwargs])
-        _dumps([self.args, self.kwargs])          # TypeError now, not at the first tick
+        _dumps([self.args, self.kwargs])  # TypeError now, not at the first tick
 
 
-class Task:
+class Task(Generic[P, R]):
     """A registered task: call it to run here and now, .delay() to enqueue it."""
 
-    def __init__(self, app, fn, name, queue, *limits):
-        functools.update_wrapper(self, fn)      # __name__, __qualname__, __module__, __doc__
+    def __init__(self, app: WakaQ, fn: Callable[P, R], name: str, queue, **limits):
+        functools.update_wrapper(self, fn)  # __name__, __qualname__, __module__, __doc__
         self.app, self.fn, self.name, self._json_name = app, fn, name, json.dumps(name)
         self.queue = app._queue(queue) if queue is not None else None
-        _set_limits(self, f"task {name!r}", *limits)   # max_retries, soft, hard, retry_backoff
+        _set_limits(self, f"task {name!r}", **limits)
         _check_timeouts(_limits_for(app, self, self.queue or app.default_queue), f"task {name!r}")
         self.is_async = inspect.iscoroutinefunction(fn)
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)
 
-    def delay(self, *args, queue=None, eta=None, **kwargs):
-        """Enqueue one call; returns its id. eta: seconds, a timedelta or a datetime (naive UTC)."""
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """Enqueue one call; returns its id. Also takes queue= (a queue name) and eta= (seconds,
+        a timedelta or a datetime; naive = UTC), which are not passed to the task."""
+        queue, eta = kwargs.pop("queue", None), kwargs.pop("eta", None)
         return self.app._enqueue(self, [(args, kwargs)], queue, eta)[0]
 
-    def delay_many(self, calls, queue=None, eta=None):
+    def delay_many(self, calls, queue=None, eta=None) -> list[str]:
         """Enqueue calls (tuples of args, or {"args": [...], "kwargs": {...}}); returns the ids."""
-        items = [(c.get("args", ()), c.get("kwargs", {})) if isinstance(c, dict) else (c, {})
-                 for c in calls]
-        bad = [a for a, _ in items if not isinstance(a, (tuple, list))]
-        if bad:
-            raise TypeError(f"delay_many() items are tuples of args, got {bad[0]!r}")
+        items = [
+            (c.get("args", ()), c.get("kwargs", {})) if isinstance(c, dict) else (c, {})
+            for c in calls
+        ]
+        for args, kwargs in items:
+            if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
+                raise TypeError(f"delay_many() items are tuples of args or dicts, got {args!r}")
         return self.app._enqueue(self, items, queue, eta)
 
-    def broadcast(self, *args, **kwargs):
+    def broadcast(self, *args: P.args, **kwargs: P.kwargs) -> int:
         """Run once on every live worker (in one of its children); returns how many."""
         return self.app._broadcast(self, args, kwargs)
 
 
-# ===================================================================== WakaQ (the app)
+# ============================================================================ the app
+
 
 class WakaQ:
     """The app: queues, settings, the task registry and the Redis connection."""
 
-    def __init__(self, queues=("default",), url=None, host=None, port=None, db=None,
-                 username=None, password=None, concurrency="cores", exclude_queues=(),
-                 soft_timeout=None, hard_timeout=None, max_retries=None, max_mem_percent=None,
-                 max_tasks_per_worker=None, heartbeat_timeout=60, schedules=(), timezone=None,
-                 eager=False, worker_log_file=None, scheduler_log_file=None,
-                 worker_log_level=logging.INFO, scheduler_log_level=logging.INFO,
-                 prefix="wakaq", async_concurrency=0, retry_backoff=None, wait_timeout=None,
-                 socket_timeout=None, socket_connect_timeout=None, health_check_interval=0):
+    def __init__(
+        self,
+        queues=("default",),
+        url=None,
+        host=None,
+        port=None,
+        db=None,
+        username=None,
+        password=None,
+        concurrency="cores",
+        exclude_queues=(),
+        soft_timeout=None,
+        hard_timeout=None,
+        max_retries=None,
+        max_mem_percent=None,
+        max_tasks_per_worker=None,
+        heartbeat_timeout=60,
+        schedules=(),
+        timezone=None,
+        eager=False,
+        worker_log_file=None,
+        scheduler_log_file=None,
+        worker_log_level=logging.INFO,
+        scheduler_log_level=logging.INFO,
+        prefix="wakaq",
+        async_concurrency=0,
+        retry_backoff=None,
+        retry_on=None,
+        max_dead=MAX_DEAD,
+        wait_replicas=0,
+        wait_timeout=None,
+        socket_timeout=None,
+        socket_connect_timeout=None,
+        health_check_interval=0,
+    ):
+        self._set_queues(queues, exclude_queues)
+        self.concurrency = _concurrency(concurrency)
+        # async_concurrency 0 (the original's "no limit"): 10, so one child cannot hoard a queue.
+        self.async_concurrency = _concurrency(async_concurrency or 10, name="async_concurrency")
+        _set_limits(
+            self,
+            "WakaQ",
+            soft_timeout,
+            hard_timeout,
+            max_retries,
+            retry_backoff,
+            retry_on,
+        )
+        for q in [None, *self.queues]:
+            _check_timeouts(_limits_for(self, None, q), f"queue {q.name!r}" if q else "WakaQ")
+        self.max_tasks_per_worker = _count(max_tasks_per_worker, "max_tasks_per_worker", 1)
+        self.max_dead = _count(max_dead, "max_dead", 1)
+        self.wait_replicas = _count(wait_replicas, "wait_replicas")
+        self.heartbeat_timeout = _seconds(heartbeat_timeout, "heartbeat_timeout")
+        if not self.heartbeat_timeout:
+            raise ValueError(f"heartbeat_timeout must be above 0, got {heartbeat_timeout!r}")
+        self.wait_timeout = _seconds(wait_timeout, "wait_timeout") or IDLE_WAIT
+        self.socket_timeout = _seconds(socket_timeout, "socket_timeout") or 10.0
+        self.socket_connect_timeout = (
+            _seconds(socket_connect_timeout, "socket_connect_timeout") or 5.0
+        )
+        self.health_check_interval = _seconds(health_check_interval, "health_check_interval") or 0
+        m = self.max_mem_percent = max_mem_percent
+        if m is not None and (type(m) not in (int, float) or not 1 <= m <= 99):
+            raise ValueError(f"max_mem_percent must be from 1 to 99, got {m!r}")
+        try:
+            self.tz = ZoneInfo(timezone or "UTC")
+        except (ValueError, KeyError, OSError, TypeError) as e:  # not found: a KeyError
+            raise ValueError(f"unknown timezone {timezone!r} (an IANA name): {e}") from None
+        self._set_schedules(schedules)
+        if not isinstance(eager, bool):
+            raise TypeError(f"eager must be True or False, got {eager!r}")
+        self.eager = eager
+        self.worker_log_file, self.scheduler_log_file = (
+            worker_log_file,
+            scheduler_log_file,
+        )
+        self.worker_log_level = _log_level(worker_log_level, "worker_log_level")
+        self.scheduler_log_level = _log_level(scheduler_log_level, "scheduler_log_level")
+        self._set_redis(url, host, port, db, username, password)
+        if not isinstance(prefix, str) or not _QUEUE_NAME.match(prefix):
+            raise ValueError(f"prefix must be letters, digits, _ . or -, got {prefix!r}")
+        self.prefix = prefix
+        for q in self.queues:
+            q.key, q.eta_key, q.wake_key = (self._k(k, q.name) for k in ("q", "eta", "wake"))
+        self.dead_key, self.workers_key = self._k("dead"), self._k("workers")
+        self.tasks: dict[str, Task] = {}
+        self._hooks: dict[str, list] = collections.defaultdict(list)
+        self._redis = self._redis_pid = self._cluster = None
+        self._nodes: list = []
+
+    def _set_queues(self, queues, exclude_queues):
         if isinstance(queues, (str, Queue)) or not queues:
             raise TypeError(f"queues must be a non-empty list, got {queues!r}")
         qs = [_coerce_queue(q) for q in queues]
@@ -319,78 +1153,75 @@ class WakaQ:
         if len(self._queues) != len(qs):
             raise ValueError(f"duplicate queue names in {[q.name for q in qs]!r}")
         ranked = sorted((q for q in qs if q.priority is not None), key=lambda q: q.priority)
-        plain = [q for q in qs if q.priority is None]   # rank below all others, in order
+        plain = [q for q in qs if q.priority is None]  # rank below all others, in order
         self.queues, lowest = ranked + plain, ranked[-1].priority if ranked else -1
         self._priority = {q.name: q.priority for q in ranked}
         self._priority.update((q.name, lowest + 1 + i) for i, q in enumerate(plain))
-        self._rank = {q: i for i, q in enumerate(self.queues)}.__getitem__   # 0 served first
+        self._rank = {q: i for i, q in enumerate(self.queues)}  # 0 is served first
         self.default_queue = self.queues[-1]
-        ex = [exclude_queues] if isinstance(exclude_queues, str) else exclude_queues  # or one name
-        self.exclude_queues = list(dict.fromkeys(self._queue(n).name for n in ex))
-        if len(self.exclude_queues) == len(self.queues):
-            raise ValueError(f"exclude_queues {self.exclude_queues!r} leaves no queue to serve")
-        self.concurrency = _concurrency(concurrency)
-        self.async_concurrency = _concurrency(async_concurrency or 10, name="async_concurrency")
-        self.max_retries = _count(max_retries, "max_retries")
-        self.max_tasks_per_worker = _count(max_tasks_per_worker, "max_tasks_per_worker", 1)
-        given, defaults = locals(), dict(wait_timeout=IDLE_WAIT, socket_timeout=10.0,
-                                         socket_connect_timeout=5.0)
-        for name in ("soft_timeout", "hard_timeout", "retry_backoff", "heartbeat_timeout",
-                     "health_check_interval", *defaults):       # 0 or None: the default, if any
-            value = _seconds(given[name], name)
-            setattr(self, name, value or defaults[name] if name in defaults else value)
-        if not self.heartbeat_timeout:
-            raise ValueError(f"heartbeat_timeout must be above 0, got {heartbeat_timeout!r}")
-        for q in [None] + self.queues:
-            _check_timeouts(_limits_for(self, None, q), f"queue {q.name!r}" if q else "WakaQ")
-        self.max_mem_percent = m = max_mem_percent
-        if m is not None and (type(m) not in (int, float) or not 1 <= m <= 99):
-            raise ValueError(f"max_mem_percent must be from 1 to 99, got {m!r}")
-        try:
-            self.tz = ZoneInfo(timezone or "UTC")
-        except (ValueError, KeyError, OSError, TypeError) as e:   # not found: a KeyError
-            raise ValueError(f"unknown timezone {timezone!r} (an IANA name): {e}") from None
-        self.schedules = [CronTask(*c[:2], None, *c[2:]) if isinstance(c, (tuple, list))
-                          and len(c) in (2, 4) else c for c in schedules]  # the original's tuples
+        excluded = [exclude_queues] if isinstance(exclude_queues, str) else exclude_queues
+        self.exclude_queues = self._served_names(excluded)[1]
+
+    def _served_names(self, excluded):
+        """(served, excluded) queue names; at least one queue must be served."""
+        excluded = list(dict.fromkeys(self._queue(n).name for n in excluded))
+        served = [q.name for q in self.queues if q.name not in excluded]
+        if not served:
+            raise ValueError(f"exclude_queues {excluded!r} leaves no queue to serve")
+        return served, excluded
+
+    def _set_schedules(self, schedules):
+        self.schedules = [
+            CronTask(*c[:2], None, *c[2:])  # the original's tuples
+            if isinstance(c, (tuple, list)) and len(c) in (2, 4)
+            else c
+            for c in schedules
+        ]
         for cron in self.schedules:
             if not isinstance(cron, CronTask):
                 raise TypeError(f"schedules holds CronTask objects or tuples, got {cron!r}")
             self._queue(self.default_queue if cron.queue is None else cron.queue)
-        if not isinstance(eager, bool):
-            raise TypeError(f"eager must be True or False, got {eager!r}")
-        self.eager = eager
-        self.worker_log_file, self.scheduler_log_file = worker_log_file, scheduler_log_file
-        for name in ("worker_log_level", "scheduler_log_level"):
-            level = logging.getLevelName(v.upper()) if isinstance(v := given[name], str) else v
-            if not isinstance(level, int) or isinstance(level, bool):
-                raise ValueError(f"{name} must be a logging level such as 'INFO', got {v!r}")
-            setattr(self, name, level)
-        if url and (host, port, db) != (None,) * 3:
+
+    def _set_redis(self, url, host, port, db, username, password):
+        if url and (host, port, db) != (None, None, None):
             raise TypeError(f"give url={_mask(url)!r} or host/port/db={(host, port, db)!r}")
         if url and not re.match(r"(redis|rediss|unix|redis\+sentinel)://", str(url)):
             raise ValueError(f"url {_mask(url)!r}: use redis, rediss, unix or redis+sentinel")
-        host, port, db = host or "localhost", port or 6379, db or 0
-        self._redis_args = dict(url=url) if url else dict(
-            host=host, port=port, db=db, username=username, password=password)
+        # username=/password= with url=: used unless the URL has its own.
+        auth = {k: v for k, v in (("username", username), ("password", password)) if v}
+        if url:
+            self._redis_args = dict(url=url, **auth)
+        else:
+            host, port, db = host or "localhost", port or 6379, db or 0
+            self._redis_args = dict(host=host, port=port, db=db, **auth)
         self.url = url or f"redis://{host}:{port}/{db}"
-        self.tasks, self._hooks = {}, collections.defaultdict(list)
-        if not isinstance(prefix, str) or not _QUEUE_NAME.match(prefix):
-            raise ValueError(f"prefix must be letters, digits, _ . or -, got {prefix!r}")
-        self.prefix = prefix
-        for q in self.queues:
-            q.key, q.eta_key, q.wake_key = (self._k(k, q.name) for k in ("q", "eta", "wake"))
-        self.dead_key, self.workers_key = self._k("dead"), self._k("workers")
-        self._redis, self._redis_pid, self._cluster, self._nodes = None, None, None, []
 
-    def task(self, fn=None, *, name=None, queue=None, max_retries=None, soft_timeout=None,
-             hard_timeout=None, retry_backoff=None):
-        """Register a task: @wakaq.task or @wakaq.task(queue=..., max_retries=...)."""
+    @overload
+    def task(self, fn: Callable[P, R]) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        fn: None = None,
+        *,
+        name: Optional[str] = None,
+        queue: Optional[str] = None,
+        **limits,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(self, fn=None, *, name=None, queue=None, **limits):
+        """Register a task: @wakaq.task, or @wakaq.task(queue=..., max_retries=...,
+        soft_timeout=..., hard_timeout=..., retry_backoff=..., retry_on=...)."""
+        unknown = set(limits) - set(_LIMITS)
+        if unknown:
+            raise TypeError(f"unknown task option(s) {sorted(unknown)}; options are {_LIMITS}")
+
         def register(fn):
-            t = Task(self, fn, name or fn.__name__, queue, max_retries, soft_timeout,
-                     hard_timeout, retry_backoff)
-            if self.tasks.setdefault(t.name, t) is not t:
-                raise ValueError(f"a task named {t.name!r} is already registered")
-            return t
+            task = Task(self, fn, name or fn.__name__, queue, **limits)
+            if self.tasks.setdefault(task.name, task) is not task:
+                raise ValueError(f"a task named {task.name!r} is already registered")
+            return task
+
         return register(fn) if fn is not None else register
 
     def _hook(self, kind, fn=None):
@@ -401,12 +1232,14 @@ class WakaQ:
         self._hooks[kind].append(fn)
         return fn
 
-    after_worker_started = functools.partialmethod(_hook, "after_worker_started")  # per child
+    # Each a decorator, with or without parentheses. async def hooks are awaited.
+    after_worker_started = functools.partialmethod(_hook, "after_worker_started")  # each child
     before_task_started = functools.partialmethod(_hook, "before_task_started")
     after_task_finished = functools.partialmethod(_hook, "after_task_finished")
     wrap_tasks_with = functools.partialmethod(_hook, "wrap_tasks_with")  # wrapper(fn, args, kwargs)
 
-    def _k(self, *parts):       # "{prefix}:a:b": the hash tag puts all the app's keys in one slot
+    def _k(self, *parts):
+        """A key name: "{prefix}:a:b" (the hash tag puts all of the app's keys in one slot)."""
         return "{%s}:%s" % (self.prefix, ":".join(parts))
 
     def _queue(self, name):
@@ -417,10 +1250,15 @@ class WakaQ:
 
     def _client(self, retries=2, blocking=True):
         """A new client on the node with the app's keys (a blocking one outlasts an idle BLPOP)."""
-        kw = dict(self._redis_args, socket_connect_timeout=self.socket_connect_timeout,
-                  retry=redis.retry.Retry(redis.backoff.ExponentialBackoff(0.5, 0.05), retries),
-                  socket_timeout=max(self.socket_timeout, self.wait_timeout + 5) if blocking
-                  else self.socket_timeout, health_check_interval=self.health_check_interval)
+        kw = dict(
+            self._redis_args,
+            socket_connect_timeout=self.socket_connect_timeout,
+            retry=redis.retry.Retry(redis.backoff.ExponentialBackoff(0.5, 0.05), retries),
+            socket_timeout=max(self.socket_timeout, self.wait_timeout + 5)
+            if blocking
+            else self.socket_timeout,
+            health_check_interval=self.health_check_interval,
+        )
         url = kw.pop("url", None)
         if url and url.startswith("redis+sentinel://"):
             return _sentinel_master(url, kw)
@@ -428,594 +1266,804 @@ class WakaQ:
         if self._cluster is None:
             self._cluster = client.info("cluster").get("cluster_enabled") == 1
         if self._cluster:
-            if kw.pop("db", 0):
-                raise ValueError("a Redis Cluster has only db 0")
-            kw.pop("health_check_interval")
-            kw["startup_nodes"] = [redis.cluster.ClusterNode(*n) for n in self._nodes]
-            cluster = redis.RedisCluster.from_url(url, **kw) if url else redis.RedisCluster(**kw)
             client.close()
-            self._nodes = [(n.host, n.port) for n in cluster.get_nodes()]
-            client = cluster.get_node_from_key(self._k("q")).redis_connection
+            client = self._cluster_node(url, kw)
         return client
+
+    def _cluster_node(self, url, kw):
+        if kw.pop("db", 0):
+            raise ValueError("a Redis Cluster has only db 0")
+        kw.pop("health_check_interval")
+        kw["startup_nodes"] = [redis.cluster.ClusterNode(*n) for n in self._nodes]
+        cluster = redis.RedisCluster.from_url(url, **kw) if url else redis.RedisCluster(**kw)
+        self._nodes = [(n.host, n.port) for n in cluster.get_nodes()]
+        return cluster.get_node_from_key(self._k("q")).redis_connection
+
+    def _drop_client(self):
+        """After a lost connection: in a Cluster, ask the topology anew."""
+        if self._cluster:
+            self._redis = None
 
     @property
     def _conn(self):
+        """This thread's bare connection for enqueues (one per app, per thread, per process)."""
         conns = _local.__dict__.setdefault("conns", {})
-        return conns.get(self) or conns.setdefault(self, _Conn(self, retries=1))
+        key = (self, os.getpid())
+        return conns.get(key) or conns.setdefault(key, _Conn(self, resend=True))
 
     @property
-    def redis(self):
+    def redis(self) -> redis.Redis:
         """This process's client (a new one after fork) on the node that holds the app's keys."""
         if self._redis is None or self._redis_pid != os.getpid():
             self._redis, self._redis_pid = self._client(), os.getpid()
         return self._redis
 
+    broker = redis  # the original WakaQ's name for the app's Redis client
+
     def _payload(self, task, args, kwargs, queue, bcast=False):
-        """(id, payload): JSON formatted by hand (twice as fast)."""
+        """(id, payload): the JSON built by hand around the arguments (twice as fast)."""
         try:
             _check_keys([args, kwargs])
             args, kwargs = _dumps(args), _dumps(kwargs) if kwargs else "{}"
         except RecursionError:
             raise TypeError(f"the arguments of {task.name} are circular or nested too deeply")
-        msg_id, tail = _new_id(), ',"bcast":1}' if bcast else "}"
-        return msg_id, (f'{{"id":"{msg_id}","name":{task._json_name},"queue":"{queue.name}",'
-                        f'"retry":0,"args":{args},"kwargs":{kwargs}{tail}')
+        msg_id, tail = _ids.new(), ',"bcast":1}' if bcast else "}"
+        return msg_id, (
+            f'{{"id":"{msg_id}","name":{task._json_name},"queue":"{queue.name}",'
+            f'"retry":0,"args":{args},"kwargs":{kwargs}{tail}'
+        )
 
     def _enqueue(self, task, calls, queue, eta):
         q = (task.queue or self.default_queue) if queue is None else self._queue(queue)
         if queue is not None:
             _check_timeouts(_limits_for(self, task, q), f"task {task.name!r} on queue {q.name!r}")
-        built = [self._payload(task, a, k, q) for a, k in calls]   # TypeError before any push
-        if self.eager:      # the same serializer round trip and current_task() as in a worker
-            for msg in (_loads(raw) for _, raw in built):
-                token = _current.set(msg)
-                try:
-                    self._run_task(task, msg["args"], msg["kwargs"])
-                finally:
-                    _current.reset(token)
-        else:
-            keys = [q.key, q.wake_key, self._k("ready"), q.eta_key, self._k("due")]
-            head = [self._rank(q), q.name, *_eta(eta)]
-            for start in range(0, len(built), BULK_CHUNK):      # one round trip per 1,000
-                _ENQUEUE(self._conn, keys, head + [r for _, r in built[start:start + BULK_CHUNK]])
-        return [i for i, _ in built]
+        built = [self._payload(task, a, k, q) for a, k in calls]  # TypeError before any push
+        ids = [i for i, _ in built]
+        if self.eager:  # the same serializer round trip and current_task() as in a worker
+            for _, raw in built:
+                _run_eagerly(self, task, _loads(raw))
+            return ids
+        head = [self._rank[q], q.name, *_eta(eta)]
+        for start in range(0, len(built), BULK_CHUNK):  # one round trip per 1,000
+            chunk = [raw for _, raw in built[start : start + BULK_CHUNK]]
+            _ENQUEUE(self._conn, [q.key], head + chunk)
+        self._wait_replicas(ids)
+        return ids
+
+    def _wait_replicas(self, ids):
+        """wait_replicas: return only once that many replicas have the writes (Redis WAIT)."""
+        if not self.wait_replicas:
+            return
+        timeout_ms = int(self.socket_timeout * 900)  # within the socket's timeout
+        acked = self._conn.execute_command("WAIT", self.wait_replicas, timeout_ms)
+        if acked < self.wait_replicas:
+            raise WakaQError(
+                f"only {acked} of wait_replicas={self.wait_replicas} replicas acknowledged "
+                f"task(s) {', '.join(ids)} (they may still be queued on the master)"
+            )
 
     def _broadcast(self, task, args, kwargs):
         if self.eager:
             return len(self._enqueue(task, [(args, kwargs)], None, None))
-        _, raw = self._payload(task, args, kwargs, task.queue or self.default_queue, bcast=True)
-        return _BROADCAST(self._conn, [self.workers_key],
-                          [self.heartbeat_timeout, raw, "{%s}" % self.prefix])
+        msg_id, raw = self._payload(task, args, kwargs, task.queue or self.default_queue, True)
+        n = _BROADCAST(self._conn, [self.workers_key], [self.heartbeat_timeout, raw])
+        self._wait_replicas([msg_id])
+        return n
 
-    def _run_task(self, task, args, kwargs, soft_deadline=None, run=asyncio.run, ended=None):
-        """Hooks and task; `run` runs coroutines (soft timeout by asyncio, not by SIGALRM)."""
-        def wait(x):
-            return run(x) if x is not None and inspect.isawaitable(x) else x
-        try:
-            for hook in self._hooks["before_task_started"]:
-                wait(hook())
-            fn = (lambda *a, **k: run(_maybe(task.fn(*a, **k), soft_deadline))) \
-                if task.is_async else task.fn
-            wrap = self._hooks["wrap_tasks_with"]
-            return wait(wrap[0](fn, args, kwargs) if wrap else fn(*args, **kwargs))
-        finally:
-            if ended:
-                ended()
-            for hook in self._hooks["after_task_finished"]:
-                wait(hook())
-
-    def _outcome(self, raw, reason, bcast_key=None):
-        """By the retry rule: (key, front|back|delay|dead, value, queue, delay); bcast_key: ours."""
-        try:
-            msg = _loads_msg(raw, decode=False)      # tagged values are not re-encoded
-        except _BAD_PAYLOAD as e:
-            msg, reason = None, f"{reason}; bad payload: {e}"
-        queue = msg and self._queues.get(msg["queue"])
-        if queue and (bcast_key or not msg.get("bcast")):
-            key = bcast_key if msg.get("bcast") else queue.key
-            if reason.startswith("interrupted"):
-                return key, "front", raw, queue, 0
-            limits = _limits_for(self, self.tasks.get(msg["name"]), queue)
-            if msg["retry"] < limits.retries:
-                msg["retry"] += 1
-                delay = min(MAX_BACKOFF, limits.backoff * 2 ** (msg["retry"] - 1) * random.uniform(
-                    0.75, 1.25)) if limits.backoff and not msg.get("bcast") else 0
-                key, where = (queue.eta_key, "delay") if delay else (key, "back")
-                return key, where, json.dumps(msg), queue, delay
-        return self._dead(raw, msg, reason)
-
-    def _dead(self, raw, msg, reason):         # the dead-letter outcome (see _outcome), logged
-        log.warning("task %s id=%s dead-lettered after %d attempt(s): %s",
-                    msg and msg["name"], msg and msg["id"], (msg or {}).get("retry", 0) + 1, reason)
-        return self.dead_key, "dead", _dead_entry(raw, msg, reason), None, 0
-
-
-async def _maybe(x, deadline=None):     # x, or awaited until deadline (monotonic): SoftTimeout
-    if not inspect.isawaitable(x):
-        return x
-    try:
-        timeout = max(0.0, deadline - time.monotonic()) if deadline else None
-        return await asyncio.wait_for(x, timeout)
-    except asyncio.TimeoutError:
-        if not deadline or time.monotonic() < deadline:
-            raise               # the task's own TimeoutError
-        raise SoftTimeout("soft timeout") from None
+    def cancel(self, task_id: str) -> Optional[str]:
+        """Cancel a task by id: a pending or delayed one never runs, a running one gets
+        Cancelled raised in its code, a dead letter is removed. -> "pending", "delayed",
+        "running", "dead", or None if no task has that id."""
+        if not isinstance(task_id, str) or not task_id:
+            raise TypeError(f"a task id is a non-empty str, got {task_id!r}")
+        found = _CANCEL(self.redis, [self._k("running")], [task_id, *self._queues])
+        if found:
+            return found.decode()
+        for raw in self.redis.lrange(self.dead_key, 0, -1):
+            if json.loads(raw).get("id") == task_id and self.redis.lrem(self.dead_key, 1, raw):
+                return "dead"
+        return None
 
 
 def _eta(eta):
     """-> ("", 0): now, ("in", seconds from now by Redis's clock), ("at", unix time; naive UTC)."""
     if isinstance(eta, datetime):
         return "at", (eta.replace(tzinfo=timezone.utc) if eta.tzinfo is None else eta).timestamp()
-    eta = max(eta, 0) if type(eta) in (int, float) else eta      # in the past: now
-    return ("", 0) if eta is None else ("in", _seconds(eta, "eta or a datetime"))
+    if isinstance(eta, timedelta):
+        eta = eta.total_seconds()
+    if type(eta) in (int, float):
+        eta = max(eta, 0)  # in the past: now
+    return ("", 0) if eta is None else ("in", _seconds(eta, "eta (seconds, timedelta, datetime)"))
+
+
+def _log_level(value, name):
+    level = logging.getLevelName(value.upper()) if isinstance(value, str) else value
+    if not isinstance(level, int) or isinstance(level, bool):
+        raise ValueError(f"{name} must be a logging level such as 'INFO', got {value!r}")
+    return level
 
 
 def _dead_entry(raw, msg, reason):
+    """A dead letter: JSON {id, name, queue, attempts, reason, at, payload}."""
     text = raw.decode("utf-8", "backslashreplace") if isinstance(raw, bytes) else raw
-    return json.dumps({**{k: (msg or {}).get(k) for k in ("id", "name", "queue")}, "attempts": (
-        msg or {}).get("retry", 0) + 1, "reason": reason, "at": time.time(), "payload": text})
+    msg = msg or {}
+    entry = {k: msg.get(k) for k in ("id", "name", "queue")}
+    entry.update(attempts=msg.get("retry", 0) + 1, reason=reason, at=time.time(), payload=text)
+    return json.dumps(entry)
 
 
-def _sentinel_master(url, kw):
-    """redis+sentinel://[user:pass@]host:port[,...]/SERVICE[/DB]: SERVICE's master, now or later."""
-    from urllib.parse import unquote, urlsplit
-    parts = urlsplit(url)
-    service, _, db = parts.path.strip("/").partition("/")
-    if not service or "/" in db:
-        raise ValueError(f"want redis+sentinel://host:port[,...]/SERVICE[/DB], got {_mask(url)!r}")
-    hosts = [(h.partition(":")[0], int(h.partition(":")[2] or 26379))
-             for h in parts.netloc.rpartition("@")[2].split(",")]
-    del kw["retry"]
-    return redis.Sentinel(hosts, sentinel_kwargs={"socket_timeout": kw["socket_connect_timeout"]},
-                          **kw).master_for(service, db=int(db or 0), username=unquote(
-                              parts.username or ""), password=unquote(parts.password or ""))
+def _run_eagerly(app, task, msg):
+    """eager=True: run the task here and now, hooks included; its exception propagates."""
+    attempt = _Attempt(task=task, msg=msg, field="", token="", raw="", queue=None)
+    coro = _run_attempt(app, attempt, None)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # no event loop here: the usual case
+        outcome = asyncio.run(coro)
+    else:  # called from async code: run it on a loop of its own, in a thread
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            outcome = pool.submit(asyncio.run, coro).result()
+    if outcome.error is not None:
+        raise outcome.error
 
 
-def _mask(url):                    # the password (user:PASSWORD@, ?password=) as ***
-    return re.sub(r"(://[^:/@]*:)[^/]*@|(password=)[^&]*",
-                  lambda m: f"{m[1]}***@" if m[1] else "password=***", str(url))
+# ============================================================================ attempts
 
 
-# ===================================================================== Redis scripts
+class _Outcome(NamedTuple):
+    """How an attempt ended. kind: one of OUTCOMES, or "interrupted" (it never started, or a
+    stop or another task's hard timeout cut it: it goes back to the front, no retry spent)."""
 
-class _Script:
-    """EVALSHA, or EVAL if Redis lost it. allow_oom: it may write when Redis is full (Redis 7)."""
-
-    def __init__(self, source, allow_oom=False):
-        self.source = ("#!lua flags=allow-oom\n" if allow_oom else "") + _LUA_LIB + source
-        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
-
-    def __call__(self, r, keys, args, **kw):        # kw: for a _Conn
-        try:
-            return r.execute_command("EVALSHA", self.sha, len(keys), *keys, *args, **kw)
-        except redis.exceptions.NoScriptError:
-            return r.execute_command("EVAL", self.source, len(keys), *keys, *args, **kw)
+    kind: str
+    reason: str = ""  # for the log line and the dead letter: "soft timeout", "raised X: y"
+    retry: bool = False  # a failed attempt that may be retried (by max_retries)
+    error: Optional[BaseException] = None  # the exception, when the task raised one
 
 
-# In every script. wake: n wake-up tokens (WAKE_TOKENS at most). now: Redis's clock. later: p into
-# delayed set ek; due zset dk keeps m = "RANK:NAME" at its earliest due time (if new: wake up).
-_LUA_LIB = f"""
-local function wake(key, n)
-  local t = {{}}
-  for i = 1, math.min(n, {WAKE_TOKENS} - redis.call('LLEN', key)) do t[i] = '1' end
-  if #t > 0 then redis.call('RPUSH', key, unpack(t)) end
-end
-local function now()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1e6
-end
-local function later(ek, dk, m, due, p, wk)
-  redis.call('ZADD', ek, due, p)
-  if redis.call('ZADD', dk, 'LT', 'CH', due, m) == 1 then wake(wk, 3) end
-end
-"""
-
-# KEYS: queue, its wake list, ready, its delayed set, due[, cron record]. ARGV: rank, name, mode
-# ("" now, "in" seconds, "at" unix time, "cron": now, once per tick), when (cron: the tick),
-# payloads (due at once: 1e-6 s apart, in order). A cron tick the record holds (or a later one)
-# is not enqueued again: -> 0.
-_ENQUEUE = _Script("""
-if ARGV[3] == 'cron' then
-  if tonumber(redis.call('GET', KEYS[6]) or 0) >= tonumber(ARGV[4]) then return 0 end
-  redis.call('SET', KEYS[6], ARGV[4])
-end
-if ARGV[3] == '' or ARGV[3] == 'cron' then
-  redis.call('RPUSH', KEYS[1], unpack(ARGV, 5))
-  redis.call('ZADD', KEYS[3], ARGV[1], ARGV[2])
-  wake(KEYS[2], #ARGV - 4)
-else
-  local due, m = tonumber(ARGV[4]) + (ARGV[3] == 'in' and now() or 0), ARGV[1] .. ':' .. ARGV[2]
-  for i = 5, #ARGV do later(KEYS[4], KEYS[5], m, due + (i - 5) / 1e6, ARGV[i], KEYS[2]) end
-end
-return #ARGV - 4
-""")
-
-# KEYS: in-flight hash "{p}:inflight:{wid}" (the other keys follow from it), served set. ARGV:
-# field, token to ack, new token, "p" (promote up to 10 queues' due tasks, take a broadcast
-# first), a served queue to try first ("" none). Hands out again, under the new token, what the
-# field holds if that is not the acked attempt (a lost reply; a dead child's late claim). Claims
-# only while listed; the new attempt replaces the acked one. -> the payload; or, the ack done
-# and stale wake-ups dropped, milliseconds to the next due task (-1: none): an integer.
-_CLAIM = _Script(f"""
-local f, t, p, qs = ARGV[1], now(), false, false
-local P, w = string.match(KEYS[1], '^(.-):inflight:(.*)$')
-local cur = redis.call('HGET', KEYS[1], f .. ':t')
-if cur and cur ~= ARGV[2] then p = redis.call('HGET', KEYS[1], f)   -- again, newly tokened
-elseif redis.call('ZRANK', P .. ':workers', w) then
-  qs = ARGV[4] == 'p' and redis.call('ZRANGEBYSCORE', P .. ':due', '-inf', t, 'LIMIT', 0, 10)
-  for _, m in ipairs(qs or {{}}) do
-    local rank, name = string.match(m, '^(%d+):(.*)$')
-    local ek = P .. ':eta:' .. name
-    local due = redis.call('ZRANGEBYSCORE', ek, '-inf', t, 'LIMIT', 0, {DUE_BATCH})
-    if #due > 0 then
-      redis.call('RPUSH', P .. ':q:' .. name, unpack(due))
-      redis.call('ZREM', ek, unpack(due))
-      redis.call('ZADD', P .. ':ready', rank, name)
-      wake(P .. ':wake:' .. name, #due)
-    end
-    local nx, dk = redis.call('ZRANGE', ek, 0, 0, 'WITHSCORES'), P .. ':due'
-    if nx[2] then redis.call('ZADD', dk, nx[2], m) else redis.call('ZREM', dk, m) end
-  end
-  if qs then p = redis.call('LPOP', P .. ':bcast:' .. w) end
-  p = p or ARGV[5] ~= '' and redis.call('LPOP', P .. ':q:' .. ARGV[5])
-  local i, n = 0, 16
-  while not p and n == 16 do
-    local names = redis.call('ZRANGE', P .. ':ready', i, i + 15)
-    n, i = #names, i + 16
-    for _, name in ipairs(names) do
-      if redis.call('SISMEMBER', KEYS[2], name) == 1 then
-        p = redis.call('LPOP', P .. ':q:' .. name)
-        if p then break end
-        redis.call('ZREM', P .. ':ready', name)
-        i = i - 1
-      end
-    end
-  end
-  p = p or redis.call('LPOP', P .. ':bcast:' .. w)
-end
-if not p then
-  redis.call('HDEL', KEYS[1], f, f .. ':t', f .. ':s')
-  local ws = {{P .. ':wake:' .. w}}
-  for _, q in ipairs(redis.call('SMEMBERS', KEYS[2])) do ws[#ws + 1] = P .. ':wake:' .. q end
-  redis.call('DEL', unpack(ws))
-  local first = redis.call('ZRANGE', P .. ':due', 0, 0, 'WITHSCORES')
-  return first[2] and math.max(0, (tonumber(first[2]) - t) * 1000) or -1
-end
-redis.call('HSET', KEYS[1], f, p, f .. ':t', ARGV[3], f .. ':s', t)
-return p
-""", allow_oom=True)
-
-# KEYS: in-flight hash, target, wake list, ready, due. ARGV: field, token ("" any), value, where
-# ("" ack, front, back, delay, dead), rank, queue ("" none), delay. Only while the token holds.
-_RELEASE = _Script("""
-local f, w = ARGV[1], ARGV[4]
-if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], f .. ':t') ~= ARGV[2] then return 0 end
-if redis.call('HDEL', KEYS[1], f, f .. ':t', f .. ':s') == 0 then return 0 end
-if w == 'delay' then
-  later(KEYS[2], KEYS[5], ARGV[5] .. ':' .. ARGV[6], now() + tonumber(ARGV[7]), ARGV[3], KEYS[3])
-elseif w ~= '' then
-  redis.call(w == 'front' and 'LPUSH' or 'RPUSH', KEYS[2], ARGV[3])
-  if ARGV[6] ~= '' then redis.call('ZADD', KEYS[4], ARGV[5], ARGV[6]) end
-  if w ~= 'dead' then wake(KEYS[3], 1) end
-end
-return 1
-""", allow_oom=True)
-
-# KEYS: workers, our in-flight hash, served set. ARGV: worker id, heartbeat_timeout, may adopt,
-# "{prefix}", served names. Heartbeats; adopts workers silent that long: their in-flight fields and
-# broadcasts become our adopted:* fields (the parent releases them). -> {worker, count, ...}.
-_BEAT = _Script("""
-local t, out, p = now(), {}, ARGV[4]
-redis.call('ZADD', KEYS[1], t, ARGV[1])
-redis.call('SADD', KEYS[3], unpack(ARGV, 5))
-if ARGV[3] ~= '1' then return out end
-for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', t - ARGV[2], 'LIMIT', 0, 10)) do
-  local hk, bk, n = p .. ':inflight:' .. w, p .. ':bcast:' .. w, 0
-  local h = redis.call('HGETALL', hk)
-  for i, b in ipairs(redis.call('LRANGE', bk, 0, -1)) do h[#h + 1], h[#h + 2] = 'b' .. i, b end
-  for i = 1, #h, 2 do
-    redis.call('HSET', KEYS[2], 'adopted:' .. w .. ':' .. h[i], h[i + 1])
-    if not string.find(h[i], ':') then n = n + 1 end
-  end
-  redis.call('ZREM', KEYS[1], w)
-  redis.call('DEL', hk, bk, p .. ':wake:' .. w)
-  out[#out + 1], out[#out + 2] = w, n
-end
-return out
-""", allow_oom=True)
-
-# KEYS: workers. ARGV: seconds, payload, "{prefix}". To every worker heard from in those seconds.
-_BROADCAST = _Script("""
-local ws = redis.call('ZRANGEBYSCORE', KEYS[1], now() - tonumber(ARGV[1]), '+inf')
-for _, w in ipairs(ws) do
-  redis.call('RPUSH', ARGV[3] .. ':bcast:' .. w, ARGV[2])
-  wake(ARGV[3] .. ':wake:' .. w, 1)
-end
-return #ws
-""")
-
-# ===================================================================== logging
-
-_current = contextvars.ContextVar("wakaq_current_task", default=None)
+_DONE = _Outcome("done")
 
 
-def current_task():
+def _raised(e, limits):
+    first_line = (str(e).strip().splitlines() or [""])[0]
+    reason = f"raised {type(e).__name__}: {first_line}".rstrip(": ")
+    retry = limits is not None and isinstance(e, limits.retry_on)
+    return _Outcome("raised", reason, retry, e)
+
+
+class _Attempt:
+    """One claimed payload on its way through _run_attempt; `future` for an async one."""
+
+    def __init__(self, task, msg, field, token, raw, queue, limits=None, index=0):
+        self.task, self.msg, self.field, self.token, self.raw = (
+            task,
+            msg,
+            field,
+            token,
+            raw,
+        )
+        self.queue, self.limits, self.index = queue, limits, index
+        self.is_async = task.is_async
+        self.start, self.future, self.interrupt = time.monotonic(), None, None
+
+
+def _call_task(call, args, kwargs):
+    """The one frame between wakaq and a task's code: soft timeouts and cancels are raised
+    only in frames called from here (see _in_task_code)."""
+    return call(*args, **kwargs)
+
+
+def _in_task_code(frame):
+    """True if `frame` and every frame out to _call_task are the task's own code: none of
+    logging, asyncio or wakaq sits between (there an exception would be swallowed or land
+    in the wrong place; the parent signals again next tick)."""
+    f = frame
+    while f is not None and f.f_code is not _call_task.__code__:
+        module = f.f_globals.get("__name__", "")
+        if f.f_globals is globals() or module.partition(".")[0] in (
+            "logging",
+            "asyncio",
+        ):
+            return False
+        f = f.f_back
+    return f is not None and f is not frame
+
+
+async def _settle(value):
+    return await value if inspect.isawaitable(value) else value
+
+
+async def _run_attempt(app, attempt, child):
+    """The one attempt runner, for sync and async tasks alike: the before hooks, the wrapper
+    and the task, one exception rule, then the after hooks. `child` (None when eager) clears
+    the attempt's deadlines before the after hooks and frees its field in `finally`."""
+    task, msg, outcome = attempt.task, attempt.msg, None
+    context = _current.set(msg)
+    try:
+        for hook in app._hooks["before_task_started"]:
+            await _settle(hook())
+        wrap = app._hooks["wrap_tasks_with"]
+        if wrap:
+            result = _call_task(wrap[0], (task.fn, msg["args"], msg["kwargs"]), {})
+        else:
+            result = _call_task(task.fn, msg["args"], msg["kwargs"])
+        if inspect.isawaitable(result):
+            await result
+        outcome = _DONE
+    except SoftTimeout as e:
+        outcome = _Outcome("soft_timeout", "soft timeout", True, e)
+    except Cancelled as e:
+        outcome = _Outcome("cancelled", "cancelled", False, e)
+    except asyncio.CancelledError as e:  # ours (attempt.interrupt), or the task's own
+        outcome = _interrupted_outcome(attempt.interrupt) if attempt.interrupt else _raised(e, None)
+    except Exception as e:
+        outcome = _raised(e, attempt.limits)
+        if child:
+            log.error("task %s raised (id=%s)", msg["name"], msg["id"], exc_info=True)
+    finally:
+        if child:
+            child.attempt_ended(attempt)
+        for hook in app._hooks["after_task_finished"]:
+            try:
+                await _settle(hook())
+            except Exception:
+                log.exception("after_task_finished hook %r raised", hook)
+        if child:
+            child.free(attempt)
+        _current.reset(context)
+    return outcome
+
+
+def _interrupted_outcome(error):
+    kind = "soft_timeout" if isinstance(error, SoftTimeout) else "cancelled"
+    return _Outcome(kind, kind.replace("_", " "), kind == "soft_timeout", error)
+
+
+def _next_step(app, raw, msg, outcome, own_bcast):
+    """The retry rule: (where, value, delay, queue) for a payload whose attempt ended so.
+    where: "" ack, "front", "back", "delay", "dead" or "drop". own_bcast: our worker id, so a
+    broadcast of ours is retried in our list (an adopted one is dead-lettered)."""
+    queue = msg and app._queues.get(msg["queue"])
+    if outcome.kind == "done":
+        return "", "", 0.0, queue
+    if outcome.kind == "cancelled":
+        return "drop", "", 0.0, queue
+    retry = outcome.retry or outcome.kind == "interrupted"
+    if queue is None or (msg.get("bcast") and not own_bcast) or not retry:
+        return "dead", _dead_entry(raw, msg, outcome.reason), 0.0, queue
+    if outcome.kind == "interrupted":
+        return "front", raw, 0.0, queue
+    limits = _limits_for(app, app.tasks.get(msg["name"]), queue)
+    if msg["retry"] >= limits.retries:
+        return "dead", _dead_entry(raw, msg, outcome.reason), 0.0, queue
+    retried = json.dumps({**msg, "retry": msg["retry"] + 1}, separators=(",", ":"))
+    if not limits.backoff or msg.get("bcast"):
+        return "back", retried, 0.0, queue
+    jitter = random.uniform(0.75, 1.25)
+    delay = min(MAX_BACKOFF, limits.backoff * 2 ** min(msg["retry"], 32) * jitter)
+    return "delay", retried, delay, queue
+
+
+def _release_args(app, field, token, raw, outcome, seconds, own_bcast, msg=None):
+    """The release of one attempt as _RELEASE's (and _CLAIM's) 13 arguments, and `where`.
+    msg: the decoded payload, enough for an ack; else raw is read again, tags kept."""
+    try:
+        if msg is None or outcome.kind != "done":
+            msg = _loads_msg(raw, decode=False)  # tagged values are not re-encoded
+    except _BAD_PAYLOAD as e:
+        msg, outcome = (
+            None,
+            outcome._replace(reason=f"{outcome.reason}; bad payload: {e}"),
+        )
+    where, value, delay, queue = _next_step(app, raw, msg, outcome, own_bcast)
+    name = msg["name"] if msg else "?"
+    kind = "" if outcome.kind == "interrupted" else outcome.kind
+    args = [field, token, msg["id"] if msg else "", where, value]
+    args += [
+        queue.name if queue else "?",
+        app._rank[queue] if queue else 0,
+        delay,
+        kind,
+        name,
+    ]
+    bcast = own_bcast if msg and msg.get("bcast") else ""
+    args += ["" if seconds is None else f"{seconds:.6f}", bcast, app.max_dead or 0]
+    _log_release(msg, outcome, where, delay)
+    return args, where
+
+
+def _log_release(msg, outcome, where, delay):
+    """What happens next to a failed attempt's task, said once (dead letters at WARNING)."""
+    if where in ("", "drop", "front"):
+        return
+    task_id, attempt = (msg["id"], msg["retry"] + 1) if msg else (None, 1)
+    name = msg["name"] if msg else None
+    if where == "dead":
+        log.warning(
+            "task %s id=%s dead-lettered after %d attempt(s): %s",
+            name,
+            task_id,
+            attempt,
+            outcome.reason,
+        )
+    else:
+        later = f" in {delay:.1f}s" if delay else ""
+        log.warning(
+            "task %s id=%s attempt %d: %s; requeued%s",
+            name,
+            task_id,
+            attempt,
+            outcome.reason,
+            later,
+        )
+
+
+def _release(app, r, inflight_key, args):
+    """Run _RELEASE; log dead letters dropped by max_dead. -> True if it was still ours."""
+    released, dropped = _RELEASE(r, [inflight_key], args)
+    if dropped:
+        log.warning("max_dead=%d: dropped the %d oldest dead letter(s)", app.max_dead, dropped)
+    return bool(released)
+
+
+# ============================================================================ logging
+
+_current: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar(
+    "wakaq_task", default=None
+)
+_local = threading.local()  # per thread: the apps' bare connections
+_ATTEMPT = "task %s id=%s attempt=%d %s in %.3fs"  # one INFO line per finished attempt
+
+
+def current_task() -> Optional[dict]:
     """Inside a running task: {"id", "name", "queue", "attempt"} (1 = first run), else None."""
-    return None if (m := _current.get()) is None else {
-        "id": m.get("id"), "name": m["name"], "queue": m["queue"], "attempt": m["retry"] + 1}
+    m = _current.get()
+    if m is None:
+        return None
+    return {
+        "id": m.get("id"),
+        "name": m["name"],
+        "queue": m["queue"],
+        "attempt": m["retry"] + 1,
+    }
+
+
+def _task_filter(record):
+    """%(task)s: " task=NAME" inside a task, else ""."""
+    msg = _current.get()
+    record.task = f" task={msg['name']}" if msg else ""
+    return True
 
 
 def _setup_logging(path, level):
-    """Logs, stdout and stderr (inherited by children) to `path` or stderr, line-buffered."""
-    def task_filter(record):        # %(task)s: " task=NAME" inside a task, else ""
-        record.task = f" task={msg['name']}" if (msg := _current.get()) else ""
-        return True
+    """Logs, stdout and stderr (inherited by children) to `path` or stderr, line-buffered; an
+    unencodable character is escaped, never an error in the task that printed it."""
     if path:
         with open(path, "a") as f:
             os.dup2(f.fileno(), 2)
     os.dup2(2, 1)
-    sys.stdout.reconfigure(line_buffering=True)
-    sys.stderr.reconfigure(line_buffering=True)
-    logging.basicConfig(format="[%(asctime)s] %(levelname)s %(name)s pid=%(process)d%(task)s: "
-                        "%(message)s", level=level, force=True)   # replaces root's handlers
-    logging.root.handlers[0].addFilter(task_filter)
-    log.disabled = False     # an app's dictConfig() at import (disable_existing_loggers)
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True, errors="backslashreplace")
+    logging.basicConfig(
+        format="[%(asctime)s] %(levelname)s %(name)s pid=%(process)d%(task)s: %(message)s",
+        level=level,
+        force=True,  # replaces root's handlers
+    )
+    logging.root.handlers[0].addFilter(_task_filter)
+    log.disabled = False  # an app's dictConfig() at import (disable_existing_loggers)
+    logging.getLogger("wakaq.print").setLevel(logging.INFO)
 
 
-class _Outage:
-    """Log once per Redis outage, and back off from 0.1 s to `cap` seconds between tries."""
+class _PrintToLog:
+    """A child's sys.stdout: each line a task print()s becomes an INFO line of the logger
+    "wakaq.print", with the time, pid and task like every log line."""
 
-    def __init__(self, who, cap=5.0):
-        self.who, self.delay, self.cap = who, 0.0, cap
+    encoding, errors = "utf-8", "backslashreplace"
 
-    def failed(self, e):
-        if not self.delay:
-            log.warning("%s lost Redis (%s); retrying with backoff", self.who, e)
-        self.delay = min(max(self.delay * 2, 0.1), self.cap)
-        return self.delay
+    def __init__(self):
+        self.partial, self.logger = "", logging.getLogger("wakaq.print")
 
-    def ok(self, r=None):          # with r after an outage: only once a ping of r succeeds
-        if self.delay and (r is None or r.ping()):
-            log.info("%s reconnected to Redis", self.who)
-        self.delay = 0.0
+    def write(self, text):
+        *lines, self.partial = (self.partial + text).split("\n")
+        for line in lines:
+            self.logger.info("%s", line)
+        return len(text)
 
+    def flush(self):
+        if self.partial:
+            self.logger.info("%s", self.partial)
+            self.partial = ""
 
-# Blocked around fork() so that a stop signal reaches the child's handlers, not ours.
-_PARENT_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
-_REFUSED = (redis.exceptions.ReadOnlyError, redis.exceptions.MovedError)  # not applied: resend
+    def isatty(self):
+        return False
 
-
-def _pack(args):            # RESP bulk strings, as redis-py's packer writes them, in 1/3 the time
-    args = [a if type(a) is bytes else str(a).encode() for a in args]
-    return b"".join([b"$%d\r\n%s\r\n" % (len(a), a) for a in args])
-
-
-class _Conn:
-    """A bare connection (no pool; replies read here, 1/3 of redis-py's cost); no blind resend."""
-
-    def __init__(self, app, retries=0):
-        self.app, self.retries, self.conn, self.heads = app, retries, None, {}
-
-    def execute_command(self, *args, meanwhile=None):      # meanwhile(): while Redis works
-        n = 3 + args[2] if args[0] == "EVALSHA" else 0      # a script's name and keys: packed once
-        head = self.heads.get(args[:n]) or self.heads.setdefault(args[:n], _pack(args[:n]))
-        data = b"*%d\r\n%s%s" % (len(args), head, _pack(args[n:]))
-        for attempt in range(self.retries + 1):
-            sent = False
-            try:
-                if self.conn is None:
-                    conn = self.app._client(0, not self.retries).connection_pool.make_connection()
-                    conn.connect()            # a Sentinel's connection asks for the master
-                    self.conn, self.file = conn, conn._sock.makefile("rb")
-                elif self.retries and self.conn.can_read(timeout=0):    # closed meanwhile
-                    raise redis.ConnectionError("the connection was closed")
-                self.conn.check_health()      # a PING first, as health_check_interval asks
-                self.conn._sock.sendall(data)
-                sent = True
-                meanwhile and meanwhile()
-                return self._read()
-            except BaseException as e:
-                if isinstance(e, redis.ResponseError) and not isinstance(e, _REFUSED):
-                    raise                       # an error reply, read whole: still in step
-                self.reset()                    # cut off midway (KeyboardInterrupt too), or lost
-                if attempt == self.retries or sent and not isinstance(e, _REFUSED) or not \
-                        isinstance(e, (redis.RedisError, OSError)):    # a lost reply: not resent
-                    raise e if not isinstance(e, OSError) else (redis.TimeoutError if isinstance(
-                        e, socket.timeout) else redis.ConnectionError)(
-                        f"Redis at {_mask(self.app.url)}: {e!r}")
-
-    def _read(self):           # one reply: bulk, array, error, nil, integer, RESP3 boolean
-        line = self.file.readline()
-        kind, rest = line[:1], line[1:-2]
-        if kind == b"$" and rest != b"-1":
-            if len(data := self.file.read(int(rest) + 2)) == int(rest) + 2:
-                return data[:-2]
-        elif kind in (b"*", b">") and rest != b"-1":     # ">": a RESP3 push (a notice): skipped
-            items = [self._read() for _ in range(int(rest))]
-            return items if kind == b"*" else self._read()
-        elif line[-2:] == b"\r\n" and kind in b"$*_:#":     # as RESP2 gives them: nil, integer
-            return int(rest) if kind == b":" else 1 if rest == b"t" else None
-        raise self.conn._parser.parse_error(rest.decode(errors="replace")) if kind == b"-" else \
-            redis.ConnectionError(f"Redis closed the connection, or sent {line[:40]!r}")
-
-    def reset(self):                 # dropping the file closes the socket
-        self.conn, self.file = self.conn and self.conn.disconnect(), None
-        self.app._redis = None if self.app._cluster else self.app._redis   # the slot may move
+    def fileno(self):
+        return 1
 
 
-# ===================================================================== OS helpers
+# ============================================================================ OS helpers
+
 
 def _parse_cgroup(max_text, current_text, stat_text="", cache_key="inactive_file"):
     """Percent of a cgroup's limit in use (None: no limit), less reclaimable inactive cache."""
-    if max_text.strip() == "max" or int(max_text) >= 2 ** 62:   # v1's "no limit": a huge number
+    if max_text.strip() == "max" or int(max_text) >= 2**62:  # v1's "no limit": a huge number
         return None
     cache = re.search(rf"^{cache_key} (\d+)$", stat_text, re.M)
     return 100.0 * max(0, int(current_text) - int(cache[1] if cache else 0)) / int(max_text)
 
 
+def _cgroup_percent(root, controllers, path):
+    """Our cgroup's, or its nearest limited ancestor's, percent in use (v2, or v1's memory)."""
+    v1 = "memory" in controllers.split(",")
+    if controllers and not v1:
+        return None
+    names = "limit_in_bytes usage_in_bytes stat" if v1 else "max current stat"
+    cache = "total_inactive_file" if v1 else "inactive_file"
+    parts = [root + "/memory" * v1] + [p for p in path.strip().split("/") if p]
+    for n in range(len(parts), 0, -1):
+        base = "/".join(parts[:n])
+        try:
+            texts = [Path(f"{base}/memory.{name}").read_text() for name in names.split()]
+            pct = _parse_cgroup(*texts, cache)
+        except (OSError, ValueError):
+            continue  # not mounted here, or no such file at this level
+        if pct is not None:
+            return pct
+    return None
+
+
 def _mem_percent(root="/sys/fs/cgroup", proc="/proc/self"):
-    """Percent used of the limit of our cgroup or nearest limited ancestor (v2/v1), else RAM."""
+    """Percent used of our container's memory limit, else of the machine's RAM."""
     for line in Path(f"{proc}/cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)
-        v1 = "memory" in controllers.split(",")
-        if controllers and not v1:
-            continue
-        *files, cache = ("limit_in_bytes usage_in_bytes stat total_inactive_file" if v1 else
-                         "max current stat inactive_file").split()
-        parts = [root + "/memory" * v1] + [p for p in path.strip().split("/") if p]
-        for n in range(len(parts), 0, -1):
-            try:
-                base = "/".join(parts[:n])
-                pct = _parse_cgroup(*(Path(f"{base}/memory.{f}").read_text() for f in files), cache)
-            except (OSError, ValueError):
-                continue       # not mounted here, or no such file at this level
-            if pct is not None:
-                return pct
+        pct = _cgroup_percent(root, controllers, path)
+        if pct is not None:
+            return pct
     kb = {k: int(v) for k, v in re.findall(r"(\w+):\s*(\d+)", Path("/proc/meminfo").read_text())}
-    return 100.0 * (kb["MemTotal"] - kb["MemAvailable"]) / kb["MemTotal"]      # of RAM
+    return 100.0 * (kb["MemTotal"] - kb["MemAvailable"]) / kb["MemTotal"]
 
 
-def _rss(pid):                     # resident set size in bytes (0 if the process is gone)
+def _rss(pid):
+    """Resident set size in bytes (0 if the process is gone)."""
     with contextlib.suppress(OSError, ValueError, IndexError):
         return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return 0
 
 
-def _kill(pid, sig, group=False):      # and, with group, its process group; gone: fine
-    for p in (-pid, pid) if group else (pid,):
+def _kill(pid, sig, group=False):
+    """Signal a process and, with group, its process group; gone already is fine."""
+    for target in (-pid, pid) if group else (pid,):
         with contextlib.suppress(ProcessLookupError):
-            os.kill(p, sig)
+            os.kill(target, sig)
 
 
-# ===================================================================== worker parent
+def _health_glob(app):
+    """Where a worker of this app on this host says it is alive: one file per worker parent,
+    touched every loop turn (`health` reads them, Redis reachable or not)."""
+    digest = hashlib.sha1(f"{app.prefix} {_mask(app.url)}".encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), f"wakaq-{digest}.*.alive")
+
+
+class _Slot(NamedTuple):
+    """One sub-slot's record in the parent/child shared memory (see the module docstring)."""
+
+    soft: float  # monotonic soft deadline of the running attempt (0: none, or delivered)
+    hard: float  # monotonic hard deadline (0: none)
+    running: float  # claim number N of the running attempt (token "PID-N"), 0: none yet
+    finished: float  # claim number of the last attempt finished, acked with the next claim
+    cancel: float  # claim number the parent asks to cancel (0: none)
+
+
+class _Table:
+    """The shared memory between a worker parent and its children, made before fork()."""
+
+    RECORD = struct.Struct("5d")
+
+    def __init__(self, n):
+        self.mem = mmap.mmap(-1, self.RECORD.size * n)
+
+    def read(self, i):
+        return _Slot._make(self.RECORD.unpack_from(self.mem, i * self.RECORD.size))
+
+    def write(self, i, soft, hard, running, finished, cancel=0.0):
+        self.RECORD.pack_into(self.mem, i * self.RECORD.size, soft, hard, running, finished, cancel)
+
+    def set(self, i, name, value):
+        offset = i * self.RECORD.size + 8 * _Slot._fields.index(name)
+        struct.pack_into("d", self.mem, offset, value)
+
+
+# ============================================================================ worker parent
+
+# Blocked around fork() so that a stop signal reaches the child's handlers, not ours.
+_PARENT_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+
 
 class _Worker:
-    """The parent (no task code). Child slot S runs up to K tasks (K = 1, or async_concurrency),
-    each in in-flight field "S.k", with 16 bytes of shared memory: its hard deadline (monotonic)
-    and the claim it finished last (a dead child's finished task is acked, not run again). Others
-    are presumed dead by Redis's clock, and only once we were connected heartbeat_timeout."""
+    """The parent: runs no task code. It forks `concurrency` children, enforces their
+    deadlines from the shared table, releases a dead child's tasks, heartbeats, adopts
+    silent workers' tasks and passes cancels on. Others are presumed dead by Redis's clock,
+    and only once we have been connected for heartbeat_timeout ourselves."""
 
     def __init__(self, app):
-        self.app, self.wid = app, f"{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
+        self.app = app
+        #: This worker's id in Redis: host, pid and a random part.
+        self.wid = f"{socket.gethostname()}.{os.getpid()}.{os.urandom(3).hex()}"
         self.inflight_key = app._k("inflight", self.wid)
-        self.served = [q.name for q in app.queues if q.name not in app.exclude_queues]
+        self.served = app._served_names(app.exclude_queues)[0]
         self.served_key = app._k("serve", hashlib.sha1(" ".join(self.served).encode()).hexdigest())
-        self.bcast_key, self.wake_key = app._k("bcast", self.wid), app._k("wake", self.wid)
+        #: Sub-slots per child: async tasks run up to async_concurrency at once in a child.
         self.k = app.async_concurrency if any(t.is_async for t in app.tasks.values()) else 1
-        self.slots, self.fork_at = [None] * (n := app.concurrency), [0.0] * n  # when it may fork
-        self.unreleased = {}              # slot -> {k: (reason, finished token)} of a dead child
-        self.shm, self.fmt = mmap.mmap(-1, 16 * n * self.k), struct.Struct(f"{2 * self.k}d")
-        self.signals, self.outage = [], _Outage("worker", min(5.0, app.heartbeat_timeout / 4))
-        self.next_beat = self.connected_since = self.retry_at = self.next_mem = 0.0
-        self.mem_high, self.full, self.seen, self.r = False, False, 0, None   # seen: stop signals
+        #: Child slot -> its process record, or None while the slot waits to fork.
+        self.children: list = [None] * app.concurrency
+        #: Child slot -> monotonic time it may fork again (no crash loop).
+        self.fork_at = [0.0] * app.concurrency
+        #: Child slot -> what a dead child left per sub-slot, until released in Redis.
+        self.unreleased: dict = {}
+        self.table = _Table(app.concurrency * self.k)
+        self.signals: list = []  # stop signals, appended by the handler
+        self.stops = 0  # stop signals acted on
+        self.outage = _Outage("worker", min(5.0, app.heartbeat_timeout / 4))
+        self.r = None  # our client, None after a lost connection
+        self.connected_since = self.retry_at = self.next_beat = self.next_mem = 0.0
+        self.mem_high = self.full = False
+        self.health = _health_glob(app).replace("*", str(os.getpid()))
 
     def run(self):
-        app = self.app
-        self.pipe = wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        for sig in _PARENT_SIGNALS:                # SIGCHLD only wakes select()
-            signal.signal(sig, lambda s, f: s == signal.SIGCHLD or self.signals.append(s))
-        log.info("worker %s started: concurrency=%d%s queues=%s redis=%s", self.wid,
-                 app.concurrency, f" async_concurrency={self.k}" if self.k > 1 else "",
-                 ",".join(self.served), _mask(app.url))
-        while True:
-            self._reap()
-            if self.signals and self._stop():
-                break
-            now = time.monotonic()
-            for slot, child in enumerate(self.slots):      # hard timeouts
-                deadlines = self.fmt.unpack_from(self.shm, 16 * self.k * slot)[::2]
-                late = [k for k, d in enumerate(deadlines) if 0 < d < now]
-                if child and late and not child.killed_for:
-                    child.killed_for, child.over = "hard timeout", late[0]
-                    _kill(child.pid, signal.SIGKILL, group=True)    # with its subprocesses
-            self._redis_duties(now)
-            if not self.signals:
-                self._check_memory(now)
-                for slot, child in enumerate(self.slots):
-                    if child is None and slot not in self.unreleased and not self.mem_high \
-                            and now >= self.fork_at[slot]:
-                        self._spawn(slot)
-            if select.select([wake_r], [], [], TICK)[0]:
-                os.read(wake_r, 4096)         # signal numbers: we only needed the wake-up
-        try:    # deregister, unless a task is still in flight: a live worker adopts it then
-            r = self.r or app._client(retries=0)
-            if not self.unreleased and not r.hlen(self.inflight_key):
-                r.zrem(app.workers_key, self.wid)    # first: no new broadcasts for us
-                for raw in r.lrange(self.bcast_key, 0, -1):    # broadcasts waiting for us
-                    r.rpush(app.dead_key, _dead_entry(raw, None, "worker stopped"))
-                r.delete(self.bcast_key, self.wake_key)
-        except redis.RedisError as e:
-            log.error("could not deregister worker %s (%s)", self.wid, e)
+        self.install_signals()
+        log.info(
+            "worker %s started: concurrency=%d%s queues=%s redis=%s",
+            self.wid,
+            self.app.concurrency,
+            f" async_concurrency={self.k}" if self.k > 1 else "",
+            ",".join(self.served),
+            _mask(self.app.url),
+        )
+        try:
+            while not self.may_leave():
+                self.reap_children()
+                self.enforce_deadlines()
+                self.redis_duties()
+                if not self.stops:
+                    self.check_memory()
+                    self.fork_missing_children()
+                self.mark_alive()
+                self.sleep()
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(self.health)
+        self.deregister()
         log.info("worker %s stopped", self.wid)
         return 0
 
-    def _stop(self):
-        """On a stop signal; True once the worker may leave. 1: SIGTERM the children (they finish
-        their tasks); 2: SIGKILL them (tasks go to the front); 3: leave what Redis (down) kept."""
-        n = len(self.signals)
-        if n > self.seen:
-            self.seen = n
-            log.log(logging.INFO if n == 1 else logging.WARNING, "worker %s stopping on %s: %s",
-                    self.wid, signal.Signals(self.signals[-1]).name, "letting running tasks "
-                    "finish" if n == 1 else "now" if n == 2 else "leaving tasks Redis kept")
-            for child in filter(None, self.slots):
-                if n > 1:
-                    child.killed_for = child.killed_for or "interrupted by stop"
-                    _kill(child.pid, signal.SIGKILL, group=True)
-                elif not child.term_sent:
-                    child.term_sent = True
-                    _kill(child.pid, signal.SIGTERM)
-        return not any(self.slots) and (not self.unreleased or n > 2)
+    def install_signals(self):
+        """Handlers only record the signal; the loop acts on it (may_leave). SIGCHLD and each
+        signal also wake the loop's select() through the wake-up pipe."""
+        self.wakeup_r, wakeup_w = os.pipe()
+        os.set_blocking(wakeup_w, False)
+        signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
+        self.pipe = (self.wakeup_r, wakeup_w)
+        for sig in _PARENT_SIGNALS:
+            signal.signal(sig, self.on_signal)
 
-    def _spawn(self, slot):
-        self.shm[16 * self.k * slot:16 * self.k * (slot + 1)] = bytes(16 * self.k)
+    def on_signal(self, signum, frame):
+        if signum != signal.SIGCHLD:
+            self.signals.append(signum)
+
+    def sleep(self):
+        if select.select([self.wakeup_r], [], [], TICK)[0]:
+            os.read(self.wakeup_r, 4096)  # signal numbers: we only needed the wake-up
+
+    def may_leave(self):
+        """On each stop signal: the 1st lets children finish their tasks (SIGTERM), the 2nd
+        kills them (their tasks go back to the front). Leave once no child is left and their
+        tasks are released, or Redis is away (then they stay in flight, for adoption)."""
+        while self.stops < len(self.signals):
+            self.stops += 1
+            sig = signal.Signals(self.signals[self.stops - 1]).name
+            how = "letting running tasks finish" if self.stops == 1 else "killing running tasks"
+            log.log(logging.INFO if self.stops == 1 else logging.WARNING,
+                    "worker %s stopping on %s: %s", self.wid, sig, how)  # fmt: skip
+            for child in filter(None, self.children):
+                child.stopped = True
+                _kill(
+                    child.pid,
+                    signal.SIGTERM if self.stops == 1 else signal.SIGKILL,
+                    self.stops > 1,
+                )
+        if not self.stops or any(self.children):
+            return False
+        if self.unreleased and self.outage.delay:
+            log.warning(
+                "worker %s leaves its unreleased tasks for adoption (Redis is away)",
+                self.wid,
+            )
+        return not self.unreleased or bool(self.outage.delay)
+
+    def mark_alive(self):
+        """The local evidence `health` reads: this file's time, touched every loop turn."""
+        try:
+            Path(self.health).touch()
+        except OSError as e:
+            log.warning("cannot touch the health file %s: %s", self.health, e)
+
+    def fork_missing_children(self):
+        now = time.monotonic()
+        for slot, child in enumerate(self.children):
+            if child is None and slot not in self.unreleased and not self.mem_high:
+                if now >= self.fork_at[slot]:
+                    self.spawn(slot)
+
+    def spawn(self, slot):
+        for k in range(self.k):
+            self.table.write(slot * self.k + k, 0.0, 0.0, 0.0, 0.0)
         signal.pthread_sigmask(signal.SIG_BLOCK, _PARENT_SIGNALS)  # until the child has its own
         try:
             pid = os.fork()
         except OSError as e:
             log.error("cannot fork a child (%s); trying again in a second", e)
-            self.fork_at[slot], pid = time.monotonic() + 1, None
-        if pid == 0:                                    # child: this branch never returns
-            code = 1
-            gc.freeze()      # the collector skips what the child inherits: shorter pauses
-            try:
-                signal.set_wakeup_fd(-1)
-                os.close(self.pipe[0])
-                os.close(self.pipe[1])
-                code = _ChildProcess(self, slot).run()
-            except _Stop:
-                code = 0
-            except BaseException:
-                log.exception("worker child crashed")
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+            self.fork_at[slot], pid = time.monotonic() + 1, -1
+        if pid == 0:
+            _child_main(self, slot)  # never returns
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)
-        if pid:
-            self.slots[slot] = types.SimpleNamespace(   # over: the field over its hard timeout
-                pid=pid, born=time.monotonic(), killed_for=None, over=None, term_sent=None)
+        if pid > 0:
+            self.children[slot] = types.SimpleNamespace(
+                pid=pid, born=time.monotonic(), hard_k=None, stopped=False
+            )
 
-    def _reap(self):
-        """Dead children's fields -> unreleased {k: (reason, token finished)}; a crash fails."""
-        for slot, child in enumerate(self.slots):
+    def reap_children(self):
+        """A dead child's sub-slots -> unreleased, with how each attempt ended."""
+        for slot, child in enumerate(self.children):
             pid, status = os.waitpid(child.pid, os.WNOHANG) if child else (0, 0)
-            if pid:
-                self.slots[slot], code = None, os.waitstatus_to_exitcode(status)
-                why = child.killed_for or ("interrupted by stop" if code == 0 else "worker died")
-                self.unreleased[slot] = {k: (
-                    why if child.over in (None, k) else "interrupted by another hard timeout",
-                    b"%d-%d" % (pid, n) if n else b"") for k, n in enumerate(
-                        self.fmt.unpack_from(self.shm, 16 * self.k * slot)[1::2])}
-                if child.killed_for or code != 0:
-                    log.warning("child %d exited with %s (%s)", pid, code, why)
-                self.fork_at[slot] = child.born + (1.0 if code else 0.0)   # no crash loop
+            if not pid:
+                continue
+            self.children[slot], code = None, os.waitstatus_to_exitcode(status)
+            ends = [self.ended(child, slot, k) for k in range(self.k)]
+            self.unreleased[slot] = (pid, ends)
+            if code != 0 or child.hard_k is not None:
+                why = (
+                    "hard timeout"
+                    if child.hard_k is not None
+                    else "stopped"
+                    if child.stopped
+                    else "died"
+                )
+                log.warning("child %d exited with %s (%s)", pid, code, why)
+            self.fork_at[slot] = child.born + (1.0 if code else 0.0)  # no crash loop
 
-    def _check_memory(self, now):
-        """Once a second: over max_mem_percent, fork nothing and stop the biggest child."""
-        limit = self.app.max_mem_percent
+    def ended(self, child, slot, k):
+        """(claim finished, claim running, outcome of the running one) of a dead child."""
+        rec = self.table.read(slot * self.k + k)
+        if child.hard_k == k:
+            outcome = _Outcome("hard_timeout", "hard timeout", True)
+        elif child.hard_k is not None or child.stopped:
+            outcome = _Outcome("interrupted", "interrupted")
+        else:
+            outcome = _Outcome("worker_died", "worker died", True)
+        return int(rec.finished), int(rec.running), outcome
+
+    def enforce_deadlines(self):
+        """Kill a child (and its process group) past a hard deadline; signal one past a soft
+        deadline or asked to cancel, every tick until it delivers (it clears the record)."""
+        now = time.monotonic()
+        for slot, child in enumerate(self.children):
+            if child is None or child.hard_k is not None:
+                continue
+            for k in range(self.k):
+                rec = self.table.read(slot * self.k + k)
+                if rec.hard and now >= rec.hard:
+                    child.hard_k = k
+                    _kill(child.pid, signal.SIGKILL, group=True)
+                    break
+                if (rec.soft and now >= rec.soft) or (rec.cancel and rec.cancel == rec.running):
+                    _kill(child.pid, signal.SIGUSR1)
+                    break
+
+    def redis_duties(self):
+        """Release dead children's tasks, then heartbeat (adopt, cancels, Redis memory)."""
+        now = time.monotonic()
+        if self.outage.delay and now < self.retry_at:
+            return  # backing off
+        try:
+            if self.r is None:
+                self.r, self.connected_since = self.app._client(retries=0), now
+            worked = self.release_dead_children()
+            if now >= self.next_beat:
+                self.beat(now)
+                worked = True
+            if worked:
+                self.outage.ok()
+        except redis.RedisError as e:
+            if isinstance(e, _RECONNECT):
+                self.r, self.connected_since = None, 0.0
+            self.retry_at = now + self.outage.failed(e)
+
+    def release_dead_children(self):
+        for slot, (pid, ends) in list(self.unreleased.items()):
+            for k, (finished, running, outcome) in enumerate(ends):
+                field = f"{slot}.{k}"
+                raw, token = self.r.hmget(self.inflight_key, field, field + ":t")
+                if raw is None:
+                    continue
+                claim = int(token.rpartition(b"-")[2]) if token.startswith(b"%d-" % pid) else -1
+                if claim == finished:
+                    outcome = _DONE  # finished; its ack was waiting for the next claim
+                elif claim != running:
+                    outcome = _Outcome("interrupted", "interrupted")  # never started
+                self.release(field, token, raw, outcome)
+            del self.unreleased[slot]
+        return True
+
+    def release(self, field, token, raw, outcome):
+        own = "" if field.startswith("adopted:") else self.wid
+        args, _ = _release_args(self.app, field, token or "", raw, outcome, None, own)
+        _release(self.app, self.r, self.inflight_key, args)
+
+    def beat(self, now):
+        app, hb = self.app, self.app.heartbeat_timeout
+        may_adopt = int(now - self.connected_since >= hb)
+        keys = [app.workers_key, self.inflight_key, self.served_key]
+        cancels, adopted, cleared, waiting = _BEAT(
+            self.r, keys, [self.wid, hb, may_adopt, *self.served]
+        )
+        for wid, count in zip(adopted[::2], adopted[1::2]):
+            log.warning(
+                "worker %s is silent for over %ss: taking back its %d task(s)",
+                wid.decode(),
+                hb,
+                count,
+            )
+        if cleared:
+            log.info("cleared %d silent worker registration(s) that held no task", cleared)
+        for member in cancels:
+            self.cancel(*member.decode().split())
+        for field in waiting:
+            raw, token = self.r.hmget(self.inflight_key, field, field + b":t")
+            if raw is not None:
+                self.release(
+                    field.decode(),
+                    token,
+                    raw,
+                    _Outcome("worker_died", "worker died", True),
+                )
+        self.check_redis_memory()
+        self.next_beat = now + min(hb / 4, BEAT)
+
+    def cancel(self, field, token):
+        """Ask the child running `field` to cancel the attempt with this token."""
+        slot, k = map(int, field.split("."))
+        child = self.children[slot] if slot < len(self.children) else None
+        pid, _, claim = token.partition("-")
+        if child and str(child.pid) == pid and k < self.k:
+            self.table.set(slot * self.k + k, "cancel", float(claim))
+
+    def check_redis_memory(self):
+        try:
+            mem = self.r.info("memory")
+        except redis.ResponseError:
+            return  # INFO not allowed for this ACL user
+        policy = mem.get("maxmemory_policy", "")
+        if not self.next_beat and policy.startswith("allkeys"):
+            log.warning(
+                "Redis maxmemory-policy is %s: it may evict queued tasks; use noeviction",
+                policy,
+            )
+        used, limit = mem.get("used_memory", 0), mem.get("maxmemory", 0)
+        if self.full != (0 < limit <= used):
+            self.full = not self.full
+            if self.full:
+                log.warning(
+                    "Redis is full (used_memory %s, maxmemory %s): new tasks are refused; workers keep draining",
+                    used,
+                    limit,
+                )
+            else:
+                log.warning("Redis has room again (used_memory %s, maxmemory %s)", used, limit)
+
+    def check_memory(self):
+        """Once a second: over max_mem_percent, fork nothing and stop the biggest child, one
+        at a time; forking resumes once memory is under the limit again."""
+        limit, now = self.app.max_mem_percent, time.monotonic()
         if not limit or now < self.next_mem:
             return
         try:
@@ -1025,299 +2073,349 @@ class _Worker:
             self.next_mem = now + 60.0
             return
         if self.mem_high != (pct >= limit):
-            self.mem_high = high = pct >= limit
-            log.warning("memory use %.0f%% is %s max_mem_percent=%s: forking %s", pct,
-                        "over" if high else "under", limit, "paused" if high else "resumed")
-        live = [c for c in self.slots if c and not c.term_sent]
-        if self.mem_high and live:
-            c = max(live, key=lambda x: _rss(x.pid))
-            log.warning("memory at %.0f%% (max_mem_percent=%s): stopping child %d", pct, limit,
-                        c.pid)
-            c.term_sent = True
-            _kill(c.pid, signal.SIGTERM)
+            self.mem_high = pct >= limit
+            state = "over" if self.mem_high else "under"
+            what = "paused" if self.mem_high else "resumed"
+            log.warning(
+                "memory use %.0f%% is %s max_mem_percent=%s: forking %s",
+                pct,
+                state,
+                limit,
+                what,
+            )
+            live = [c for c in self.children if c and not c.stopped]
+            if self.mem_high and live:
+                biggest = max(live, key=lambda c: _rss(c.pid))
+                log.warning("memory at %.0f%% (max_mem_percent=%s): stopping child %d", pct, limit, biggest.pid)
+                biggest.stopped = True
+                _kill(biggest.pid, signal.SIGTERM)
 
-    def _redis_duties(self, now):
-        """Release dead children's tasks; heartbeat; adopt; log Redis's eviction policy and fill."""
-        if self.outage.delay and now < self.retry_at:
-            return                    # backing off
-        app, hb = self.app, self.app.heartbeat_timeout
+    def deregister(self):
+        """Leave the registry, unless a task is still in flight (a live worker adopts it)."""
+        app = self.app
         try:
-            self.r = self.r or app._client(retries=0)
-            self.outage.ok(self.r)
-            self.connected_since = self.connected_since or now
-            for slot, ends in list(self.unreleased.items()):
-                for k, (reason, finished) in ends.items():
-                    self._release(f"{slot}.{k}", reason, finished)
-                del self.unreleased[slot]
-            if now < self.next_beat:
+            r = self.r or app._client(retries=0)
+            if self.unreleased or r.hlen(self.inflight_key):
                 return
-            adopted = _BEAT(self.r, [app.workers_key, self.inflight_key, self.served_key], [
-                self.wid, hb, int(now - self.connected_since >= hb), "{%s}" % app.prefix,
-                *self.served])
-            for wid, count in zip(adopted[::2], adopted[1::2]):
-                log.warning("worker %s is silent for over %ss: taking back its %d task(s)",
-                            wid.decode(), hb, count)
-            for field in self.r.hkeys(self.inflight_key):
-                if field.startswith(b"adopted:") and not field.endswith((b":t", b":s")):
-                    self._release(field.decode(), "worker died")
-            try:
-                mem = self.r.info("memory")
-            except redis.ResponseError:
-                mem = {}                  # INFO not allowed for this ACL user
-            if not self.next_beat and mem.get("maxmemory_policy", "").startswith("allkeys"):
-                log.warning("Redis maxmemory-policy is %s: it may evict queued tasks; use "
-                            "noeviction", mem["maxmemory_policy"])
-            if self.full != (0 < mem.get("maxmemory", 0) <= mem.get("used_memory", 0)):
-                self.full = not self.full
-                log.warning("Redis is full (used_memory %s, maxmemory %s): new tasks are refused; "
-                            "workers keep draining" if self.full else "Redis has room again (%s of "
-                            "%s)", mem.get("used_memory"), mem.get("maxmemory"))
-            self.next_beat = now + min(hb / 4, 5.0)
+            r.zrem(app.workers_key, self.wid)  # first: no new broadcasts for us
+            r.hdel(app._k("served"), self.wid)
+            bcast_key = app._k("bcast", self.wid)
+            for raw in r.lrange(bcast_key, 0, -1):  # broadcasts that waited for us
+                r.rpush(app.dead_key, _dead_entry(raw, None, "worker stopped"))
+            r.delete(bcast_key, app._k("wake", self.wid), app._k("cancel", self.wid))
         except redis.RedisError as e:
-            self.connected_since, self.r = 0.0, None      # and ask the topology anew
-            self.retry_at = now + self.outage.failed(e)
-
-    def _release(self, field, reason, finished=b""):
-        """End our in-flight `field`'s attempt: acked if its token is `finished`, else retried."""
-        raw, token = self.r.hmget(self.inflight_key, field, field + ":t")   # None: a broadcast
-        own = None if field.startswith("adopted:") else self.bcast_key
-        outcome = raw and token != finished and self.app._outcome(raw, reason, own)
-        if raw and _release(self.app, self.r, self.inflight_key, field, token or "",
-                            outcome or _ACK) and outcome and outcome[3]:
-            msg = json.loads(raw)      # a dead letter is logged by WakaQ._dead
-            log.warning("task %s id=%s attempt=%s: %s; requeued (%s)", msg["name"], msg["id"],
-                        msg["retry"] + 1, reason, outcome[1])
+            log.error("could not deregister worker %s (%s)", self.wid, e)
 
 
-_ACK = (None, "", "", None, 0)           # an outcome that only acks
-_ATTEMPT = "task %s id=%s attempt=%d %s in %.3fs"      # one INFO line per finished attempt
+# ============================================================================ worker child
 
 
-def _release(app, r, inflight_key, field, token, outcome):
-    """Run _RELEASE for an outcome of WakaQ._outcome (None key: an ack)."""
-    key, where, value, queue, delay = outcome
-    in_queue = queue and key in (queue.key, queue.eta_key)     # else a broadcast list, or none
-    wake = queue.wake_key if in_queue else key.replace(":bcast:", ":wake:") if queue else key
-    keys = [inflight_key, key or inflight_key, wake or inflight_key, app._k("ready"), app._k("due")]
-    return _RELEASE(r, keys, [field, token, value, where, app._rank(queue) if queue else 0,
-                              queue.name if in_queue else "", delay])
+def _child_main(worker, slot):
+    """The forked child's whole life; it never returns."""
+    code = 1
+    gc.freeze()  # the collector skips what the child inherits: shorter pauses
+    try:
+        signal.set_wakeup_fd(-1)
+        os.close(worker.pipe[0])
+        os.close(worker.pipe[1])
+        code = _Child(worker, slot).run()
+    except _Stop:
+        code = 0
+    except BaseException:
+        log.exception("worker child crashed")
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
 
 
-# ===================================================================== worker child
-
-class _ChildProcess:
-    """A forked child: claim a task (in flight), run it (K async ones at once), ack it next."""
-    RUN_TASK = WakaQ._run_task.__code__
+class _Child:
+    """A forked child: claim a task into a field ("S.K"), run it, ack it with the field's
+    next claim. Sync tasks run one at a time; async ones up to K at once on one event loop
+    that lives as long as the child."""
 
     def __init__(self, worker, slot):
-        self.worker, self.app, self.slot, app = worker, worker.app, slot, worker.app
+        app = self.app = worker.app
+        self.worker, self.slot, self.k, self.table = (
+            worker,
+            slot,
+            worker.k,
+            worker.table,
+        )
         self.ppid, self.pid, self.claims = os.getppid(), os.getpid(), itertools.count(1)
-        self.stopping = self.idle = self.in_task = False
-        self.fields = [f"{slot}.{k}" for k in range(worker.k)]
-        self.prev, self.running = dict.fromkeys(self.fields, ""), {}  # field -> finished token
-        self.limits = functools.lru_cache(None)(functools.partial(_limits_for, app))
-        self.r, self.outage = _Conn(app), _Outage(f"child {slot}", worker.outage.cap)
-        self.wakes = [app._k("wake", q) for q in (worker.wid, *worker.served)]   # BLPOPed idle
-        self.loop, self.next_promote, self.top, self.lines = asyncio.new_event_loop(), 0.0, "", []
+        self.r = _Conn(app)
+        self.outage = _Outage(f"child {slot}", worker.outage.cap)
+        self.fields = [f"{slot}.{k}" for k in range(self.k)]
+        #: Field -> its running attempt.
+        self.attempts: dict = {}
+        #: Field -> the release of its finished attempt, sent with the field's next claim.
+        self.acks: dict = {}
+        #: Field -> claim number of its last finished attempt (the parent acks it if we die).
+        self.finished = dict.fromkeys(self.fields, 0)
+        self.lines: list = []  # INFO lines of finished attempts, written while Redis works
+        self.stopping = self.waiting = False
+        self.done, self.next_promote, self.top = 0, 0.0, ""
+        self.wakes = [app._k("wake", q) for q in (worker.wid, *worker.served)]
         self.claim_keys = [worker.inflight_key, worker.served_key]
+        self.limits = functools.lru_cache(None)(functools.partial(_limits_for, app))
+        hooks = [*app._hooks["before_task_started"], *app._hooks["after_task_finished"]]
+        self.async_hooks = any(map(inspect.iscoroutinefunction, hooks))
+        self.async_wrap = any(map(inspect.iscoroutinefunction, app._hooks["wrap_tasks_with"]))
+        self.loop = asyncio.new_event_loop()
 
     def run(self):
-        for sig, how in ((signal.SIGINT, signal.SIG_IGN), (signal.SIGHUP, signal.SIG_IGN),
-                         (signal.SIGTERM, self._on_term), (signal.SIGCHLD, signal.SIG_DFL),
-                         (signal.SIGALRM, self._on_alarm)):    # the parent decides on a stop
-            signal.signal(sig, how)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)  # blocked by _spawn
-        os.setpgid(0, 0)           # its own process group: a hard timeout kills it all
+        self.install_signals()
+        os.setpgid(0, 0)  # its own process group: a hard timeout kills it all
+        sys.stdout = _PrintToLog()
         asyncio.set_event_loop(self.loop)
         for hook in self.app._hooks["after_worker_started"]:
-            self.loop.run_until_complete(_maybe(hook()))
-        limit, done = self.app.max_tasks_per_worker or float("inf"), 0
-        while not self.stopping and done < limit and os.getppid() == self.ppid:
-            free = next((f for f in self.fields if f not in self.running), None) \
-                if self.running else self.fields[0]
-            if free is None:
-                self._drive(None)
+            self.loop.run_until_complete(_settle(hook()))
+        limit = self.app.max_tasks_per_worker or float("inf")
+        while not self.stopping and self.done < limit and os.getppid() == self.ppid:
+            field = self.free_field()
+            if field is None:
+                self.drive(None)
                 continue
-            raw, token = self._call(lambda: self._claim(free))
-            self.prev[free] = ""                         # the claim acked it
-            if type(raw) is int:           # nothing (ms to a due task): run async tasks, or wait
-                self._drive(PROMOTE) if self.running else self._call(lambda: self._wait(raw))
-                continue
-            if self.stopping:            # SIGTERM came while claiming: give it back untouched
-                self._end(free, token, self.app._outcome(
-                    raw, "interrupted by stop", self.worker.bcast_key))
-                break
-            self._start(free, raw, token)
-            done += 1
-        while self.running:
-            self._drive(None)
-        self._call(self._ack_finished)
+            token = f"{self.pid}-{next(self.claims)}"
+            payload = self.redis_step(functools.partial(self.claim, field, token))
+            if type(payload) is int:  # nothing to claim: ms to the next due task
+                self.idle(payload)
+            else:
+                self.begin(field, token, payload)
+        while self.attempts:
+            self.drive(None)
+        self.redis_step(self.flush_acks)
         return 0
 
-    def _log_attempts(self):     # as logging.info in the task, less the caller lookup (1/4)
-        while self.lines:
-            msg, args = self.lines.pop(0)
-            ctx = _current.set(msg)
-            log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, _ATTEMPT, args, None))
-            _current.reset(ctx)
+    def install_signals(self):
+        handlers = {
+            signal.SIGTERM: self.on_term,  # the parent stops us: finish, then exit
+            signal.SIGUSR1: self.on_interrupt,  # the parent: a soft timeout or a cancel is due
+            signal.SIGINT: signal.SIG_IGN,  # a terminal's Ctrl-C is the parent's to handle
+            signal.SIGHUP: signal.SIG_IGN,
+            signal.SIGCHLD: signal.SIG_DFL,
+        }
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)  # blocked by spawn()
 
-    def _ack_finished(self):
-        self._log_attempts()
-        for field, token in self.prev.items():
-            if token:
-                _release(self.app, self.r, self.worker.inflight_key, field, token, _ACK)
-                self.prev[field] = ""
-
-    def _on_term(self, signum, frame):
+    def on_term(self, signum, frame):
         self.stopping = True
-        if self.idle:
+        if self.waiting:
             raise _Stop()
 
-    def _on_alarm(self, signum, frame):
-        if not self.in_task:
-            return                       # the task has ended: drop it
-        f, guard, user = frame, None, None   # guard: the outermost guarded frame below user code
-        while f is not None and f.f_code is not self.RUN_TASK:
-            if user is None and (f.f_globals is globals() or f.f_globals.get(
-                    "__name__", "").partition(".")[0] in ("logging", "asyncio")):
-                guard = f
+    def on_interrupt(self, signum, frame):
+        """Deliver a due soft timeout or cancel: into a sync task's own code only (else the
+        parent signals again next tick), or by cancelling an async task's asyncio task."""
+        now = time.monotonic()
+        for attempt in list(self.attempts.values()):
+            rec = self.table.read(attempt.index)
+            if rec.running != attempt.claim:
+                continue
+            if rec.cancel == attempt.claim:
+                error: Exception = Cancelled(f"cancelled (id={attempt.msg['id']})")
+            elif rec.soft and now >= rec.soft:
+                error = SoftTimeout(f"soft timeout after {attempt.limits.soft:g}s")
             else:
-                user = user or f
-            f = f.f_back
-        if f is None or f is frame:      # not in the task yet, or between its hooks
-            signal.setitimer(signal.ITIMER_REAL, 0.001)
-        elif guard is None:
-            raise SoftTimeout(f"soft timeout after {self.soft:g}s")
-        else:                            # in logging, asyncio or wakaq: raise it as that returns
-            guard.f_trace = self._on_return
-            sys.settrace(lambda *a: None)   # and trace no new frame meanwhile
+                continue
+            if attempt.future is None and not _in_task_code(frame):
+                continue
+            self.table.write(attempt.index, 0.0, rec.hard, rec.running, rec.finished)
+            if attempt.future is None:
+                raise error
+            attempt.interrupt = error
+            self.loop.call_soon_threadsafe(attempt.future.cancel)
 
-    def _on_return(self, frame, event, arg):
-        if event != "return":
-            return self._on_return
-        sys.settrace(None)
-        if self.in_task:
-            raise SoftTimeout(f"soft timeout after {self.soft:g}s")
+    def free_field(self):
+        if not self.attempts:
+            return self.fields[0]
+        return next((f for f in self.fields if f not in self.attempts), None)
 
-    def _ended(self):            # before the after_task_finished hooks: disarm the soft timeout
-        if self.in_task:
-            self.in_task = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            sys.settrace(None)
-
-    def _call(self, fn):
-        """Run a Redis step until it succeeds; outages are logged once, with backoff."""
+    def redis_step(self, step):
+        """Run a Redis step until it succeeds; failures follow the outage rule."""
         while True:
             try:
-                result = fn()
+                result = step()
                 if self.outage.delay:
                     self.outage.ok()
                 return result
             except redis.RedisError as e:
+                if isinstance(e, _RECONNECT):
+                    self.r.reset()
                 delay = self.outage.failed(e)
-                self.r.reset()
-            self._log_attempts()
+            self.write_lines()
             if self.stopping or os.getppid() != self.ppid:
                 raise _Stop()
-            time.sleep(delay)
+            self.wait(time.sleep, delay)
 
-    def _claim(self, field):
-        """The hot path: "p" (promote due tasks) every PROMOTE s; attempt lines logged meanwhile."""
+    def wait(self, fn, *args):
+        """fn(*args), during which a SIGTERM leaves at once (_Stop)."""
+        self.waiting = True
+        try:
+            if not self.stopping:
+                fn(*args)
+        finally:
+            self.waiting = False
+
+    def claim(self, field, token):
+        """The hot path: release the field's last attempt and claim the next; "p" (promote
+        due tasks, broadcasts first) every PROMOTE s; INFO lines written while Redis works."""
         now, promote = time.monotonic(), ""
         if now >= self.next_promote:
             self.next_promote, promote = now + PROMOTE, "p"
-        token = f"{self.pid}-{next(self.claims)}"
-        return _CLAIM(self.r, self.claim_keys, (field, self.prev[field], token, promote, self.top),
-                      meanwhile=self.lines and self._log_attempts), token
+        ack = self.acks.get(field) or (field, *_NO_RELEASE)
+        payload = _CLAIM(
+            self.r,
+            self.claim_keys,
+            (token, promote, self.top, *ack),
+            meanwhile=self.lines and self.write_lines,
+        )
+        self.acks.pop(field, None)
+        return payload
 
-    def _wait(self, due):
-        """Ack what is finished; BLPOP the wake-up lists until a push, due time or wait_timeout."""
-        self._ack_finished()
-        timeout = min(self.app.wait_timeout, max(0.01, due / 1e3 if due >= 0 else float("inf")))
-        self.idle = True
-        try:
-            if not self.stopping:
-                self.r.execute_command("BLPOP", *self.wakes, f"{timeout:.3f}")
-        finally:
-            self.idle, self.next_promote = False, 0.0
+    def idle(self, due_ms):
+        """Nothing to claim: ack what is finished; run async tasks, or BLPOP the wake-up
+        lists until a push, the next due task or wait_timeout."""
+        self.redis_step(self.flush_acks)
+        if self.attempts:
+            return self.drive(PROMOTE)
+        due = due_ms / 1e3 if due_ms >= 0 else float("inf")
+        timeout = min(self.app.wait_timeout, max(0.01, due))
+        self.redis_step(
+            lambda: self.wait(self.r.execute_command, "BLPOP", *self.wakes, f"{timeout:.3f}")
+        )
+        self.next_promote = 0.0
 
-    def _drive(self, timeout):
+    def flush_acks(self):
+        self.write_lines()
+        for field, args in list(self.acks.items()):
+            _release(self.app, self.r, self.worker.inflight_key, list(args))
+            del self.acks[field]
+
+    def drive(self, timeout):
         """Run the event loop until an async task ends (or `timeout` seconds pass)."""
-        self._log_attempts()
-        self.loop.run_until_complete(asyncio.wait(
-            list(self.running.values()), timeout=timeout, return_when=asyncio.FIRST_COMPLETED))
+        self.write_lines()
+        futures = [a.future for a in self.attempts.values()]
+        self.loop.run_until_complete(
+            asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        )
 
-    def _end(self, field, token, outcome):
-        self._call(lambda: _release(self.app, self.r, self.worker.inflight_key, field, token,
-                                    outcome))
-
-    def _start(self, field, raw, token):
-        """Run one claimed payload, or start it on the event loop if it is async and K > 1."""
+    def begin(self, field, token, raw):
+        """Start one claimed payload: sync tasks to their end, async ones on the event loop."""
         app = self.app
         try:
             msg = _loads_msg(raw)
             task, queue = app.tasks.get(msg["name"]), app._queues.get(msg["queue"])
-            self.top = msg["queue"] if msg["queue"] == self.worker.served[0] else ""
-            what = None if task and queue else "unknown queue" if task else "unknown task"
+            problem = None if task and queue else "unknown queue" if task else "unknown task"
         except _BAD_PAYLOAD as e:
-            msg, what = None, f"bad payload: {e}"
-        if what:
-            log.error("%s: %s", what, raw[:200])
-            return self._end(field, token, app._dead(raw, msg, what))
-        limits = self.limits(task, queue)
-        start, at = time.monotonic(), 16 * (self.worker.k * self.slot + self.fields.index(field))
-        struct.pack_into("d", self.worker.shm, at, start + limits.hard if limits.hard else 0.0)
-        soft = limits.soft and start + limits.soft
-        wrap = app._hooks["wrap_tasks_with"][:1]
-        if self.worker.k > 1 and task.is_async and all(map(inspect.iscoroutinefunction, wrap)):
-            self.running[field] = self.loop.create_task(
-                self._run_async(field, raw, token, msg, task, soft, start, at))
-            return
-        ctx, error = _current.set(msg), None
-        try:
-            if limits.soft and not task.is_async:
-                self.soft, self.in_task = limits.soft, True
-                signal.setitimer(signal.ITIMER_REAL, limits.soft)
-            app._run_task(task, msg["args"], msg["kwargs"], soft, self.loop.run_until_complete,
-                          self._ended)
-        except Exception as e:
-            error = e
-        self._finish(field, raw, token, msg, start, at, error)
-        _current.reset(ctx)
-
-    async def _run_async(self, field, raw, token, msg, task, soft, start, at):
-        _current.set(msg)          # this asyncio task's own context
-        error, hooks, wrap = None, self.app._hooks, self.app._hooks["wrap_tasks_with"]
-        try:                       # as WakaQ._run_task, awaited on the running event loop
-            for hook in hooks["before_task_started"]:
-                await _maybe(hook())
-            await _maybe(wrap[0](task.fn, msg["args"], msg["kwargs"]) if wrap else task.fn(
-                *msg["args"], **msg["kwargs"]), soft)
-        except Exception as e:
-            error = e
-        finally:
-            for hook in hooks["after_task_finished"]:
-                await _maybe(hook())
-        del self.running[field]
-        self._finish(field, raw, token, msg, start, at, error)
-
-    def _finish(self, field, raw, token, msg, start, at, error):
-        """Log the attempt; retry a soft timeout, else ack it next claim (or the parent acks)."""
-        soft = isinstance(error, SoftTimeout)
-        struct.pack_into("dd", self.worker.shm, at, 0.0, 0 if soft else float(token.split("-")[1]))
-        if error and not soft:
-            log.error("task %s raised (id=%s)", msg["name"], msg["id"], exc_info=error)
-        if log.isEnabledFor(logging.INFO):
-            self.lines.append((msg, (msg["name"], msg["id"], msg["retry"] + 1, "soft timeout" if
-                                soft else error and "raised" or "done", time.monotonic() - start)))
-        if soft:
-            self._log_attempts()
-            self._end(field, token, self.app._outcome(raw, "soft timeout", self.worker.bcast_key))
+            msg, problem = None, f"bad payload: {e}"
+        if problem or self.stopping:  # a stop came while claiming: give it back untouched
+            outcome = _Outcome("raised", problem) if problem else _Outcome("interrupted")
+            if problem:
+                log.error("%s: %.200r", problem, raw)
+            return self.release_now(field, token, raw, outcome, None)
+        self.done += 1
+        k = self.fields.index(field)
+        attempt = _Attempt(
+            task,
+            msg,
+            field,
+            token,
+            raw,
+            queue,
+            self.limits(task, queue),
+            self.slot * self.k + k,
+        )
+        attempt.claim, attempt.is_async = (
+            int(token.rpartition("-")[2]),
+            task.is_async or self.async_wrap,
+        )
+        self.top = queue.name if queue.name == self.worker.served[0] else ""
+        soft, hard = attempt.limits.soft, attempt.limits.hard
+        start = attempt.start
+        self.table.write(
+            attempt.index,
+            start + soft if soft else 0.0,
+            start + hard if hard else 0.0,
+            attempt.claim,
+            self.finished[field],
+        )
+        self.attempts[field] = attempt
+        coro = _run_attempt(app, attempt, self)
+        if attempt.is_async:
+            attempt.future = self.loop.create_task(self.run_async(coro, attempt))
         else:
-            self.prev[field] = token
+            self.ended(attempt, self.run_sync(coro))
+
+    def run_sync(self, coro):
+        """Run a sync task's attempt: by hand when no hook awaits anything (no event-loop
+        turn per task), else on the event loop."""
+        if self.async_hooks:
+            return self.loop.run_until_complete(coro)
+        try:
+            coro.send(None)
+        except StopIteration as e:
+            return e.value
+        msg = "a hook that is not `async def` returned an awaitable: declare it async def"
+        try:
+            coro.throw(WakaQError(msg))
+        except StopIteration as e:
+            return e.value
+        raise WakaQError(msg)
+
+    async def run_async(self, coro, attempt):
+        self.ended(attempt, await coro)
+
+    def attempt_ended(self, attempt):
+        """Before the after hooks: no soft timeout, hard timeout or cancel from now on."""
+        self.table.write(attempt.index, 0.0, 0.0, attempt.claim, self.finished[attempt.field])
+
+    def free(self, attempt):
+        del self.attempts[attempt.field]
+
+    def ended(self, attempt, outcome):
+        """Log the attempt; release it now, or (done) with the field's next claim."""
+        seconds = time.monotonic() - attempt.start
+        msg = attempt.msg
+        if log.isEnabledFor(logging.INFO):
+            what = outcome.kind.replace("_", " ")
+            self.lines.append((msg, (msg["name"], msg["id"], msg["retry"] + 1, what, seconds)))
+        if outcome.kind != "done":
+            return self.release_now(attempt.field, attempt.token, attempt.raw, outcome, seconds)
+        self.acks[attempt.field] = _release_args(
+            self.app,
+            attempt.field,
+            attempt.token,
+            attempt.raw,
+            outcome,
+            seconds,
+            self.worker.wid,
+            msg,
+        )[0]
+        self.finished[attempt.field] = attempt.claim
+        self.table.set(attempt.index, "finished", attempt.claim)
+
+    def release_now(self, field, token, raw, outcome, seconds):
+        args = _release_args(self.app, field, token, raw, outcome, seconds, self.worker.wid)[0]
+        self.write_lines()
+        self.redis_step(lambda: _release(self.app, self.r, self.worker.inflight_key, args))
+
+    def write_lines(self):
+        """The attempts' INFO lines, as logging.info in the task, less the caller lookup."""
+        while self.lines:
+            msg, args = self.lines.pop(0)
+            context = _current.set(msg)
+            log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, _ATTEMPT, args, None))
+            _current.reset(context)
 
 
-# ===================================================================== scheduler
+# The release of a field with no finished attempt, as _CLAIM's last 12 arguments.
+_NO_RELEASE = ("", "", "", "", "", 0, 0, "", "", "", "", 0)
+
+
+# ============================================================================ scheduler
+
 
 def _due(cron, tz, last, now):
     """(the latest tick in (last, now] at most CRON_CATCH_UP (+1) s old, or None; the next tick),
@@ -1328,48 +2426,49 @@ def _due(cron, tz, last, now):
     while (t := it.get_next(datetime)).timestamp() <= now:
         wall, ts = t.replace(tzinfo=None), t.timestamp()
         if not star and t.replace(fold=0).timestamp() != ts:
-            continue
-        if star and datetime.fromtimestamp(ts - 1, tz).utcoffset() != t.utcoffset() and \
-                croniter(cron.schedule, wall - timedelta(seconds=1)).get_next(datetime) != wall:
-            continue
+            continue  # the second of a repeated wall time
+        if star and datetime.fromtimestamp(ts - 1, tz).utcoffset() != t.utcoffset():
+            if croniter(cron.schedule, wall - timedelta(seconds=1)).get_next(datetime) != wall:
+                continue  # a wall time the gap skipped
         fire = int(ts)
     return fire, t.timestamp()
 
 
-def _cmd_scheduler(app, args):
-    """Each tick once, across schedulers and restarts ({p}:cron:{digest}); now: Redis TIME."""
-    _setup_logging(app.scheduler_log_file, app.scheduler_log_level)
-    crons, stopped = [], []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda s, f: stopped.append(s))
+class _Schedule(NamedTuple):
+    cron: CronTask
+    task: Task
+    queue: Queue
+    record: str  # {p}:cron:{digest}: the last tick enqueued
+
+
+def _schedules(app):
+    out = []
     for cron in app.schedules:
         if cron.task_name not in app.tasks:
             raise ValueError(f"schedule {cron.schedule!r} names unknown task {cron.task_name!r}")
         task = app.tasks[cron.task_name]
         q = app._queue(cron.queue) if cron.queue else task.queue or app.default_queue
-        ident = json.dumps([cron.schedule, cron.task_name, q.name, cron.args, cron.kwargs],
-                           sort_keys=True, default=str)
-        crons.append((cron, task, q, [q.key, q.wake_key, app._k("ready"), q.eta_key, app._k(
-            "due"), app._k("cron", hashlib.sha1(ident.encode()).hexdigest())]))   # _ENQUEUE's
-    if not crons:
+        ident = [cron.schedule, cron.task_name, q.name, cron.args, cron.kwargs]
+        digest = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+        out.append(_Schedule(cron, task, q, app._k("cron", digest)))
+    return out
+
+
+def _cmd_scheduler(app, args):
+    """Each tick once, across schedulers and restarts; now: Redis TIME."""
+    _setup_logging(app.scheduler_log_file, args.loglevel or app.scheduler_log_level)
+    stopped: list = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, f: stopped.append(s))
+    schedules = _schedules(app)
+    if not schedules:
         return log.warning("the app has no schedules; the scheduler exits")
     r, outage = app._client(retries=0), _Outage("scheduler")
-    log.info("scheduler started with %d schedule(s)", len(crons))
+    log.info("scheduler started with %d schedule(s)", len(schedules))
     while not stopped:
         try:
-            outage.ok(r)
-            (sec, usec), pause = r.time(), 1.0
-            now = sec + usec / 1e6              # Redis's clock
-            for (cron, task, q, keys), last in zip(crons, r.mget([c[3][5] for c in crons])):
-                if last is None:            # a new schedule starts from now
-                    r.set(keys[5], int(now), nx=True)
-                    continue
-                fire, nxt = _due(cron, app.tz, float(last), now)
-                pause = min(pause, nxt - now)
-                if fire and _ENQUEUE(r, keys, [app._rank(q), q.name, "cron", fire, app._payload(
-                        task, cron.args, cron.kwargs, q)[1]]):
-                    log.info("enqueued %s for %s", cron.task_name,
-                             datetime.fromtimestamp(fire, app.tz).isoformat())
+            pause = _tick(app, r, schedules)
+            outage.ok()
         except redis.RedisError as e:
             pause = outage.failed(e)
         end = time.monotonic() + max(pause, 0.01)
@@ -1378,223 +2477,658 @@ def _cmd_scheduler(app, args):
     log.info("scheduler stopped")
 
 
-# ===================================================================== command line
+def _tick(app, r, schedules):
+    """Enqueue each schedule's due tick; -> seconds until the next tick (at most 1)."""
+    sec, usec = r.time()
+    now, pause = sec + usec / 1e6, 1.0  # Redis's clock
+    for s, last in zip(schedules, r.mget([s.record for s in schedules])):
+        if last is None:  # a new schedule starts from now
+            r.set(s.record, int(now), nx=True)
+            continue
+        fire, next_tick = _due(s.cron, app.tz, float(last), now)
+        pause = min(pause, next_tick - now)
+        payload = app._payload(s.task, s.cron.args, s.cron.kwargs, s.queue)[1]
+        args = [app._rank[s.queue], s.queue.name, "cron", fire, payload]
+        if fire and _ENQUEUE(r, [s.queue.key, s.record], args):
+            when = datetime.fromtimestamp(fire, app.tz).isoformat()
+            log.info("enqueued %s for %s", s.cron.task_name, when)
+    return pause
+
+
+# ============================================================================ command line
+
 
 def _cmd_worker(app, args):
-    app.concurrency = args.concurrency or app.concurrency    # the original's options
-    if args.exclude_queues:
-        app.exclude_queues = [app._queue(q.strip()).name for q in args.exclude_queues.split(",")]
-    _setup_logging(app.worker_log_file, app.worker_log_level)
+    if args.concurrency:
+        app.concurrency = args.concurrency
+    if args.exclude_queues is not None:
+        app.exclude_queues = app._served_names(args.exclude_queues.split(","))[1]
+    _setup_logging(app.worker_log_file, args.loglevel or app.worker_log_level)
     if app.default_queue.name in app.exclude_queues:
-        log.warning("the default queue %r is excluded: tasks without a queue= wait for "
-                    "another app's workers", app.default_queue.name)
+        log.warning(
+            "the default queue %r is excluded: tasks without a queue= wait for another app's workers",
+            app.default_queue.name,
+        )
     return _Worker(app).run()
 
 
-def _msg(raw):       # a JSON object (payload, dead entry); missing keys are None
+def _json_object(raw):
+    """A JSON object (payload, dead entry) as a dict whose missing keys are None."""
     with contextlib.suppress(ValueError, TypeError):
-        return collections.defaultdict(lambda: None, json.loads(raw))
+        obj = json.loads(raw)
+        if isinstance(obj, dict):
+            return collections.defaultdict(lambda: None, obj)
     return collections.defaultdict(lambda: None)
 
 
-def _cmd_info(app, args):
-    pipe = app.redis.pipeline(transaction=False)
+def _snapshot(app):
+    """Everything `info` and `metrics` show, read in three round trips."""
+    r = app.redis
+    pipe = r.pipeline(transaction=False)
     for q in app.queues:
-        pipe.llen(q.key).zcard(q.eta_key)
-    *counts, dead, workers, (sec, usec) = pipe.llen(app.dead_key).zrange(
-        app.workers_key, 0, -1, withscores=True).time().execute()
+        pipe.llen(q.key).zcard(q.eta_key).lindex(q.key, 0)
+    pipe.llen(app.dead_key).zrange(app.workers_key, 0, -1, withscores=True)
+    *per_queue, dead, workers, served, stats, (sec, usec) = (
+        pipe.hgetall(app._k("served")).hgetall(app._k("stats")).time().execute()
+    )
     now = sec + usec / 1e6
-    for wid, _ in workers:                        # live, and dead not yet adopted
+    for wid, _ in workers:  # live, and dead not yet adopted
         pipe.hgetall(app._k("inflight", wid.decode()))
-    running = [{**{k: _msg(raw)[k] for k in ("id", "name", "queue")}, "worker": wid.decode(),
-                "seconds": (s := fields.get(f + b":s")) and round(now - float(s), 1)}
-               for (wid, _), fields in zip(workers, pipe.execute())
-               for f, raw in fields.items() if not f.endswith((b":s", b":t"))]  # f: "S.K"
-    info = {"queues": {q.name: {"priority": app._priority[q.name], "pending": counts[2 * i],
-                                "delayed": counts[2 * i + 1]} for i, q in enumerate(app.queues)},
-            "inflight": len(running), "dead": dead, "running": running,
-            "workers": sum(beat >= now - app.heartbeat_timeout for _, beat in workers)}
-    row = "{:<20} {:>8} {:>10} {:>10}".format
-    print(json.dumps(info) if args.json else "\n".join([
-        row("queue", "priority", "pending", "delayed"),
-        *(row(name, *q.values()) for name, q in info["queues"].items()),
-        "in-flight: {inflight}  dead: {dead}  workers: {workers}".format_map(info),
-        *("running {id} {name} queue={queue} worker={worker} {seconds}s".format_map(t)
-          for t in running)]))
+    firsts = [_json_object(per_queue[3 * i + 2])["id"] for i in range(len(app.queues))]
+    for q, first in zip(app.queues, firsts):
+        pipe.hget(app._k("ids", q.name), first or "")
+    (*inflights,) = pipe.execute()
+    ready_at = inflights[len(workers) :]
+    snap = {"queues": {}, "latency": {}, "inflight": 0, "dead": dead, "running": [], "now": now}
+    snap["stats"] = stats
+    for i, q in enumerate(app.queues):
+        latency = max(0.0, now - float(ready_at[i])) if ready_at[i] else 0.0
+        snap["queues"][q.name] = {
+            "priority": app._priority[q.name],
+            "pending": per_queue[3 * i],
+            "delayed": per_queue[3 * i + 1],
+        }
+        snap["latency"][q.name] = round(latency, 3)
+    snap["workers_list"] = _workers(app, workers, served, inflights[: len(workers)], now)
+    for worker, fields in zip(snap["workers_list"], inflights):
+        for f, raw in fields.items():
+            if not f.endswith((b":s", b":t")):  # f: "S.K", or "adopted:..."
+                msg, started = _json_object(raw), fields.get(f + b":s")
+                seconds = round(now - float(started), 1) if started else None
+                entry = {k: msg[k] for k in ("id", "name", "queue")}
+                snap["running"].append({**entry, "worker": worker["id"], "seconds": seconds})
+    snap["inflight"] = len(snap["running"])
+    snap["workers"] = sum(w["alive"] for w in snap["workers_list"])
+    return snap
+
+
+def _workers(app, workers, served, inflights, now):
+    out = []
+    for (wid, beat), fields in zip(workers, inflights):
+        wid = wid.decode()
+        running = sum(1 for f in fields if not f.endswith((b":s", b":t")))
+        queues = (served.get(wid.encode()) or b"").decode().split(",")
+        out.append({
+            "id": wid,
+            "host": wid.rsplit(".", 2)[0],
+            "queues": [q for q in queues if q],
+            "running": running,
+            "seconds_since_heartbeat": round(now - beat, 1),
+            "alive": beat >= now - app.heartbeat_timeout,
+        })  # fmt: skip
+    return out
+
+
+def _unserved(snap):
+    """Queues with pending tasks that no live worker serves."""
+    served = {q for w in snap["workers_list"] if w["alive"] for q in w["queues"]}
+    return [n for n, q in snap["queues"].items() if q["pending"] and n not in served]
+
+
+def _info_text(snap, rates=None):
+    row = "{:<20} {:>8} {:>10} {:>10} {:>10}".format
+    lines = [row("queue", "priority", "pending", "delayed", "latency")]
+    for name, q in snap["queues"].items():
+        latency = f"{snap['latency'][name]:.1f}s"
+        lines.append(row(name, q["priority"], q["pending"], q["delayed"], latency))
+        if rates:
+            lines[-1] += "  enqueued {:.1f}/s  done {:.1f}/s".format(*rates.get(name, (0, 0)))
+    lines.append("in-flight: {inflight}  dead: {dead}  workers: {workers}".format_map(snap))
+    for w in snap["workers_list"]:
+        state = "" if w["alive"] else " (silent)"
+        lines.append(
+            f"worker {w['id']} host={w['host']} queues={','.join(w['queues'])} "
+            f"running={w['running']} heartbeat={w['seconds_since_heartbeat']}s ago{state}"
+        )
+    for t in snap["running"]:
+        lines.append("running {id} {name} queue={queue} worker={worker} {seconds}s".format_map(t))
+    for name in _unserved(snap):
+        lines.append(f"warning: queue {name} has pending tasks and no live worker serves it")
+    return "\n".join(lines)
+
+
+def _info_json(snap):
+    out = {k: snap[k] for k in ("queues", "inflight", "dead", "workers", "running", "latency")}
+    out["workers_list"] = snap["workers_list"]
+    out["unserved_queues"] = _unserved(snap)
+    return json.dumps(out)
+
+
+def _per_queue_counts(stats):
+    """(enqueued, done) per queue from the stats hash."""
+    counts: dict = collections.defaultdict(lambda: [0, 0])
+    for field, value in stats.items():
+        kind, _, rest = field.decode().partition(" ")
+        if kind == "e":
+            counts[rest][0] += int(value)
+        elif kind == "n" and rest.startswith("done "):
+            counts[rest.split(" ")[1]][1] += int(value)
+    return counts
+
+
+def _cmd_info(app, args):
+    if args.watch is None:
+        snap = _snapshot(app)
+        return print(_info_json(snap) if args.json else _info_text(snap))
+    before, seconds = None, args.watch
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            snap = _snapshot(app)
+            counts = _per_queue_counts(snap["stats"])
+            rates = {}
+            if before:
+                elapsed = max(1e-3, snap["now"] - before[0])
+                for name, (enq, done) in counts.items():
+                    old = before[1].get(name, (enq, done))
+                    rates[name] = ((enq - old[0]) / elapsed, (done - old[1]) / elapsed)
+            before = (snap["now"], counts)
+            screen = _info_json(snap) if args.json else _info_text(snap, rates)
+            print(("\x1b[H\x1b[J" if sys.stdout.isatty() else "") + screen, flush=True)
+            time.sleep(seconds)
 
 
 def _cmd_purge(app, args):
     q = app._queue(args.queue)
-    pipe = app.redis.pipeline().llen(q.key).zcard(q.eta_key).unlink(q.key, q.eta_key, q.wake_key)
-    pending, delayed, *_ = pipe.zrem(app._k("ready"), q.name).execute()  # UNLINK: freed later
-    print(pending + delayed)                                 # the contract: one number
-    print(f"wakaq: purged {pending} pending and {delayed} delayed task(s) from queue {q.name!r}",
-          file=sys.stderr)
+    pipe = app.redis.pipeline().llen(q.key).zcard(q.eta_key)
+    pipe.unlink(q.key, q.eta_key, q.wake_key, app._k("ids", q.name))  # UNLINK: freed later
+    pending, delayed, *_ = pipe.zrem(app._k("ready"), q.name).execute()
+    print(pending + delayed)  # the contract: one number
+    print(
+        f"wakaq: purged {pending} pending and {delayed} delayed task(s) from queue {q.name!r}",
+        file=sys.stderr,
+    )
+
+
+def _dead_entries(app):
+    """The dead letters with their task's arguments, oldest first."""
+    entries = []
+    for raw in app.redis.lrange(app.dead_key, 0, -1):
+        e, msg = _json_object(raw), None
+        msg = _json_object(e["payload"])
+        call = json.dumps([msg["args"], msg["kwargs"]])[1:-1]
+        e["when"] = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(e["at"] or 0))
+        e["args"] = call if len(call) < 80 else call[:76] + " ..."
+        entries.append(e)
+    return entries
 
 
 def _cmd_dead(app, args):
-    key, ids, listing = app.dead_key, set(args.requeue or ()), args.requeue is None
+    key = app.dead_key
     if args.purge:
-        return print(f"deleted {app.redis.pipeline().llen(key).unlink(key).execute()[0]} "
-                     "dead task(s)")
-    if listing and not app.redis.llen(key):
+        n = app.redis.pipeline().llen(key).unlink(key).execute()[0]
+        return print(f"deleted {n} dead task(s)")
+    if args.requeue is not None:
+        return _requeue_dead(app, set(args.requeue))
+    entries = _dead_entries(app)
+    if args.json:
+        return print(json.dumps([{k: v for k, v in e.items() if k != "payload"} for e in entries]))
+    if not entries:
         return print("no dead tasks")
-    def visit(raw, _):                       # list it, or pick it to requeue
-        msg = _msg((e := _msg(raw))["payload"])
-        call = json.dumps([msg["args"], msg["kwargs"]])[1:-1]
-        e.update(at=time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(e["at"] or 0)),
-                 args=call if len(call) < 80 else call[:76] + " ...")
-        if listing:
-            print("{id} {name} queue={queue} attempts={attempts} reason={reason!r} at={at} "
-                  "args={args}".format_map(e))
-        elif not args.requeue or e["id"] in ids:
-            ids.discard(e["id"])             # a bad payload goes back as it was
-            return (app._queues.get(e["queue"]) or app.default_queue, "",
-                    json.dumps({**msg, "retry": 0}) if msg else e["payload"] or "")
-    moved = _move(app, key, "list", visit)
-    if not listing:
-        print(f"requeued {moved} dead task(s)" + (f"; not found: {' '.join(ids)}" if ids else ""))
-        return 1 if ids else 0
+    for e in entries:
+        print(
+            "{id} {name} queue={queue} attempts={attempts} reason={reason!r} at={when} args={args}".format_map(
+                e
+            )
+        )
+
+
+def _requeue_dead(app, ids):
+    """dead --requeue [ID ...]: all, or those ids, back on their queues with retries reset."""
+    wanted = set(ids)
+
+    def pick(raw, _):
+        e = _json_object(raw)
+        if ids and e["id"] not in ids:
+            return None
+        wanted.discard(e["id"])
+        msg = _json_object(e["payload"])  # a bad payload goes back as it was
+        payload = (
+            json.dumps({**msg, "retry": 0}, separators=(",", ":")) if msg else e["payload"] or ""
+        )
+        return app._queues.get(e["queue"]) or app.default_queue, "", payload
+
+    moved = _move(app, app.dead_key, "list", pick)
+    print(
+        f"requeued {moved} dead task(s)"
+        + (f"; not found: {' '.join(sorted(wanted))}" if wanted else "")
+    )
+    return 1 if wanted else 0
+
+
+def _cmd_cancel(app, args):
+    missing = 0
+    for task_id in args.ids:
+        found = app.cancel(task_id)
+        print(f"{task_id} {found or 'not found'}")
+        missing += found is None
+    return 1 if missing else 0
 
 
 def _cmd_health(app, args):
-    (sec, usec), host, limit = app.redis.time(), socket.gethostname(), app.heartbeat_timeout
-    age = min((sec + usec / 1e6 - b for w, b in app.redis.zrange(app.workers_key, 0, -1,
-               withscores=True) if w.decode().rsplit(".", 2)[0] == host), default=float("inf"))
-    print(("ok: " if age <= limit else "unhealthy: ") + (f"no worker of this app on {host}" if age
-          == float("inf") else f"a worker on {host} heartbeated {age:.1f}s ago (limit {limit:g}s)"))
-    return 0 if age <= limit else 1
-
-
-# KEYS: the source (a list if ARGV[1] is 'list', else a zset), queue, wake, ready, eta, due (as
-# _ENQUEUE), dead. Per (raw, due, payload) in ARGV[4..]: if raw is still in the source, remove it
-# and push payload: due '' to the queue (rank ARGV[2], name ARGV[3]), 'dead' to dead, else delayed.
-_MOVE = _Script("""
-local n, ready = 0, 0
-for i = 4, #ARGV, 3 do
-  if (ARGV[1] == 'list' and redis.call('LREM', KEYS[1], 1, ARGV[i])
-      or redis.call('ZREM', KEYS[1], ARGV[i])) == 1 then
-    n = n + 1
-    if ARGV[i + 1] == '' then redis.call('RPUSH', KEYS[2], ARGV[i + 2]); ready = ready + 1
-    elseif ARGV[i + 1] == 'dead' then redis.call('RPUSH', KEYS[7], ARGV[i + 2])
-    else later(KEYS[5], KEYS[6], ARGV[2] .. ':' .. ARGV[3], tonumber(ARGV[i + 1]),
-               ARGV[i + 2], KEYS[3]) end
-  end
-end
-if ready > 0 then redis.call('ZADD', KEYS[4], ARGV[2], ARGV[3]); wake(KEYS[3], ready) end
-return n
-""")
-
-
-def _move(app, key, kind, pick):
-    """_MOVE, 1,000 a page, what pick(raw, score or "") maps to (queue, due, payload); -> count."""
-    r, start, moved = app.redis, 0, 0
-    for _ in range(0, r.llen(key) if kind == "list" else r.zcard(key), 1000):
-        page, batches = (r.zrange(key, start, start + 999, withscores=True) if kind == "zset"
-                         else [(raw, "") for raw in r.lrange(key, start, start + 999)]), {}
-        for raw, score in page:
-            q, *item = pick(raw, score) or [None]
-            if q:
-                batches.setdefault(q, []).extend([raw, *item])
-        n = sum(_MOVE(r, [key, q.key, q.wake_key, app._k("ready"), q.eta_key, app._k("due"),
-                          app._k("dead")], [kind, app._rank(q), q.name, *items])
-                for q, items in batches.items())
-        moved, start = moved + n, start + len(page) - n
-    return moved
-
-
-def _cmd_migrate(app, args):
-    """The original's tasks (lists PREFIX:Q, zsets PREFIX:eta:Q) to ours; bad ones dead."""
-    classes = {"Decimal": lambda d: decimal.Decimal(d["value"]), "date": lambda d: date(
-        d["year"], d["month"], d["day"]), "bytes": lambda d: base64.b64decode(d["value"]),
-        "timedelta": lambda d: timedelta(**d["kwargs"]),
-        "datetime": lambda d: datetime(**{k: v for k, v in d.items() if k != "__class__"})}
-    def convert(queue, raw, due):            # due: "" or unix time
+    """0 while a worker of this app on this host runs and its loop turned within
+    heartbeat_timeout (its file's time; no Redis needed), else 1; one line either way."""
+    limit, host, ages = app.heartbeat_timeout, socket.gethostname(), []
+    for path in glob.glob(_health_glob(app)):
+        pid = int(path.rsplit(".", 2)[-2])
         try:
-            msg = json.loads(raw, object_hook=lambda d: classes.get(d.get("__class__"), dict)(d))
-            name, a, kw, retry = msg["name"], msg["args"], msg["kwargs"], msg.get("retry") or 0
-            if (type(name), type(a), type(kw), type(retry)) != (str, list, dict, int):
-                raise ValueError("need name, args, kwargs")
-            task = app.tasks.get(name) or type("", (), dict(name=name, _json_name=json.dumps(name)))
-            payload = app._payload(task, a, kw, queue)[1]
-            return queue, due and repr(due), payload.replace('"retry":0,', f'"retry":{retry},', 1)
-        except _BAD_PAYLOAD as e:
-            return queue, "dead", _dead_entry(raw, {"id": _new_id(), "queue": queue.name},
-                                              f"bad payload from the original WakaQ: {e}")
-    moved = sum(_move(app, f"{q.prefix}:{eta}{q.name}", "zset" if eta else "list",
-                      functools.partial(convert, q)) for q in app.queues for eta in ("", "eta:"))
-    print(f"moved {moved} task(s) from the original WakaQ")
+            os.kill(pid, 0)
+            ages.append(time.time() - os.stat(path).st_mtime)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.remove(path)  # a worker killed before it could remove its file
+        except OSError:
+            continue
+    if not ages:
+        print(f"unhealthy: no worker of this app runs on {host}")
+        return 1
+    age = min(ages)
+    ok = age <= limit
+    print(
+        f"{'ok' if ok else 'unhealthy'}: a worker on {host} turned its loop {age:.1f}s ago (limit {limit:g}s)"
+    )
+    return 0 if ok else 1
+
+
+def _label(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _prometheus(app):
+    """The fleet's metrics in Prometheus text format (version 0.0.4)."""
+    snap = _snapshot(app)
+    out = []
+
+    def metric(name, kind, text, samples):
+        out.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"])
+        for labels, value in samples:
+            pairs = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+            out.append(f"{name}{{{pairs}}} {value}" if pairs else f"{name} {value}")
+
+    totals, buckets, sums = (
+        [],
+        collections.defaultdict(lambda: [0] * (len(BUCKETS) + 1)),
+        {},
+    )
+    for field, value in snap["stats"].items():
+        kind, _, rest = field.decode().partition(" ")
+        if kind == "n":
+            outcome, queue, task = rest.split(" ", 2)
+            totals.append(({"queue": queue, "task": task, "outcome": outcome}, int(value)))
+        elif kind == "b":
+            index, queue, task = rest.split(" ", 2)
+            buckets[(queue, task)][int(index) - 1] += int(value)
+        elif kind == "u":
+            queue, task = rest.split(" ", 1)
+            sums[(queue, task)] = int(value) / 1e6
+    metric(
+        "wakaq_tasks_total",
+        "counter",
+        "Attempts by outcome, and tasks retried or dead-lettered.",
+        totals,
+    )
+    out.extend(
+        [
+            "# HELP wakaq_task_duration_seconds How long attempts ran.",
+            "# TYPE wakaq_task_duration_seconds histogram",
+        ]
+    )
+    for (queue, task), counts in sorted(buckets.items()):
+        labels = f'queue="{_label(queue)}",task="{_label(task)}"'
+        running = 0
+        for le, n in zip([*map(str, BUCKETS), "+Inf"], counts):
+            running += n
+            out.append(f'wakaq_task_duration_seconds_bucket{{{labels},le="{le}"}} {running}')
+        out.append(f"wakaq_task_duration_seconds_sum{{{labels}}} {sums.get((queue, task), 0.0)}")
+        out.append(f"wakaq_task_duration_seconds_count{{{labels}}} {running}")
+    queues = snap["queues"].items()
+    metric(
+        "wakaq_queue_pending",
+        "gauge",
+        "Tasks ready to run.",
+        [({"queue": n}, q["pending"]) for n, q in queues],
+    )
+    metric(
+        "wakaq_queue_delayed",
+        "gauge",
+        "Tasks waiting for their eta or backoff.",
+        [({"queue": n}, q["delayed"]) for n, q in queues],
+    )
+    metric(
+        "wakaq_queue_latency_seconds",
+        "gauge",
+        "How long the oldest pending task has waited.",
+        [({"queue": n}, q["latency"]) for n, q in queues],
+    )
+    metric("wakaq_running", "gauge", "Tasks in flight.", [({}, snap["inflight"])])
+    metric("wakaq_dead", "gauge", "Dead letters.", [({}, snap["dead"])])
+    metric("wakaq_workers", "gauge", "Live workers.", [({}, snap["workers"])])
+    return "\n".join(out) + "\n"
+
+
+def _cmd_metrics(app, args):
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.split("?")[0] != "/metrics":
+                return self.send_error(404, "the metrics are at /metrics")
+            try:
+                body, status = _prometheus(app).encode(), 200
+            except redis.RedisError as e:
+                body, status = f"wakaq: Redis at {_mask(app.url)}: {e}\n".encode(), 503
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, fmt, *args):
+            log.debug("metrics: " + fmt, *args)
+
+    server = ThreadingHTTPServer((args.bind, args.port), Handler)
+    print(
+        f"wakaq: serving metrics at http://{args.bind}:{server.server_port}/metrics",
+        file=sys.stderr,
+        flush=True,
+    )
+    signal.signal(signal.SIGTERM, lambda s, f: sys.exit(0))
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
+    return 0
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 _HIDE = argparse.SUPPRESS
-_COMMANDS = {  # name: (function, help, (argument, add_argument's options) ...)
-    "worker": (_cmd_worker, "run a worker: a parent that forks `concurrency` children",
-               ("--concurrency", dict(type=int, help="override the app's concurrency")),
-               ("--exclude-queues", dict(metavar="A,B"))),
-    "scheduler": (_cmd_scheduler, "enqueue the app's CronTasks on time"),
-    "info": (_cmd_info, "show queues, running, in-flight and dead tasks, live workers",
-             ("--json", dict(action="store_true", help="print one JSON object"))),
-    "purge": (_cmd_purge, "delete a queue's pending and delayed tasks", ("queue", dict(
-        metavar="QUEUE", nargs="?")), ("--queue", dict(dest="queue_option", help=_HIDE))),
-    "dead": (_cmd_dead, "list, requeue or delete dead-lettered tasks", ("--requeue", dict(
-        nargs="*", metavar="ID", help="all, or these; retries reset")),
-             ("--purge", dict(action="store_true", help="delete them"))),
-    "health": (_cmd_health, "exit 0 if a worker on this host heartbeats, else 1"),
-    "migrate": (_cmd_migrate, "move the original WakaQ's tasks into our queues")}
-_CONFIG_ERRORS = (redis.AuthenticationError, redis.exceptions.AuthorizationError,
-                  redis.ResponseError)    # a bad password, an ACL, a bad DB index: not an outage
+_LOGLEVEL = (
+    "--loglevel",
+    dict(metavar="LEVEL", help="override the app's log level (DEBUG, INFO, ...)"),
+)
+_COMMANDS: dict = {  # name: (function, help, (argument, add_argument's options) ...)
+    "worker": (
+        _cmd_worker,
+        "run a worker: a parent that forks `concurrency` children",
+        (
+            "--concurrency",
+            dict(type=_positive_int, help="override the app's concurrency"),
+        ),
+        ("--exclude-queues", dict(metavar="A,B", help="do not serve these queues")),
+        _LOGLEVEL,
+    ),
+    "scheduler": (_cmd_scheduler, "enqueue the app's CronTasks on time", _LOGLEVEL),
+    "info": (
+        _cmd_info,
+        "show queues, workers, running, in-flight and dead tasks",
+        ("--json", dict(action="store_true", help="print one JSON object")),
+        (
+            "--watch",
+            dict(
+                type=float,
+                nargs="?",
+                const=2.0,
+                metavar="SECONDS",
+                help="redraw every SECONDS (2)",
+            ),
+        ),
+    ),
+    "purge": (
+        _cmd_purge,
+        "delete a queue's pending and delayed tasks",
+        ("queue", dict(metavar="QUEUE", nargs="?")),
+        ("--queue", dict(dest="queue_option", help=_HIDE)),
+    ),
+    "dead": (
+        _cmd_dead,
+        "list, requeue or delete dead-lettered tasks",
+        (
+            "--requeue",
+            dict(nargs="*", metavar="ID", help="all, or these; retries reset"),
+        ),
+        ("--purge", dict(action="store_true", help="delete them")),
+        ("--json", dict(action="store_true", help="list them as one JSON array")),
+    ),
+    "cancel": (
+        _cmd_cancel,
+        "cancel tasks by id (pending, delayed, running or dead)",
+        ("ids", dict(metavar="ID", nargs="+")),
+    ),
+    "health": (
+        _cmd_health,
+        "exit 0 if a worker of this app on this host is alive, else 1",
+    ),
+    "metrics": (
+        _cmd_metrics,
+        "serve Prometheus metrics at /metrics",
+        ("--port", dict(type=int, default=9808)),
+        ("--bind", dict(default="127.0.0.1")),
+    ),
+}
+# A bad password, an ACL, a bad DB index: a configuration error, not an outage.
+_CONFIG_ERRORS = (
+    redis.AuthenticationError,
+    redis.exceptions.AuthorizationError,
+    redis.ResponseError,
+)
 
 
-def main(argv=None):
+def _parser():
     parser = argparse.ArgumentParser(prog="wakaq", description="wakaq: a Redis task queue.")
     parser.add_argument("--version", action="version", version=f"wakaq {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, text, *options) in _COMMANDS.items():
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("app", metavar="APP", nargs="?", help="module:attribute")
-        p.add_argument("--app", dest="app_option", help=_HIDE)            # the original's
-        p.add_argument("--foreground", action="store_true", help=_HIDE)   # the original's
+        p.add_argument("--app", dest="app_option", help=_HIDE)  # the original's
+        p.add_argument("--foreground", action="store_true", help=_HIDE)  # the original's
         group = p.add_mutually_exclusive_group() if name == "dead" else p  # --requeue | --purge
         for arg, kw in options:
             group.add_argument(arg, **kw)
+    return parser, sub
+
+
+def _parse(argv):
+    parser, sub = _parser()
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
-        return parser.print_help(sys.stderr) or 2
-    names = ["APP", "QUEUE"][:1 + (args.command == "purge")]
-    given = [v for v in (args.app_option, args.app, vars(args).get("queue"),
-                         vars(args).get("queue_option")) if v]     # purge --app=APP QUEUE
-    if extra or len(given) != len(names):                          # exits 2
+        return parser.print_help(sys.stderr)
+    names = ["APP", "QUEUE"][: 1 + (args.command == "purge")]
+    given = [
+        v
+        for v in (
+            args.app_option,
+            args.app,
+            vars(args).get("queue"),
+            vars(args).get("queue_option"),
+        )
+        if v
+    ]
+    if extra or len(given) != len(names):  # exits 2
         sub.choices[args.command].error(
-            f"unrecognized arguments: {' '.join(extra)}" if extra else
-            f"give {' and '.join(names)} once each (APP as module:attribute or --app=APP)")
+            f"unrecognized arguments: {' '.join(extra)}"
+            if extra
+            else f"give {' and '.join(names)} once each (APP as module:attribute or --app=APP)"
+        )
     args.app, args.queue = [*given, None][:2]
-    sys.path.insert(0, os.getcwd())       # a script's sys.path[0] is its own folder
+    return args
+
+
+def _load_app(spec):
+    """The app, or one line on stderr (no traceback) and None."""
+    sys.path.insert(0, os.getcwd())  # a script's sys.path[0] is its own folder
     try:
-        app = _import_app(args.app)
-    except Exception as e:                # any import-time error: one line, no traceback
-        where = [] if isinstance(e, SyntaxError) else [      # str(a SyntaxError) has its line
-            f" ({f.filename}, line {f.lineno})" for f in traceback.extract_tb(e.__traceback__)
-            if f.filename and not f.filename.startswith("<") and f.filename != __file__]
+        return _import_app(spec)
+    except Exception as e:  # any import-time error: one line, no traceback
+        where = (
+            []
+            if isinstance(e, SyntaxError)
+            else [  # str(a SyntaxError) has its line
+                f" ({f.filename}, line {f.lineno})"
+                for f in traceback.extract_tb(e.__traceback__)
+                if f.filename and not f.filename.startswith("<") and f.filename != __file__
+            ]
+        )
         line = f"{type(e).__name__}: {e}".strip().splitlines()[0]
-        print(f"wakaq: cannot load app {args.app!r}: {line}{''.join(where[-1:])}", file=sys.stderr)
+        print(
+            f"wakaq: cannot load app {spec!r}: {line}{''.join(where[-1:])}",
+            file=sys.stderr,
+        )
+        return None
+
+
+def main(argv=None):
+    args = _parse(argv)
+    if args is None:
+        return 2
+    app = _load_app(args.app)
+    if app is None:
         return 2
     try:
+        if getattr(args, "loglevel", None):
+            args.loglevel = _log_level(args.loglevel, "--loglevel")
         try:
-            app.redis.ping()     # a configuration error stops every command at once
+            app.redis.ping()  # a configuration error stops every command at once
         except (redis.ConnectionError, redis.TimeoutError) as e:
-            if isinstance(e, _CONFIG_ERRORS) or args.command not in ("worker", "scheduler"):
-                raise            # an outage is for the worker and the scheduler to ride out
+            if isinstance(e, _CONFIG_ERRORS) or args.command not in (
+                "worker",
+                "scheduler",
+                "health",
+                "metrics",
+            ):
+                raise  # an outage is for these to ride out (health answers without Redis)
         return _COMMANDS[args.command][0](app, args) or 0
-    except (ValueError, redis.RedisError) as e:     # ValueError: e.g. an unknown queue name
+    except (
+        ValueError,
+        redis.RedisError,
+    ) as e:  # ValueError: e.g. an unknown queue name
         redis_at = f"Redis at {_mask(app.url)}: " if isinstance(e, redis.RedisError) else ""
         print(f"wakaq: {redis_at}{e}", file=sys.stderr)
         return 2 if isinstance(e, (ValueError, *_CONFIG_ERRORS)) else 1
 
 
-_worker_script, _scheduler_script, _info_script, _purge_script = (   # the original's commands
-    lambda c=c: main([*c, *sys.argv[1:]]) for c in (["worker"], ["scheduler"], ["info", "--json"],
-                                                      ["purge"]))
+# ============================================================================ compatibility with the original WakaQ
 
-if __name__ == "__main__":       # `import wakaq` in the app finds this module, not a 2nd copy
+
+def _move(app, key, kind, pick):
+    """_MOVE, 1,000 a page, what pick(raw, score or "") maps to (queue, due, payload); -> count."""
+    r, start, moved = app.redis, 0, 0
+    total = r.llen(key) if kind == "list" else r.zcard(key)
+    for _ in range(0, total, 1000):
+        if kind == "zset":
+            page = r.zrange(key, start, start + 999, withscores=True)
+        else:
+            page = [(raw, "") for raw in r.lrange(key, start, start + 999)]
+        batches: dict = {}
+        for raw, score in page:
+            picked = pick(raw, score)
+            if picked:
+                q, *item = picked
+                batches.setdefault(q, []).extend([raw, *item])
+        n = sum(
+            _MOVE(r, [key, q.key], [kind, app._rank[q], q.name, *items])
+            for q, items in batches.items()
+        )
+        moved, start = moved + n, start + len(page) - n
+    return moved
+
+
+_ORIGINAL_TYPES = {  # the original's {"__class__": ...} values
+    "Decimal": lambda d: decimal.Decimal(d["value"]),
+    "date": lambda d: date(d["year"], d["month"], d["day"]),
+    "bytes": lambda d: base64.b64decode(d["value"]),
+    "timedelta": lambda d: timedelta(**d["kwargs"]),
+    "datetime": lambda d: datetime(**{k: v for k, v in d.items() if k != "__class__"}),
+}
+
+
+def _convert_original(app, queue, raw, due):
+    """One of the original's payloads as (queue, due, our payload), or a dead letter."""
+    try:
+        hook = lambda d: _ORIGINAL_TYPES.get(d.get("__class__"), dict)(d)  # noqa: E731
+        msg = json.loads(raw, object_hook=hook)
+        name, a, kw, retry = (
+            msg["name"],
+            msg["args"],
+            msg["kwargs"],
+            msg.get("retry") or 0,
+        )
+        if (type(name), type(a), type(kw), type(retry)) != (str, list, dict, int):
+            raise ValueError("need name, args, kwargs")
+        task = app.tasks.get(name) or types.SimpleNamespace(name=name, _json_name=json.dumps(name))
+        payload = app._payload(task, a, kw, queue)[1]
+        return (
+            queue,
+            due and repr(due),
+            payload.replace('"retry":0,', f'"retry":{retry},', 1),
+        )
+    except _BAD_PAYLOAD as e:
+        entry = _dead_entry(
+            raw,
+            {"id": _ids.new(), "queue": queue.name},
+            f"bad payload from the original WakaQ: {e}",
+        )
+        return queue, "dead", entry
+
+
+def _cmd_migrate(app, args):
+    """The original's tasks (lists PREFIX:Q, zsets PREFIX:eta:Q) to ours; bad ones dead."""
+    moved = 0
+    for q in app.queues:
+        convert = functools.partial(_convert_original, app, q)
+        moved += _move(app, f"{q.prefix}:{q.name}", "list", convert)
+        moved += _move(app, f"{q.prefix}:eta:{q.name}", "zset", convert)
+    print(f"moved {moved} task(s) from the original WakaQ")
+
+
+_COMMANDS["migrate"] = (_cmd_migrate, "move the original WakaQ's tasks into our queues")
+
+
+def _original_script(command):
+    """The original's console scripts: wakaq-worker --app=APP, wakaq-info, ..."""
+    return lambda: main([*command, *sys.argv[1:]])
+
+
+_worker_script = _original_script(["worker"])
+_scheduler_script = _original_script(["scheduler"])
+_info_script = _original_script(["info", "--json"])
+_purge_script = _original_script(["purge"])
+
+# `from wakaq.exceptions import SoftTimeout`, as with the original package; also when this
+# file is vendored as pkg.wakaq (pkg.wakaq.exceptions).
+exceptions = types.ModuleType(f"{__name__}.exceptions", "The exceptions, as in the original WakaQ.")
+exceptions.SoftTimeout, exceptions.WakaQError, exceptions.Cancelled = (
+    SoftTimeout,
+    WakaQError,
+    Cancelled,
+)
+sys.modules.setdefault(exceptions.__name__, exceptions)
+
+if __name__ == "__main__":  # `import wakaq` in the app finds this module, not a 2nd copy
     sys.modules.setdefault(__spec__.name if __spec__ else "wakaq", sys.modules[__name__])
+    sys.modules.setdefault("wakaq.exceptions", exceptions)
     sys.exit(main())
