@@ -161,7 +161,8 @@ R = TypeVar("R")
 TICK = 0.1  # seconds: the worker parent's loop period
 IDLE_WAIT = 5.0  # seconds: default wait_timeout, an idle child's longest BLPOP
 PROMOTE = 0.05  # seconds: a busy child moves due delayed tasks at most this often
-BEAT = 1.0  # seconds: heartbeat period at most (also how fast a cancel reaches a worker)
+BEAT = 5.0  # seconds: heartbeat period at most
+CANCEL_POLL = 1.0  # seconds: how often a worker looks for cancels of its running tasks
 WAKE_TOKENS = 1000  # wake-up tokens kept per list at most
 DUE_BATCH = 1000  # delayed payloads moved per queue per claim
 ADOPT_BATCH = 500  # silent workers looked at per heartbeat, newest first
@@ -698,7 +699,7 @@ return release(P, KEYS[1], 1, now())
 
 # The heartbeat. KEYS: workers, our in-flight hash, our served set. ARGV: our worker id,
 # heartbeat_timeout, may adopt ('1': we were connected that long), served names...
-# -> {fields to cancel, {worker, tasks taken, ...}, silent workers cleared, adopted fields}
+# -> {{worker, tasks taken, ...}, silent workers cleared, adopted fields}
 _BEAT = _Script(
     """
 local workers, inflight, served = KEYS[1], KEYS[2], KEYS[3]
@@ -709,10 +710,7 @@ local t = now()
 redis.call('ZADD', workers, t, wid)
 redis.call('SADD', served, unpack(ARGV, 4))
 redis.call('HSET', P .. ':served', wid, table.concat(ARGV, ',', 4))
--- 2. Running attempts of ours that wakaq.cancel() asked to stop.
-local cancels = redis.call('SMEMBERS', P .. ':cancel:' .. wid)
-if #cancels > 0 then redis.call('DEL', P .. ':cancel:' .. wid) end
--- 3. Silent workers, newest first: take their tasks and broadcasts as our "adopted:" fields
+-- 2. Silent workers, newest first: take their tasks and broadcasts as our "adopted:" fields
 --    (the parent releases them as died); a silent worker without any is just cleared.
 local adopted, cleared = {}, 0
 if may_adopt then
@@ -739,14 +737,14 @@ if may_adopt then
     redis.call('DEL', unpack(keys))
   end
 end
--- 4. Adopted fields still waiting for their release.
+-- 3. Adopted fields still waiting for their release.
 local waiting = {}
 for _, f in ipairs(redis.call('HKEYS', inflight)) do
   if string.sub(f, 1, 8) == 'adopted:' and not string.find(f, ':[ts]$') then
     waiting[#waiting + 1] = f
   end
 end
-return {cancels, adopted, cleared, waiting}
+return {adopted, cleared, waiting}
 """
     % {"batch": ADOPT_BATCH},
     allow_oom=True,
@@ -1022,6 +1020,8 @@ class Task(Generic[P, R]):
         _set_limits(self, f"task {name!r}", **limits)
         _check_timeouts(_limits_for(app, self, self.queue or app.default_queue), f"task {name!r}")
         self.is_async = inspect.iscoroutinefunction(fn)
+        #: What wakaq (or a wrapper) calls: fn under the _call_task frame, fn's name and doc.
+        self.call = functools.update_wrapper(functools.partial(_call_task, fn), fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)
@@ -1446,26 +1446,30 @@ class _Attempt:
         self.start, self.future, self.interrupt = time.monotonic(), None, None
 
 
-def _call_task(call, args, kwargs):
-    """The one frame between wakaq and a task's code: soft timeouts and cancels are raised
-    only in frames called from here (see _in_task_code)."""
-    return call(*args, **kwargs)
+def _call_task(fn, *args, **kwargs):
+    """The frame right above a task's code (Task.call): soft timeouts and cancels are raised
+    only in frames called from here, whoever calls it (wakaq, or a wrap_tasks_with wrapper)."""
+    return fn(*args, **kwargs)
 
 
-def _in_task_code(frame):
-    """True if `frame` and every frame out to _call_task are the task's own code: none of
-    logging, asyncio or wakaq sits between (there an exception would be swallowed or land
-    in the wrong place; the parent signals again next tick)."""
-    f = frame
+def _landing(frame):
+    """Where a soft timeout or cancel signalled in `frame` may be raised: "now" if `frame`
+    and every frame out to _call_task are the task's own; the outermost logging, asyncio or
+    wakaq frame below the task's code if one sits between (raise as it returns: inside it
+    the exception would be swallowed or land in the wrong place); None outside the task."""
+    f, guard = frame, None
     while f is not None and f.f_code is not _call_task.__code__:
         module = f.f_globals.get("__name__", "")
-        if f.f_globals is globals() or module.partition(".")[0] in (
-            "logging",
-            "asyncio",
-        ):
-            return False
+        if f.f_globals is globals() or module.partition(".")[0] in ("logging", "asyncio"):
+            guard = f
         f = f.f_back
-    return f is not None and f is not frame
+    if f is None or f is frame:
+        return None
+    return guard or "now"
+
+
+def _no_trace(frame, event, arg):
+    return None
 
 
 async def _settle(value):
@@ -1483,9 +1487,9 @@ async def _run_attempt(app, attempt, child):
             await _settle(hook())
         wrap = app._hooks["wrap_tasks_with"]
         if wrap:
-            result = _call_task(wrap[0], (task.fn, msg["args"], msg["kwargs"]), {})
+            result = wrap[0](task.call, msg["args"], msg["kwargs"])
         else:
-            result = _call_task(task.fn, msg["args"], msg["kwargs"])
+            result = task.call(*msg["args"], **msg["kwargs"])
         if inspect.isawaitable(result):
             await result
         outcome = _DONE
@@ -1749,15 +1753,16 @@ class _Slot(NamedTuple):
 
     soft: float  # monotonic soft deadline of the running attempt (0: none, or delivered)
     hard: float  # monotonic hard deadline (0: none)
-    running: float  # claim number N of the running attempt (token "PID-N"), 0: none yet
-    finished: float  # claim number of the last attempt finished, acked with the next claim
+    held: float  # claim number N (token "PID-N") the field may hold in Redis (0: empty)
+    running: float  # claim number of the attempt started last
+    finished: float  # claim number of the last attempt done, acked with the next claim
     cancel: float  # claim number the parent asks to cancel (0: none)
 
 
 class _Table:
     """The shared memory between a worker parent and its children, made before fork()."""
 
-    RECORD = struct.Struct("5d")
+    RECORD = struct.Struct("6d")
 
     def __init__(self, n):
         self.mem = mmap.mmap(-1, self.RECORD.size * n)
@@ -1765,8 +1770,9 @@ class _Table:
     def read(self, i):
         return _Slot._make(self.RECORD.unpack_from(self.mem, i * self.RECORD.size))
 
-    def write(self, i, soft, hard, running, finished, cancel=0.0):
-        self.RECORD.pack_into(self.mem, i * self.RECORD.size, soft, hard, running, finished, cancel)
+    def write(self, i, soft, hard, held, running, finished, cancel=0.0):
+        record = (soft, hard, held, running, finished, cancel)
+        self.RECORD.pack_into(self.mem, i * self.RECORD.size, *record)
 
     def set(self, i, name, value):
         offset = i * self.RECORD.size + 8 * _Slot._fields.index(name)
@@ -1806,6 +1812,7 @@ class _Worker:
         self.outage = _Outage("worker", min(5.0, app.heartbeat_timeout / 4))
         self.r = None  # our client, None after a lost connection
         self.connected_since = self.retry_at = self.next_beat = self.next_mem = 0.0
+        self.next_cancel_poll = 0.0
         self.mem_high = self.full = False
         self.health = _health_glob(app).replace("*", str(os.getpid()))
 
@@ -1856,29 +1863,27 @@ class _Worker:
 
     def may_leave(self):
         """On each stop signal: the 1st lets children finish their tasks (SIGTERM), the 2nd
-        kills them (their tasks go back to the front). Leave once no child is left and their
-        tasks are released, or Redis is away (then they stay in flight, for adoption)."""
+        kills them (their tasks go back to the front, once Redis takes them), the 3rd leaves
+        what is still unreleased to be adopted. Leave once no child is left and nothing is
+        unreleased (an idle worker leaves at once, Redis reachable or not)."""
         while self.stops < len(self.signals):
             self.stops += 1
-            sig = signal.Signals(self.signals[self.stops - 1]).name
-            how = "letting running tasks finish" if self.stops == 1 else "killing running tasks"
-            log.log(logging.INFO if self.stops == 1 else logging.WARNING,
-                    "worker %s stopping on %s: %s", self.wid, sig, how)  # fmt: skip
-            for child in filter(None, self.children):
-                child.stopped = True
-                _kill(
-                    child.pid,
-                    signal.SIGTERM if self.stops == 1 else signal.SIGKILL,
-                    self.stops > 1,
-                )
+            self.stop_children(signal.Signals(self.signals[self.stops - 1]).name)
         if not self.stops or any(self.children):
             return False
-        if self.unreleased and self.outage.delay:
+        if self.unreleased and self.stops > 2:
             log.warning(
-                "worker %s leaves its unreleased tasks for adoption (Redis is away)",
-                self.wid,
+                "worker %s leaves %d child slot(s) for adoption", self.wid, len(self.unreleased)
             )
-        return not self.unreleased or bool(self.outage.delay)
+        return not self.unreleased or self.stops > 2
+
+    def stop_children(self, signame):
+        level = logging.INFO if self.stops == 1 else logging.WARNING
+        how = "letting running tasks finish" if self.stops == 1 else "now"
+        log.log(level, "worker %s stopping on %s: %s", self.wid, signame, how)
+        for child in filter(None, self.children):
+            child.stopped, child.killed = True, self.stops > 1
+            _kill(child.pid, signal.SIGKILL if child.killed else signal.SIGTERM, child.killed)
 
     def mark_alive(self):
         """The local evidence `health` reads: this file's time, touched every loop turn."""
@@ -1896,7 +1901,7 @@ class _Worker:
 
     def spawn(self, slot):
         for k in range(self.k):
-            self.table.write(slot * self.k + k, 0.0, 0.0, 0.0, 0.0)
+            self.table.write(slot * self.k + k, 0.0, 0.0, 0.0, 0.0, 0.0)
         signal.pthread_sigmask(signal.SIG_BLOCK, _PARENT_SIGNALS)  # until the child has its own
         try:
             pid = os.fork()
@@ -1907,36 +1912,40 @@ class _Worker:
             _child_main(self, slot)  # never returns
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)
         if pid > 0:
-            self.children[slot] = types.SimpleNamespace(
-                pid=pid, born=time.monotonic(), hard_k=None, stopped=False
-            )
+            child = types.SimpleNamespace(pid=pid, born=time.monotonic(), hard_k=None)
+            child.stopped = child.killed = False  # SIGTERM sent; SIGKILL sent for a stop
+            self.children[slot] = child
 
     def reap_children(self):
-        """A dead child's sub-slots -> unreleased, with how each attempt ended."""
+        """A dead child's sub-slots that may hold a claim -> unreleased, with how it ended."""
         for slot, child in enumerate(self.children):
             pid, status = os.waitpid(child.pid, os.WNOHANG) if child else (0, 0)
             if not pid:
                 continue
             self.children[slot], code = None, os.waitstatus_to_exitcode(status)
-            ends = [self.ended(child, slot, k) for k in range(self.k)]
-            self.unreleased[slot] = (pid, ends)
+            ends = [self.dead_child_end(child, slot, k) for k in range(self.k)]
+            if any(ends):
+                self.unreleased[slot] = (pid, ends)
             if code != 0 or child.hard_k is not None:
                 why = (
                     "hard timeout"
                     if child.hard_k is not None
-                    else "stopped"
-                    if child.stopped
+                    else "killed"
+                    if child.killed
                     else "died"
                 )
                 log.warning("child %d exited with %s (%s)", pid, code, why)
             self.fork_at[slot] = child.born + (1.0 if code else 0.0)  # no crash loop
 
-    def ended(self, child, slot, k):
-        """(claim finished, claim running, outcome of the running one) of a dead child."""
+    def dead_child_end(self, child, slot, k):
+        """(claim finished, claim running, outcome of the running one) of a dead child's
+        sub-slot, or None if its field holds nothing."""
         rec = self.table.read(slot * self.k + k)
+        if not rec.held:
+            return None
         if child.hard_k == k:
             outcome = _Outcome("hard_timeout", "hard timeout", True)
-        elif child.hard_k is not None or child.stopped:
+        elif child.hard_k is not None or child.killed:
             outcome = _Outcome("interrupted", "interrupted")
         else:
             outcome = _Outcome("worker_died", "worker died", True)
@@ -1960,7 +1969,8 @@ class _Worker:
                     break
 
     def redis_duties(self):
-        """Release dead children's tasks, then heartbeat (adopt, cancels, Redis memory)."""
+        """Release dead children's tasks, pass cancels on, heartbeat: each when due; an
+        outage follows the one rule (it ends when one of these succeeds)."""
         now = time.monotonic()
         if self.outage.delay and now < self.retry_at:
             return  # backing off
@@ -1968,6 +1978,9 @@ class _Worker:
             if self.r is None:
                 self.r, self.connected_since = self.app._client(retries=0), now
             worked = self.release_dead_children()
+            if now >= self.next_cancel_poll:
+                self.poll_cancels(now)
+                worked = True
             if now >= self.next_beat:
                 self.beat(now)
                 worked = True
@@ -1979,20 +1992,24 @@ class _Worker:
             self.retry_at = now + self.outage.failed(e)
 
     def release_dead_children(self):
+        released = bool(self.unreleased)
         for slot, (pid, ends) in list(self.unreleased.items()):
-            for k, (finished, running, outcome) in enumerate(ends):
-                field = f"{slot}.{k}"
-                raw, token = self.r.hmget(self.inflight_key, field, field + ":t")
-                if raw is None:
-                    continue
-                claim = int(token.rpartition(b"-")[2]) if token.startswith(b"%d-" % pid) else -1
-                if claim == finished:
-                    outcome = _DONE  # finished; its ack was waiting for the next claim
-                elif claim != running:
-                    outcome = _Outcome("interrupted", "interrupted")  # never started
-                self.release(field, token, raw, outcome)
+            for k, end in enumerate(ends):
+                if end:
+                    self.release_dead_field(f"{slot}.{k}", pid, *end)
             del self.unreleased[slot]
-        return True
+        return released
+
+    def release_dead_field(self, field, pid, finished, running, outcome):
+        raw, token = self.r.hmget(self.inflight_key, field, field + ":t")
+        if raw is None:
+            return
+        claim = int(token.rpartition(b"-")[2]) if token.startswith(b"%d-" % pid) else -1
+        if claim == finished:
+            outcome = _DONE  # done; its ack was waiting for the next claim
+        elif claim != running:
+            outcome = _Outcome("interrupted", "interrupted")  # it never started
+        self.release(field, token, raw, outcome)
 
     def release(self, field, token, raw, outcome):
         own = "" if field.startswith("adopted:") else self.wid
@@ -2000,34 +2017,30 @@ class _Worker:
         _release(self.app, self.r, self.inflight_key, args)
 
     def beat(self, now):
+        """Heartbeat; adopt silent workers' tasks and release them as died; watch Redis."""
         app, hb = self.app, self.app.heartbeat_timeout
         may_adopt = int(now - self.connected_since >= hb)
         keys = [app.workers_key, self.inflight_key, self.served_key]
-        cancels, adopted, cleared, waiting = _BEAT(
-            self.r, keys, [self.wid, hb, may_adopt, *self.served]
-        )
+        adopted, cleared, waiting = _BEAT(self.r, keys, [self.wid, hb, may_adopt, *self.served])
         for wid, count in zip(adopted[::2], adopted[1::2]):
             log.warning(
-                "worker %s is silent for over %ss: taking back its %d task(s)",
-                wid.decode(),
-                hb,
-                count,
+                "worker %s is silent for over %ss: taking back %d task(s)", wid.decode(), hb, count
             )
         if cleared:
             log.info("cleared %d silent worker registration(s) that held no task", cleared)
-        for member in cancels:
-            self.cancel(*member.decode().split())
+        died = _Outcome("worker_died", "worker died", True)
         for field in waiting:
             raw, token = self.r.hmget(self.inflight_key, field, field + b":t")
             if raw is not None:
-                self.release(
-                    field.decode(),
-                    token,
-                    raw,
-                    _Outcome("worker_died", "worker died", True),
-                )
+                self.release(field.decode(), token, raw, died)
         self.check_redis_memory()
         self.next_beat = now + min(hb / 4, BEAT)
+
+    def poll_cancels(self, now):
+        """Running attempts of ours that wakaq.cancel() asked to stop: tell their children."""
+        for member in self.r.spop(self.app._k("cancel", self.wid), 100) or ():
+            self.cancel(*member.decode().split())
+        self.next_cancel_poll = now + CANCEL_POLL
 
     def cancel(self, field, token):
         """Ask the child running `field` to cancel the attempt with this token."""
@@ -2086,7 +2099,12 @@ class _Worker:
             live = [c for c in self.children if c and not c.stopped]
             if self.mem_high and live:
                 biggest = max(live, key=lambda c: _rss(c.pid))
-                log.warning("memory at %.0f%% (max_mem_percent=%s): stopping child %d", pct, limit, biggest.pid)
+                log.warning(
+                    "memory at %.0f%% (max_mem_percent=%s): stopping child %d",
+                    pct,
+                    limit,
+                    biggest.pid,
+                )
                 biggest.stopped = True
                 _kill(biggest.pid, signal.SIGTERM)
 
@@ -2151,8 +2169,8 @@ class _Child:
         self.attempts: dict = {}
         #: Field -> the release of its finished attempt, sent with the field's next claim.
         self.acks: dict = {}
-        #: Field -> claim number of its last finished attempt (the parent acks it if we die).
-        self.finished = dict.fromkeys(self.fields, 0)
+        #: Field -> its record in the shared table.
+        self.index = {f: slot * self.k + k for k, f in enumerate(self.fields)}
         self.lines: list = []  # INFO lines of finished attempts, written while Redis works
         self.stopping = self.waiting = False
         self.done, self.next_promote, self.top = 0, 0.0, ""
@@ -2161,7 +2179,7 @@ class _Child:
         self.limits = functools.lru_cache(None)(functools.partial(_limits_for, app))
         hooks = [*app._hooks["before_task_started"], *app._hooks["after_task_finished"]]
         self.async_hooks = any(map(inspect.iscoroutinefunction, hooks))
-        self.async_wrap = any(map(inspect.iscoroutinefunction, app._hooks["wrap_tasks_with"]))
+        self.async_hooks |= any(map(inspect.iscoroutinefunction, app._hooks["wrap_tasks_with"]))
         self.loop = asyncio.new_event_loop()
 
     def run(self):
@@ -2219,13 +2237,26 @@ class _Child:
                 error = SoftTimeout(f"soft timeout after {attempt.limits.soft:g}s")
             else:
                 continue
-            if attempt.future is None and not _in_task_code(frame):
-                continue
-            self.table.write(attempt.index, 0.0, rec.hard, rec.running, rec.finished)
-            if attempt.future is None:
+            landing = "async" if attempt.future else _landing(frame)
+            if landing is None:
+                continue  # not in the task's code: the parent signals again next tick
+            self.table.write(attempt.index, 0.0, rec.hard, rec.held, rec.running, rec.finished)
+            if landing == "now":
                 raise error
             attempt.interrupt = error
-            self.loop.call_soon_threadsafe(attempt.future.cancel)
+            if landing == "async":
+                self.loop.call_soon_threadsafe(attempt.future.cancel)
+            else:
+                landing.f_trace = functools.partial(self.raise_on_return, attempt)
+                sys.settrace(_no_trace)  # frame traces run only while tracing is on
+
+    def raise_on_return(self, attempt, frame, event, arg):
+        """The f_trace of a guard frame: as it returns into the task, raise the held error."""
+        if event != "return":
+            return functools.partial(self.raise_on_return, attempt)
+        sys.settrace(None)
+        if self.attempts.get(attempt.field) is attempt and attempt.interrupt:
+            raise attempt.interrupt
 
     def free_field(self):
         if not self.attempts:
@@ -2264,14 +2295,13 @@ class _Child:
         now, promote = time.monotonic(), ""
         if now >= self.next_promote:
             self.next_promote, promote = now + PROMOTE, "p"
+        self.table.set(self.index[field], "held", int(token.rpartition("-")[2]))
         ack = self.acks.get(field) or (field, *_NO_RELEASE)
-        payload = _CLAIM(
-            self.r,
-            self.claim_keys,
-            (token, promote, self.top, *ack),
-            meanwhile=self.lines and self.write_lines,
-        )
+        args = (token, promote, self.top, *ack)
+        payload = _CLAIM(self.r, self.claim_keys, args, meanwhile=self.lines and self.write_lines)
         self.acks.pop(field, None)
+        if type(payload) is int:
+            self.table.set(self.index[field], "held", 0.0)
         return payload
 
     def idle(self, due_ms):
@@ -2292,6 +2322,7 @@ class _Child:
         for field, args in list(self.acks.items()):
             _release(self.app, self.r, self.worker.inflight_key, list(args))
             del self.acks[field]
+            self.table.set(self.index[field], "held", 0.0)
 
     def drive(self, timeout):
         """Run the event loop until an async task ends (or `timeout` seconds pass)."""
@@ -2310,40 +2341,23 @@ class _Child:
             problem = None if task and queue else "unknown queue" if task else "unknown task"
         except _BAD_PAYLOAD as e:
             msg, problem = None, f"bad payload: {e}"
-        if problem or self.stopping:  # a stop came while claiming: give it back untouched
-            outcome = _Outcome("raised", problem) if problem else _Outcome("interrupted")
-            if problem:
-                log.error("%s: %.200r", problem, raw)
-            return self.release_now(field, token, raw, outcome, None)
+        if problem:
+            log.error("%s: %.200r", problem, raw)
+            return self.release_now(field, token, raw, _Outcome("raised", problem), None)
+        if self.stopping:  # a stop came while claiming: give it back untouched
+            return self.release_now(field, token, raw, _Outcome("interrupted"), None)
         self.done += 1
-        k = self.fields.index(field)
-        attempt = _Attempt(
-            task,
-            msg,
-            field,
-            token,
-            raw,
-            queue,
-            self.limits(task, queue),
-            self.slot * self.k + k,
-        )
-        attempt.claim, attempt.is_async = (
-            int(token.rpartition("-")[2]),
-            task.is_async or self.async_wrap,
-        )
+        limits = self.limits(task, queue)
+        attempt = _Attempt(task, msg, field, token, raw, queue, limits, self.index[field])
+        attempt.claim = int(token.rpartition("-")[2])
         self.top = queue.name if queue.name == self.worker.served[0] else ""
-        soft, hard = attempt.limits.soft, attempt.limits.hard
         start = attempt.start
-        self.table.write(
-            attempt.index,
-            start + soft if soft else 0.0,
-            start + hard if hard else 0.0,
-            attempt.claim,
-            self.finished[field],
-        )
+        soft = start + limits.soft if limits.soft else 0.0
+        hard = start + limits.hard if limits.hard else 0.0
+        self.table.write(attempt.index, soft, hard, attempt.claim, attempt.claim, 0.0)
         self.attempts[field] = attempt
         coro = _run_attempt(app, attempt, self)
-        if attempt.is_async:
+        if task.is_async:
             attempt.future = self.loop.create_task(self.run_async(coro, attempt))
         else:
             self.ended(attempt, self.run_sync(coro))
@@ -2369,37 +2383,31 @@ class _Child:
 
     def attempt_ended(self, attempt):
         """Before the after hooks: no soft timeout, hard timeout or cancel from now on."""
-        self.table.write(attempt.index, 0.0, 0.0, attempt.claim, self.finished[attempt.field])
+        self.table.write(attempt.index, 0.0, 0.0, attempt.claim, attempt.claim, 0.0)
 
     def free(self, attempt):
         del self.attempts[attempt.field]
 
     def ended(self, attempt, outcome):
         """Log the attempt; release it now, or (done) with the field's next claim."""
-        seconds = time.monotonic() - attempt.start
-        msg = attempt.msg
+        seconds, msg = time.monotonic() - attempt.start, attempt.msg
         if log.isEnabledFor(logging.INFO):
             what = outcome.kind.replace("_", " ")
             self.lines.append((msg, (msg["name"], msg["id"], msg["retry"] + 1, what, seconds)))
         if outcome.kind != "done":
             return self.release_now(attempt.field, attempt.token, attempt.raw, outcome, seconds)
-        self.acks[attempt.field] = _release_args(
-            self.app,
-            attempt.field,
-            attempt.token,
-            attempt.raw,
-            outcome,
-            seconds,
-            self.worker.wid,
-            msg,
-        )[0]
-        self.finished[attempt.field] = attempt.claim
+        own = self.worker.wid
+        args = _release_args(
+            self.app, attempt.field, attempt.token, attempt.raw, _DONE, seconds, own, msg
+        )
+        self.acks[attempt.field] = args[0]
         self.table.set(attempt.index, "finished", attempt.claim)
 
     def release_now(self, field, token, raw, outcome, seconds):
         args = _release_args(self.app, field, token, raw, outcome, seconds, self.worker.wid)[0]
         self.write_lines()
         self.redis_step(lambda: _release(self.app, self.r, self.worker.inflight_key, args))
+        self.table.set(self.index[field], "held", 0.0)
 
     def write_lines(self):
         """The attempts' INFO lines, as logging.info in the task, less the caller lookup."""
@@ -2817,7 +2825,7 @@ def _prometheus(app):
         "wakaq_queue_latency_seconds",
         "gauge",
         "How long the oldest pending task has waited.",
-        [({"queue": n}, q["latency"]) for n, q in queues],
+        [({"queue": n}, snap["latency"][n]) for n, q in queues],
     )
     metric("wakaq_running", "gauge", "Tasks in flight.", [({}, snap["inflight"])])
     metric("wakaq_dead", "gauge", "Dead letters.", [({}, snap["dead"])])
