@@ -352,9 +352,10 @@ def test_300_soft_timeouts_landing_anywhere_never_crash_a_child_and_each_task_en
         for myid, att in final_line.findall(log):
             raised.setdefault(int(myid), []).append(int(att))
         dead = {}
-        for e in dead_of(r, soft_app):
+        for e in dead_of(r, soft_app):   # a raised task is a dead letter too: count it once
             msg = json.loads(e["payload"])
-            dead.setdefault(msg["args"][0], []).append(e)
+            if not e["reason"].startswith("raised ValueError: racy-"):
+                dead.setdefault(msg["args"][0], []).append(e)
         return log, raised, dead
 
     def all_ended():

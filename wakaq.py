@@ -1814,6 +1814,7 @@ class _Worker:
         self.connected_since = self.retry_at = self.next_beat = self.next_mem = 0.0
         self.next_cancel_poll = 0.0
         self.mem_high = self.full = False
+        self.next_deadline = float("inf")
         self.health = _health_glob(app).replace("*", str(os.getpid()))
 
     def run(self):
@@ -1858,8 +1859,10 @@ class _Worker:
             self.signals.append(signum)
 
     def sleep(self):
-        if select.select([self.wakeup_r], [], [], TICK)[0]:
-            os.read(self.wakeup_r, 4096)  # signal numbers: we only needed the wake-up
+        """Until the next tick or deadline, a signal, or a child's new short soft deadline."""
+        timeout = min(TICK, max(0.0, self.next_deadline - time.monotonic()))
+        if select.select([self.wakeup_r], [], [], timeout)[0]:
+            os.read(self.wakeup_r, 4096)  # signal numbers and children's bytes: just a wake-up
 
     def may_leave(self):
         """On each stop signal: the 1st lets children finish their tasks (SIGTERM), the 2nd
@@ -1953,8 +1956,9 @@ class _Worker:
 
     def enforce_deadlines(self):
         """Kill a child (and its process group) past a hard deadline; signal one past a soft
-        deadline or asked to cancel, every tick until it delivers (it clears the record)."""
-        now = time.monotonic()
+        deadline or asked to cancel, every tick until it delivers (it clears the record).
+        Sets self.next_deadline, the earliest deadline still ahead (the loop sleeps till it)."""
+        now, self.next_deadline = time.monotonic(), float("inf")
         for slot, child in enumerate(self.children):
             if child is None or child.hard_k is not None:
                 continue
@@ -1967,6 +1971,8 @@ class _Worker:
                 if (rec.soft and now >= rec.soft) or (rec.cancel and rec.cancel == rec.running):
                     _kill(child.pid, signal.SIGUSR1)
                     break
+                ahead = [d for d in (rec.soft, rec.hard) if d]
+                self.next_deadline = min([self.next_deadline, *ahead])
 
     def redis_duties(self):
         """Release dead children's tasks, pass cancels on, heartbeat: each when due; an
@@ -2024,7 +2030,10 @@ class _Worker:
         adopted, cleared, waiting = _BEAT(self.r, keys, [self.wid, hb, may_adopt, *self.served])
         for wid, count in zip(adopted[::2], adopted[1::2]):
             log.warning(
-                "worker %s is silent for over %ss: taking back %d task(s)", wid.decode(), hb, count
+                "worker %s is silent for over %ss: taking back its %d task(s)",
+                wid.decode(),
+                hb,
+                count,
             )
         if cleared:
             log.info("cleared %d silent worker registration(s) that held no task", cleared)
@@ -2134,8 +2143,7 @@ def _child_main(worker, slot):
     gc.freeze()  # the collector skips what the child inherits: shorter pauses
     try:
         signal.set_wakeup_fd(-1)
-        os.close(worker.pipe[0])
-        os.close(worker.pipe[1])
+        os.close(worker.pipe[0])  # the write end stays: begin() wakes the parent with it
         code = _Child(worker, slot).run()
     except _Stop:
         code = 0
@@ -2355,6 +2363,9 @@ class _Child:
         soft = start + limits.soft if limits.soft else 0.0
         hard = start + limits.hard if limits.hard else 0.0
         self.table.write(attempt.index, soft, hard, attempt.claim, attempt.claim, 0.0)
+        if limits.soft is not None and limits.soft < TICK:  # sooner than the parent looks
+            with contextlib.suppress(OSError):
+                os.write(self.worker.pipe[1], b"d")
         self.attempts[field] = attempt
         coro = _run_attempt(app, attempt, self)
         if task.is_async:
