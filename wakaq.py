@@ -1021,7 +1021,9 @@ class Task(Generic[P, R]):
         _check_timeouts(_limits_for(app, self, self.queue or app.default_queue), f"task {name!r}")
         self.is_async = inspect.iscoroutinefunction(fn)
         #: What wakaq (or a wrapper) calls: fn under the _call_task frame, fn's name and doc.
-        self.call = functools.update_wrapper(functools.partial(_call_task, fn), fn)
+        # (an async one as it is: its soft timeout cancels its asyncio task instead).
+        marked = functools.update_wrapper(functools.partial(_call_task, fn), fn)
+        self.call = fn if self.is_async else marked
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)
@@ -1814,7 +1816,7 @@ class _Worker:
         self.connected_since = self.retry_at = self.next_beat = self.next_mem = 0.0
         self.next_cancel_poll = 0.0
         self.mem_high = self.full = False
-        self.next_deadline = float("inf")
+        self.next_deadline, self.busy = float("inf"), False
         self.health = _health_glob(app).replace("*", str(os.getpid()))
 
     def run(self):
@@ -1958,12 +1960,13 @@ class _Worker:
         """Kill a child (and its process group) past a hard deadline; signal one past a soft
         deadline or asked to cancel, every tick until it delivers (it clears the record).
         Sets self.next_deadline, the earliest deadline still ahead (the loop sleeps till it)."""
-        now, self.next_deadline = time.monotonic(), float("inf")
+        now, self.next_deadline, self.busy = time.monotonic(), float("inf"), False
         for slot, child in enumerate(self.children):
             if child is None or child.hard_k is not None:
                 continue
             for k in range(self.k):
                 rec = self.table.read(slot * self.k + k)
+                self.busy = self.busy or bool(rec.held)
                 if rec.hard and now >= rec.hard:
                     child.hard_k = k
                     _kill(child.pid, signal.SIGKILL, group=True)
@@ -1984,7 +1987,7 @@ class _Worker:
             if self.r is None:
                 self.r, self.connected_since = self.app._client(retries=0), now
             worked = self.release_dead_children()
-            if now >= self.next_cancel_poll:
+            if self.busy and now >= self.next_cancel_poll:  # only running tasks are cancelled
                 self.poll_cancels(now)
                 worked = True
             if now >= self.next_beat:
