@@ -120,16 +120,7 @@ import types
 from datetime import date, datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    Callable,
-    Generic,
-    NamedTuple,
-    Optional,
-    TypeVar,
-    overload,
-)
+from typing import TYPE_CHECKING, Any, Callable, Generic, NamedTuple, Optional, TypeVar, overload
 from zoneinfo import ZoneInfo
 
 import redis
@@ -141,13 +132,12 @@ else:  # Python 3.9 at run time: generic over a plain TypeVar
     ParamSpec = TypeVar
 
 __version__ = "3.0.0"
+# Defining an app, then what a task may use.
 __all__ = [
-    # defining an app
     "WakaQ",
     "Queue",
     "CronTask",
     "Task",
-    # inside a task
     "current_task",
     "SoftTimeout",
     "Cancelled",
@@ -171,14 +161,6 @@ MAX_BACKOFF = 3600.0  # seconds: retry_backoff waits at most this
 CRON_CATCH_UP = 1800  # seconds: a missed cron tick older than this is not enqueued
 MAX_DEAD = 10_000  # default max_dead
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
-OUTCOMES = (
-    "done",
-    "raised",
-    "soft_timeout",
-    "hard_timeout",
-    "worker_died",
-    "cancelled",
-)
 
 
 # ============================================================================ errors and settings
@@ -201,16 +183,8 @@ class _Stop(BaseException):
     """Raised by a child's SIGTERM handler to leave a wait (an idle BLPOP, a backoff)."""
 
 
-class _Limits(NamedTuple):
-    soft: Optional[float]
-    hard: Optional[float]
-    retries: int
-    backoff: float
-    retry_on: tuple
-
-
+_Limits = collections.namedtuple("_Limits", "soft hard retries backoff retry_on")
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9_.\-]+\Z")  # \Z: "$" would let "q\n" through
-_LIMITS = ("soft_timeout", "hard_timeout", "max_retries", "retry_backoff", "retry_on")
 
 
 def _seconds(value, name):
@@ -247,21 +221,10 @@ def _exceptions(value, name):
     return value
 
 
-def _set_limits(
-    obj,
-    where,
-    soft_timeout=None,
-    hard_timeout=None,
-    max_retries=None,
-    retry_backoff=None,
-    retry_on=None,
-):
+def _set_limits(obj, where, **limits):
     """The settings a task, a queue and the app each may set (task, then queue, then app)."""
-    obj.soft_timeout = _seconds(soft_timeout, f"soft_timeout of {where}")
-    obj.hard_timeout = _seconds(hard_timeout, f"hard_timeout of {where}")
-    obj.max_retries = _count(max_retries, f"max_retries of {where}")
-    obj.retry_backoff = _seconds(retry_backoff, f"retry_backoff of {where}")
-    obj.retry_on = _exceptions(retry_on, f"retry_on of {where}")
+    for name, check in _LIMITS.items():
+        setattr(obj, name, check(limits.get(name), f"{name} of {where}"))
 
 
 def _limits_for(app, task, queue):
@@ -273,8 +236,17 @@ def _limits_for(app, task, queue):
             None,
         )
 
-    soft, hard, retries, backoff, retry_on = map(first, _LIMITS)
+    soft, hard, retries, backoff, retry_on = map(first, _LIMITS)  # in _Limits' order
     return _Limits(soft, hard, retries or 0, backoff or 0.0, retry_on or ())
+
+
+_LIMITS = {  # name: its check, in _Limits' order
+    "soft_timeout": _seconds,
+    "hard_timeout": _seconds,
+    "max_retries": _count,
+    "retry_backoff": _seconds,
+    "retry_on": _exceptions,
+}
 
 
 def _check_timeouts(limits, where):
@@ -344,11 +316,7 @@ _TYPES = {  # TYPE: (Python types, encode, decode); datetime first (a datetime i
         lambda v: timedelta(*v),
     ),
     "decimal": (decimal.Decimal, str, decimal.Decimal),
-    "bytes": (
-        (bytes, bytearray),
-        lambda o: base64.b64encode(o).decode(),
-        base64.b64decode,
-    ),
+    "bytes": ((bytes, bytearray), lambda o: base64.b64encode(o).decode(), base64.b64decode),
 }
 # What decoding hostile bytes may raise (e.g. binascii.Error, decimal.InvalidOperation).
 _BAD_PAYLOAD = (ValueError, TypeError, KeyError, RecursionError, ArithmeticError)
@@ -375,15 +343,7 @@ def _decode(d):
 # Compact JSON through CPython's C encoder, built once (json.dumps builds one per call, twice
 # the cost of a small payload). Circular values raise RecursionError.
 _encoder = json.encoder.c_make_encoder(  # type: ignore[attr-defined]
-    None,
-    _encode,
-    json.encoder.encode_basestring_ascii,
-    None,
-    ":",
-    ",",
-    False,
-    False,
-    True,
+    None, _encode, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True
 )
 
 
@@ -400,14 +360,7 @@ def _loads(raw):
 def _loads_msg(raw, decode=True):
     """A task payload, checked for shape, or one of _BAD_PAYLOAD; decode=False: keep tags."""
     msg = _loads(raw) if decode else json.loads(raw)
-    shape = {
-        "id": str,
-        "name": str,
-        "queue": str,
-        "retry": int,
-        "args": list,
-        "kwargs": dict,
-    }
+    shape = {"id": str, "name": str, "queue": str, "retry": int, "args": list, "kwargs": dict}
     if not isinstance(msg, dict) or any(type(msg.get(k)) is not t for k, t in shape.items()):
         raise ValueError("not a wakaq payload (need id, name, queue, retry, args, kwargs)")
     return msg
@@ -901,12 +854,7 @@ class _Outage:
             if lost:
                 log.warning("%s lost Redis (%s); retrying with backoff", self.who, e)
             else:
-                log.warning(
-                    "%s: Redis refused (%s: %s); retrying with backoff",
-                    self.who,
-                    kind,
-                    e,
-                )
+                log.warning("%s: Redis refused (%s: %s); retrying with backoff", self.who, kind, e)
         self.delay = min(max(self.delay * 2, 0.1), self.cap)
         return self.delay
 
@@ -965,22 +913,11 @@ class Queue:
     ):
         if not isinstance(name, str) or not _QUEUE_NAME.match(name):
             raise ValueError(f"queue name must be letters, digits, _ . or -, got {name!r}")
-        self.name, self.priority = (
-            name,
-            _count(priority, f"priority of queue {name!r}", -(2**31)),
-        )
+        self.name, self.priority = (name, _count(priority, f"priority of queue {name!r}", -(2**31)))
         # The original WakaQ's key prefix of this queue: where `migrate` looks.
         self.prefix = re.sub(r"[^A-Za-z0-9_.\-]", "", prefix or "wakaq")
         where = f"queue {name!r}"
-        _set_limits(
-            self,
-            where,
-            soft_timeout,
-            hard_timeout,
-            max_retries,
-            retry_backoff,
-            retry_on,
-        )
+        _set_limits(self, where, **{k: v for k, v in locals().items() if k in _LIMITS})
 
 
 def _coerce_queue(q):
@@ -1095,15 +1032,7 @@ class WakaQ:
         self.concurrency = _concurrency(concurrency)
         # async_concurrency 0 (the original's "no limit"): 10, so one child cannot hoard a queue.
         self.async_concurrency = _concurrency(async_concurrency or 10, name="async_concurrency")
-        _set_limits(
-            self,
-            "WakaQ",
-            soft_timeout,
-            hard_timeout,
-            max_retries,
-            retry_backoff,
-            retry_on,
-        )
+        _set_limits(self, "WakaQ", **{k: v for k, v in locals().items() if k in _LIMITS})
         for q in [None, *self.queues]:
             _check_timeouts(_limits_for(self, None, q), f"queue {q.name!r}" if q else "WakaQ")
         self.max_tasks_per_worker = _count(max_tasks_per_worker, "max_tasks_per_worker", 1)
@@ -1129,10 +1058,7 @@ class WakaQ:
         if not isinstance(eager, bool):
             raise TypeError(f"eager must be True or False, got {eager!r}")
         self.eager = eager
-        self.worker_log_file, self.scheduler_log_file = (
-            worker_log_file,
-            scheduler_log_file,
-        )
+        self.worker_log_file, self.scheduler_log_file = (worker_log_file, scheduler_log_file)
         self.worker_log_level = _log_level(worker_log_level, "worker_log_level")
         self.scheduler_log_level = _log_level(scheduler_log_level, "scheduler_log_level")
         self._set_redis(url, host, port, db, username, password)
@@ -1203,12 +1129,7 @@ class WakaQ:
 
     @overload
     def task(
-        self,
-        fn: None = None,
-        *,
-        name: Optional[str] = None,
-        queue: Optional[str] = None,
-        **limits,
+        self, fn: None = None, *, name: Optional[str] = None, queue: Optional[str] = None, **limits
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     def task(self, fn=None, *, name=None, queue=None, **limits):
@@ -1413,7 +1334,8 @@ def _run_eagerly(app, task, msg):
 
 
 class _Outcome(NamedTuple):
-    """How an attempt ended. kind: one of OUTCOMES, or "interrupted" (it never started, or a
+    """How an attempt ended. kind: done, raised, soft_timeout, hard_timeout, worker_died,
+    cancelled (the outcomes `metrics` counts), or "interrupted" (it never started, or a
     stop or another task's hard timeout cut it: it goes back to the front, no retry spent)."""
 
     kind: str
@@ -1436,13 +1358,7 @@ class _Attempt:
     """One claimed payload on its way through _run_attempt; `future` for an async one."""
 
     def __init__(self, task, msg, field, token, raw, queue, limits=None, index=0):
-        self.task, self.msg, self.field, self.token, self.raw = (
-            task,
-            msg,
-            field,
-            token,
-            raw,
-        )
+        self.task, self.msg, self.field, self.token, self.raw = (task, msg, field, token, raw)
         self.queue, self.limits, self.index = queue, limits, index
         self.is_async = task.is_async
         self.start, self.future, self.interrupt = time.monotonic(), None, None
@@ -1556,21 +1472,12 @@ def _release_args(app, field, token, raw, outcome, seconds, own_bcast, msg=None)
         if msg is None or outcome.kind != "done":
             msg = _loads_msg(raw, decode=False)  # tagged values are not re-encoded
     except _BAD_PAYLOAD as e:
-        msg, outcome = (
-            None,
-            outcome._replace(reason=f"{outcome.reason}; bad payload: {e}"),
-        )
+        msg, outcome = (None, outcome._replace(reason=f"{outcome.reason}; bad payload: {e}"))
     where, value, delay, queue = _next_step(app, raw, msg, outcome, own_bcast)
     name = msg["name"] if msg else "?"
     kind = "" if outcome.kind == "interrupted" else outcome.kind
     args = [field, token, msg["id"] if msg else "", where, value]
-    args += [
-        queue.name if queue else "?",
-        app._rank[queue] if queue else 0,
-        delay,
-        kind,
-        name,
-    ]
+    args += [queue.name if queue else "?", app._rank[queue] if queue else 0, delay, kind, name]
     bcast = own_bcast if msg and msg.get("bcast") else ""
     args += ["" if seconds is None else f"{seconds:.6f}", bcast, app.max_dead or 0]
     _log_release(msg, outcome, where, delay)
@@ -1625,12 +1532,7 @@ def current_task() -> Optional[dict]:
     m = _current.get()
     if m is None:
         return None
-    return {
-        "id": m.get("id"),
-        "name": m["name"],
-        "queue": m["queue"],
-        "attempt": m["retry"] + 1,
-    }
+    return {"id": m.get("id"), "name": m["name"], "queue": m["queue"], "attempt": m["retry"] + 1}
 
 
 def _task_filter(record):
@@ -2070,8 +1972,7 @@ class _Worker:
         policy = mem.get("maxmemory_policy", "")
         if not self.next_beat and policy.startswith("allkeys"):
             log.warning(
-                "Redis maxmemory-policy is %s: it may evict queued tasks; use noeviction",
-                policy,
+                "Redis maxmemory-policy is %s: it may evict queued tasks; use noeviction", policy
             )
         used, limit = mem.get("used_memory", 0), mem.get("maxmemory", 0)
         if self.full != (0 < limit <= used):
@@ -2102,11 +2003,7 @@ class _Worker:
             state = "over" if self.mem_high else "under"
             what = "paused" if self.mem_high else "resumed"
             log.warning(
-                "memory use %.0f%% is %s max_mem_percent=%s: forking %s",
-                pct,
-                state,
-                limit,
-                what,
+                "memory use %.0f%% is %s max_mem_percent=%s: forking %s", pct, state, limit, what
             )
             live = [c for c in self.children if c and not c.stopped]
             if self.mem_high and live:
@@ -2166,12 +2063,7 @@ class _Child:
 
     def __init__(self, worker, slot):
         app = self.app = worker.app
-        self.worker, self.slot, self.k, self.table = (
-            worker,
-            slot,
-            worker.k,
-            worker.table,
-        )
+        self.worker, self.slot, self.k, self.table = (worker, slot, worker.k, worker.table)
         self.ppid, self.pid, self.claims = os.getppid(), os.getpid(), itertools.count(1)
         self.r = _Conn(app)
         self.outage = _Outage(f"child {slot}", worker.outage.cap)
@@ -2786,11 +2678,7 @@ def _prometheus(app):
             pairs = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
             out.append(f"{name}{{{pairs}}} {value}" if pairs else f"{name} {value}")
 
-    totals, buckets, sums = (
-        [],
-        collections.defaultdict(lambda: [0] * (len(BUCKETS) + 1)),
-        {},
-    )
+    totals, buckets, sums = ([], collections.defaultdict(lambda: [0] * (len(BUCKETS) + 1)), {})
     for field, value in snap["stats"].items():
         kind, _, rest = field.decode().partition(" ")
         if kind == "n":
@@ -2896,10 +2784,7 @@ _COMMANDS: dict = {  # name: (function, help, (argument, add_argument's options)
     "worker": (
         _cmd_worker,
         "run a worker: a parent that forks `concurrency` children",
-        (
-            "--concurrency",
-            dict(type=_positive_int, help="override the app's concurrency"),
-        ),
+        ("--concurrency", dict(type=_positive_int, help="override the app's concurrency")),
         ("--exclude-queues", dict(metavar="A,B", help="do not serve these queues")),
         _LOGLEVEL,
     ),
@@ -2911,11 +2796,7 @@ _COMMANDS: dict = {  # name: (function, help, (argument, add_argument's options)
         (
             "--watch",
             dict(
-                type=float,
-                nargs="?",
-                const=2.0,
-                metavar="SECONDS",
-                help="redraw every SECONDS (2)",
+                type=float, nargs="?", const=2.0, metavar="SECONDS", help="redraw every SECONDS (2)"
             ),
         ),
     ),
@@ -2928,10 +2809,7 @@ _COMMANDS: dict = {  # name: (function, help, (argument, add_argument's options)
     "dead": (
         _cmd_dead,
         "list, requeue or delete dead-lettered tasks",
-        (
-            "--requeue",
-            dict(nargs="*", metavar="ID", help="all, or these; retries reset"),
-        ),
+        ("--requeue", dict(nargs="*", metavar="ID", help="all, or these; retries reset")),
         ("--purge", dict(action="store_true", help="delete them")),
         ("--json", dict(action="store_true", help="list them as one JSON array")),
     ),
@@ -2940,10 +2818,7 @@ _COMMANDS: dict = {  # name: (function, help, (argument, add_argument's options)
         "cancel tasks by id (pending, delayed, running or dead)",
         ("ids", dict(metavar="ID", nargs="+")),
     ),
-    "health": (
-        _cmd_health,
-        "exit 0 if a worker of this app on this host is alive, else 1",
-    ),
+    "health": (_cmd_health, "exit 0 if a worker of this app on this host is alive, else 1"),
     "metrics": (
         _cmd_metrics,
         "serve Prometheus metrics at /metrics",
@@ -3016,10 +2891,7 @@ def _load_app(spec):
             ]
         )
         line = f"{type(e).__name__}: {e}".strip().splitlines()[0]
-        print(
-            f"wakaq: cannot load app {spec!r}: {line}{''.join(where[-1:])}",
-            file=sys.stderr,
-        )
+        print(f"wakaq: cannot load app {spec!r}: {line}{''.join(where[-1:])}", file=sys.stderr)
         return None
 
 
@@ -3044,10 +2916,7 @@ def main(argv=None):
             ):
                 raise  # an outage is for these to ride out (health answers without Redis)
         return _COMMANDS[args.command][0](app, args) or 0
-    except (
-        ValueError,
-        redis.RedisError,
-    ) as e:  # ValueError: e.g. an unknown queue name
+    except (ValueError, redis.RedisError) as e:  # ValueError: e.g. an unknown queue name
         redis_at = f"Redis at {_mask(app.url)}: " if isinstance(e, redis.RedisError) else ""
         print(f"wakaq: {redis_at}{e}", file=sys.stderr)
         return 2 if isinstance(e, (ValueError, *_CONFIG_ERRORS)) else 1
@@ -3093,21 +2962,12 @@ def _convert_original(app, queue, raw, due):
     try:
         hook = lambda d: _ORIGINAL_TYPES.get(d.get("__class__"), dict)(d)  # noqa: E731
         msg = json.loads(raw, object_hook=hook)
-        name, a, kw, retry = (
-            msg["name"],
-            msg["args"],
-            msg["kwargs"],
-            msg.get("retry") or 0,
-        )
+        name, a, kw, retry = (msg["name"], msg["args"], msg["kwargs"], msg.get("retry") or 0)
         if (type(name), type(a), type(kw), type(retry)) != (str, list, dict, int):
             raise ValueError("need name, args, kwargs")
         task = app.tasks.get(name) or types.SimpleNamespace(name=name, _json_name=json.dumps(name))
         payload = app._payload(task, a, kw, queue)[1]
-        return (
-            queue,
-            due and repr(due),
-            payload.replace('"retry":0,', f'"retry":{retry},', 1),
-        )
+        return (queue, due and repr(due), payload.replace('"retry":0,', f'"retry":{retry},', 1))
     except _BAD_PAYLOAD as e:
         entry = _dead_entry(
             raw,
