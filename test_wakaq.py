@@ -1,23 +1,13 @@
-"""Tests for wakaq.py: a private real Redis, real worker processes, real signals.
+"""The core suite: wakaq.py against one private redis-server (see conftest.py), real worker
+and scheduler processes, real signals.
 
     python -m pytest -q test_wakaq.py
 
-Redis: the session starts its own `redis-server --port N --save "" --appendonly yes
---appendfsync always` in a temp dir on a free port (AOF, so that a crash-restart keeps
-every acknowledged write; it costs this suite well under a second) and flushes it before
-each test. Without a `redis-server` binary the tests use WAKAQ_TEST_REDIS_URL (only
-`wakaq:*` and `test:*` keys are deleted there, and the Redis-restart tests are skipped);
-with neither they are skipped, unless CI is set, when they fail. The URL is fixed at
-import time and passed to worker processes in WAKAQ_TEST_URL, because they import the
-apps below as `test_wakaq:APP`.
-
-Process tests (marked `slow`; run by default, `-m "not slow"` leaves them out) start
-`python wakaq.py worker|scheduler ...` in their own process group, wait on an observable
-outcome with a deadline (a Redis key, an exit code, a log line) and always stop their
-processes in teardown. Tasks record what happened in `test:*` lists; the chaos, deploy
-and bad-input tasks record each finished run at the end of their body (see _record).
-Pure tests at the top need no Redis.
+The apps below are imported by worker processes as `test_wakaq:APP` (spawn("worker",
+"APP")). Process tests are marked `slow` (run by default; `-m "not slow"` leaves them
+out); pure tests at the top need no Redis.
 """
+
 import asyncio
 import decimal
 import json
@@ -25,10 +15,7 @@ import logging
 import os
 import random
 import re
-import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,336 +24,56 @@ from urllib.parse import urlparse
 
 import pytest
 import redis
-from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.retry import Retry
 
 import wakaq
+from conftest import (
+    CHAOS_RETRIES,
+    CHAOS_SETTINGS,
+    DONE,
+    KILL_REASONS,
+    LENS,
+    LOG_FILE,
+    SCHED_LOG_FILE,
+    STARTED,
+    URL,
+    _free_port,
+    attempt,
+    children,
+    cli,
+    dead,
+    dead_myid,
+    done_ids,
+    duplicates,
+    inflight,
+    leftovers,
+    needs_private,
+    queue,
+    read_file,
+    rec,
+    record_run,
+    registered_pids,
+    run_log,
+    runs,
+    settled,
+    sleep_then_record,
+    slow,
+    task_redis,
+    wait_for,
+    workers_ready,
+)
 from wakaq import CronTask, Queue, SoftTimeout, WakaQ, current_task
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REDIS_SERVER = shutil.which("redis-server")
-slow = pytest.mark.slow
-
-
-# ===================================================================== harness
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-if "WAKAQ_TEST_URL" not in os.environ:     # the pytest process decides; workers inherit
-    if REDIS_SERVER:
-        os.environ["WAKAQ_TEST_PORT"] = str(_free_port())
-        os.environ["WAKAQ_TEST_URL"] = f"redis://127.0.0.1:{os.environ['WAKAQ_TEST_PORT']}/0"
-    else:
-        os.environ["WAKAQ_TEST_URL"] = os.environ.get("WAKAQ_TEST_REDIS_URL", "")
-for kind in ("worker", "scheduler"):
-    os.environ.setdefault(f"WAKAQ_TEST_{kind.upper()}_LOG", os.path.join(
-        tempfile.gettempdir(), f"wakaq-test-{os.getpid()}-{kind}.log"))
-PRIVATE = bool(os.environ.get("WAKAQ_TEST_PORT"))
-URL = os.environ["WAKAQ_TEST_URL"] or "redis://127.0.0.1:1/0"   # unreachable: tests skip
-LOG_FILE = os.environ["WAKAQ_TEST_WORKER_LOG"]
-SCHED_LOG_FILE = os.environ["WAKAQ_TEST_SCHEDULER_LOG"]
-MEM_FLAG = os.environ.setdefault("WAKAQ_TEST_MEM_FLAG", os.path.join(   # see GuardedApp
-    tempfile.gettempdir(), f"wakaq-test-{os.getpid()}-memory-high"))
-needs_private = pytest.mark.skipif(not PRIVATE, reason="needs the private redis-server")
-
-
-def wait_for(predicate, what, timeout=15.0, interval=0.02, diag=None):
-    """Poll predicate() until it is true; fail naming `what` (and diag()) at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            extra = f"\n{diag()}" if diag else ""
-            raise AssertionError(f"gave up after {timeout:g}s waiting for {what}{extra}")
-        time.sleep(interval)
-
-
-class RedisServer:
-    """A private redis-server on a fixed port and folder, started with extra `flags`;
-    stop() and start() (or restart()) keep the port, for outage tests."""
-
-    def __init__(self, port, folder, *flags):
-        self.port, self.folder, self.flags, self.proc = port, folder, flags, None
-        self.log = os.path.join(folder, "redis.log")
-
-    def start(self):
-        self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--dir", self.folder, "--logfile", self.log, *self.flags],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
-        client = redis.Redis(port=self.port, socket_timeout=1, retry=Retry(NoBackoff(), 0))
-
-        def up():
-            assert self.proc.poll() is None, \
-                f"redis-server exited with {self.proc.returncode}; see {self.log}"
-            try:
-                return client.ping()
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
-                return False
-        wait_for(up, f"redis-server on port {self.port}", 20)
-        client.close()
-
-    def stop(self, graceful=False):
-        """graceful: SHUTDOWN SAVE; else SIGKILL, a crash (the AOF keeps the data)."""
-        if graceful:     # a raw socket: redis-py would retry the dropped connection
-            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-                s.sendall(b"SHUTDOWN SAVE\r\n")
-                s.recv(100)
-        elif self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-
-    def restart(self, graceful=False):
-        self.stop(graceful)
-        self.start()
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory):
-    if not PRIVATE:
-        if not os.environ["WAKAQ_TEST_URL"]:
-            if os.environ.get("CI"):
-                pytest.fail("no redis-server binary and no WAKAQ_TEST_REDIS_URL under CI")
-            pytest.skip("no redis-server binary and no WAKAQ_TEST_REDIS_URL")
-        yield None
-        return
-    if _SERVER:                  # other test modules import this fixture: one server for all
-        yield _SERVER[0]
-        return
-    server = RedisServer(int(os.environ["WAKAQ_TEST_PORT"]), str(tmp_path_factory.mktemp("redis")),
-                         "--appendonly", "yes", "--appendfsync", "always")
-    server.start()
-    _SERVER.append(server)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-_SERVER = []      # the one private redis-server (a fixture imported elsewhere is another one)
-
-
-@pytest.fixture
-def r(redis_server):
-    """A client on the test Redis, emptied first; it rides out kills and restarts."""
-    client = redis.Redis.from_url(URL, socket_timeout=10, retry=Retry(
-        ExponentialBackoff(cap=0.5, base=0.05), 40))
-    if PRIVATE:
-        client.flushall()
-    else:
-        for pattern in ("{wakaq}:*", "test:*"):
-            for key in client.scan_iter(pattern):
-                client.delete(key)
-    yield client
-    client.close()
-
-
-# print() must reach the log without help from the environment's buffering settings
-ENV = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-
-
-class Proc:
-    """A `python wakaq.py ...` process in its own process group (the parent and its
-    children); stdout and stderr go to a temp file."""
-
-    def __init__(self, args, folder, env=None):
-        fd, self.log_path = tempfile.mkstemp(prefix="wakaq-", suffix=".log", dir=folder)
-        with os.fdopen(fd, "w") as out:
-            self.popen = subprocess.Popen([sys.executable, "wakaq.py", *args], cwd=HERE,
-                                          stdin=subprocess.DEVNULL, stdout=out, env=env or ENV,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
-        self.pid = self.popen.pid
-
-    def log(self):
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
-
-    def alive(self):
-        return self.popen.poll() is None
-
-    def wait_exit(self, timeout=15.0, diag=None):
-        wait_for(lambda: not self.alive(), f"process {self.pid} to exit", timeout, diag=diag)
-        return self.popen.returncode
-
-    def signal_group(self, sig):
-        try:
-            os.killpg(self.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def kill(self):
-        """SIGKILL the parent and its children at once."""
-        self.signal_group(signal.SIGKILL)
-        self.popen.wait(timeout=10)
-
-    def stop(self):
-        """Stop now (two stop signals), SIGKILL the process group after a deadline."""
-        try:
-            self.signal_group(signal.SIGCONT)          # in case a test left it stopped
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                if self.alive():
-                    os.kill(self.pid, sig)
-                    time.sleep(0.05)
-            try:
-                self.popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        finally:
-            self.kill()                                 # the parent and any stray children
-
-
-class Procs(list):
-    """spawn("worker", "app") starts `python wakaq.py worker test_wakaq:app`; an app name
-    with a colon ("test_delivery:app") is used as it is."""
-
-    def __init__(self, folder):
-        super().__init__()
-        self.folder = folder
-
-    def __call__(self, command, app_name="app", *extra):
-        spec = app_name if ":" in app_name else f"test_wakaq:{app_name}"
-        p = Proc([command, spec, *extra], self.folder)
-        self.append(p)
-        return p
-
-    def tails(self, lines=15):
-        """The end of every process's log, for a failure message."""
-        return "\n".join(f"--- pid {p.pid} (exit {p.popen.poll()}) {p.log_path}\n"
-                         + "\n".join(p.log().splitlines()[-lines:]) for p in self)
-
-
-@pytest.fixture
-def spawn(r, tmp_path):
-    procs = Procs(str(tmp_path))
-    yield procs
-    for p in reversed(procs):
-        p.stop()
-
-
-def cli(*args, timeout=30):
-    return subprocess.run([sys.executable, "wakaq.py", *args], cwd=HERE, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def _list(r, key):
-    return [json.loads(x) for x in r.lrange(key, 0, -1)]
-
-
-def runs(r, key):            # what tasks recorded with rec(key, ...)
-    return _list(r, f"test:{key}")
-
-
-def dead(r):
-    return _list(r, "{wakaq}:dead")
-
-
-def queue(r, name):
-    return _list(r, f"{{wakaq}}:q:{name}")
-
-
-def inflight(r):
-    """Every worker's in-flight hash: {key: {field: payload}} (without the token and start
-    time fields "F:t", "F:s")."""
-    return {k.decode(): {f: v for f, v in r.hgetall(k).items() if not f.endswith((b":t", b":s"))}
-            for k in r.scan_iter("{wakaq}:inflight:*")}
-
-
-def read_file(path):
-    if not os.path.exists(path):
-        return ""
-    with open(path, errors="replace") as f:
-        return f.read()
-
-
-@pytest.fixture
-def log_file(request):
-    """Remove a log file before and after the test."""
-    path = request.param
-    if os.path.exists(path):
-        os.remove(path)
-    yield path
-    if os.path.exists(path):
-        os.remove(path)
-
-
-def children(pid):
-    """Live (non-zombie) child pids of `pid`."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            pids = [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-    live = []
-    for p in pids:
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
-                    live.append(p)
-        except (OSError, IndexError):
-            pass
-    return live
-
-
-def registered_pids(r, max_age):
-    """Pids of the workers whose heartbeat in wakaq:workers is at most max_age old
-    (a worker id is HOST.PID.RANDOM)."""
-    now = time.time()
-    return {int(w.decode().rsplit(".", 2)[1])
-            for w, beat in r.zrange("{wakaq}:workers", 0, -1, withscores=True)
-            if now - beat <= max_age}
-
-
-def workers_ready(r, procs, the_app, diag=None, timeout=20):
-    """Wait until each worker heartbeats and has forked all its children."""
-    pids = {p.pid for p in procs}
-    wait_for(lambda: pids <= registered_pids(r, 60) and
-             all(len(children(p)) == the_app.concurrency for p in pids),
-             f"workers {sorted(pids)} to heartbeat and fork", timeout, diag=diag)
+MEM_FLAG = os.environ.setdefault(  # see GuardedApp
+    "WAKAQ_TEST_MEM_FLAG",
+    os.path.join(tempfile.gettempdir(), f"wakaq-test-{os.getpid()}-memory-high"),
+)
 
 
 def info_json():
     return json.loads(cli("info", "test_wakaq:app", "--json").stdout)
 
+
 # ===================================================================== the test apps and tasks
-
-_clients = {}
-
-
-def _task_redis():
-    """The task side's own client, one per process (a forked child makes its own)."""
-    client = _clients.get(os.getpid())
-    if client is None:
-        client = _clients[os.getpid()] = redis.Redis.from_url(
-            URL, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
-    return client
-
-
-def _retrying(command, seconds=15):
-    """command(client) until it succeeds: tasks record through kills and Redis restarts."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            return command(_task_redis())
-        except (redis.ConnectionError, redis.TimeoutError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-def rec(key, *values):
-    """Record what a task saw in the list test:KEY."""
-    _retrying(lambda c: c.rpush(f"test:{key}", json.dumps(values)))
-
-
-def attempt():
-    return current_task()["attempt"]
 
 
 app = WakaQ(queues=[(1, "mid"), "default", (0, "high")], url=URL, concurrency=1,
@@ -517,69 +224,34 @@ eager_app = WakaQ(url=URL, eager=True)
 eager_add = eager_app.task(lambda a, b: rec("eager", a + b, os.getpid()), name="eager_add")
 
 
-# The chaos, deploy and bad-input tasks record each finished run at the END of their
-# body (SADD DONE MYID, HINCRBY RUNS MYID 1, a JSON line in RUN_LOG with wakaq's task id
-# and attempt), where MYID is an argument the test passed; an interrupted attempt
-# records nothing.
-DONE, RUNS, RUN_LOG, LENS, STARTED = (f"test:chaos:{k}" for k in
-                                      ("done", "runs", "log", "len", "started"))
-KILL_REASONS = {"worker died", "hard timeout"}
-CHAOS_RETRIES = 5
-
-chaos_app = WakaQ(queues=[(0, "high"), (1, "default"), (2, "low")], url=URL, concurrency=2,
-                  heartbeat_timeout=3, max_retries=CHAOS_RETRIES, soft_timeout=20,
-                  hard_timeout=25)
+# The chaos, deploy and bad-input tasks record each finished run with record_run().
+chaos_app = WakaQ(url=URL, **CHAOS_SETTINGS)
+chaos_job = chaos_app.task(sleep_then_record, name="chaos_job")
 deploy_app = WakaQ(queues=["default"], url=URL, concurrency=2, heartbeat_timeout=15)
 bad_app = WakaQ(queues=["default"], url=URL, concurrency=1, heartbeat_timeout=15)
-
-# Record a run once even if a lost reply makes _record() send it again: KEYS = the run
-# tokens set, done set, runs hash, log list; ARGV = run token, myid, log line.
-_RECORD_LUA = """
-if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('SADD', KEYS[2], ARGV[2])
-redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
-redis.call('RPUSH', KEYS[4], ARGV[3])
-return 1
-"""
-
-
-def _record(myid, **extra):
-    """Record one finished run; survives connection kills and a Redis restart."""
-    cur = current_task()
-    token = os.urandom(8).hex()
-    line = json.dumps({"myid": myid, "id": cur["id"], "attempt": cur["attempt"],
-                       "pid": os.getpid(), **extra})
-    _retrying(lambda c: c.eval(_RECORD_LUA, 4, "test:chaos:tokens", DONE, RUNS, RUN_LOG,
-                               token, myid, line))
-
-
-@chaos_app.task
-def chaos_job(myid, ms):
-    time.sleep(ms / 1000)
-    _record(myid)
 
 
 @deploy_app.task
 def deploy_job(myid, ms):
-    _task_redis().incr(STARTED)          # no chaos here: a plain command is enough
+    task_redis().incr(STARTED)          # no chaos here: a plain command is enough
     time.sleep(ms / 1000)
-    _record(myid)
+    record_run(myid)
 
 
 @bad_app.task
 def checkin(myid):
-    _record(myid)
+    record_run(myid)
 
 
 @bad_app.task
 def measure(myid, data):
-    _task_redis().hset(LENS, myid, len(data))
-    _record(myid)
+    task_redis().hset(LENS, myid, len(data))
+    record_run(myid)
 
 
 @bad_app.task
 def two_args(myid, b):
-    _record(myid)
+    record_run(myid)
 
 # ===================================================================== pure units, no Redis
 
@@ -1252,49 +924,6 @@ def test_dead_purge_deletes_them(r):
     _make_dead(r, "hard timeout")
     assert cli("dead", "test_wakaq:app", "--purge").returncode == 0
     assert r.llen("{wakaq}:dead") == 0 and r.llen("{wakaq}:q:default") == 0
-
-
-# ===================================================================== chaos, deploy and bad input: helpers
-
-def leftovers(r, the_app):
-    """Everything still queued, delayed or in flight (empty when all is settled)."""
-    left = {}
-    for q in the_app.queues:
-        for key, n in ((q.key, r.llen(q.key)), (q.eta_key, r.zcard(q.eta_key))):
-            if n:
-                left[key] = n
-    for key, fields in inflight(r).items():
-        if fields:
-            left[key] = len(fields)
-    return left
-
-
-def settled(r, the_app, procs, timeout=10):
-    """Wait until nothing is queued, delayed or in flight. A child acks a finished task in
-    its next claim, so the last one leaves the in-flight hash just after it records."""
-    wait_for(lambda: not leftovers(r, the_app), "nothing queued or in flight", timeout,
-             diag=lambda: f"{leftovers(r, the_app)}\n{procs.tails()}")
-
-
-def done_ids(r):
-    return {x.decode() for x in r.smembers(DONE)}
-
-
-def run_log(r):
-    return _list(r, RUN_LOG)
-
-
-def duplicates(r):
-    counts = {k.decode(): int(v) for k, v in r.hgetall(RUNS).items()}
-    return sum(counts.values()) - len(counts), counts
-
-
-def dead_myid(entry):
-    """The MYID argument of a dead-lettered test task, or None."""
-    try:
-        return json.loads(entry["payload"])["args"][0]
-    except (ValueError, TypeError, KeyError, IndexError):
-        return None
 
 
 # ===================================================================== chaos

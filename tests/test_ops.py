@@ -1,8 +1,8 @@
-"""Operator experience (issue 12): the command line, logs, settings checks, README examples.
+"""Operator experience: the command line, logs, settings checks, README examples.
 
-    python -m pytest -q test_ops.py
+    python -m pytest -q tests/test_ops.py
 
-Real processes against the private redis-server of test_wakaq's harness. Apps that must
+Real processes against the session's private server (conftest.py). Apps that must
 be importable by a worker are at module level here; apps with broken code or other URLs
 are written to files in the test's temp dir and loaded from there.
 """
@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import tempfile
+import signal
 import textwrap
 import time
 
@@ -23,8 +23,19 @@ import redis
 
 import wakaq
 from wakaq import Queue, WakaQ
-from test_wakaq import (HERE, ENV, PRIVATE, URL, Proc, Procs, RedisServer, _free_port,  # noqa: F401
-                        cli, needs_private, r, redis_server, spawn, wait_for, slow)
+from conftest import (
+    ENV,
+    HERE,
+    URL,
+    Proc,
+    Procs,
+    RedisServer,
+    _free_port,
+    cli,
+    needs_private,
+    slow,
+    wait_for,
+)
 
 logging.config.dictConfig({           # the Django way, at import: disables existing loggers
     "version": 1, "handlers": {"h": {"class": "logging.StreamHandler"}},
@@ -43,13 +54,6 @@ def nap(seconds):
 @app.task
 def fails():
     raise RuntimeError("the app's own error")
-
-
-def ops_cli(*args, cwd=HERE, env=None, timeout=30):
-    """python wakaq.py ARGS from `cwd` (the repo's wakaq.py)."""
-    return subprocess.run([sys.executable, os.path.join(HERE, "wakaq.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, env=env)
 
 
 def write(folder, name, text):
@@ -90,7 +94,7 @@ def test_version_and_a_bare_call_lists_the_commands():
 
 
 def test_a_typo_after_the_app_prints_the_subcommands_error_not_the_top_level_usage():
-    out = cli("info", "test_ops:app", "--jsn")
+    out = cli("info", "tests.test_ops:app", "--jsn")
     assert out.returncode == 2
     assert "usage: wakaq info" in out.stderr and "--jsn" in out.stderr, out.stderr
 
@@ -99,26 +103,26 @@ def test_main_runs_any_command_in_COMMANDS_generically(redis_server):
     seen = []
     wakaq._COMMANDS["probe"] = (lambda a, args: seen.append((a, args.app)) or 0, "a probe")
     try:
-        assert wakaq.main(["probe", "test_ops:app"]) == 0
-        assert wakaq.main(["probe", "--app=test_ops:app"]) == 0
+        assert wakaq.main(["probe", "tests.test_ops:app"]) == 0
+        assert wakaq.main(["probe", "--app=tests.test_ops:app"]) == 0
     finally:
         del wakaq._COMMANDS["probe"]
-    assert seen == [(app, "test_ops:app")] * 2
+    assert seen == [(app, "tests.test_ops:app")] * 2
 
 
 def test_app_option_works_wherever_app_is_positional(r, tmp_path):
     nap.delay(1)
     nap.delay(2, queue="high")
-    assert json.loads(cli("info", "--app=test_ops:app", "--json").stdout)["queues"][
+    assert json.loads(cli("info", "--app=tests.test_ops:app", "--json").stdout)["queues"][
         "default"]["pending"] == 1
-    assert cli("purge", "--app=test_ops:app", "default").stdout.strip() == "1"
-    assert cli("purge", "--app", "test_ops:app", "--queue=high").stdout.strip() == "1"
-    assert cli("dead", "--app=test_ops:app").stdout.strip() == "no dead tasks"
-    out = cli("info", "test_ops:app", "--app=test_ops:excluding")
+    assert cli("purge", "--app=tests.test_ops:app", "default").stdout.strip() == "1"
+    assert cli("purge", "--app", "tests.test_ops:app", "--queue=high").stdout.strip() == "1"
+    assert cli("dead", "--app=tests.test_ops:app").stdout.strip() == "no dead tasks"
+    out = cli("info", "tests.test_ops:app", "--app=tests.test_ops:excluding")
     assert out.returncode == 2 and "once" in out.stderr
     worker = Procs(str(tmp_path))
     try:
-        w = Proc(["worker", "--app=test_ops:app", "--concurrency=1", "--foreground"],
+        w = Proc(["worker", "--app=tests.test_ops:app", "--concurrency=1", "--foreground"],
                  str(tmp_path))
         worker.append(w)
         wait_for(lambda: "started" in w.log(), "the worker's start line", diag=w.log)
@@ -146,16 +150,16 @@ def test_console_scripts_after_pip_install_run_the_same_code(r, tmp_path):
     def run(*args):
         return subprocess.run([f"{venv}/bin/{args[0]}", *args[1:]], cwd=HERE, text=True,
                               capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
-    info = run("wakaq-info", "--app=test_ops:app")
+    info = run("wakaq-info", "--app=tests.test_ops:app")
     assert info.returncode == 0, info.stderr
     assert json.loads(info.stdout)["queues"]["default"] == {
         "priority": 1, "pending": 1, "delayed": 1}
     assert run("wakaq", "--version").stdout.strip() == f"wakaq {wakaq.__version__}"
-    assert run("wakaq-purge", "--app=test_ops:app", "--queue=default").stdout.strip() == "2"
+    assert run("wakaq-purge", "--app=tests.test_ops:app", "--queue=default").stdout.strip() == "2"
     for script in ("wakaq-worker", "wakaq-scheduler"):
         out = run(script, "--help")
         assert out.returncode == 0 and "usage:" in out.stdout, out.stderr
-    w = subprocess.Popen([f"{venv}/bin/wakaq-worker", "--app=test_ops:app"], cwd=HERE,
+    w = subprocess.Popen([f"{venv}/bin/wakaq-worker", "--app=tests.test_ops:app"], cwd=HERE,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
     try:
@@ -168,16 +172,16 @@ def test_console_scripts_after_pip_install_run_the_same_code(r, tmp_path):
 
 @slow
 def test_info_lists_the_tasks_running_now(r, spawn):
-    worker = spawn("worker", "test_ops:app")
+    worker = spawn("worker", "tests.test_ops:app")
     task_id = nap.delay(30)
     info = wait_for(lambda: (lambda i: i["running"] and i)(json.loads(
-        cli("info", "test_ops:app", "--json").stdout)), "info to list the running task",
+        cli("info", "tests.test_ops:app", "--json").stdout)), "info to list the running task",
         diag=spawn.tails)
     [t] = info["running"]
     assert (t["id"], t["name"], t["queue"]) == (task_id, "nap", "default")
     assert t["worker"].split(".")[1] == str(worker.pid)
     assert isinstance(t["seconds"], (int, float)) and 0 <= t["seconds"] < 30
-    text = cli("info", "test_ops:app").stdout
+    text = cli("info", "tests.test_ops:app").stdout
     assert re.search(rf"{task_id}.*nap.*default.*{re.escape(t['worker'])}", text), text
 
 
@@ -189,7 +193,7 @@ def test_info_reads_running_tasks_from_the_inflight_layout_with_redis_time(r):
     r.hset("{wakaq}:inflight:h.1.x", mapping={"0.0": payload, "0.0:t": "tok",
                                                "0.0:s": now - 12})
     r.hset("{wakaq}:inflight:h.2.y", mapping={"adopted:h.9.z:1.0": payload})
-    info = json.loads(cli("info", "test_ops:app", "--json").stdout)
+    info = json.loads(cli("info", "tests.test_ops:app", "--json").stdout)
     assert info["workers"] == 1 and info["inflight"] == 2
     one, adopted = sorted(info["running"], key=lambda t: t["worker"])
     assert {"id": "abc", "name": "nap", "queue": "high", "worker": "h.1.x"}.items() <= \
@@ -198,10 +202,10 @@ def test_info_reads_running_tasks_from_the_inflight_layout_with_redis_time(r):
 
 
 def test_dead_lists_id_task_queue_attempts_reason_when_and_shortened_arguments(r):
-    assert cli("dead", "test_ops:app").stdout.strip() == "no dead tasks"
+    assert cli("dead", "tests.test_ops:app").stdout.strip() == "no dead tasks"
     short = dead_entry(r, args=(7, "x"), at=1_800_000_000)
     long = dead_entry(r, args=("y" * 500,), queue="high", reason="hard timeout")
-    out = cli("dead", "test_ops:app")
+    out = cli("dead", "tests.test_ops:app")
     assert out.returncode == 0
     first, second = out.stdout.strip().splitlines()
     assert re.search(rf"{short}\b.*\bnap\b.*\bdefault\b.*\b3\b.*soft timeout.*"
@@ -211,13 +215,13 @@ def test_dead_lists_id_task_queue_attempts_reason_when_and_shortened_arguments(r
 
 def test_dead_requeue_all_or_some_ids_in_one_script_per_batch(r):
     ids = [dead_entry(r) for _ in range(5)] + [dead_entry(r, queue="high")]
-    out = cli("dead", "test_ops:app", "--requeue", ids[1], ids[3], "nope")
+    out = cli("dead", "tests.test_ops:app", "--requeue", ids[1], ids[3], "nope")
     assert out.returncode == 1 and "requeued 2" in out.stdout and "nope" in out.stdout
     queued = [json.loads(x) for x in r.lrange("{wakaq}:q:default", 0, -1)]
     assert [(m["id"], m["retry"]) for m in queued] == [(ids[1], 0), (ids[3], 0)]
     assert r.zscore("{wakaq}:ready", "default") == 1 and r.llen("{wakaq}:wake:default") == 2
     r.config_resetstat()
-    out = cli("dead", "test_ops:app", "--requeue")
+    out = cli("dead", "tests.test_ops:app", "--requeue")
     assert (out.returncode, out.stdout.strip()) == (0, "requeued 4 dead task(s)")
     calls = sum(v["calls"] for k, v in r.info("commandstats").items()
                 if k in ("cmdstat_evalsha", "cmdstat_eval"))
@@ -231,7 +235,7 @@ def test_purge_prints_one_number_says_what_on_stderr_and_leaves_the_ready_set(r)
     nap.delay_many([(1,), (2,)])
     nap.delay(3, eta=60)
     r.zadd("{wakaq}:ready", {"default": 1, "high": 0})
-    out = cli("purge", "test_ops:app", "default")
+    out = cli("purge", "tests.test_ops:app", "default")
     assert (out.returncode, out.stdout.strip()) == (0, "3")
     assert "2 pending" in out.stderr and "1 delayed" in out.stderr
     assert r.zrange("{wakaq}:ready", 0, -1) == [b"high"]
@@ -239,7 +243,7 @@ def test_purge_prints_one_number_says_what_on_stderr_and_leaves_the_ready_set(r)
 
 def test_health_checks_for_a_fresh_heartbeat_of_a_worker_on_this_host(r, tmp_path):
     def health():
-        out = cli("health", "test_ops:app")
+        out = cli("health", "tests.test_ops:app")
         assert len(out.stdout.strip().splitlines()) == 1, out.stdout
         return out.returncode
     assert health() == 1
@@ -248,7 +252,7 @@ def test_health_checks_for_a_fresh_heartbeat_of_a_worker_on_this_host(r, tmp_pat
     assert health() == 1                      # another host's, and a stale one of ours
     procs = Procs(str(tmp_path))
     try:
-        procs.append(Proc(["worker", "test_ops:app"], str(tmp_path)))
+        procs.append(Proc(["worker", "tests.test_ops:app"], str(tmp_path)))
         wait_for(lambda: health() == 0, "health to pass with a live worker", diag=procs.tails)
     finally:
         procs[0].stop()
@@ -263,7 +267,7 @@ def test_urls_are_masked_in_every_error(tmp_path, redis_server):
     """)
     for args in (["info", "pwapp:app"], ["purge", "pwapp:app", "default"],
                  ["dead", "pwapp:app"], ["dead", "pwapp:app", "--requeue"]):
-        out = ops_cli(*args, cwd=str(tmp_path))
+        out = cli(*args, cwd=str(tmp_path))
         line = one_line(out)
         assert out.returncode == 1 and "s3cret" not in line and "user:***@127.0.0.1:1" in line
     assert wakaq._mask("rediss://u:p@ss@h:1/0?password=x&db=2") == \
@@ -285,7 +289,7 @@ def test_a_configuration_error_stops_the_command_but_an_outage_does_not(tmp_path
         """)
         for command in ("worker", "scheduler", "info", "dead"):
             for name in ("badpw", "baddb"):
-                out = ops_cli(command, f"cfg:{name}", cwd=str(tmp_path), timeout=20)
+                out = cli(command, f"cfg:{name}", cwd=str(tmp_path), timeout=20)
                 line = one_line(out)
                 assert out.returncode == 2 and "sekret" not in line and "wrong" not in line, line
                 assert re.search("password|DB index", line), line
@@ -298,16 +302,13 @@ def test_a_refused_connection_at_start_is_an_outage_the_worker_rides_out(tmp_pat
         from wakaq import WakaQ
         app = WakaQ(url="redis://:pw@127.0.0.1:{_free_port()}/0", concurrency=1)
     """)
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "wakaq.py"), "worker",
-                             "down:app"], cwd=str(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, text=True)
+    proc = Proc(["worker", "down:app"], str(tmp_path), cwd=str(tmp_path))
     try:
-        time.sleep(3)                # nothing to wait on: the point is that it does not exit
-        assert proc.poll() is None
+        time.sleep(3)  # nothing to wait on: the point is that it does not exit
+        assert proc.alive()
     finally:
-        os.killpg(proc.pid, 9)
-        out = proc.communicate(timeout=10)[0]
+        proc.kill()
+        out = proc.log()
     assert "pw@" not in out
 
 
@@ -318,7 +319,7 @@ def test_a_refused_connection_at_start_is_an_outage_the_worker_rides_out(tmp_pat
 ])
 def test_app_code_errors_name_the_file_and_line(tmp_path, body, expect):
     write(str(tmp_path), "broken.py", body)
-    out = ops_cli("info", "broken:app", cwd=str(tmp_path))
+    out = cli("info", "broken:app", cwd=str(tmp_path))
     assert out.returncode == 2 and re.search(expect, one_line(out)), out.stderr
 
 
@@ -345,7 +346,7 @@ def test_an_app_built_by_another_copy_of_wakaq_says_so(tmp_path):
 @slow
 def test_the_logger_survives_dictconfig_at_app_import(r, spawn):
     # this module called logging.config.dictConfig at import (see the top)
-    worker = spawn("worker", "test_ops:app")
+    worker = spawn("worker", "tests.test_ops:app")
     fails.delay()
     wait_for(lambda: "RuntimeError: the app's own error" in worker.log(),
              "the task's traceback in the worker's log", diag=worker.log)
@@ -374,7 +375,7 @@ def test_settings_that_used_to_be_accepted_now_raise_naming_the_value():
 
 @slow
 def test_a_worker_whose_default_queue_is_excluded_warns_at_start(r, spawn):
-    worker = spawn("worker", "test_ops:excluding")
+    worker = spawn("worker", "tests.test_ops:excluding")
     wait_for(lambda: "default queue 'default' is excluded" in worker.log(), "the warning",
              diag=worker.log)
 
@@ -417,43 +418,18 @@ def test_every_python_block_in_the_readme_runs(r, tmp_path):
     assert r.llen("{wakaq}:q:default") >= 3        # the Tasks block's .delay() calls
 
 
-class Worker:
-    """`python wakaq.py worker SPEC` from `cwd`, its output in a file; stop() by its pid."""
-
-    def __init__(self, spec, cwd, env):
-        fd, self.path = tempfile.mkstemp(prefix="wakaq-ops-", suffix=".log")
-        with os.fdopen(fd, "w") as out:
-            self.popen = subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "wakaq.py"), "worker", spec], cwd=cwd,
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True)
-
-    def log(self):
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                self.text = f.read()
-        return self.text
-
-    def stop(self):
-        os.killpg(self.popen.pid, 15)
-        try:
-            assert self.popen.wait(20) == 0
-        finally:
-            if self.popen.poll() is None:
-                os.killpg(self.popen.pid, 9)
-            self.log()
-            os.remove(self.path)
-
-
-def run_with_worker(spec, cwd, setup, until, what):
-    """Start a worker on spec, run the `setup` code in another process, wait for until(log)."""
+def run_with_worker(spec, cwd, setup, until, what, folder):
+    """Start a worker on spec from `cwd`, run the `setup` code in another process, wait for
+    until(log); the worker then stops on SIGTERM with exit code 0. Returns its log."""
     env = {**ENV, "PYTHONPATH": HERE, "WAKAQ_URL": URL}
-    worker = Worker(spec, cwd, env)
+    worker = Proc(["worker", spec], folder, env, cwd=cwd)
     try:
         subprocess.run([sys.executable, "-c", setup], cwd=cwd, env=env, check=True, timeout=60)
         wait_for(lambda: until(worker.log()), what, 30, diag=worker.log)
+        worker.signal_group(signal.SIGTERM)
+        assert worker.wait_exit(20) == 0, worker.log()
     finally:
-        worker.stop()
+        worker.kill()
     return worker.log()
 
 
@@ -464,15 +440,16 @@ def test_the_readme_app_runs_a_plain_task(r, tmp_path):
     write(str(tmp_path), "readme_app.py", code.replace("redis://localhost:6379/0", URL)
           + "\n@wakaq.task\ndef plain():\n    print('plain task ran')\n")
     log = run_with_worker("readme_app:wakaq", str(tmp_path), "from readme_app import plain; "
-                          "plain.delay()", lambda log: "plain task ran" in log, "the task")
+                          "plain.delay()", lambda log: "plain task ran" in log, "the task", str(tmp_path))
     assert "excluded" not in log
 
 
 @slow
-def test_the_example_app_runs_a_plain_task_and_retries_from_task_code(r):
+def test_the_example_app_runs_a_plain_task_and_retries_from_task_code(r, tmp_path):
     log = run_with_worker("examples.tasks:wakaq", HERE, "from examples.tasks import charge, "
                           "heartbeat; heartbeat.delay(); charge.delay(7)",
-                          lambda log: "charged order 7 after 2 retries" in log, "charge()")
+                          lambda log: "charged order 7 after 2 retries" in log, "charge()",
+                          str(tmp_path))
     assert "still alive, attempt 1" in log and "excluded" not in log
 
 
@@ -482,8 +459,8 @@ def test_the_example_app_runs_a_plain_task_and_retries_from_task_code(r):
               "print(flask_app.test_client().post('/greet/bob').json)", "hello bob"),
     ("django", "from examples.django_app import count_tables; count_tables.delay()", "tables:"),
 ])
-def test_the_flask_and_django_examples_run_their_tasks(r, module, setup, expect):
+def test_the_flask_and_django_examples_run_their_tasks(r, tmp_path, module, setup, expect):
     pytest.importorskip(module)
     log = run_with_worker(f"examples.{module}_app:wakaq", HERE, setup,
-                          lambda log: expect in log, expect)
+                          lambda log: expect in log, expect, str(tmp_path))
     assert "Traceback" not in log and "started" in log, log

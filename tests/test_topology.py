@@ -1,6 +1,6 @@
-"""Issue 10: prefixes, Redis Cluster, Sentinel, TLS + ACL, and the cost of an idle fleet.
+"""Prefixes, Redis Cluster, Sentinel, TLS + ACL, and the cost of an idle fleet.
 
-    python -m pytest -q test_topology.py
+    python -m pytest -q tests/test_topology.py
 
 The session starts the real thing on free localhost ports, each in its own temp folder,
 and kills every process by pid at the end: a Redis Cluster of 3 masters + 3 replicas,
@@ -8,9 +8,9 @@ a master + replica + 3 sentinels, a TLS redis-server (CA, server and client cert
 made with `openssl` here; an ACL user whose password is not ASCII), and two plain
 redis-servers for the idle-cost measurements. Ports and the folder are fixed when the
 pytest process first imports this module and passed to worker processes in WAKAQ_TOPO_*
-variables, because workers import the apps below as `test_topology:APP`.
+variables, because workers import the apps below as `tests.test_topology:APP`.
 
-Tasks record what they saw in the harness's private test Redis (test_wakaq.rec, keys
+Tasks record what they saw in the harness's private test Redis (conftest.rec, keys
 `test:*`), never in the Redis under test, so a failover cannot eat a record.
 """
 import json
@@ -25,16 +25,26 @@ from urllib.parse import quote
 
 import pytest
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-import test_wakaq
-from test_wakaq import (PRIVATE, URL, children, cli, rec, runs, wait_for, _retrying,
-                        r, redis_server, spawn)   # noqa: F401  (fixtures pytest must see)
+from conftest import (
+    ENV,
+    PRIVATE,
+    REDIS_CLI,
+    REDIS_SERVER,
+    URL,
+    Server,
+    children,
+    cli,
+    need_binaries,
+    rec,
+    redis_argv,
+    retrying,
+    runs,
+    stop_servers,
+    wait_for,
+)
 from wakaq import CronTask, WakaQ
 
-REDIS_SERVER = shutil.which("redis-server")
-REDIS_CLI = shutil.which("redis-cli")
 OPENSSL = shutil.which("openssl")
 pytestmark = pytest.mark.slow
 
@@ -71,7 +81,7 @@ if "WAKAQ_TOPO_PORTS" not in os.environ:          # the pytest process decides; 
                                                 f"wakaq-topo-{os.getpid()}")
     os.environ["WAKAQ_TOPO_OWNER"] = str(os.getpid())
 for _var in ("WAKAQ_TOPO_PORTS", "WAKAQ_TOPO_DIR", "WAKAQ_TOPO_OWNER"):
-    test_wakaq.ENV[_var] = os.environ[_var]      # the harness's spawn() passes ENV to workers
+    ENV[_var] = os.environ[_var]      # the harness's spawn() passes ENV to workers
 PORT = dict(zip(_NAMES, map(int, os.environ["WAKAQ_TOPO_PORTS"].split(","))))
 TOPO_DIR = os.environ["WAKAQ_TOPO_DIR"]
 TLS_DIR = os.path.join(TOPO_DIR, "tls")
@@ -100,7 +110,7 @@ IDLE3_URL = f"redis://127.0.0.1:{PORT['idle3']}/0"
 def _mark(key, member):
     """Record that `member` ran at least once (a set in the test Redis)."""
     time.sleep(0.01)                         # a drain of 1,000 takes seconds: room for a failover
-    _retrying(lambda c: c.sadd(f"test:{key}", member))
+    retrying(lambda c: c.sadd(f"test:{key}", member))
 
 
 def _stamp(key, tag):
@@ -126,7 +136,7 @@ ttask = tls_app.task(lambda i: _stamp("t:task", i), name="ttask")
 tls_down_app = WakaQ(url=TLS_DOWN_URL, concurrency=1, heartbeat_timeout=10)
 tdown = tls_down_app.task(lambda i: None, name="tdown")
 
-# --- two apps, one Redis db (the issue's case 1), plus producers of a task that the
+# --- two apps, one Redis db, plus producers of a task that the
 # app's own workers do not know (to make dead letters through the public API)
 appa = WakaQ(queues=["emails"], prefix="appa", url=URL, concurrency=1, heartbeat_timeout=10)
 send_email = appa.task(lambda i: _stamp("a:email", i), name="send_email")
@@ -151,69 +161,6 @@ fleet_app = WakaQ(queues=[(0, "a"), (1, "b"), (2, "c")], url=IDLE3_URL, concurre
 fleet_app.task(lambda i: None, name="istamp")
 
 # ===================================================================== servers
-
-
-def _need(*binaries):
-    missing = [name for name, path in binaries if not path]
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"missing {', '.join(missing)} under CI (.ci/run installs them)")
-        pytest.skip(f"missing {', '.join(missing)}")
-
-
-class Server:
-    """One redis-server (or sentinel) process started from argv, killed by pid."""
-
-    def __init__(self, argv, port, folder, **client_kw):
-        self.argv, self.port, self.folder, self.kw = argv, port, folder, client_kw
-        self.log = os.path.join(folder, "redis.log")
-        self.proc = None
-
-    def start(self):
-        os.makedirs(self.folder, exist_ok=True)
-        self.proc = subprocess.Popen(self.argv, cwd=self.folder, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
-        return self
-
-    def client(self, **kw):
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5,
-                           socket_connect_timeout=2, retry=Retry(NoBackoff(), 0),
-                           **dict(self.kw, **kw))
-
-    def wait_up(self):
-        c = self.client()
-
-        def up():
-            assert self.proc.poll() is None, \
-                f"{self.argv[:2]} exited with {self.proc.returncode}; see {self.log}"
-            try:
-                return c.ping()
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
-                return False
-        wait_for(up, f"server on port {self.port}", 20)
-        c.close()
-        return self
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-        if self.proc:
-            self.proc.wait(timeout=10)
-
-
-def redis_argv(port, folder, *flags):
-    return [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", folder, "--logfile", os.path.join(folder, "redis.log"),
-            *flags]
-
-
-def _stop_all(servers):
-    for s in reversed(servers):
-        try:
-            s.stop()
-        except Exception:
-            pass
 
 
 @pytest.fixture(scope="session")
@@ -289,7 +236,7 @@ def _cluster_ready():
 
 @pytest.fixture(scope="session")
 def cluster(topo_dir):
-    _need(("redis-server", REDIS_SERVER), ("redis-cli", REDIS_CLI))
+    need_binaries(("redis-server", REDIS_SERVER), ("redis-cli", REDIS_CLI))
     nodes = [Server(redis_argv(p, os.path.join(topo_dir, f"cluster-{p}"),
                                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                                "--cluster-node-timeout", "3000"), p,
@@ -316,7 +263,7 @@ def cluster(topo_dir):
         cl.slot = slot
         yield cl
     finally:
-        _stop_all(nodes)
+        stop_servers(nodes)
 
 
 def _delete_prefix(client, prefix):
@@ -377,7 +324,7 @@ class SentinelSet:
 
 @pytest.fixture(scope="session")
 def sentinel_set(topo_dir):
-    _need(("redis-server", REDIS_SERVER))
+    need_binaries(("redis-server", REDIS_SERVER))
     m, rp = PORT["s_master"], PORT["s_replica"]
     folder = lambda name: os.path.join(topo_dir, name)   # noqa: E731
     servers = [Server(redis_argv(m, folder("s-master")), m, folder("s-master")),
@@ -412,7 +359,7 @@ def sentinel_set(topo_dir):
                  diag=ss.describe)
         yield ss
     finally:
-        _stop_all(servers)
+        stop_servers(servers)
 
 
 def _make_certs(folder):
@@ -446,7 +393,7 @@ TLS_CLIENT = dict(ssl=True, ssl_ca_certs=f"{TLS_DIR}/ca.crt", ssl_certfile=f"{TL
 def tls_server(topo_dir):
     """TLS only (--port 0), client certificates required, the default user switched off:
     only ACL_USER with PASSWORD gets in."""
-    _need(("redis-server", REDIS_SERVER), ("openssl", OPENSSL))
+    need_binaries(("redis-server", REDIS_SERVER), ("openssl", OPENSSL))
     _make_certs(TLS_DIR)
     p, folder = PORT["tls"], os.path.join(topo_dir, "tls-server")
     argv = redis_argv(0, folder, "--tls-port", str(p), "--tls-cert-file", f"{TLS_DIR}/server.crt",
@@ -469,7 +416,7 @@ def tls_server(topo_dir):
 
 @pytest.fixture(scope="module")
 def idle_servers(topo_dir):
-    _need(("redis-server", REDIS_SERVER))
+    need_binaries(("redis-server", REDIS_SERVER))
     servers = [Server(redis_argv(PORT[n], os.path.join(topo_dir, n)), PORT[n],
                       os.path.join(topo_dir, n)) for n in ("idle1", "idle3")]
     try:
@@ -479,7 +426,7 @@ def idle_servers(topo_dir):
             s.wait_up()
         yield servers
     finally:
-        _stop_all(servers)
+        stop_servers(servers)
 
 # ===================================================================== helpers
 
@@ -520,7 +467,7 @@ def tags(r, key):
 
 def test_cluster_tasks_run_via_a_node_that_does_not_own_the_slot(cl, r, spawn):
     assert cl.owner(cl.slot)["port"] != CLUSTER_PORTS[0]
-    w = spawn("worker", "test_topology:cluster_app")
+    w = spawn("worker", "tests.test_topology:cluster_app")
     workers_ready(cl.admin(), cluster_app, [w], spawn)
     for i in range(10):
         ctask.delay("run", i)
@@ -532,7 +479,7 @@ def test_cluster_tasks_run_via_a_node_that_does_not_own_the_slot(cl, r, spawn):
 
 
 def test_cluster_delayed_tasks_run(cl, r, spawn):
-    w = spawn("worker", "test_topology:cluster_app")
+    w = spawn("worker", "tests.test_topology:cluster_app")
     workers_ready(cl.admin(), cluster_app, [w], spawn)
     start = time.time()
     ctask.delay("eta", 1, eta=1)
@@ -545,7 +492,7 @@ def test_cluster_delayed_tasks_run(cl, r, spawn):
 
 
 def test_cluster_broadcast_reaches_each_worker(cl, r, spawn):
-    ws = [spawn("worker", "test_topology:cluster_app") for _ in range(2)]
+    ws = [spawn("worker", "tests.test_topology:cluster_app") for _ in range(2)]
     workers_ready(cl.admin(), cluster_app, ws, spawn)
     assert ctask.broadcast("bcast", 7) == 2
     wait_for(lambda: len(runs(r, "c:bcast")) >= 2, "the broadcast to run on both workers", 20,
@@ -554,8 +501,8 @@ def test_cluster_broadcast_reaches_each_worker(cl, r, spawn):
 
 
 def test_cluster_cron_fires(cl, r, spawn):
-    w = spawn("worker", "test_topology:cluster_app")
-    spawn("scheduler", "test_topology:cluster_app")
+    w = spawn("worker", "tests.test_topology:cluster_app")
+    spawn("scheduler", "tests.test_topology:cluster_app")
     workers_ready(cl.admin(), cluster_app, [w], spawn)
     wait_for(lambda: len(runs(r, "ctick")) >= 2, "the every-second schedule to fire twice", 20,
              diag=spawn.tails)
@@ -567,16 +514,16 @@ def test_cluster_info_json(cl, r, spawn):
     for i in range(2):
         ctask.delay("info", 10 + i, eta=3600)
     ctask.delay("info", 20, queue="high", eta=3600)
-    j = info_json("test_topology:cluster_app")
+    j = info_json("tests.test_topology:cluster_app")
     assert j["queues"]["default"]["pending"] == 3 and j["queues"]["default"]["delayed"] == 2, j
     assert j["queues"]["high"]["pending"] == 0 and j["queues"]["high"]["delayed"] == 1, j
     assert j["queues"]["high"]["priority"] == 0, j
     assert (j["workers"], j["dead"], j["inflight"]) == (0, 0, 0), j
-    w = spawn("worker", "test_topology:cluster_app")
+    w = spawn("worker", "tests.test_topology:cluster_app")
     workers_ready(cl.admin(), cluster_app, [w], spawn)
     wait_for(lambda: len(runs(r, "c:info")) >= 3, "the 3 ready tasks to run", 20,
              diag=spawn.tails)
-    j = info_json("test_topology:cluster_app")
+    j = info_json("tests.test_topology:cluster_app")
     assert j["workers"] == 1, j
     assert j["queues"]["default"]["pending"] == 0 and j["queues"]["default"]["delayed"] == 2, j
 
@@ -587,7 +534,7 @@ def test_cluster_failover_of_the_apps_master_loses_no_task(cl, r, spawn):
         cmark.delay(i)
     old = cl.owner(cl.slot)
     replica = cl.replica_of(old)[0]
-    w = spawn("worker", "test_topology:cluster_app")
+    w = spawn("worker", "tests.test_topology:cluster_app")
     wait_for(lambda: scard(r, "cdone") >= 100, "the worker to drain 100 tasks", 30,
              diag=spawn.tails)
     with redis.Redis(port=replica["port"], socket_timeout=10) as c:
@@ -620,7 +567,7 @@ def test_sentinel_tasks_run(sentinel_set, r, spawn):
     sentinel_set.master().flushall()
     stask.delay(0)
     landed_on_the_sentinel_master(sentinel_set)
-    w = spawn("worker", "test_topology:sentinel_app")
+    w = spawn("worker", "tests.test_topology:sentinel_app")
     workers_ready(sentinel_set.master(), sentinel_app, [w], spawn)
     for i in range(1, 10):
         stask.delay(i)
@@ -638,7 +585,7 @@ def test_sentinel_failover_mid_run_loses_no_task(sentinel_set, r, spawn):
     for i in range(1, n):
         smark.delay(i)
     old = sentinel_set.master_port()
-    w = spawn("worker", "test_topology:sentinel_app")
+    w = spawn("worker", "tests.test_topology:sentinel_app")
     wait_for(lambda: scard(r, "sdone") >= 100, "the worker to drain 100 tasks", 30,
              diag=spawn.tails)
     with redis.Redis(port=SENTINEL_PORTS[0], socket_timeout=10) as s:
@@ -667,7 +614,7 @@ def assert_no_password(text, where):
 def test_tls_acl_user_tasks_run_and_password_never_shown(tls_server, r, spawn):
     with tls_server.client() as c:
         c.flushall()
-    w = spawn("worker", "test_topology:tls_app")
+    w = spawn("worker", "tests.test_topology:tls_app")
     workers_ready(tls_server.client(), tls_app, [w], spawn)
     for i in range(5):
         ttask.delay(i)
@@ -678,29 +625,29 @@ def test_tls_acl_user_tasks_run_and_password_never_shown(tls_server, r, spawn):
     with tls_server.client() as c:         # the worker's connections: TLS, as the ACL user
         users = {client["user"] for client in c.client_list()}
     assert users == {ACL_USER}, users
-    for args in (("info", "test_topology:tls_app"), ("info", "test_topology:tls_app", "--json"),
-                 ("dead", "test_topology:tls_app")):
+    for args in (("info", "tests.test_topology:tls_app"), ("info", "tests.test_topology:tls_app", "--json"),
+                 ("dead", "tests.test_topology:tls_app")):
         done = cli(*args)
         assert done.returncode == 0, done.stderr
         assert_no_password(done.stdout + done.stderr, " ".join(args))
-    assert info_json("test_topology:tls_app")["workers"] == 1
+    assert info_json("tests.test_topology:tls_app")["workers"] == 1
     w.stop()
     assert_no_password(w.log(), "the worker's log")
 
 
 def test_tls_password_not_shown_with_redis_down(topo_dir, r, spawn):
     """The same URL (user, password, certificates) where no Redis listens."""
-    for args in (("info", "test_topology:tls_down_app"),
-                 ("info", "test_topology:tls_down_app", "--json"),
-                 ("dead", "test_topology:tls_down_app"),
-                 ("purge", "test_topology:tls_down_app", "default")):
+    for args in (("info", "tests.test_topology:tls_down_app"),
+                 ("info", "tests.test_topology:tls_down_app", "--json"),
+                 ("dead", "tests.test_topology:tls_down_app"),
+                 ("purge", "tests.test_topology:tls_down_app", "default")):
         done = cli(*args)
         assert done.returncode != 0, f"{args} exited 0 with Redis down:\n{done.stdout}"
         assert_no_password(done.stdout + done.stderr, " ".join(args) + " (Redis down)")
     with pytest.raises(redis.RedisError) as exc:
         tdown.delay(1)
     assert_no_password(f"{exc.value} {exc.value!r}", "the exception from .delay()")
-    w = spawn("worker", "test_topology:tls_down_app")
+    w = spawn("worker", "tests.test_topology:tls_down_app")
     try:                                    # it logs the outage (once): wait for that line
         wait_for(lambda: w.log().strip() or not w.alive(), "the worker to log the outage", 10)
     except AssertionError:
@@ -719,9 +666,9 @@ def _all_keys(r):
 
 
 def test_two_prefixes_on_one_db_never_see_each_other(r, spawn):
-    a = spawn("worker", "test_topology:appa")
+    a = spawn("worker", "tests.test_topology:appa")
     workers_ready(r, appa, [a], spawn)
-    # the issue's case 1: only A's worker runs; B's broadcast reaches nobody
+    # only A's worker runs; B's broadcast reaches nobody
     assert refresh_cache.broadcast("b-alone") == 0
     report.delay(1)
     report.delay(2, eta=1)
@@ -730,27 +677,27 @@ def test_two_prefixes_on_one_db_never_see_each_other(r, spawn):
     send_email.delay(2, eta=1.5)             # due after B's delayed task
     wait_for(lambda: tags(r, "a:email") == [1, 2], "A's tasks (one delayed) to run", 20,
              diag=spawn.tails)
-    wait_for(lambda: info_json("test_topology:appa")["dead"] == 1, "A's dead letter", 10,
+    wait_for(lambda: info_json("tests.test_topology:appa")["dead"] == 1, "A's dead letter", 10,
              diag=spawn.tails)
     assert runs(r, "b:report") == [] and runs(r, "b:refresh") == [], "A's worker ran B's tasks"
-    ia, ib = info_json("test_topology:appa"), info_json("test_topology:appb")
+    ia, ib = info_json("tests.test_topology:appa"), info_json("tests.test_topology:appb")
     assert set(ia["queues"]) == {"emails"} and set(ib["queues"]) == {"reports"}, (ia, ib)
     assert (ia["workers"], ib["workers"]) == (1, 0), (ia, ib)
     assert (ia["dead"], ib["dead"]) == (1, 0), (ia, ib)
     rq = ib["queues"]["reports"]
     assert rq["pending"] + rq["delayed"] == 2, ib
     assert ia["queues"]["emails"]["pending"] + ia["queues"]["emails"]["delayed"] == 0, ia
-    done = cli("dead", "test_topology:appb")
+    done = cli("dead", "tests.test_topology:appb")
     assert done.returncode == 0 and "ghost" not in done.stdout, done.stdout + done.stderr
     assert not [k for k in _all_keys(r) if "{appa}" not in k and "{appb}" not in k], _all_keys(r)
 
     # now B has a worker too: each app's broadcast reaches its own worker only
-    b = spawn("worker", "test_topology:appb")
+    b = spawn("worker", "tests.test_topology:appb")
     workers_ready(r, appb, [b], spawn)
     wait_for(lambda: tags(r, "b:report") == [1, 2], "B's tasks to run on B's worker", 20,
              diag=spawn.tails)
     ghost_b.delay()
-    wait_for(lambda: info_json("test_topology:appb")["dead"] == 1, "B's dead letter", 10,
+    wait_for(lambda: info_json("tests.test_topology:appb")["dead"] == 1, "B's dead letter", 10,
              diag=spawn.tails)
     assert refresh_cache.broadcast("b-both") == 1
     assert a_ping.broadcast("a-both") == 1
@@ -764,8 +711,8 @@ def test_two_prefixes_on_one_db_never_see_each_other(r, spawn):
     assert {e[3] for e in runs(r, "a:email")} == {a.pid}
     assert {e[3] for e in runs(r, "b:report")} == {b.pid}
     # dead letters: purging B's leaves A's
-    assert cli("dead", "test_topology:appb", "--purge").returncode == 0
-    ia, ib = info_json("test_topology:appa"), info_json("test_topology:appb")
+    assert cli("dead", "tests.test_topology:appb", "--purge").returncode == 0
+    ia, ib = info_json("tests.test_topology:appa"), info_json("tests.test_topology:appb")
     assert (ia["dead"], ib["dead"]) == (1, 0), (ia, ib)
     assert (ia["workers"], ib["workers"]) == (1, 1), (ia, ib)
 
@@ -780,7 +727,7 @@ def test_default_layout_shares_no_key_with_the_original_wakaq(r, spawn):
     ps.psubscribe("__keyspace@0__:*", "wakaq:*")
     ps.subscribe("wakaq-broadcast")
     try:
-        w = spawn("worker", "test_topology:plain_app")
+        w = spawn("worker", "tests.test_topology:plain_app")
         workers_ready(r, plain_app, [w], spawn)
         pnote.delay("ready")
         pnote.delay("emails", queue="emails")
@@ -789,9 +736,9 @@ def test_default_layout_shares_no_key_with_the_original_wakaq(r, spawn):
         ghost_p.delay()
         wait_for(lambda: len(runs(r, "p:note")) >= 4, "4 tasks (delayed, broadcast) to run", 20,
                  diag=spawn.tails)
-        wait_for(lambda: info_json("test_topology:plain_app")["dead"] == 1, "a dead letter", 10,
+        wait_for(lambda: info_json("tests.test_topology:plain_app")["dead"] == 1, "a dead letter", 10,
                  diag=spawn.tails)
-        cli("dead", "test_topology:plain_app", "--requeue")
+        cli("dead", "tests.test_topology:plain_app", "--requeue")
         w.stop()
         seen, published = set(), []
         while True:
@@ -829,8 +776,8 @@ def test_idle_workers_cost_few_commands(idle_servers, r, spawn):
     three = idle_servers[1].client()
     one.flushall()
     three.flushall()
-    w1 = spawn("worker", "test_topology:idle_app")
-    w3 = [spawn("worker", "test_topology:fleet_app") for _ in range(3)]
+    w1 = spawn("worker", "tests.test_topology:idle_app")
+    w3 = [spawn("worker", "tests.test_topology:fleet_app") for _ in range(3)]
     workers_ready(one, idle_app, [w1], spawn)
     workers_ready(three, fleet_app, w3, spawn)
     time.sleep(2.0)                         # past the start-up burst
@@ -856,7 +803,7 @@ def test_idle_workers_cost_few_commands(idle_servers, r, spawn):
 def test_idle_worker_runs_a_delayed_task_on_time(idle_servers, r, spawn):
     client = idle_servers[0].client()
     client.flushall()
-    w = spawn("worker", "test_topology:idle_app")
+    w = spawn("worker", "tests.test_topology:idle_app")
     workers_ready(client, idle_app, [w], spawn)
     time.sleep(1.0)                         # idle for a while
     due = {}

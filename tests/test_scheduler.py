@@ -1,6 +1,6 @@
-"""Scheduler tests (issue 9): real `python wakaq.py scheduler` processes and real redis-servers.
+"""The scheduler: real `python wakaq.py scheduler` processes and real redis-servers.
 
-    python -m pytest -q test_scheduler.py
+    python -m pytest -q tests/test_scheduler.py
 
 The restart tests run on the session's private Redis, in real time. The time-zone nights
 run a second redis-server under libfaketime, its clock started on the night and running
@@ -22,9 +22,8 @@ import pytest
 import redis
 
 import wakaq
+from conftest import ENV, REDIS_SERVER, URL, RedisServer, _free_port, cli, slow, wait_for
 from wakaq import CronTask, WakaQ
-from test_wakaq import (REDIS_SERVER, URL, ENV, RedisServer, _free_port, cli, r,  # noqa: F401
-                        redis_server, slow, spawn, wait_for)
 
 BERLIN, UTC = ZoneInfo("Europe/Berlin"), ZoneInfo("UTC")
 QUEUE = "{wakaq}:q:default"
@@ -129,7 +128,7 @@ def redis_now(client):
 @slow
 @pytest.mark.parametrize("schedulers", [1, 2])
 def test_a_tick_missed_across_a_restart_is_enqueued_once(r, spawn, schedulers):
-    first = [spawn("scheduler", "test_scheduler:every10") for _ in range(schedulers)]
+    first = [spawn("scheduler", "tests.test_scheduler:every10") for _ in range(schedulers)]
     wait_for(lambda: r.keys("{wakaq}:cron:*"), "the schedule's record in Redis", diag=spawn.tails)
     wait_for(lambda: 6.8 <= redis_now(r) % 10 < 7.2, "3 s before a tick", 12, interval=0.01)
     for p in first:
@@ -140,7 +139,7 @@ def test_a_tick_missed_across_a_restart_is_enqueued_once(r, spawn, schedulers):
     assert missed - redis_now(r) > 2, "the schedulers took too long to stop"
     before = r.llen(QUEUE)
     wait_for(lambda: redis_now(r) >= missed + 3, "3 s after the tick", 10)
-    second = [spawn("scheduler", "test_scheduler:every10") for _ in range(schedulers)]
+    second = [spawn("scheduler", "tests.test_scheduler:every10") for _ in range(schedulers)]
     wait_for(lambda: r.llen(QUEUE) > before, "the missed tick", diag=spawn.tails)
     missed_iso, next_iso = (datetime.fromtimestamp(t, UTC).isoformat()
                             for t in (missed, missed + 10))
@@ -157,7 +156,7 @@ def test_a_tick_missed_across_a_restart_is_enqueued_once(r, spawn, schedulers):
 
 @slow
 def test_scheduler_stops_within_half_a_second_of_sigterm_and_logs_it(r, spawn):
-    s = spawn("scheduler", "test_scheduler:every10")
+    s = spawn("scheduler", "tests.test_scheduler:every10")
     wait_for(lambda: "scheduler started" in s.log(), "the scheduler to start", diag=spawn.tails)
     started = time.monotonic()
     os.kill(s.pid, signal.SIGTERM)
@@ -167,7 +166,7 @@ def test_scheduler_stops_within_half_a_second_of_sigterm_and_logs_it(r, spawn):
 
 
 def test_scheduler_with_no_schedules_says_so_and_exits():
-    out = cli("scheduler", "test_scheduler:nothing", timeout=10)
+    out = cli("scheduler", "tests.test_scheduler:nothing", timeout=10)
     assert out.returncode == 0, out.stderr
     assert "no schedules" in out.stderr
 
@@ -211,7 +210,7 @@ def test_a_daylight_saving_night_enqueues_what_cron_would(tmp_path, spawn, name)
     client = redis.Redis(port=server.port)
     try:
         with mock.patch.dict(ENV, WAKAQ_TEST_NIGHT_URL=f"redis://127.0.0.1:{server.port}/0"):
-            s = spawn("scheduler", "test_scheduler:night")
+            s = spawn("scheduler", "tests.test_scheduler:night")
         wait_for(lambda: "scheduler started" in s.log(), "the scheduler to start", diag=spawn.tails)
         first = datetime.fromisoformat(expected[0][1]).timestamp()
         assert redis_now(client) < first, "the scheduler started after the night's first tick"

@@ -1,13 +1,13 @@
-"""Issue 8, task execution: soft timeouts that always land in the task's own code, async
-tasks on one lasting event loop per child with async_concurrency, async hooks and
-wrappers, and eager mode that matches a worker.
+"""Task execution: soft timeouts that always land in the task's own code, async tasks on one
+lasting event loop per child with async_concurrency, async hooks and wrappers, and eager
+mode that matches a worker.
 
-    python -m pytest -q test_execution.py
+    python -m pytest -q tests/test_execution.py
 
-Uses test_wakaq's harness (a private redis-server, real `python wakaq.py worker`
-processes). Each group of cases has its own module-level app with its own `prefix=`
-(texec1 ... texec5), so the apps never see each other's keys. Tasks record what they
-saw in `test:*` lists through test_wakaq.rec().
+Real `python wakaq.py worker tests.test_execution:APP` processes against the session's
+private server (conftest.py). Each group of cases has its own module-level app with its own
+`prefix=` (texec1 ... texec5), so the apps never see each other's keys. Tasks record what
+they saw in `test:*` lists through conftest.rec().
 """
 import asyncio
 import inspect
@@ -24,14 +24,9 @@ import redis
 import redis.asyncio
 
 from wakaq import Queue, SoftTimeout, WakaQ, current_task
-from test_wakaq import (PRIVATE, URL, children, cli, r, redis_server, rec, runs,  # noqa: F401
-                        slow, spawn, wait_for)
+from conftest import PRIVATE, URL, attempt, children, cli, rec, runs, slow, wait_for
 
 tlog = logging.getLogger("texec.task")
-
-
-def attempt():
-    return current_task()["attempt"]
 
 
 # ===================================================================== helpers
@@ -95,7 +90,7 @@ def workers(spawn, r):
 
 # ===================================================================== apps and tasks
 
-# --- case 1: alarms landing anywhere -----------------------------------------------
+# --- soft timeouts landing anywhere ------------------------------------------------
 RACY_RETRIES = 2           # every task ends: raised, or dead-lettered after 3 soft timeouts
 soft_app = WakaQ(url=URL, prefix="texec1", concurrency=2, hard_timeout=5)
 
@@ -135,7 +130,7 @@ def log_storm(myid):
     rec("storm", myid, "finished", round(time.monotonic() - started, 3))
 
 
-# --- cases 4 and 5: async tasks --------------------------------------------------
+# --- async tasks -------------------------------------------------------------------
 async_app = WakaQ(url=URL, prefix="texec2", concurrency=1, async_concurrency=3, hard_timeout=10)
 _shared = None      # one lazily created redis.asyncio client per process, as apps do
 
@@ -191,7 +186,7 @@ async def nap_once(tag):
     rec("once_end", tag, attempt(), os.getpid())
 
 
-# --- case 6: async hooks and wrappers ---------------------------------------------
+# --- async hooks and wrappers ----------------------------------------------------
 hooks_app = WakaQ(url=URL, prefix="texec3", concurrency=1)
 
 
@@ -243,7 +238,7 @@ async def h4_async(x):
     rec("h4", "task", x)
 
 
-# --- case 7: eager mode ---------------------------------------------------------
+# --- eager mode ----------------------------------------------------------------
 eager_app = WakaQ(url=URL, prefix="texec5", eager=True)
 EAGER_SEEN = []
 
@@ -259,7 +254,7 @@ async def eager_async_probe(value):
     EAGER_SEEN.append((current_task(), value))
 
 
-# ===================================================================== case 2 (no Redis)
+# ===================================================================== settings, no Redis
 
 def _builders(bad):
     yield "WakaQ(soft_timeout)", "soft_timeout", lambda: WakaQ(url=URL, soft_timeout=bad)
@@ -297,7 +292,7 @@ def test_finite_timeouts_are_still_accepted():
     assert math.isfinite(a.soft_timeout) and math.isfinite(a.hard_timeout)
 
 
-# ===================================================================== case 7 (no Redis)
+# ===================================================================== eager mode, no Redis
 
 def test_eager_current_task_matches_a_worker_and_broadcast_round_trips_like_delay():
     EAGER_SEEN.clear()
@@ -331,13 +326,13 @@ def test_async_concurrency_accepts_ints_and_cores_expressions_and_names_bad_ones
         WakaQ(url=URL, async_concurrency="cores ** 2")
 
 
-# ===================================================================== case 1
+# ===================================================================== soft timeouts
 
 @slow
 def test_300_soft_timeouts_landing_anywhere_never_crash_a_child_and_each_task_ends_once(
         r, workers):
     n = 300
-    w = workers("worker", "test_execution:soft_app")
+    w = workers("worker", "tests.test_execution:soft_app")
     ready(r, w, soft_app)
     for i in range(n):      # sleeps from 18.0 to 20.5 ms around the 20 ms soft timeout
         racy.delay(i, 18000 + (i * 37 % 26) * 100, i % 3 == 0)
@@ -405,7 +400,7 @@ def test_300_soft_timeouts_landing_anywhere_never_crash_a_child_and_each_task_en
 
 def _run_storms(r, workers):
     """Three log_storm tasks on soft_app; returns their [myid, outcome, seconds] and the log."""
-    w = workers("worker", "test_execution:soft_app")
+    w = workers("worker", "tests.test_execution:soft_app")
     for i in range(3):
         log_storm.delay(i)
     wait_for(lambda: len(runs(r, "storm")) == 3, "three storms to end", 20, interval=0.1,
@@ -438,11 +433,11 @@ def test_a_soft_timeout_held_back_by_logging_lands_as_soon_as_the_task_runs_agai
     assert not late, f"soft_timeout=0.1 reached the task only after (task, seconds) {late}"
 
 
-# ===================================================================== cases 4 and 5
+# ===================================================================== async tasks
 
 @slow
 def test_async_tasks_share_one_lazily_created_redis_asyncio_client(r, workers):
-    w = workers("worker", "test_execution:async_app")
+    w = workers("worker", "tests.test_execution:async_app")
     ready(r, w, async_app)
     for i in range(5):
         shared_client_task.delay(i)
@@ -460,7 +455,7 @@ def test_async_tasks_share_one_lazily_created_redis_asyncio_client(r, workers):
 
 @slow
 def test_three_1s_async_tasks_run_at_once_in_one_child_each_in_flight(r, workers):
-    w = workers("worker", "test_execution:async_app")
+    w = workers("worker", "tests.test_execution:async_app")
     ready(r, w, async_app)
     t0 = time.time()
     for tag in ("a", "b", "c"):
@@ -479,7 +474,7 @@ def test_three_1s_async_tasks_run_at_once_in_one_child_each_in_flight(r, workers
 
 @slow
 def test_each_concurrent_async_task_has_its_own_soft_timeout(r, workers):
-    w = workers("worker", "test_execution:async_app")
+    w = workers("worker", "tests.test_execution:async_app")
     ready(r, w, async_app)
     t0 = time.time()
     nap_soft.delay("slow")
@@ -504,7 +499,7 @@ def test_each_concurrent_async_task_has_its_own_soft_timeout(r, workers):
 @slow
 def test_a_hard_timeout_charges_only_the_late_async_task_the_others_go_back_unchanged(
         r, workers):
-    w = workers("worker", "test_execution:async_app")
+    w = workers("worker", "tests.test_execution:async_app")
     ready(r, w, async_app)
     nap_once.delay("a")
     nap_once.delay("b")
@@ -512,7 +507,7 @@ def test_a_hard_timeout_charges_only_the_late_async_task_the_others_go_back_unch
     wait_for(lambda: len(runs(r, "once_start")) == 2 and runs(r, "hard_start"),
              "the three tasks to start", 5, diag=lambda: w.log()[-2000:])
     [first_child] = children(w.pid)
-    info = json.loads(cli("info", "test_execution:async_app", "--json").stdout)  # checked last
+    info = json.loads(cli("info", "tests.test_execution:async_app", "--json").stdout)  # checked last
     wait_for(lambda: len(dead_of(r, async_app)) == 1 and len(runs(r, "once_end")) == 2,
              "nap_hard dead-lettered and a, b finished", 15, interval=0.05,
              diag=lambda: f"{runs(r, 'once_start')} {runs(r, 'hard_start')} "
@@ -533,13 +528,13 @@ def test_a_hard_timeout_charges_only_the_late_async_task_the_others_go_back_unch
     assert info["inflight"] == 3, f"info --json while three tasks ran: {info}"
 
 
-# ===================================================================== case 6
+# ===================================================================== async hooks and wrappers
 
 @slow
 def test_async_hooks_and_wrappers_are_awaited_and_a_plain_wrapper_runs_an_async_task(
         r, workers):
-    w3 = workers("worker", "test_execution:hooks_app")
-    w4 = workers("worker", "test_execution:plainwrap_app")
+    w3 = workers("worker", "tests.test_execution:hooks_app")
+    w4 = workers("worker", "tests.test_execution:plainwrap_app")
     h3_sync.delay(1)
     h3_async.delay(2)
     h4_async.delay(5)

@@ -1,18 +1,19 @@
-"""Issue 7: delivery under real operating conditions (API.md, "One clock, and what real
-deployments do"). One test per numbered case of the issue, plus a smaller chaos run with a
-skewed clock and a long Redis outage.
+"""Delivery under real operating conditions (API.md, "One clock, and what real deployments
+do"): skewed clocks, long Redis outages, a full Redis, SIGHUP, subprocesses of a task, lost
+replies, crashes and stops at bad moments, a dead parent, the memory guard's cgroup reader,
+and a chaos run with a skewed clock and a long Redis outage.
 
-    python -m pytest -q test_delivery.py
+    python -m pytest -q tests/test_delivery.py
 
-Everything runs against real redis-server processes (the session's private server from
-test_wakaq, and one more with DEBUG enabled for the lost-reply case) and real
-`python wakaq.py worker test_delivery:APP` processes. Skewed clocks come from libfaketime
-(Debian package `faketime`): a process gets LD_PRELOAD=libfaketime.so.1 and FAKETIME="+120s",
-which is what `faketime --exclude-monotonic -f +120s CMD` does, but without the wrapper's
-extra fork, so the pid we hold is the worker parent's. The monotonic clock is left alone:
-libfaketime's faked CLOCK_MONOTONIC hangs Python's timed waits, and monotonic clocks are
-never compared across hosts anyway. Without libfaketime the skew tests skip, unless CI is
-set, when they fail.
+Everything runs against real servers (the session's private server from conftest.py, and
+one more with DEBUG enabled for the lost-reply cases) and real
+`python wakaq.py worker tests.test_delivery:APP` processes. Skewed clocks come from
+libfaketime (Debian package `faketime`): a process gets LD_PRELOAD=libfaketime.so.1 and
+FAKETIME="+120s", which is what `faketime --exclude-monotonic -f +120s CMD` does, but
+without the wrapper's extra fork, so the pid we hold is the worker parent's. The monotonic
+clock is left alone: libfaketime's faked CLOCK_MONOTONIC hangs Python's timed waits, and
+monotonic clocks are never compared across hosts anyway. Without libfaketime the skew
+tests skip, unless CI is set, when they fail.
 """
 import atexit
 import glob
@@ -33,12 +34,39 @@ import pytest
 import redis
 
 import wakaq
-from wakaq import SoftTimeout, WakaQ
-from test_wakaq import (  # noqa: F401  (fixtures are imported by name for pytest)
-    CHAOS_RETRIES, ENV, HERE, KILL_REASONS, PRIVATE, REDIS_SERVER, URL, Proc, RedisServer,
-    _free_port, attempt, chaos_app, chaos_job, children, dead, dead_myid, done_ids,
-    duplicates, inflight, leftovers, needs_private, r, rec, redis_server, registered_pids,
-    run_log, runs, slow, spawn, wait_for, workers_ready)
+from conftest import (
+    CHAOS_RETRIES,
+    CHAOS_SETTINGS,
+    ENV,
+    HERE,
+    KILL_REASONS,
+    REDIS_SERVER,
+    URL,
+    Proc,
+    RedisServer,
+    _free_port,
+    attempt,
+    children,
+    dead,
+    dead_myid,
+    done_ids,
+    duplicates,
+    inflight,
+    kill_pids,
+    leftovers,
+    needs_private,
+    pid_alive,
+    rec,
+    registered_pids,
+    retrying,
+    run_log,
+    runs,
+    sleep_then_record,
+    slow,
+    wait_for,
+    workers_ready,
+)
+from wakaq import WakaQ
 
 FAKETIME = shutil.which("faketime")
 FAKETIME_LIB = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
@@ -123,23 +151,6 @@ def spawn_skewed(spawn, app_spec, offset):
     return p
 
 
-def pid_alive(pid):
-    """True if `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def kill_pids(pids):
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
 def all_logs(procs):
     return "".join(p.log() for p in procs)
 
@@ -211,8 +222,7 @@ def long_once(tag):
 
 
 def rec_count(key):
-    from test_wakaq import _retrying
-    return _retrying(lambda c: c.incr(key))
+    return retrying(lambda c: c.incr(key))
 
 
 @full_app.task
@@ -235,6 +245,11 @@ def lost_reply(n):
     pass
 
 
+# The chaos run's app: the core suite's chaos settings, here with a skewed worker.
+chaos_app = WakaQ(url=URL, **CHAOS_SETTINGS)
+chaos_job = chaos_app.task(sleep_then_record, name="chaos_job")
+
+
 # A worker on its own DEBUG-enabled redis-server (WAKAQ_TEST_LOSSY_URL, set by the test): its
 # claim connection gives up on a reply after max(socket_timeout, wait_timeout + 5) = 5.5 s.
 lossy_claims = WakaQ(queues=["default"], url=os.environ.get("WAKAQ_TEST_LOSSY_URL", URL),
@@ -242,18 +257,18 @@ lossy_claims = WakaQ(queues=["default"], url=os.environ.get("WAKAQ_TEST_LOSSY_UR
 lossy_claims.task(sleeper.fn)
 
 
-# ===================================================================== 1. clocks differ
+# ===================================================================== clocks differ
 
 @slow
-def test_1_a_skewed_worker_takes_no_live_task_and_a_skewed_producer_eta_uses_redis_time(
+def test_a_skewed_worker_takes_no_live_task_and_a_skewed_producer_eta_uses_redis_time(
         r, spawn):
-    a = spawn("worker", "test_delivery:app")
+    a = spawn("worker", "tests.test_delivery:app")
     workers_ready(r, [a], app, spawn.tails)
     sleeper.delay("long", 9)
     [[_, n, a_child, ppid]] = wait_for(lambda: runs(r, "started"), "A to start the long task",
                                        diag=spawn.tails)
     assert ppid == a.pid
-    b = spawn_skewed(spawn, "test_delivery:app", "+120s")
+    b = spawn_skewed(spawn, "tests.test_delivery:app", "+120s")
     workers_ready(r, [a, b], app, spawn.tails)
 
     # Delayed tasks from producers whose clocks are 60 s ahead and 60 s behind: each runs
@@ -288,12 +303,12 @@ def test_1_a_skewed_worker_takes_no_live_task_and_a_skewed_producer_eta_uses_red
     assert a.alive() and b.alive()
 
 
-# ===================================================================== 2. long Redis outage
+# ===================================================================== long Redis outage
 
 @slow
 @needs_private
-def test_2_a_redis_outage_longer_than_heartbeat_timeout_is_no_death(r, spawn, redis_server):
-    ws = [spawn("worker", "test_delivery:app") for _ in range(2)]
+def test_a_redis_outage_longer_than_heartbeat_timeout_is_no_death(r, spawn, redis_server):
+    ws = [spawn("worker", "tests.test_delivery:app") for _ in range(2)]
     workers_ready(r, ws, app, spawn.tails)
     sleeper.delay_many([("one", 12), ("two", 12)])
     wait_for(lambda: {s[3] for s in runs(r, "started")} == {w.pid for w in ws},
@@ -314,11 +329,11 @@ def test_2_a_redis_outage_longer_than_heartbeat_timeout_is_no_death(r, spawn, re
              "both workers to heartbeat again", diag=spawn.tails)
 
 
-# ===================================================================== 3. Redis full
+# ===================================================================== Redis full
 
 @slow
 @needs_private
-def test_3_a_full_redis_drains_its_backlog_and_an_evicting_policy_is_warned(
+def test_a_full_redis_drains_its_backlog_and_an_evicting_policy_is_warned(
         r, spawn, tmp_path):
     path = str(tmp_path / "ran.txt")
     blob = "x" * 4096
@@ -331,7 +346,7 @@ def test_3_a_full_redis_drains_its_backlog_and_an_evicting_policy_is_warned(
         r.config_set("maxmemory", limit)
         with pytest.raises(redis.ResponseError, match=r"OOM|maxmemory"):
             write_line.delay(path, "refused", blob)
-        w = spawn("worker", "test_delivery:full_app")
+        w = spawn("worker", "tests.test_delivery:full_app")
         wait_for(lambda: len(lines_of(path)) >= 1500, "the backlog to drain while Redis is full",
                  40, interval=0.1,
                  diag=lambda: f"{len(lines_of(path))} ran; used_memory "
@@ -354,7 +369,7 @@ def test_3_a_full_redis_drains_its_backlog_and_an_evicting_policy_is_warned(
         # A Redis that may evict the worker's keys is warned about at start.
         r.config_set("maxmemory", 1 << 30)
         r.config_set("maxmemory-policy", "allkeys-lru")
-        w2 = spawn("worker", "test_delivery:full_app")
+        w2 = spawn("worker", "tests.test_delivery:full_app")
         line = wait_for(lambda: re.search(r".*allkeys-lru.*", w2.log()),
                         "a warning naming maxmemory-policy allkeys-lru", 10, diag=spawn.tails)
         print(f"eviction warning: {line[0]}")
@@ -363,11 +378,11 @@ def test_3_a_full_redis_drains_its_backlog_and_an_evicting_policy_is_warned(
         r.config_set("maxmemory-policy", "noeviction")
 
 
-# ===================================================================== 4. SIGHUP
+# ===================================================================== SIGHUP
 
 @slow
-def test_4_sighup_is_logged_and_handled_and_no_child_outlives_the_parent(r, spawn):
-    w = spawn("worker", "test_delivery:app2")
+def test_sighup_is_logged_and_handled_and_no_child_outlives_the_parent(r, spawn):
+    w = spawn("worker", "tests.test_delivery:app2")
     workers_ready(r, [w], app2, spawn.tails)
     first_children = set(children(w.pid))
     sleeper.delay("long", 2.5)
@@ -390,7 +405,7 @@ def test_4_sighup_is_logged_and_handled_and_no_child_outlives_the_parent(r, spaw
             print("\nSIGHUP: graceful stop")
             live = [p for p in seen | {s[2] for s in runs(r, "started")} if pid_alive(p)]
             assert not live, f"children {live} outlived their parent\n{spawn.tails(30)}"
-            w2 = spawn("worker", "test_delivery:app2")
+            w2 = spawn("worker", "tests.test_delivery:app2")
             seen_w = w2
         else:                                    # a graceful replacement
             print("\nSIGHUP: children replaced")
@@ -413,11 +428,11 @@ def test_4_sighup_is_logged_and_handled_and_no_child_outlives_the_parent(r, spaw
         kill_pids(p for p in seen if pid_alive(p))
 
 
-# ===================================================================== 5. subprocesses
+# ===================================================================== subprocesses
 
 @slow
-def test_5_a_hard_timeout_kills_the_subprocesses_of_the_task(r, spawn):
-    w = spawn("worker", "test_delivery:app")
+def test_a_hard_timeout_kills_the_subprocesses_of_the_task(r, spawn):
+    w = spawn("worker", "tests.test_delivery:app")
     workers_ready(r, [w], app, spawn.tails)
     spawns_sleep.delay()
     [[sleep_pid, child]] = wait_for(lambda: runs(r, "sleep_pid"), "the task to start sleep 300",
@@ -441,14 +456,14 @@ def test_5_a_hard_timeout_kills_the_subprocesses_of_the_task(r, spawn):
                 pass
 
 
-# ===================================================================== 6. lost reply
+# ===================================================================== lost reply
 
 @slow
 @pytest.mark.parametrize("settings,stall", [
-    (dict(socket_timeout=1), 2),                    # the issue's case, scaled down
+    (dict(socket_timeout=1), 2),                    # a stall just past socket_timeout
     (dict(socket_timeout=1, wait_timeout=0.5), 7),  # a stall past any client timeout <= 6 s
 ], ids=["socket_timeout=1,stall=2", "wait_timeout=0.5,stall=7"])
-def test_6_a_delay_whose_reply_is_lost_is_one_task_in_redis(tmp_path, settings, stall):
+def test_a_delay_whose_reply_is_lost_is_one_task_in_redis(tmp_path, settings, stall):
     if not REDIS_SERVER:
         pytest.skip("needs a redis-server binary")
     server = RedisServer(_free_port(), str(tmp_path), "--enable-debug-command", "local")
@@ -502,7 +517,7 @@ def test_6_a_delay_whose_reply_is_lost_is_one_task_in_redis(tmp_path, settings, 
         server.stop()
 
 
-def test_6c_a_delay_cut_off_midway_leaves_the_next_calls_their_own_replies(tmp_path):
+def test_a_delay_cut_off_midway_leaves_the_next_calls_their_own_replies(tmp_path):
     """A KeyboardInterrupt while .delay() waits for its reply (Redis busy): the reply must not
     be read as the next call's. The next .delay() is enqueued; one Redis refuses (OOM) raises."""
     if not REDIS_SERVER:
@@ -544,7 +559,7 @@ def test_6c_a_delay_cut_off_midway_leaves_the_next_calls_their_own_replies(tmp_p
 
 
 @slow
-def test_6b_a_claim_whose_reply_is_lost_is_handed_out_again(r, spawn, tmp_path):
+def test_a_claim_whose_reply_is_lost_is_handed_out_again(r, spawn, tmp_path):
     """The child's claim (ack "first", claim "second") is applied while Redis stalls past the
     child's socket timeout; the claim it sends again hands "second" out, once."""
     server = RedisServer(_free_port(), str(tmp_path), "--enable-debug-command", "local")
@@ -552,7 +567,7 @@ def test_6b_a_claim_whose_reply_is_lost_is_handed_out_again(r, spawn, tmp_path):
     url = f"redis://127.0.0.1:{server.port}/0"
     admin = redis.Redis.from_url(url, socket_timeout=20)
     try:
-        w = Proc(["worker", "test_delivery:lossy_claims"], spawn.folder,
+        w = Proc(["worker", "tests.test_delivery:lossy_claims"], spawn.folder,
                  dict(ENV, WAKAQ_TEST_LOSSY_URL=url))
         spawn.append(w)
         producer = WakaQ(queues=["default"], url=url)
@@ -574,12 +589,12 @@ def test_6b_a_claim_whose_reply_is_lost_is_handed_out_again(r, spawn, tmp_path):
         server.stop()
 
 
-# ===================================================================== 7. crash during a stop; stop during an outage
+# ===================================================================== crash during a stop; stop during an outage
 
 @slow
-def test_7a_a_child_crashing_during_a_stop_is_a_failed_attempt(r, spawn, tmp_path):
+def test_a_child_crashing_during_a_stop_is_a_failed_attempt(r, spawn, tmp_path):
     flags = str(tmp_path)
-    w1 = spawn("worker", "test_delivery:app")
+    w1 = spawn("worker", "tests.test_delivery:app")
     workers_ready(r, [w1], app, spawn.tails)
     crash_in_stop.delay(flags)
     wait_for(lambda: runs(r, "crash_start"), "attempt 1 to start", diag=spawn.tails)
@@ -592,7 +607,7 @@ def test_7a_a_child_crashing_during_a_stop_is_a_failed_attempt(r, spawn, tmp_pat
     assert [(p["name"], p["retry"]) for p in payloads] == [("crash_in_stop", 1)], \
         f"the crash during the stop was not charged a retry: {payloads}\n{spawn.tails(30)}"
 
-    w2 = spawn("worker", "test_delivery:app")
+    w2 = spawn("worker", "tests.test_delivery:app")
     wait_for(lambda: len(runs(r, "crash_start")) == 2, "attempt 2 to start", diag=spawn.tails)
     assert runs(r, "crash_start")[1][0] == 2
     os.kill(w2.pid, signal.SIGTERM)
@@ -608,9 +623,9 @@ def test_7a_a_child_crashing_during_a_stop_is_a_failed_attempt(r, spawn, tmp_pat
 
 @slow
 @needs_private
-def test_7b_a_stop_during_a_redis_outage_leaves_nothing_to_adopt_as_worker_died(
+def test_a_stop_during_a_redis_outage_leaves_nothing_to_adopt_as_worker_died(
         r, spawn, redis_server):
-    w1 = spawn("worker", "test_delivery:app")
+    w1 = spawn("worker", "tests.test_delivery:app")
     workers_ready(r, [w1], app, spawn.tails)
     long_once.delay("x")
     wait_for(lambda: runs(r, "started"), "the first run to start", diag=spawn.tails)
@@ -624,7 +639,7 @@ def test_7b_a_stop_during_a_redis_outage_leaves_nothing_to_adopt_as_worker_died(
         redis_server.start()
         code = w1.wait_exit(20, diag=spawn.tails)
         print(f"\nworker stopped during the outage exited {code}")
-        w2 = spawn("worker", "test_delivery:app")
+        w2 = spawn("worker", "tests.test_delivery:app")
         wait_for(lambda: no_dead(r, spawn) and len(runs(r, "finished")) == 1,
                  "the interrupted task to run again", 20, diag=spawn.tails)
         [first, second] = runs(r, "started")
@@ -636,11 +651,11 @@ def test_7b_a_stop_during_a_redis_outage_leaves_nothing_to_adopt_as_worker_died(
         kill_pids(p for p in kids if pid_alive(p))
 
 
-# ===================================================================== 8. dead parent
+# ===================================================================== dead parent
 
 @slow
-def test_8_children_of_a_dead_parent_claim_nothing_and_exit(r, spawn):
-    w = spawn("worker", "test_delivery:app2")
+def test_children_of_a_dead_parent_claim_nothing_and_exit(r, spawn):
+    w = spawn("worker", "tests.test_delivery:app2")
     workers_ready(r, [w], app2, spawn.tails)
     kids = children(w.pid)
     assert len(kids) == 2
@@ -667,9 +682,9 @@ def test_8_children_of_a_dead_parent_claim_nothing_and_exit(r, spawn):
         kill_pids(p for p in kids if pid_alive(p))
 
 
-# ===================================================================== 9. memory guard: the process's own cgroup
+# ===================================================================== memory guard: the process's own cgroup
 #
-# Contract (issue 7 case 7; the lead's signature): _mem_percent(root="/sys/fs/cgroup",
+# Contract: _mem_percent(root="/sys/fs/cgroup",
 # proc="/proc/self") reads PROC/cgroup ("0::/PATH" for v2; "N:memory[,...]:/PATH" for v1,
 # maybe among other lines; "0::/" inside a container with its own cgroup namespace), then
 #   ROOT/PATH/memory.max, memory.current, memory.stat                          (v2)
@@ -746,7 +761,7 @@ CGROUP_TREES = {
 
 
 @pytest.mark.parametrize("case", list(CGROUP_TREES))
-def test_9_memory_guard_reads_the_process_own_cgroup(tmp_path, case):
+def test_memory_guard_reads_the_process_own_cgroup(tmp_path, case):
     files, expected = CGROUP_TREES[case]
     write_tree(str(tmp_path), files)
     read = cgroup_reader()
@@ -767,8 +782,8 @@ def test_chaos_with_a_skewed_worker_and_a_long_outage_loses_nothing(r, redis_ser
     seed = rng.randrange(2**32)
     rng.seed(seed)
     print(f"\nchaos seed {seed}")
-    plain = spawn("worker", "test_wakaq:chaos_app")
-    skewed = spawn_skewed(spawn, "test_wakaq:chaos_app", "+60s")
+    plain = spawn("worker", "tests.test_delivery:chaos_app")
+    skewed = spawn_skewed(spawn, "tests.test_delivery:chaos_app", "+60s")
     workers = [plain, skewed]
     workers_ready(r, workers, chaos_app, spawn.tails)
 

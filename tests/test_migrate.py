@@ -1,6 +1,6 @@
 """Replacing the original WakaQ: its app forms work here, and `migrate` moves its tasks.
 
-    python -m pytest -q test_migrate.py
+    python -m pytest -q tests/test_migrate.py
 
 The migration tests run the REAL original (PyPI `wakaq==3.0.7`) in its own venv, made
 once per session under a temp dir. It runs only in subprocesses started with that venv's
@@ -17,15 +17,14 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from urllib.parse import urlparse
 
 import pytest
 
-from test_wakaq import (URL, Proc, _retrying, cli, current_task, r,  # noqa: F401
-                        redis_server, rec, runs, slow, spawn, wait_for, workers_ready)
-from wakaq import CronTask, Queue, Task, WakaQ
+from conftest import URL, Proc, cli, rec, retrying, runs, slow, wait_for, workers_ready
+from wakaq import CronTask, Queue, Task, WakaQ, current_task
 
 _url = urlparse(URL)
 HOST, PORT, DB = _url.hostname, _url.port or 6379, int(_url.path.strip("/") or 0)
@@ -134,12 +133,12 @@ def _started():
 
 @readme.before_task_started()
 def _before():
-    _retrying(lambda c: c.incr("test:readme-before"))
+    retrying(lambda c: c.incr("test:readme-before"))
 
 
 @readme.after_task_finished()
 async def _after():
-    _retrying(lambda c: c.incr("test:readme-after"))
+    retrying(lambda c: c.incr("test:readme-after"))
 
 
 # ===================================================================== no Redis needed
@@ -194,9 +193,9 @@ def test_the_readme_app_worker_and_scheduler_run_every_kind_of_task(r, spawn):
     for kind in ("worker", "scheduler"):
         if os.path.exists(README_LOG % kind):
             os.remove(README_LOG % kind)
-    worker = spawn("worker", "test_migrate:readme")
+    worker = spawn("worker", "tests.test_migrate:readme")
     workers_ready(r, [worker], readme, diag=spawn.tails)
-    spawn("scheduler", "test_migrate:readme")
+    spawn("scheduler", "tests.test_migrate:readme")
     mytask.delay(1, 1)
     mytask.delay(1, 1, queue=Q_HIGH)
     anothertask.delay()
@@ -310,7 +309,7 @@ def original(tmp_path_factory):
 
 
 def migrate():
-    done = cli("migrate", "test_migrate:app")
+    done = cli("migrate", "tests.test_migrate:app")
     assert done.returncode == 0, done.stderr
     return int(re.search(r"moved (\d+)", done.stdout).group(1))
 
@@ -336,7 +335,7 @@ def test_migrate_moves_the_originals_tasks_and_our_worker_runs_each_once(r, spaw
     assert later == [later_due]                              # due time kept
     assert migrate() == 0
 
-    spawn("worker", "test_migrate:app")
+    spawn("worker", "tests.test_migrate:app")
     tags = ("plain", "soon", "at", "on-default", "on-legacy", "retried")
     wait_for(lambda: {x[0] for x in runs(r, "check")} >= set(tags)
              and len([d for d in map(json.loads, r.lrange("{wakaq}:dead", 0, -1))]) >= 2,
@@ -383,7 +382,7 @@ def test_migrate_killed_midway_loses_and_doubles_nothing(r, tmp_path):
     for start in range(0, n, 5000):
         pipe.rpush("wakaq:high", *(payload % (i, i) for i in range(start, start + 5000)))
     pipe.execute()
-    proc = Proc(["migrate", "test_migrate:app"], str(tmp_path))
+    proc = Proc(["migrate", "tests.test_migrate:app"], str(tmp_path))
     try:
         wait_for(lambda: r.llen("{wakaq}:q:high") > 1000 or not proc.alive(),
                  "migrate to move some", 30, diag=proc.log)
