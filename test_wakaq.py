@@ -76,8 +76,13 @@ def info_json():
 # ===================================================================== the test apps and tasks
 
 
-app = WakaQ(queues=[(1, "mid"), "default", (0, "high")], url=URL, concurrency=1,
-            heartbeat_timeout=2, hard_timeout=20)
+app = WakaQ(
+    queues=[(1, "mid"), "default", (0, "high")],
+    url=URL,
+    concurrency=1,
+    heartbeat_timeout=2,
+    hard_timeout=20,
+)
 
 
 @app.task
@@ -127,7 +132,7 @@ def stubborn():
     while time.monotonic() < end:
         try:
             time.sleep(0.05)
-        except Exception as e:          # swallows SoftTimeout: the hard timeout must act
+        except Exception as e:  # swallows SoftTimeout: the hard timeout must act
             rec("caught", type(e).__name__)
 
 
@@ -183,7 +188,7 @@ mem_app.task(note.fn)
 
 @mem_app.task
 def hog(megabytes, seconds):
-    ballast = b"x" * (megabytes << 20)         # resident: this child is the biggest
+    ballast = b"x" * (megabytes << 20)  # resident: this child is the biggest
     rec("started", "hog", attempt(), os.getpid())
     time.sleep(seconds)
     rec("finished", "hog", len(ballast) >> 20, os.getpid())
@@ -206,8 +211,9 @@ def hooked(x, y=0):
     rec("hooks", "task", x, y)
 
 
-excluding_app = WakaQ(queues=[(0, "high"), "default"], url=URL, concurrency=1,
-                      exclude_queues=["high"])
+excluding_app = WakaQ(
+    queues=[(0, "high"), "default"], url=URL, concurrency=1, exclude_queues=["high"]
+)
 excluding_app.task(note.fn)
 
 recycle_app = WakaQ(url=URL, concurrency=1, max_tasks_per_worker=2)
@@ -216,8 +222,12 @@ pid_task = recycle_app.task(lambda: rec("pids", os.getpid()), name="pid_task")
 logfile_app = WakaQ(url=URL, concurrency=1, worker_log_file=LOG_FILE)
 logfile_app.task(chatty.fn)
 
-sched_app = WakaQ(url=URL, concurrency=1, schedules=[CronTask("* * * * * *", "tick")],
-                  scheduler_log_file=SCHED_LOG_FILE)
+sched_app = WakaQ(
+    url=URL,
+    concurrency=1,
+    schedules=[CronTask("* * * * * *", "tick")],
+    scheduler_log_file=SCHED_LOG_FILE,
+)
 sched_app.task(lambda: None, name="tick")
 
 eager_app = WakaQ(url=URL, eager=True)
@@ -233,7 +243,7 @@ bad_app = WakaQ(queues=["default"], url=URL, concurrency=1, heartbeat_timeout=15
 
 @deploy_app.task
 def deploy_job(myid, ms):
-    task_redis().incr(STARTED)          # no chaos here: a plain command is enough
+    task_redis().incr(STARTED)  # no chaos here: a plain command is enough
     time.sleep(ms / 1000)
     record_run(myid)
 
@@ -253,7 +263,9 @@ def measure(myid, data):
 def two_args(myid, b):
     record_run(myid)
 
+
 # ===================================================================== pure units, no Redis
+
 
 def test_seconds_accepts_numbers_and_timedeltas_and_keeps_none_and_zero():
     assert wakaq._seconds(2, "x") == 2.0
@@ -329,7 +341,7 @@ def test_serializer_raises_type_error_for_unknown_types_instead_of_str():
             wakaq._dumps(bad)
 
 
-def test_cgroup_text_parses_to_percentages():     # no limit: /proc/meminfo (test_delivery)
+def test_cgroup_text_parses_to_percentages():  # no limit: /proc/meminfo (test_delivery)
     assert wakaq._parse_cgroup("max\n", "12345\n") is None
     assert wakaq._parse_cgroup("2000\n", "500\n") == pytest.approx(25.0)
     # inactive page cache does not count; cgroup v1 says "no limit" with a huge number
@@ -344,8 +356,9 @@ def test_hard_timeout_not_above_soft_timeout_names_both_values():
     with pytest.raises(ValueError, match="hard_timeout"):
         WakaQ(queues=[Queue("q", soft_timeout=3, hard_timeout=3)], url=URL)
     with pytest.raises(ValueError, match="'t'.*hard_timeout"):
-        WakaQ(url=URL).task(lambda: None, name="t", soft_timeout=timedelta(seconds=2),
-                            hard_timeout=1)
+        WakaQ(url=URL).task(
+            lambda: None, name="t", soft_timeout=timedelta(seconds=2), hard_timeout=1
+        )
 
 
 def test_unknown_queue_is_named_in_task_exclude_queues_and_cron_task():
@@ -399,6 +412,7 @@ def test_plain_queue_names_rank_below_numbered_ones_and_the_last_is_the_default(
 
 # ===================================================================== enqueue against real Redis
 
+
 def test_calling_a_task_runs_it_here_and_now(r):
     note("here")
     assert runs(r, "order") == [["here"]] and r.keys("{wakaq}:*") == []
@@ -408,16 +422,26 @@ def test_delay_returns_a_str_id_and_pushes_onto_the_task_queue(r):
     task_id = add.delay(1, b=2)
     assert isinstance(task_id, str) and task_id
     [msg] = queue(r, "default")
-    assert (msg["id"], msg["name"], msg["args"], msg["kwargs"], msg["retry"]) == \
-        (task_id, "add", [1], {"b": 2}, 0)
+    assert (msg["id"], msg["name"], msg["args"], msg["kwargs"], msg["retry"]) == (
+        task_id,
+        "add",
+        [1],
+        {"b": 2},
+        0,
+    )
     add.delay(3, 4, queue="high")
     assert [m["args"] for m in queue(r, "high")] == [[3, 4]]
 
 
 def test_host_port_and_db_settings_reach_the_same_redis_as_url(r):
     u = urlparse(URL)
-    other = WakaQ(host=u.hostname, port=u.port or 6379, db=int(u.path.strip("/") or 0),
-                  username=u.username, password=u.password)
+    other = WakaQ(
+        host=u.hostname,
+        port=u.port or 6379,
+        db=int(u.path.strip("/") or 0),
+        username=u.username,
+        password=u.password,
+    )
     other.task(add.fn)
     task_id = other.tasks["add"].delay(1, 2)
     assert [m["id"] for m in queue(r, "default")] == [task_id]
@@ -427,11 +451,13 @@ def test_eta_puts_the_task_in_the_delayed_set_at_its_due_time(r):
     now = time.time()
     add.delay(1, 1, eta=60)
     add.delay(2, 2, eta=timedelta(seconds=30))
-    add.delay(3, 3, eta=datetime(2030, 1, 1, 12, 0))                # naive = UTC
+    add.delay(3, 3, eta=datetime(2030, 1, 1, 12, 0))  # naive = UTC
     add.delay(4, 4, eta=datetime(2030, 1, 1, 14, 0, tzinfo=timezone(timedelta(hours=2))))
     assert r.llen("{wakaq}:q:default") == 0
-    scores = {tuple(json.loads(p)["args"]): s
-              for p, s in r.zrange("{wakaq}:eta:default", 0, -1, withscores=True)}
+    scores = {
+        tuple(json.loads(p)["args"]): s
+        for p, s in r.zrange("{wakaq}:eta:default", 0, -1, withscores=True)
+    }
     assert scores[(1, 1)] == pytest.approx(now + 60, abs=2)
     assert scores[(2, 2)] == pytest.approx(now + 30, abs=2)
     noon_utc = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc).timestamp()
@@ -450,8 +476,11 @@ def test_two_identical_delayed_calls_are_two_tasks(r):
 def test_delay_many_enqueues_every_call_and_returns_their_ids(r):
     ids = add.delay_many([(1, 2), [3, 4], {"args": [5], "kwargs": {"b": 6}}])
     assert len(ids) == 3 and len(set(ids)) == 3
-    assert [(m["id"], m["args"], m["kwargs"]) for m in queue(r, "default")] == \
-        [(ids[0], [1, 2], {}), (ids[1], [3, 4], {}), (ids[2], [5], {"b": 6})]
+    assert [(m["id"], m["args"], m["kwargs"]) for m in queue(r, "default")] == [
+        (ids[0], [1, 2], {}),
+        (ids[1], [3, 4], {}),
+        (ids[2], [5], {"b": 6}),
+    ]
 
 
 def test_delay_with_an_unserializable_argument_raises_and_enqueues_nothing(r):
@@ -496,14 +525,17 @@ def test_broadcast_runs_once_on_each_live_worker_and_returns_their_number(r, spa
 
 # ===================================================================== worker behaviour
 
+
 @slow
 def test_a_delayed_task_runs_in_a_worker_child(r, spawn):
     w = spawn("worker")
     add.delay(2, 3)
     [[a, b, n, pid, ppid]] = wait_for(lambda: runs(r, "add"), "add to run")
     assert (a, b, n, ppid) == (2, 3, 1, w.pid) and pid != w.pid
-    wait_for(lambda: r.keys("{wakaq}:q:*") == [] and not any(inflight(r).values()),
-             "the task to leave Redis")
+    wait_for(
+        lambda: r.keys("{wakaq}:q:*") == [] and not any(inflight(r).values()),
+        "the task to leave Redis",
+    )
 
 
 @slow
@@ -518,8 +550,14 @@ def test_a_due_eta_task_runs_and_a_future_one_waits(r, spawn):
 
 @slow
 def test_the_lower_priority_number_is_served_first(r, spawn):
-    for q, tag in (("default", "d1"), ("mid", "m1"), ("high", "h1"), ("default", "d2"),
-                   ("mid", "m2"), ("high", "h2")):
+    for q, tag in (
+        ("default", "d1"),
+        ("mid", "m1"),
+        ("high", "h1"),
+        ("default", "d2"),
+        ("mid", "m2"),
+        ("high", "h2"),
+    ):
         note.delay(tag, queue=q)
     spawn("worker")
     wait_for(lambda: len(runs(r, "order")) == 6, "six tasks to run")
@@ -540,9 +578,13 @@ def test_hooks_run_in_the_child_around_each_task_and_the_wrapper_runs_it(r, spaw
     wait_for(lambda: ["after"] in runs(r, "hooks"), "after_task_finished")
     events = runs(r, "hooks")
     [started] = [e for e in events if e[0] == "started"]
-    assert started[2] == w.pid and started[1] != w.pid           # in the child, after fork
+    assert started[2] == w.pid and started[1] != w.pid  # in the child, after fork
     assert [e for e in events if e[0] != "started"] == [
-        ["before"], ["wrap", "hooked", [1], {"y": 2}, "list", "dict"], ["task", 1, 2], ["after"]]
+        ["before"],
+        ["wrap", "hooked", [1], {"y": 2}, "list", "dict"],
+        ["task", 1, 2],
+        ["after"],
+    ]
 
 
 @slow
@@ -553,8 +595,12 @@ def test_soft_timeout_raises_inside_the_task_retries_at_the_end_then_dead_letter
     [entry] = wait_for(lambda: dead(r), "the dead letter")
     assert runs(r, "soft") == [[1], [2]]
     assert [t for [t] in runs(r, "order")] == ["too_slow:1", "after", "too_slow:2"]
-    assert (entry["name"], entry["queue"], entry["attempts"], entry["reason"]) == \
-        ("too_slow", "default", 2, "soft timeout")
+    assert (entry["name"], entry["queue"], entry["attempts"], entry["reason"]) == (
+        "too_slow",
+        "default",
+        2,
+        "soft timeout",
+    )
 
 
 @slow
@@ -590,7 +636,7 @@ def test_kill_9_of_a_child_mid_task_retries_the_task_in_a_new_child(r, spawn):
     sleeps_on_first_attempt.delay()
     [[n, pid, _]] = wait_for(lambda: runs(r, "attempts"), "the first attempt")
     assert n == 1 and r.llen("{wakaq}:q:default") == 0
-    [running] = inflight(r).values()                 # in Redis until its attempt ends
+    [running] = inflight(r).values()  # in Redis until its attempt ends
     assert [json.loads(p)["name"] for p in running.values()] == ["sleeps_on_first_attempt"]
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: len(runs(r, "attempts")) == 2, "the second attempt")
@@ -602,7 +648,7 @@ def test_kill_9_of_a_child_mid_task_retries_the_task_in_a_new_child(r, spawn):
 @slow
 def test_a_child_killed_on_its_last_attempt_is_dead_lettered_as_worker_died(r, spawn):
     w = spawn("worker")
-    sleepy.delay(30, "doomed")                       # max_retries 0
+    sleepy.delay(30, "doomed")  # max_retries 0
     [[_, _, pid]] = wait_for(lambda: runs(r, "started"), "the task to start")
     os.kill(pid, signal.SIGKILL)
     [entry] = wait_for(lambda: dead(r), "the dead letter")
@@ -631,10 +677,14 @@ def test_a_worker_cut_off_longer_than_heartbeat_timeout_has_its_task_taken_back(
     assert (n, ppid) == (1, a.pid)
     b = spawn("worker")
     workers_ready(r, [a, b], app, spawn.tails)
-    a.signal_group(signal.SIGSTOP)      # A's parent and child fall silent, connections open
+    a.signal_group(signal.SIGSTOP)  # A's parent and child fall silent, connections open
     try:
-        wait_for(lambda: len(runs(r, "started")) == 2, "worker B to take the task back", 15,
-                 diag=spawn.tails)
+        wait_for(
+            lambda: len(runs(r, "started")) == 2,
+            "worker B to take the task back",
+            15,
+            diag=spawn.tails,
+        )
         assert a.pid not in registered_pids(r, float("inf")), "A's heartbeat entry is left"
     finally:
         a.signal_group(signal.SIGCONT)
@@ -642,9 +692,11 @@ def test_a_worker_cut_off_longer_than_heartbeat_timeout_has_its_task_taken_back(
     assert (n2, ppid2) == (2, b.pid)
     assert "taking back its 1 task(s)" in b.log()
     # A carries on: its child finishes the old attempt too (at least once allows it) ...
-    wait_for(lambda: sorted(runs(r, "finished")) == [["cut-off", 1, a_child],
-                                                     ["cut-off", 2, b_child]],
-             "both attempts to finish", diag=spawn.tails)
+    wait_for(
+        lambda: sorted(runs(r, "finished")) == [["cut-off", 1, a_child], ["cut-off", 2, b_child]],
+        "both attempts to finish",
+        diag=spawn.tails,
+    )
     # ... and A heartbeats again and serves: a broadcast reaches both workers
     wait_for(lambda: info_json()["workers"] == 2, "worker A to heartbeat again")
     assert registered_pids(r, app.heartbeat_timeout) == {a.pid, b.pid}
@@ -658,8 +710,7 @@ def test_a_worker_cut_off_longer_than_heartbeat_timeout_has_its_task_taken_back(
 
 
 @slow
-def test_memory_guard_stops_the_biggest_child_after_its_task_and_forks_none_while_high(
-        r, spawn):
+def test_memory_guard_stops_the_biggest_child_after_its_task_and_forks_none_while_high(r, spawn):
     w = spawn("worker", "mem_app")
     workers_ready(r, [w], mem_app, spawn.tails)
     hog.delay(100, 2.0)
@@ -667,16 +718,16 @@ def test_memory_guard_stops_the_biggest_child_after_its_task_and_forks_none_whil
     [other] = set(children(w.pid)) - {hog_pid}
     stops = r"memory at \d+% \(max_mem_percent=1\): stopping child (\d+)"
     try:
-        open(MEM_FLAG, "w").close()        # memory is now above max_mem_percent
+        open(MEM_FLAG, "w").close()  # memory is now above max_mem_percent
         first = wait_for(lambda: re.search(stops, w.log()), "the memory guard's log line", 5)
         assert int(first[1]) == hog_pid, "the guard did not pick the largest RSS"
         wait_for(lambda: children(w.pid) == [], "both children to exit", diag=spawn.tails)
-        assert runs(r, "finished") == [["hog", 100, hog_pid]]    # its task ran to the end
+        assert runs(r, "finished") == [["hog", 100, hog_pid]]  # its task ran to the end
         assert [int(p) for p in re.findall(stops, w.log())] == [hog_pid, other]
-        assert "exited with" not in w.log(), w.log()              # both exited 0
+        assert "exited with" not in w.log(), w.log()  # both exited 0
         assert dead(r) == [] and not any(inflight(r).values())
         note.delay("while high")
-        deadline = time.monotonic() + 2                # no replacement while memory is high
+        deadline = time.monotonic() + 2  # no replacement while memory is high
         while time.monotonic() < deadline:
             assert children(w.pid) == [] and r.llen("{wakaq}:q:default") == 1
             time.sleep(0.05)
@@ -693,18 +744,24 @@ def test_memory_guard_stops_the_biggest_child_after_its_task_and_forks_none_whil
 @needs_private
 def test_redis_restart_mid_run_loses_nothing_and_is_logged_once(r, spawn, redis_server):
     w = spawn("worker")
-    sleepy.delay(3, "running")       # it records its end after Redis is back
+    sleepy.delay(3, "running")  # it records its end after Redis is back
     wait_for(lambda: runs(r, "started"), "the first task to start")
     add.delay_many([(1, 1), (2, 2), (3, 3)])
     redis_server.stop(graceful=True)
     wait_for(lambda: "worker lost Redis" in w.log(), "the worker to notice the outage")
-    time.sleep(0.5)    # keep Redis down a moment longer, so the child notices too
+    time.sleep(0.5)  # keep Redis down a moment longer, so the child notices too
     redis_server.start()
     add.delay(4, 4)
-    wait_for(lambda: len(runs(r, "add")) == 4, "all four adds after the restart", 25,
-             diag=lambda: f"adds: {runs(r, 'add')}, dead: {dead(r)}, queue: {queue(r, 'default')}"
-             f", in flight: {inflight(r)}, ready: {r.zrange('{wakaq}:ready', 0, -1)}, workers: "
-             f"{r.zrange('{wakaq}:workers', 0, -1)}, keys: {r.keys('*')}\n{spawn.tails(30)}")
+    wait_for(
+        lambda: len(runs(r, "add")) == 4,
+        "all four adds after the restart",
+        25,
+        diag=lambda: (
+            f"adds: {runs(r, 'add')}, dead: {dead(r)}, queue: {queue(r, 'default')}"
+            f", in flight: {inflight(r)}, ready: {r.zrange('{wakaq}:ready', 0, -1)}, workers: "
+            f"{r.zrange('{wakaq}:workers', 0, -1)}, keys: {r.keys('*')}\n{spawn.tails(30)}"
+        ),
+    )
     assert sorted(x[0] for x in runs(r, "add")) == [1, 2, 3, 4]
     log = w.log()
     assert runs(r, "finished") == [["running"]], log
@@ -749,7 +806,7 @@ def test_second_stop_signal_stops_at_once_and_requeues_the_task_at_the_front(r, 
 
 @slow
 def test_a_worker_does_not_serve_its_excluded_queues(r, spawn):
-    note.delay("excluded", queue="high")          # would run first if it were served
+    note.delay("excluded", queue="high")  # would run first if it were served
     note.delay_many([("served",), ("later",)])
     spawn("worker", "excluding_app")
     wait_for(lambda: len(runs(r, "order")) == 2, "the default queue's tasks")
@@ -770,10 +827,18 @@ def test_max_tasks_per_worker_recycles_the_child(r, spawn):
 @slow
 def test_unknown_task_is_dead_lettered_and_the_worker_carries_on(r, spawn):
     w = spawn("worker")
-    raw = json.dumps({"id": "x1", "name": "no_such_task", "queue": "default", "retry": 0,
-                      "args": [], "kwargs": {}})
+    raw = json.dumps(
+        {
+            "id": "x1",
+            "name": "no_such_task",
+            "queue": "default",
+            "retry": 0,
+            "args": [],
+            "kwargs": {},
+        }
+    )
     r.rpush("{wakaq}:q:default", raw)
-    r.zadd("{wakaq}:ready", {"default": 0})            # the non-empty queues, by rank
+    r.zadd("{wakaq}:ready", {"default": 0})  # the non-empty queues, by rank
     r.rpush("{wakaq}:wake:default", 1)
     add.delay(1, 1)
     wait_for(lambda: runs(r, "add"), "the next task to run")
@@ -787,8 +852,10 @@ def test_unknown_task_is_dead_lettered_and_the_worker_carries_on(r, spawn):
 def test_print_and_log_lines_in_a_task_reach_the_worker_stderr_naming_the_task(r, spawn):
     w = spawn("worker")
     chatty.delay()
-    wait_for(lambda: "logged-by-chatty" in w.log() and "printed-by-chatty" in w.log(),
-             "the task's output in the worker log")
+    wait_for(
+        lambda: "logged-by-chatty" in w.log() and "printed-by-chatty" in w.log(),
+        "the task's output in the worker log",
+    )
     assert re.search(r"^.*task=chatty.*logged-by-chatty$", w.log(), re.M)
 
 
@@ -801,6 +868,7 @@ def test_worker_log_file_receives_the_task_output_instead_of_stderr(r, spawn, lo
     def in_file():
         text = read_file(log_file)
         return "logged-by-chatty" in text and "printed-by-chatty" in text and text
+
     text = wait_for(in_file, "the task's output in worker_log_file")
     assert "task=chatty" in text and "started" in text
     assert "chatty" not in w.log()
@@ -815,6 +883,7 @@ def test_the_app_sees_one_wakaq_module_when_run_as_a_script(r, spawn):
 
 # ===================================================================== scheduler
 
+
 @slow
 @pytest.mark.parametrize("log_file", [SCHED_LOG_FILE], indirect=True)
 def test_two_schedulers_enqueue_each_tick_exactly_once(r, spawn, log_file):
@@ -822,13 +891,13 @@ def test_two_schedulers_enqueue_each_tick_exactly_once(r, spawn, log_file):
     spawn("scheduler", "sched_app")
     spawn("scheduler", "sched_app")
     wait_for(lambda: r.llen("{wakaq}:q:default") >= 4, "four ticks", 20)
-    pipe = r.pipeline(transaction=True)                 # one atomic snapshot
+    pipe = r.pipeline(transaction=True)  # one atomic snapshot
     pipe.lrange("{wakaq}:q:default", 0, -1)
     pipe.keys("{wakaq}:cron:*")
     ticks, locks = pipe.execute()
     elapsed = time.time() - started
     assert {json.loads(m)["name"] for m in ticks} == {"tick"}
-    assert len(locks) == 1                               # one record of the last tick per schedule
+    assert len(locks) == 1  # one record of the last tick per schedule
     assert len(ticks) <= elapsed + 1
 
 
@@ -843,14 +912,17 @@ def test_scheduler_logs_to_its_log_file_and_exits_zero_on_sigterm(r, spawn, log_
 
 # ===================================================================== command line
 
+
 def test_help_exits_zero_for_the_top_level_and_every_command():
     for args in ([], ["worker"], ["scheduler"], ["info"], ["purge"], ["dead"]):
         out = cli(*args, "--help")
         assert out.returncode == 0 and "usage:" in out.stdout, args
 
 
-@pytest.mark.parametrize("spec", ["no_such_module_xyz:app", "test_wakaq:no_such_app",
-                                  "test_wakaq:wait_for", "test_wakaq"])
+@pytest.mark.parametrize(
+    "spec",
+    ["no_such_module_xyz:app", "test_wakaq:no_such_app", "test_wakaq:wait_for", "test_wakaq"],
+)
 def test_a_bad_app_prints_one_line_and_exits_two(spec):
     out = cli("info", spec)
     assert out.returncode == 2
@@ -859,10 +931,16 @@ def test_a_bad_app_prints_one_line_and_exits_two(spec):
 
 
 def test_bad_arguments_exit_two():
-    for args in ([], ["bogus"], ["info"], ["purge", "test_wakaq:app"],
-                 ["dead", "test_wakaq:app", "--requeue", "--purge"], ["info", "x:y", "--nope"]):
+    for args in (
+        [],
+        ["bogus"],
+        ["info"],
+        ["purge", "test_wakaq:app"],
+        ["dead", "test_wakaq:app", "--requeue", "--purge"],
+        ["info", "x:y", "--nope"],
+    ):
         assert cli(*args).returncode == 2, args
-    out = cli("purge", "test_wakaq:app", "nope")          # an unknown queue
+    out = cli("purge", "test_wakaq:app", "nope")  # an unknown queue
     assert out.returncode == 2 and "'nope'" in out.stderr
 
 
@@ -874,9 +952,11 @@ def test_info_json_reports_queues_inflight_dead_and_workers(r):
     out = cli("info", "test_wakaq:app", "--json")
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
-    assert info["queues"] == {"high": {"priority": 0, "pending": 0, "delayed": 1},
-                              "mid": {"priority": 1, "pending": 0, "delayed": 0},
-                              "default": {"priority": 2, "pending": 2, "delayed": 0}}
+    assert info["queues"] == {
+        "high": {"priority": 0, "pending": 0, "delayed": 1},
+        "mid": {"priority": 1, "pending": 0, "delayed": 0},
+        "default": {"priority": 2, "pending": 2, "delayed": 0},
+    }
     assert (info["inflight"], info["dead"], info["workers"]) == (0, 1, 0)
     assert cli("info", "test_wakaq:app").returncode == 0
 
@@ -928,6 +1008,7 @@ def test_dead_purge_deletes_them(r):
 
 # ===================================================================== chaos
 
+
 @slow
 @needs_private
 def test_chaos_kills_restarts_and_disconnects_lose_nothing(r, redis_server, spawn):
@@ -940,8 +1021,8 @@ def test_chaos_kills_restarts_and_disconnects_lose_nothing(r, redis_server, spaw
     workers_ready(r, survivor_candidates, chaos_app, spawn.tails)
 
     # 2,000 tasks: three priorities, a quarter of them delayed by 0.5-12 s.
-    expected = {}                                   # myid -> wakaq task id
-    plan = {}                                       # (queue, eta bucket) -> [(myid, ms)]
+    expected = {}  # myid -> wakaq task id
+    plan = {}  # (queue, eta bucket) -> [(myid, ms)]
     for i in range(2000):
         queue_name = rng.choice(["high", "default", "low"])
         eta = rng.choice(range(1, 25)) / 2 if rng.random() < 0.25 else None
@@ -959,9 +1040,9 @@ def test_chaos_kills_restarts_and_disconnects_lose_nothing(r, redis_server, spaw
     victim = replacement = None
     chaos_start = time.monotonic()
     for action in actions:
-        time.sleep(rng.uniform(0.15, 0.6))          # a bounded random pause between actions
+        time.sleep(rng.uniform(0.15, 0.6))  # a bounded random pause between actions
         if action == "child":
-            for _ in range(50):                     # a child may be between fork and exec
+            for _ in range(50):  # a child may be between fork and exec
                 kids = [(p, k) for p in live for k in children(p.pid)]
                 if kids:
                     break
@@ -970,20 +1051,22 @@ def test_chaos_kills_restarts_and_disconnects_lose_nothing(r, redis_server, spaw
             _, kid = rng.choice(kids)
             os.kill(kid, signal.SIGKILL)
         elif action == "client_kill":
-            r.execute_command("CLIENT", "KILL", "TYPE", "normal")   # SKIPME yes: not us
+            r.execute_command("CLIENT", "KILL", "TYPE", "normal")  # SKIPME yes: not us
         elif action == "redis_restart":
-            redis_server.restart()                  # SIGKILL: a crash; the AOF keeps data
+            redis_server.restart()  # SIGKILL: a crash; the AOF keeps data
             assert r.get("test:chaos:sentinel") == b"kept", "redis-server lost its data on restart"
         elif action == "worker_kill":
             victim = rng.choice(live)
-            victim.kill()                           # parent and children at once
+            victim.kill()  # parent and children at once
             live.remove(victim)
             replacement = spawn("worker", "chaos_app")
             live.append(replacement)
         counts[action] += 1
     left_at_end = len(expected) - r.scard(DONE)
-    print(f"chaos actions {counts} in {time.monotonic() - chaos_start:.1f}s; "
-          f"{left_at_end} tasks were not done yet when the chaos ended")
+    print(
+        f"chaos actions {counts} in {time.monotonic() - chaos_start:.1f}s; "
+        f"{left_at_end} tasks were not done yet when the chaos ended"
+    )
     assert counts["child"] >= 10 and counts["worker_kill"] == 1
 
     survivor = next(p for p in survivor_candidates if p is not victim)
@@ -991,9 +1074,11 @@ def test_chaos_kills_restarts_and_disconnects_lose_nothing(r, redis_server, spaw
 
     def diag():
         missing = sorted(set(expected) - done_ids(r))
-        return (f"missing {len(missing)}: {missing[:20]}\nleft: {leftovers(r, chaos_app)}\n"
-                f"dead: {r.llen(chaos_app.dead_key)}\nworkers: "
-                f"{r.zrange(chaos_app.workers_key, 0, -1, withscores=True)}\n{spawn.tails()}")
+        return (
+            f"missing {len(missing)}: {missing[:20]}\nleft: {leftovers(r, chaos_app)}\n"
+            f"dead: {r.llen(chaos_app.dead_key)}\nworkers: "
+            f"{r.zrange(chaos_app.workers_key, 0, -1, withscores=True)}\n{spawn.tails()}"
+        )
 
     dead_letters, quiet_since = [], None
 
@@ -1003,33 +1088,42 @@ def test_chaos_kills_restarts_and_disconnects_lose_nothing(r, redis_server, spaw
         dead_myids = {dead_myid(e) for e in dead_letters if e.get("reason") in KILL_REASONS}
         complete = (done_ids(r) | dead_myids) >= set(expected)
         left = leftovers(r, chaos_app)
-        long_dead = {w.decode() for w in r.zrangebyscore(
-            "{wakaq}:workers", "-inf", time.time() - 3 * chaos_app.heartbeat_timeout - 5)}
+        long_dead = {
+            w.decode()
+            for w in r.zrangebyscore(
+                "{wakaq}:workers", "-inf", time.time() - 3 * chaos_app.heartbeat_timeout - 5
+            )
+        }
         if any(k.rpartition(":")[2] in long_dead for k in left):
-            raise AssertionError("a dead worker's in-flight tasks were not taken back\n"
-                                 + diag())
+            raise AssertionError("a dead worker's in-flight tasks were not taken back\n" + diag())
         if left:
             quiet_since = None
-        elif not complete:          # nothing queued, delayed or in flight, yet tasks missing
+        elif not complete:  # nothing queued, delayed or in flight, yet tasks missing
             quiet_since = quiet_since or time.monotonic()
             if time.monotonic() - quiet_since > 5:
                 raise AssertionError("tasks lost: nothing is left to run them\n" + diag())
         return complete and not left
 
-    wait_for(finished, "every task done and nothing queued or in flight", deadline_left,
-             interval=0.05, diag=diag)
+    wait_for(
+        finished,
+        "every task done and nothing queued or in flight",
+        deadline_left,
+        interval=0.05,
+        diag=diag,
+    )
 
     done = done_ids(r)
     dup, run_counts = duplicates(r)
     lost = set(expected) - done
-    print(f"chaos: {len(done)} done, {len(lost)} lost, {dup} duplicates, "
-          f"{len(dead_letters)} dead, {time.monotonic() - started:.1f}s in all")
+    print(
+        f"chaos: {len(done)} done, {len(lost)} lost, {dup} duplicates, "
+        f"{len(dead_letters)} dead, {time.monotonic() - started:.1f}s in all"
+    )
 
-    for e in dead_letters:                         # only tasks whose retries kills used up
+    for e in dead_letters:  # only tasks whose retries kills used up
         assert e["reason"] in KILL_REASONS, f"dead for a reason other than a kill: {e}"
         assert e["attempts"] == CHAOS_RETRIES + 1, f"dead before its retries ran out: {e}"
-    assert not lost - {dead_myid(e) for e in dead_letters}, \
-        f"lost tasks: {sorted(lost)[:20]}"
+    assert not lost - {dead_myid(e) for e in dead_letters}, f"lost tasks: {sorted(lost)[:20]}"
 
     # Each recorded run carries the id .delay() returned and a plausible attempt number;
     # the kills hit running tasks, so some ran again as a later attempt.
@@ -1045,30 +1139,45 @@ def test_chaos_kills_restarts_and_disconnects_lose_nothing(r, redis_server, spaw
     print(f"{retried} runs were retries (attempt > 1); attempts of the duplicated: {twice}")
     # A task runs again only after a failed attempt was counted (kills, adoption; no stop
     # here), so the runs of one task never share an attempt number.
-    assert all(len(set(a)) == len(a) for a in twice.values()), \
+    assert all(len(set(a)) == len(a) for a in twice.values()), (
         f"a task ran twice as the same attempt: {twice}"
+    )
     assert retried, "no kill hit a running task: the chaos did not test anything"
 
     # The survivor and the replacement still run and heartbeat; the victim was taken back.
     assert survivor.alive(), "the surviving worker exited\n" + spawn.tails()
     assert replacement.alive(), "the replacement worker exited\n" + spawn.tails()
-    wait_for(lambda: registered_pids(r, float("inf")) ==
-             registered_pids(r, chaos_app.heartbeat_timeout) == {survivor.pid, replacement.pid},
-             "{wakaq}:workers to list exactly the survivor and the replacement, "
-             "the killed worker taken back", 15, diag=diag)
+    wait_for(
+        lambda: (
+            registered_pids(r, float("inf"))
+            == registered_pids(r, chaos_app.heartbeat_timeout)
+            == {survivor.pid, replacement.pid}
+        ),
+        "{wakaq}:workers to list exactly the survivor and the replacement, "
+        "the killed worker taken back",
+        15,
+        diag=diag,
+    )
     logs = "".join(p.log() for p in spawn)
-    print(f"worker logs: {logs.count('task released (worker died)')} tasks released after "
-          f"a kill, {logs.count('taking back')} dead worker(s) taken back, "
-          f"{logs.count('lost Redis')} outages logged, {logs.count('Traceback')} tracebacks")
-    assert "Traceback" not in logs, "a worker process crashed or a task failed\n" + logs[
-        logs.index("Traceback") - 300:][:3000]
-    wait_for(lambda: all(len(children(p.pid)) == chaos_app.concurrency
-                         for p in (survivor, replacement)),
-             "both workers to have their children", 10, diag=diag)
+    print(
+        f"worker logs: {logs.count('task released (worker died)')} tasks released after "
+        f"a kill, {logs.count('taking back')} dead worker(s) taken back, "
+        f"{logs.count('lost Redis')} outages logged, {logs.count('Traceback')} tracebacks"
+    )
+    assert "Traceback" not in logs, (
+        "a worker process crashed or a task failed\n" + logs[logs.index("Traceback") - 300 :][:3000]
+    )
+    wait_for(
+        lambda: all(len(children(p.pid)) == chaos_app.concurrency for p in (survivor, replacement)),
+        "both workers to have their children",
+        10,
+        diag=diag,
+    )
     assert not leftovers(r, chaos_app)
 
 
 # ===================================================================== deploy
+
 
 @slow
 def test_deploy_sigterm_while_tasks_run_loses_and_repeats_nothing(r, spawn):
@@ -1081,29 +1190,42 @@ def test_deploy_sigterm_while_tasks_run_loses_and_repeats_nothing(r, spawn):
     deploy_job.delay_many(calls[:200])
     deploy_job.delay_many(calls[200:], eta=1.5)
 
-    for generation in range(2):                     # two deploys in a row
+    for generation in range(2):  # two deploys in a row
         target = len(done_ids(r)) + 20
-        wait_for(lambda: len(done_ids(r)) >= target and
-                 sum(len(v) for v in inflight(r).values()) >= 2,
-                 "tasks running before the deploy", 30, diag=spawn.tails)
+        wait_for(
+            lambda: len(done_ids(r)) >= target and sum(len(v) for v in inflight(r).values()) >= 2,
+            "tasks running before the deploy",
+            30,
+            diag=spawn.tails,
+        )
         for p in old:
             os.kill(p.pid, signal.SIGTERM)
-        new = [spawn("worker", "deploy_app") for _ in range(2)]     # a rolling deploy
+        new = [spawn("worker", "deploy_app") for _ in range(2)]  # a rolling deploy
         for p in old:
-            code = p.wait_exit(15, diag=spawn.tails)      # a worker stops within 15s
+            code = p.wait_exit(15, diag=spawn.tails)  # a worker stops within 15s
             assert code == 0, f"worker exited {code} after SIGTERM\n" + spawn.tails()
-        assert not registered_pids(r, float("inf")) & {p.pid for p in old}, \
+        assert not registered_pids(r, float("inf")) & {p.pid for p in old}, (
             "a stopped worker left its heartbeat entry behind"
+        )
         old = new
 
     def diag():
-        return (f"missing {sorted(expected - done_ids(r))[:20]}\n"
-                f"left {leftovers(r, deploy_app)}\n{spawn.tails()}")
-    wait_for(lambda: done_ids(r) >= expected and not leftovers(r, deploy_app),
-             "every deployed-over task done", 60, diag=diag)
+        return (
+            f"missing {sorted(expected - done_ids(r))[:20]}\n"
+            f"left {leftovers(r, deploy_app)}\n{spawn.tails()}"
+        )
+
+    wait_for(
+        lambda: done_ids(r) >= expected and not leftovers(r, deploy_app),
+        "every deployed-over task done",
+        60,
+        diag=diag,
+    )
     dup, run_counts = duplicates(r)
-    print(f"\ndeploy: {len(done_ids(r))} done, {dup} duplicates, "
-          f"{r.llen('wakaq:dead')} dead, {time.monotonic() - started:.1f}s")
+    print(
+        f"\ndeploy: {len(done_ids(r))} done, {dup} duplicates, "
+        f"{r.llen('wakaq:dead')} dead, {time.monotonic() - started:.1f}s"
+    )
     assert done_ids(r) == expected
     assert dup == 0, f"run twice: {sorted(k for k, v in run_counts.items() if v > 1)}"
     assert int(r.get(STARTED)) == len(run_log(r)), "a stop interrupted a running task"
@@ -1115,9 +1237,9 @@ def test_deploy_sigterm_while_tasks_run_loses_and_repeats_nothing(r, spawn):
 
 # ===================================================================== bad input
 
+
 def _valid_payload(name="checkin", myid="x", **over):
-    msg = {"id": "bad1", "name": name, "queue": "default", "retry": 0, "args": [myid],
-           "kwargs": {}}
+    msg = {"id": "bad1", "name": name, "queue": "default", "retry": 0, "args": [myid], "kwargs": {}}
     msg.update(over)
     return json.dumps(msg)
 
@@ -1128,14 +1250,14 @@ BAD_PAYLOADS = {
     "json-object-wrong-keys": (b'{"hello": "world"}', "bad payload"),
     "json-wrong-types": (_valid_payload(args={"a": 1}, kwargs=[]).encode(), "bad payload"),
     "unknown-task": (_valid_payload(name="no_such_task").encode(), "unknown task"),
-    "not-utf8": (_valid_payload(myid="XX").encode().replace(b"XX", b"\xff\xfe"),
-                 "bad payload"),
+    "not-utf8": (_valid_payload(myid="XX").encode().replace(b"XX", b"\xff\xfe"), "bad payload"),
     "not-utf8-bare": (b"\xff\xfe\xfd\xc3\x28", "bad payload"),
     "unknown-queue": (_valid_payload(queue="nowhere").encode(), "unknown queue"),
-    "tag-unknown": (_valid_payload(myid={"__wakaq__": "pickle", "v": "x"}).encode(),
-                    "bad payload"),
-    "tag-overflow": (_valid_payload(myid={"__wakaq__": "timedelta", "v": [1e300]}).encode(),
-                     "bad payload"),
+    "tag-unknown": (_valid_payload(myid={"__wakaq__": "pickle", "v": "x"}).encode(), "bad payload"),
+    "tag-overflow": (
+        _valid_payload(myid={"__wakaq__": "timedelta", "v": [1e300]}).encode(),
+        "bad payload",
+    ),
     "nested-100k": (b"[" * 100_000, "bad payload"),
     "nested-100k-closed": (b"[" * 100_000 + b"]" * 100_000, "bad payload"),
 }
@@ -1156,10 +1278,11 @@ def bad_worker(r, spawn):
 def test_bad_payload_is_dead_lettered_and_worker_carries_on(r, spawn, bad_worker, kind):
     proc, child_pid = bad_worker
     raw, reason = BAD_PAYLOADS[kind]
-    r.rpush("{wakaq}:q:default", raw)                 # straight onto the list, no wake-up token
-    r.zadd("{wakaq}:ready", {"default": 0})            # the non-empty queues, by rank
-    wait_for(lambda: r.llen("{wakaq}:dead") >= 1, f"the {kind} payload dead-lettered",
-             diag=spawn.tails)
+    r.rpush("{wakaq}:q:default", raw)  # straight onto the list, no wake-up token
+    r.zadd("{wakaq}:ready", {"default": 0})  # the non-empty queues, by rank
+    wait_for(
+        lambda: r.llen("{wakaq}:dead") >= 1, f"the {kind} payload dead-lettered", diag=spawn.tails
+    )
     checkin.delay("after")
     wait_for(lambda: "after" in done_ids(r), "the next good task", diag=spawn.tails)
 
@@ -1173,8 +1296,9 @@ def test_bad_payload_is_dead_lettered_and_worker_carries_on(r, spawn, bad_worker
     elif raw.isascii():
         assert entry["payload"] == raw.decode()
     assert proc.alive()
-    assert [line["pid"] for line in run_log(r)] == [child_pid, child_pid], \
+    assert [line["pid"] for line in run_log(r)] == [child_pid, child_pid], (
         "the child was replaced: it crashed on the bad payload\n" + spawn.tails()
+    )
     assert done_ids(r) == {"before", "after"}
     settled(r, bad_app, spawn)
 
@@ -1194,7 +1318,7 @@ def test_20_mib_argument_runs_normally(r, spawn, bad_worker):
 
 
 def test_delay_with_redis_unreachable_raises_connection_error_quickly():
-    closed = _free_port()                           # nothing listens there
+    closed = _free_port()  # nothing listens there
     nowhere_app = WakaQ(queues=["default"], url=f"redis://127.0.0.1:{closed}/0")
 
     @nowhere_app.task
@@ -1216,18 +1340,23 @@ def test_delay_with_redis_unreachable_raises_connection_error_quickly():
 @slow
 def test_arguments_not_matching_the_signature_are_an_ordinary_task_error(r, spawn, bad_worker):
     proc, child_pid = bad_worker
-    two_args.delay("missing-b")                     # too few
-    two_args.delay("extra", 2, 3)                   # too many
-    two_args.delay("kw", b=2, c=3)                  # an unexpected keyword
+    two_args.delay("missing-b")  # too few
+    two_args.delay("extra", 2, 3)  # too many
+    two_args.delay("kw", b=2, c=3)  # an unexpected keyword
     checkin.delay("after")
     wait_for(lambda: "after" in done_ids(r), "the task after the bad calls", diag=spawn.tails)
-    wait_for(lambda: proc.log().count("TypeError") >= 3,
-             "three TypeErrors in the worker's log", 10, diag=spawn.tails)
+    wait_for(
+        lambda: proc.log().count("TypeError") >= 3,
+        "three TypeErrors in the worker's log",
+        10,
+        diag=spawn.tails,
+    )
     log = proc.log()
     assert "Traceback" in log and "two_args" in log
     assert done_ids(r) == {"before", "after"}
-    assert [line["pid"] for line in run_log(r)] == [child_pid, child_pid], \
+    assert [line["pid"] for line in run_log(r)] == [child_pid, child_pid], (
         "the child was replaced after a signature mismatch\n" + spawn.tails()
+    )
     assert children(proc.pid) == [child_pid]
     assert dead(r) == [], "a task error is not a dead letter"
     settled(r, bad_app, spawn)
@@ -1236,10 +1365,22 @@ def test_arguments_not_matching_the_signature_are_an_ordinary_task_error(r, spaw
 
 # ===================================================================== flat costs, retry_backoff, log lines
 
-many_app = WakaQ(queues=[(i, f"q{i}") for i in range(100)], url=URL, concurrency=1,
-                 prefix="many", exclude_queues=[f"q{i}" for i in range(1, 100, 2)])
-backoff_app = WakaQ(url=URL, concurrency=1, prefix="backoff", max_retries=2, retry_backoff=1,
-                    soft_timeout=0.2, hard_timeout=5)
+many_app = WakaQ(
+    queues=[(i, f"q{i}") for i in range(100)],
+    url=URL,
+    concurrency=1,
+    prefix="many",
+    exclude_queues=[f"q{i}" for i in range(1, 100, 2)],
+)
+backoff_app = WakaQ(
+    url=URL,
+    concurrency=1,
+    prefix="backoff",
+    max_retries=2,
+    retry_backoff=1,
+    soft_timeout=0.2,
+    hard_timeout=5,
+)
 
 
 @many_app.task
@@ -1252,7 +1393,7 @@ def slow_then_fine():
     n = attempt()
     rec("backoff", n, time.time())
     if n < 3:
-        time.sleep(1)             # past the soft timeout: a failed attempt, retried later
+        time.sleep(1)  # past the soft timeout: a failed attempt, retried later
 
 
 @slow
@@ -1265,7 +1406,7 @@ def test_strict_priority_across_100_queues_and_exclusions_with_many_queues(r, sp
     w = spawn("worker", "many_app")
     expect = [f"q{i}-{x}" for i in sorted(served) for x in "ab"]
     wait_for(lambda: len(runs(r, "ordered")) >= len(expect), "the served tasks", diag=spawn.tails)
-    time.sleep(0.3)                       # a task from an excluded queue would show up now
+    time.sleep(0.3)  # a task from an excluded queue would show up now
     assert [x[0] for x in runs(r, "ordered")] == expect
     assert {i: r.llen(f"{{many}}:q:q{i}") for i in (1, 51, 99)} == {1: 2, 51: 2, 99: 2}
     assert "Traceback" not in w.log()
@@ -1285,10 +1426,11 @@ def test_an_ack_after_the_task_was_released_and_claimed_again_does_not_ack_the_n
 
     def claim(ack, token):
         return wakaq._CLAIM(r, keys, ["0.0", ack, token, "", ""])
+
     payload = claim("", "A")
     assert r.hget(inflight, "0.0:t") == b"A"
-    outcome = app_._outcome(payload, "worker died")                  # retried (max_retries=0:
-    assert outcome[1] == "dead"                                       # dead), by token A
+    outcome = app_._outcome(payload, "worker died")  # retried (max_retries=0:
+    assert outcome[1] == "dead"  # dead), by token A
     assert wakaq._release(app_, r, inflight, "0.0", "A", outcome) == 1
     requeued = json.dumps({**json.loads(payload), "retry": 0})
     r.rpush(app_.default_queue.key, requeued)
@@ -1297,9 +1439,9 @@ def test_an_ack_after_the_task_was_released_and_claimed_again_does_not_ack_the_n
     assert r.hget(inflight, "0.0:t") == b"B"
     assert json.loads(again)["id"] == json.loads(payload)["id"]
     ack_only = (None, "", "", None, 0)
-    assert wakaq._release(app_, r, inflight, "0.0", "A", ack_only) == 0   # the late ack
+    assert wakaq._release(app_, r, inflight, "0.0", "A", ack_only) == 0  # the late ack
     assert r.hget(inflight, "0.0:t") == b"B"
-    assert claim("A", "C") == again           # a claim acking A hands B's attempt out again,
+    assert claim("A", "C") == again  # a claim acking A hands B's attempt out again,
     assert r.hget(inflight, "0.0:t") == b"C"  # under its own token (the parent's shm knows it)
 
 
@@ -1309,8 +1451,8 @@ def test_retry_backoff_delays_each_retry_and_every_attempt_is_logged(r, spawn):
     slow_then_fine.delay()
     wait_for(lambda: len(runs(r, "backoff")) == 3, "three attempts", 20, diag=spawn.tails)
     (_, t1), (_, t2), (_, t3) = runs(r, "backoff")
-    assert 0.9 <= t2 - t1 <= 2.0, t2 - t1     # 0.2 s soft timeout + 1 s backoff (jitter 25%)
-    assert 1.6 <= t3 - t2 <= 3.5, t3 - t2     # 0.2 s + 2 s
+    assert 0.9 <= t2 - t1 <= 2.0, t2 - t1  # 0.2 s soft timeout + 1 s backoff (jitter 25%)
+    assert 1.6 <= t3 - t2 <= 3.5, t3 - t2  # 0.2 s + 2 s
     wait_for(lambda: "attempt=3 done" in w.log(), "the third attempt's log line")
     log = w.log()
     assert re.search(r"task slow_then_fine id=\w+ attempt=1 soft timeout in 0\.\d+s", log), log
@@ -1323,8 +1465,11 @@ def test_a_dead_lettered_task_is_logged_with_its_id_and_reason(r, spawn):
     task_id = too_slow.delay()
     wait_for(lambda: dead(r), "the dead letter")
     wait_for(lambda: f"id={task_id} dead-lettered" in w.log(), "the dead-letter log line")
-    assert re.search(rf"task too_slow id={task_id} dead-lettered after \d+ attempt\(s\): "
-                     r"soft timeout", w.log())
+    assert re.search(
+        rf"task too_slow id={task_id} dead-lettered after \d+ attempt\(s\): "
+        r"soft timeout",
+        w.log(),
+    )
 
 
 def test_delay_many_with_an_eta_keeps_enqueue_order(r):
@@ -1337,7 +1482,7 @@ def test_delay_many_with_an_eta_keeps_enqueue_order(r):
 def test_an_idle_worker_exits_within_a_second_of_sigterm(r, spawn):
     w = spawn("worker", "deploy_app")
     workers_ready(r, [w], deploy_app)
-    time.sleep(0.3)                                    # let the children settle into their wait
+    time.sleep(0.3)  # let the children settle into their wait
     sent = time.monotonic()
     os.kill(w.pid, signal.SIGTERM)
     assert w.wait_exit(5) == 0

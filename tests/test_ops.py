@@ -6,6 +6,7 @@ Real processes against the session's private server (conftest.py). Apps that mus
 be importable by a worker are at module level here; apps with broken code or other URLs
 are written to files in the test's temp dir and loaded from there.
 """
+
 import json
 import logging.config
 import os
@@ -37,13 +38,18 @@ from conftest import (
     wait_for,
 )
 
-logging.config.dictConfig({           # the Django way, at import: disables existing loggers
-    "version": 1, "handlers": {"h": {"class": "logging.StreamHandler"}},
-    "root": {"handlers": ["h"], "level": "WARNING"}})
+logging.config.dictConfig(
+    {  # the Django way, at import: disables existing loggers
+        "version": 1,
+        "handlers": {"h": {"class": "logging.StreamHandler"}},
+        "root": {"handlers": ["h"], "level": "WARNING"},
+    }
+)
 
 app = WakaQ(queues=[(0, "high"), "default"], url=URL, concurrency=1, heartbeat_timeout=15)
-excluding = WakaQ(queues=[(0, "high"), "default"], url=URL, concurrency=1,
-                  exclude_queues=["default", "default"])
+excluding = WakaQ(
+    queues=[(0, "high"), "default"], url=URL, concurrency=1, exclude_queues=["default", "default"]
+)
 
 
 @app.task
@@ -84,6 +90,7 @@ def dead_entry(r, args=(1, 2), queue="default", reason="soft timeout", retry=2, 
 
 # ===================================================================== command line
 
+
 def test_version_and_a_bare_call_lists_the_commands():
     out = cli("--version")
     assert (out.returncode, out.stdout.strip()) == (0, f"wakaq {wakaq.__version__}")
@@ -113,8 +120,12 @@ def test_main_runs_any_command_in_COMMANDS_generically(redis_server):
 def test_app_option_works_wherever_app_is_positional(r, tmp_path):
     nap.delay(1)
     nap.delay(2, queue="high")
-    assert json.loads(cli("info", "--app=tests.test_ops:app", "--json").stdout)["queues"][
-        "default"]["pending"] == 1
+    assert (
+        json.loads(cli("info", "--app=tests.test_ops:app", "--json").stdout)["queues"]["default"][
+            "pending"
+        ]
+        == 1
+    )
     assert cli("purge", "--app=tests.test_ops:app", "default").stdout.strip() == "1"
     assert cli("purge", "--app", "tests.test_ops:app", "--queue=high").stdout.strip() == "1"
     assert cli("dead", "--app=tests.test_ops:app").stdout.strip() == "no dead tasks"
@@ -122,8 +133,9 @@ def test_app_option_works_wherever_app_is_positional(r, tmp_path):
     assert out.returncode == 2 and "once" in out.stderr
     worker = Procs(str(tmp_path))
     try:
-        w = Proc(["worker", "--app=tests.test_ops:app", "--concurrency=1", "--foreground"],
-                 str(tmp_path))
+        w = Proc(
+            ["worker", "--app=tests.test_ops:app", "--concurrency=1", "--foreground"], str(tmp_path)
+        )
         worker.append(w)
         wait_for(lambda: "started" in w.log(), "the worker's start line", diag=w.log)
     finally:
@@ -136,32 +148,53 @@ def test_console_scripts_after_pip_install_run_the_same_code(r, tmp_path):
     """The original WakaQ's console scripts, installed by pip from setup.cfg."""
     venv = str(tmp_path / "venv")
     subprocess.run([sys.executable, "-m", "venv", venv], check=True, capture_output=True)
-    site = subprocess.run([f"{venv}/bin/python", "-c", "import sysconfig; print(sysconfig."
-                           "get_paths()['purelib'])"], capture_output=True, text=True).stdout
-    with open(os.path.join(site.strip(), "deps.pth"), "w") as f:   # redis, croniter, pytest
+    site = subprocess.run(
+        [f"{venv}/bin/python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    with open(os.path.join(site.strip(), "deps.pth"), "w") as f:  # redis, croniter, pytest
         f.write(sysconfig.get_paths()["purelib"] + "\n")
-    out = subprocess.run([f"{venv}/bin/python", "-m", "pip", "install", "-q", "--no-deps", HERE],
-                         capture_output=True,
-                         text=True, timeout=240)
+    out = subprocess.run(
+        [f"{venv}/bin/python", "-m", "pip", "install", "-q", "--no-deps", HERE],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stderr
     nap.delay(1)
     nap.delay(2, eta=60)
 
     def run(*args):
-        return subprocess.run([f"{venv}/bin/{args[0]}", *args[1:]], cwd=HERE, text=True,
-                              capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            [f"{venv}/bin/{args[0]}", *args[1:]],
+            cwd=HERE,
+            text=True,
+            capture_output=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
+
     info = run("wakaq-info", "--app=tests.test_ops:app")
     assert info.returncode == 0, info.stderr
     assert json.loads(info.stdout)["queues"]["default"] == {
-        "priority": 1, "pending": 1, "delayed": 1}
+        "priority": 1,
+        "pending": 1,
+        "delayed": 1,
+    }
     assert run("wakaq", "--version").stdout.strip() == f"wakaq {wakaq.__version__}"
     assert run("wakaq-purge", "--app=tests.test_ops:app", "--queue=default").stdout.strip() == "2"
     for script in ("wakaq-worker", "wakaq-scheduler"):
         out = run(script, "--help")
         assert out.returncode == 0 and "usage:" in out.stdout, out.stderr
-    w = subprocess.Popen([f"{venv}/bin/wakaq-worker", "--app=tests.test_ops:app"], cwd=HERE,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
+    w = subprocess.Popen(
+        [f"{venv}/bin/wakaq-worker", "--app=tests.test_ops:app"],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         nap.delay(0)
         wait_for(lambda: r.llen("{wakaq}:q:default") == 0, "the installed worker to run it")
@@ -174,9 +207,13 @@ def test_console_scripts_after_pip_install_run_the_same_code(r, tmp_path):
 def test_info_lists_the_tasks_running_now(r, spawn):
     worker = spawn("worker", "tests.test_ops:app")
     task_id = nap.delay(30)
-    info = wait_for(lambda: (lambda i: i["running"] and i)(json.loads(
-        cli("info", "tests.test_ops:app", "--json").stdout)), "info to list the running task",
-        diag=spawn.tails)
+    info = wait_for(
+        lambda: (lambda i: i["running"] and i)(
+            json.loads(cli("info", "tests.test_ops:app", "--json").stdout)
+        ),
+        "info to list the running task",
+        diag=spawn.tails,
+    )
     [t] = info["running"]
     assert (t["id"], t["name"], t["queue"]) == (task_id, "nap", "default")
     assert t["worker"].split(".")[1] == str(worker.pid)
@@ -187,17 +224,21 @@ def test_info_lists_the_tasks_running_now(r, spawn):
 
 def test_info_reads_running_tasks_from_the_inflight_layout_with_redis_time(r):
     now = float(r.time()[0])
-    payload = json.dumps({"id": "abc", "name": "nap", "queue": "high", "retry": 0,
-                          "args": [1], "kwargs": {}})
+    payload = json.dumps(
+        {"id": "abc", "name": "nap", "queue": "high", "retry": 0, "args": [1], "kwargs": {}}
+    )
     r.zadd("{wakaq}:workers", {"h.1.x": now, "h.2.y": now - 100})
-    r.hset("{wakaq}:inflight:h.1.x", mapping={"0.0": payload, "0.0:t": "tok",
-                                               "0.0:s": now - 12})
+    r.hset("{wakaq}:inflight:h.1.x", mapping={"0.0": payload, "0.0:t": "tok", "0.0:s": now - 12})
     r.hset("{wakaq}:inflight:h.2.y", mapping={"adopted:h.9.z:1.0": payload})
     info = json.loads(cli("info", "tests.test_ops:app", "--json").stdout)
     assert info["workers"] == 1 and info["inflight"] == 2
     one, adopted = sorted(info["running"], key=lambda t: t["worker"])
-    assert {"id": "abc", "name": "nap", "queue": "high", "worker": "h.1.x"}.items() <= \
-        one.items() and 11 <= one["seconds"] < 20
+    assert {
+        "id": "abc",
+        "name": "nap",
+        "queue": "high",
+        "worker": "h.1.x",
+    }.items() <= one.items() and 11 <= one["seconds"] < 20
     assert (adopted["id"], adopted["worker"], adopted["seconds"]) == ("abc", "h.2.y", None)
 
 
@@ -208,8 +249,11 @@ def test_dead_lists_id_task_queue_attempts_reason_when_and_shortened_arguments(r
     out = cli("dead", "tests.test_ops:app")
     assert out.returncode == 0
     first, second = out.stdout.strip().splitlines()
-    assert re.search(rf"{short}\b.*\bnap\b.*\bdefault\b.*\b3\b.*soft timeout.*"
-                     r"2027-01-15 08:00:00.*7, \"x\"", first), first
+    assert re.search(
+        rf"{short}\b.*\bnap\b.*\bdefault\b.*\b3\b.*soft timeout.*"
+        r"2027-01-15 08:00:00.*7, \"x\"",
+        first,
+    ), first
     assert long in second and "yyy" in second and len(second) < 250, second
 
 
@@ -223,12 +267,20 @@ def test_dead_requeue_all_or_some_ids_in_one_script_per_batch(r):
     r.config_resetstat()
     out = cli("dead", "tests.test_ops:app", "--requeue")
     assert (out.returncode, out.stdout.strip()) == (0, "requeued 4 dead task(s)")
-    calls = sum(v["calls"] for k, v in r.info("commandstats").items()
-                if k in ("cmdstat_evalsha", "cmdstat_eval"))
-    assert calls <= 2, calls         # one per queue in the batch, not one per entry
+    calls = sum(
+        v["calls"]
+        for k, v in r.info("commandstats").items()
+        if k in ("cmdstat_evalsha", "cmdstat_eval")
+    )
+    assert calls <= 2, calls  # one per queue in the batch, not one per entry
     assert r.llen("{wakaq}:dead") == 0 and r.zscore("{wakaq}:ready", "high") == 0
-    assert [json.loads(x)["id"] for x in r.lrange("{wakaq}:q:default", 0, -1)] == \
-        [ids[1], ids[3], ids[0], ids[2], ids[4]]
+    assert [json.loads(x)["id"] for x in r.lrange("{wakaq}:q:default", 0, -1)] == [
+        ids[1],
+        ids[3],
+        ids[0],
+        ids[2],
+        ids[4],
+    ]
 
 
 def test_purge_prints_one_number_says_what_on_stderr_and_leaves_the_ready_set(r):
@@ -246,10 +298,11 @@ def test_health_checks_for_a_fresh_heartbeat_of_a_worker_on_this_host(r, tmp_pat
         out = cli("health", "tests.test_ops:app")
         assert len(out.stdout.strip().splitlines()) == 1, out.stdout
         return out.returncode
+
     assert health() == 1
     now = float(r.time()[0])
     r.zadd("{wakaq}:workers", {"elsewhere.1.a": now, f"{socket.gethostname()}.2.b": now - 60})
-    assert health() == 1                      # another host's, and a stale one of ours
+    assert health() == 1  # another host's, and a stale one of ours
     procs = Procs(str(tmp_path))
     try:
         procs.append(Proc(["worker", "tests.test_ops:app"], str(tmp_path)))
@@ -260,18 +313,29 @@ def test_health_checks_for_a_fresh_heartbeat_of_a_worker_on_this_host(r, tmp_pat
 
 # ===================================================================== errors, passwords, config
 
+
 def test_urls_are_masked_in_every_error(tmp_path, redis_server):
-    write(str(tmp_path), "pwapp.py", """
+    write(
+        str(tmp_path),
+        "pwapp.py",
+        """
         from wakaq import WakaQ
         app = WakaQ(url="redis://user:s3cret@127.0.0.1:1/0")
-    """)
-    for args in (["info", "pwapp:app"], ["purge", "pwapp:app", "default"],
-                 ["dead", "pwapp:app"], ["dead", "pwapp:app", "--requeue"]):
+    """,
+    )
+    for args in (
+        ["info", "pwapp:app"],
+        ["purge", "pwapp:app", "default"],
+        ["dead", "pwapp:app"],
+        ["dead", "pwapp:app", "--requeue"],
+    ):
         out = cli(*args, cwd=str(tmp_path))
         line = one_line(out)
         assert out.returncode == 1 and "s3cret" not in line and "user:***@127.0.0.1:1" in line
-    assert wakaq._mask("rediss://u:p@ss@h:1/0?password=x&db=2") == \
-        "rediss://u:***@h:1/0?password=***&db=2"
+    assert (
+        wakaq._mask("rediss://u:p@ss@h:1/0?password=x&db=2")
+        == "rediss://u:***@h:1/0?password=***&db=2"
+    )
 
 
 @needs_private
@@ -282,11 +346,15 @@ def test_a_configuration_error_stops_the_command_but_an_outage_does_not(tmp_path
     server.start()
     try:
         redis.Redis(port=port).config_set("requirepass", "sekret")
-        write(str(tmp_path), "cfg.py", f"""
+        write(
+            str(tmp_path),
+            "cfg.py",
+            f"""
             from wakaq import WakaQ
             badpw = WakaQ(url="redis://:wrong@127.0.0.1:{port}/0")
             baddb = WakaQ(url="redis://:sekret@127.0.0.1:{port}/99")
-        """)
+        """,
+        )
         for command in ("worker", "scheduler", "info", "dead"):
             for name in ("badpw", "baddb"):
                 out = cli(command, f"cfg:{name}", cwd=str(tmp_path), timeout=20)
@@ -298,10 +366,14 @@ def test_a_configuration_error_stops_the_command_but_an_outage_does_not(tmp_path
 
 
 def test_a_refused_connection_at_start_is_an_outage_the_worker_rides_out(tmp_path, redis_server):
-    write(str(tmp_path), "down.py", f"""
+    write(
+        str(tmp_path),
+        "down.py",
+        f"""
         from wakaq import WakaQ
         app = WakaQ(url="redis://:pw@127.0.0.1:{_free_port()}/0", concurrency=1)
-    """)
+    """,
+    )
     proc = Proc(["worker", "down:app"], str(tmp_path), cwd=str(tmp_path))
     try:
         time.sleep(3)  # nothing to wait on: the point is that it does not exit
@@ -312,11 +384,16 @@ def test_a_refused_connection_at_start_is_an_outage_the_worker_rides_out(tmp_pat
     assert "pw@" not in out
 
 
-@pytest.mark.parametrize("body, expect", [
-    ("x = (1,\n", r"SyntaxError.*broken\.py, line 1"),
-    ("from wakaq import WakaQ\n\napp = WakaQ(url=URL_UNDEFINED)\n",
-     r"NameError.*URL_UNDEFINED.*broken\.py, line 3"),
-])
+@pytest.mark.parametrize(
+    "body, expect",
+    [
+        ("x = (1,\n", r"SyntaxError.*broken\.py, line 1"),
+        (
+            "from wakaq import WakaQ\n\napp = WakaQ(url=URL_UNDEFINED)\n",
+            r"NameError.*URL_UNDEFINED.*broken\.py, line 3",
+        ),
+    ],
+)
 def test_app_code_errors_name_the_file_and_line(tmp_path, body, expect):
     write(str(tmp_path), "broken.py", body)
     out = cli("info", "broken:app", cwd=str(tmp_path))
@@ -335,9 +412,14 @@ def test_an_app_built_by_another_copy_of_wakaq_says_so(tmp_path):
     for init in ("myapp/__init__.py", "myapp/vendor/__init__.py"):
         write(folder, init, "")
     write(folder, "myapp/tasks.py", "from myapp.vendor.wakaq import WakaQ\nwakaq = WakaQ()\n")
-    out = subprocess.run([sys.executable, "myapp/vendor/wakaq.py", "info", "myapp.tasks:wakaq"],
-                         cwd=folder, capture_output=True, text=True, timeout=30,
-                         env={**ENV, "PYTHONPATH": HERE})
+    out = subprocess.run(
+        [sys.executable, "myapp/vendor/wakaq.py", "info", "myapp.tasks:wakaq"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**ENV, "PYTHONPATH": HERE},
+    )
     line = one_line(out)
     assert out.returncode == 2 and "another copy of wakaq" in line, line
     assert "python -m myapp.vendor.wakaq" in line
@@ -348,13 +430,17 @@ def test_the_logger_survives_dictconfig_at_app_import(r, spawn):
     # this module called logging.config.dictConfig at import (see the top)
     worker = spawn("worker", "tests.test_ops:app")
     fails.delay()
-    wait_for(lambda: "RuntimeError: the app's own error" in worker.log(),
-             "the task's traceback in the worker's log", diag=worker.log)
+    wait_for(
+        lambda: "RuntimeError: the app's own error" in worker.log(),
+        "the task's traceback in the worker's log",
+        diag=worker.log,
+    )
     log = worker.log()
     assert "started" in log and "Traceback" in log
 
 
 # ===================================================================== settings
+
 
 def test_settings_that_used_to_be_accepted_now_raise_naming_the_value():
     with pytest.raises(ValueError, match=r"'jobs\\n'"):
@@ -376,19 +462,25 @@ def test_settings_that_used_to_be_accepted_now_raise_naming_the_value():
 @slow
 def test_a_worker_whose_default_queue_is_excluded_warns_at_start(r, spawn):
     worker = spawn("worker", "tests.test_ops:excluding")
-    wait_for(lambda: "default queue 'default' is excluded" in worker.log(), "the warning",
-             diag=worker.log)
+    wait_for(
+        lambda: "default queue 'default' is excluded" in worker.log(),
+        "the warning",
+        diag=worker.log,
+    )
 
 
 # ===================================================================== README and examples
+
 
 def readme_blocks():
     """(line, needs, code) of every ```python block in README.md; `<!-- test: needs MOD -->`
     on the line before a block names a module it needs (the block is skipped without it)."""
     with open(os.path.join(HERE, "README.md")) as f:
         text = f.read()
-    return [(text[:m.start()].count("\n") + 2, m[1], m[2]) for m in re.finditer(
-        r"(?:<!-- test: needs (\w+) -->\n)?```python\n(.*?)```", text, re.S)]
+    return [
+        (text[: m.start()].count("\n") + 2, m[1], m[2])
+        for m in re.finditer(r"(?:<!-- test: needs (\w+) -->\n)?```python\n(.*?)```", text, re.S)
+    ]
 
 
 RUN_BLOCKS = """
@@ -407,15 +499,23 @@ print("ran", len(sys.argv))
 
 
 def test_every_python_block_in_the_readme_runs(r, tmp_path):
-    blocks = [(line, needs, code.replace("redis://localhost:6379/0", URL))
-              for line, needs, code in readme_blocks()]
+    blocks = [
+        (line, needs, code.replace("redis://localhost:6379/0", URL))
+        for line, needs, code in readme_blocks()
+    ]
     assert len(blocks) >= 8
     path = write(str(tmp_path), "blocks.json", json.dumps(blocks))
     write(str(tmp_path), "run_blocks.py", RUN_BLOCKS)
-    out = subprocess.run([sys.executable, "run_blocks.py", path], cwd=str(tmp_path), text=True,
-                         capture_output=True, timeout=60, env={**ENV, "PYTHONPATH": HERE})
+    out = subprocess.run(
+        [sys.executable, "run_blocks.py", path],
+        cwd=str(tmp_path),
+        text=True,
+        capture_output=True,
+        timeout=60,
+        env={**ENV, "PYTHONPATH": HERE},
+    )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert r.llen("{wakaq}:q:default") >= 3        # the Tasks block's .delay() calls
+    assert r.llen("{wakaq}:q:default") >= 3  # the Tasks block's .delay() calls
 
 
 def run_with_worker(spec, cwd, setup, until, what, folder):
@@ -437,30 +537,57 @@ def run_with_worker(spec, cwd, setup, until, what, folder):
 def test_the_readme_app_runs_a_plain_task(r, tmp_path):
     line, _, code = readme_blocks()[0]
     assert "wakaq = WakaQ(" in code
-    write(str(tmp_path), "readme_app.py", code.replace("redis://localhost:6379/0", URL)
-          + "\n@wakaq.task\ndef plain():\n    print('plain task ran')\n")
-    log = run_with_worker("readme_app:wakaq", str(tmp_path), "from readme_app import plain; "
-                          "plain.delay()", lambda log: "plain task ran" in log, "the task", str(tmp_path))
+    write(
+        str(tmp_path),
+        "readme_app.py",
+        code.replace("redis://localhost:6379/0", URL)
+        + "\n@wakaq.task\ndef plain():\n    print('plain task ran')\n",
+    )
+    log = run_with_worker(
+        "readme_app:wakaq",
+        str(tmp_path),
+        "from readme_app import plain; plain.delay()",
+        lambda log: "plain task ran" in log,
+        "the task",
+        str(tmp_path),
+    )
     assert "excluded" not in log
 
 
 @slow
 def test_the_example_app_runs_a_plain_task_and_retries_from_task_code(r, tmp_path):
-    log = run_with_worker("examples.tasks:wakaq", HERE, "from examples.tasks import charge, "
-                          "heartbeat; heartbeat.delay(); charge.delay(7)",
-                          lambda log: "charged order 7 after 2 retries" in log, "charge()",
-                          str(tmp_path))
+    log = run_with_worker(
+        "examples.tasks:wakaq",
+        HERE,
+        "from examples.tasks import charge, heartbeat; heartbeat.delay(); charge.delay(7)",
+        lambda log: "charged order 7 after 2 retries" in log,
+        "charge()",
+        str(tmp_path),
+    )
     assert "still alive, attempt 1" in log and "excluded" not in log
 
 
 @slow
-@pytest.mark.parametrize("module, setup, expect", [
-    ("flask", "from examples.flask_app import flask_app; "
-              "print(flask_app.test_client().post('/greet/bob').json)", "hello bob"),
-    ("django", "from examples.django_app import count_tables; count_tables.delay()", "tables:"),
-])
+@pytest.mark.parametrize(
+    "module, setup, expect",
+    [
+        (
+            "flask",
+            "from examples.flask_app import flask_app; "
+            "print(flask_app.test_client().post('/greet/bob').json)",
+            "hello bob",
+        ),
+        ("django", "from examples.django_app import count_tables; count_tables.delay()", "tables:"),
+    ],
+)
 def test_the_flask_and_django_examples_run_their_tasks(r, tmp_path, module, setup, expect):
     pytest.importorskip(module)
-    log = run_with_worker(f"examples.{module}_app:wakaq", HERE, setup,
-                          lambda log: expect in log, expect, str(tmp_path))
+    log = run_with_worker(
+        f"examples.{module}_app:wakaq",
+        HERE,
+        setup,
+        lambda log: expect in log,
+        expect,
+        str(tmp_path),
+    )
     assert "Traceback" not in log and "started" in log, log
