@@ -619,3 +619,46 @@ def settled(r, the_app, procs, timeout=10):
         timeout,
         diag=lambda: f"{leftovers(r, the_app)}\n{procs.tails()}",
     )
+
+
+# ===================================================================== chaos runs
+
+
+def enqueue_chaos(job, rng, n, max_eta):
+    """n calls job.delay(MYID, MS) on the queues high, default and low, a quarter of them
+    delayed by 0.5-max_eta s, MS 5-30; returns {myid: the task id .delay() returned}."""
+    plan = {}  # (queue, eta bucket) -> [(myid, ms)]
+    for i in range(n):
+        queue_name = rng.choice(["high", "default", "low"])
+        eta = rng.choice(range(1, int(max_eta * 2) + 1)) / 2 if rng.random() < 0.25 else None
+        plan.setdefault((queue_name, eta), []).append((f"t{i}", rng.randint(5, 30)))
+    expected = {}
+    for (queue_name, eta), calls in plan.items():
+        ids = job.delay_many(calls, queue=queue_name, eta=eta)
+        expected.update(zip((myid for myid, _ in calls), ids))
+    return expected
+
+
+def check_dead_letters(dead_letters, lost):
+    """Only the tasks whose retries kills used up are dead; every lost task is one of them."""
+    for e in dead_letters:
+        assert e["reason"] in KILL_REASONS, f"dead for a reason other than a kill: {e}"
+        assert e["attempts"] == CHAOS_RETRIES + 1, f"dead before its retries ran out: {e}"
+    assert not lost - {dead_myid(e) for e in dead_letters}, f"lost tasks: {sorted(lost)[:20]}"
+
+
+def check_run_log(lines, expected, run_counts):
+    """Each recorded run carries the id .delay() returned and a plausible attempt number.
+    A task runs again only after a failed attempt was counted (kills, adoption), so the
+    runs of one task never share an attempt number. Returns the number of runs that were
+    retries and {myid: attempts} of the tasks that ran more than once."""
+    twice = {}
+    for line in lines:
+        assert line["id"] == expected[line["myid"]], line
+        assert 1 <= line["attempt"] <= CHAOS_RETRIES + 1, line
+        if run_counts.get(line["myid"], 0) > 1:
+            twice.setdefault(line["myid"], []).append(line["attempt"])
+    assert all(len(set(a)) == len(a) for a in twice.values()), (
+        f"a task ran twice as the same attempt: {twice}"
+    )
+    return sum(line["attempt"] > 1 for line in lines), twice

@@ -27,7 +27,6 @@ import redis
 
 import wakaq
 from conftest import (
-    CHAOS_RETRIES,
     CHAOS_SETTINGS,
     DONE,
     KILL_REASONS,
@@ -38,11 +37,14 @@ from conftest import (
     URL,
     _free_port,
     attempt,
+    check_dead_letters,
+    check_run_log,
     children,
     cli,
     dead,
     dead_myid,
     done_ids,
+    enqueue_chaos,
     duplicates,
     inflight,
     leftovers,
@@ -1009,6 +1011,74 @@ def test_dead_purge_deletes_them(r):
 # ===================================================================== chaos
 
 
+def _kill_a_child(live, rng, spawn):
+    for _ in range(50):  # a child may be between fork and exec
+        kids = [k for p in live for k in children(p.pid)]
+        if kids:
+            break
+        time.sleep(0.05)
+    assert kids, "no worker children to kill\n" + spawn.tails()
+    os.kill(rng.choice(kids), signal.SIGKILL)
+
+
+def _chaos_action(action, r, redis_server, spawn, live, rng):
+    """One chaos action; a worker kill returns the (victim, replacement) workers."""
+    if action == "child":
+        _kill_a_child(live, rng, spawn)
+    elif action == "client_kill":
+        r.execute_command("CLIENT", "KILL", "TYPE", "normal")  # SKIPME yes: not us
+    elif action == "redis_restart":
+        redis_server.restart()  # SIGKILL: a crash; the AOF keeps data
+        assert r.get("test:chaos:sentinel") == b"kept", "redis-server lost its data on restart"
+    elif action == "worker_kill":
+        victim = rng.choice(live)
+        victim.kill()  # parent and children at once
+        live.remove(victim)
+        replacement = spawn("worker", "chaos_app")
+        live.append(replacement)
+        return victim, replacement
+    return None
+
+
+class ChaosSettled:
+    """A wait_for predicate: every task done (or dead by a kill) and nothing queued, delayed
+    or in flight. It fails at once if a long-dead worker's in-flight tasks are not taken
+    back, or if tasks are missing while nothing is left to run them for 5 s."""
+
+    def __init__(self, r, the_app, expected, diag):
+        self.r, self.app, self.expected, self.diag = r, the_app, set(expected), diag
+        self.dead_letters, self.quiet_since = [], None
+
+    def __call__(self):
+        self.dead_letters = dead(self.r)
+        killed = {dead_myid(e) for e in self.dead_letters if e.get("reason") in KILL_REASONS}
+        complete = (done_ids(self.r) | killed) >= self.expected
+        left = leftovers(self.r, self.app)
+        cut_off = time.time() - 3 * self.app.heartbeat_timeout - 5
+        long_dead = {w.decode() for w in self.r.zrangebyscore("{wakaq}:workers", "-inf", cut_off)}
+        if any(k.rpartition(":")[2] in long_dead for k in left):
+            raise AssertionError(
+                "a dead worker's in-flight tasks were not taken back\n" + self.diag()
+            )
+        if left:
+            self.quiet_since = None
+        elif not complete:  # nothing queued, delayed or in flight, yet tasks missing
+            self.quiet_since = self.quiet_since or time.monotonic()
+            if time.monotonic() - self.quiet_since > 5:
+                raise AssertionError("tasks lost: nothing is left to run them\n" + self.diag())
+        return complete and not left
+
+
+def _logs_summary(spawn):
+    logs = "".join(p.log() for p in spawn)
+    print(
+        f"worker logs: {logs.count('task released (worker died)')} tasks released after "
+        f"a kill, {logs.count('taking back')} dead worker(s) taken back, "
+        f"{logs.count('lost Redis')} outages logged, {logs.count('Traceback')} tracebacks"
+    )
+    return logs
+
+
 @slow
 @needs_private
 def test_chaos_kills_restarts_and_disconnects_lose_nothing(r, redis_server, spawn):
@@ -1021,56 +1091,26 @@ def test_chaos_kills_restarts_and_disconnects_lose_nothing(r, redis_server, spaw
     workers_ready(r, survivor_candidates, chaos_app, spawn.tails)
 
     # 2,000 tasks: three priorities, a quarter of them delayed by 0.5-12 s.
-    expected = {}  # myid -> wakaq task id
-    plan = {}  # (queue, eta bucket) -> [(myid, ms)]
-    for i in range(2000):
-        queue_name = rng.choice(["high", "default", "low"])
-        eta = rng.choice(range(1, 25)) / 2 if rng.random() < 0.25 else None
-        plan.setdefault((queue_name, eta), []).append((f"t{i}", rng.randint(5, 30)))
-    for (queue_name, eta), calls in plan.items():
-        ids = chaos_job.delay_many([(myid, ms) for myid, ms in calls], queue=queue_name, eta=eta)
-        expected.update(zip((myid for myid, _ in calls), ids))
+    expected = enqueue_chaos(chaos_job, rng, 2000, 12)
     r.set("test:chaos:sentinel", "kept")
     print(f"enqueued {len(expected)} tasks in {time.monotonic() - started:.1f}s")
 
     actions = ["child"] * 12 + ["client_kill"] * 3 + ["redis_restart", "worker_kill"]
     rng.shuffle(actions)
     live = list(survivor_candidates)
-    counts = dict.fromkeys(["child", "client_kill", "redis_restart", "worker_kill"], 0)
     victim = replacement = None
     chaos_start = time.monotonic()
     for action in actions:
         time.sleep(rng.uniform(0.15, 0.6))  # a bounded random pause between actions
-        if action == "child":
-            for _ in range(50):  # a child may be between fork and exec
-                kids = [(p, k) for p in live for k in children(p.pid)]
-                if kids:
-                    break
-                time.sleep(0.05)
-            assert kids, "no worker children to kill\n" + spawn.tails()
-            _, kid = rng.choice(kids)
-            os.kill(kid, signal.SIGKILL)
-        elif action == "client_kill":
-            r.execute_command("CLIENT", "KILL", "TYPE", "normal")  # SKIPME yes: not us
-        elif action == "redis_restart":
-            redis_server.restart()  # SIGKILL: a crash; the AOF keeps data
-            assert r.get("test:chaos:sentinel") == b"kept", "redis-server lost its data on restart"
-        elif action == "worker_kill":
-            victim = rng.choice(live)
-            victim.kill()  # parent and children at once
-            live.remove(victim)
-            replacement = spawn("worker", "chaos_app")
-            live.append(replacement)
-        counts[action] += 1
+        killed = _chaos_action(action, r, redis_server, spawn, live, rng)
+        if killed:
+            victim, replacement = killed
+    survivor = next(p for p in survivor_candidates if p is not victim)
     left_at_end = len(expected) - r.scard(DONE)
     print(
-        f"chaos actions {counts} in {time.monotonic() - chaos_start:.1f}s; "
+        f"chaos actions {actions} in {time.monotonic() - chaos_start:.1f}s; "
         f"{left_at_end} tasks were not done yet when the chaos ended"
     )
-    assert counts["child"] >= 10 and counts["worker_kill"] == 1
-
-    survivor = next(p for p in survivor_candidates if p is not victim)
-    deadline_left = max(10.0, 105 - (time.monotonic() - started))
 
     def diag():
         missing = sorted(set(expected) - done_ids(r))
@@ -1080,32 +1120,10 @@ def test_chaos_kills_restarts_and_disconnects_lose_nothing(r, redis_server, spaw
             f"{r.zrange(chaos_app.workers_key, 0, -1, withscores=True)}\n{spawn.tails()}"
         )
 
-    dead_letters, quiet_since = [], None
-
-    def finished():
-        nonlocal dead_letters, quiet_since
-        dead_letters = dead(r)
-        dead_myids = {dead_myid(e) for e in dead_letters if e.get("reason") in KILL_REASONS}
-        complete = (done_ids(r) | dead_myids) >= set(expected)
-        left = leftovers(r, chaos_app)
-        long_dead = {
-            w.decode()
-            for w in r.zrangebyscore(
-                "{wakaq}:workers", "-inf", time.time() - 3 * chaos_app.heartbeat_timeout - 5
-            )
-        }
-        if any(k.rpartition(":")[2] in long_dead for k in left):
-            raise AssertionError("a dead worker's in-flight tasks were not taken back\n" + diag())
-        if left:
-            quiet_since = None
-        elif not complete:  # nothing queued, delayed or in flight, yet tasks missing
-            quiet_since = quiet_since or time.monotonic()
-            if time.monotonic() - quiet_since > 5:
-                raise AssertionError("tasks lost: nothing is left to run them\n" + diag())
-        return complete and not left
-
+    settled_now = ChaosSettled(r, chaos_app, expected, diag)
+    deadline_left = max(10.0, 105 - (time.monotonic() - started))
     wait_for(
-        finished,
+        settled_now,
         "every task done and nothing queued or in flight",
         deadline_left,
         interval=0.05,
@@ -1117,31 +1135,12 @@ def test_chaos_kills_restarts_and_disconnects_lose_nothing(r, redis_server, spaw
     lost = set(expected) - done
     print(
         f"chaos: {len(done)} done, {len(lost)} lost, {dup} duplicates, "
-        f"{len(dead_letters)} dead, {time.monotonic() - started:.1f}s in all"
+        f"{len(settled_now.dead_letters)} dead, {time.monotonic() - started:.1f}s in all"
     )
-
-    for e in dead_letters:  # only tasks whose retries kills used up
-        assert e["reason"] in KILL_REASONS, f"dead for a reason other than a kill: {e}"
-        assert e["attempts"] == CHAOS_RETRIES + 1, f"dead before its retries ran out: {e}"
-    assert not lost - {dead_myid(e) for e in dead_letters}, f"lost tasks: {sorted(lost)[:20]}"
-
-    # Each recorded run carries the id .delay() returned and a plausible attempt number;
-    # the kills hit running tasks, so some ran again as a later attempt.
-    lines = run_log(r)
-    for line in lines:
-        assert line["id"] == expected[line["myid"]], line
-        assert 1 <= line["attempt"] <= CHAOS_RETRIES + 1, line
-    retried = sum(line["attempt"] > 1 for line in lines)
-    twice = {}
-    for line in lines:
-        if run_counts.get(line["myid"], 0) > 1:
-            twice.setdefault(line["myid"], []).append(line["attempt"])
+    check_dead_letters(settled_now.dead_letters, lost)
+    # the kills hit running tasks, so some ran again as a later attempt
+    retried, twice = check_run_log(run_log(r), expected, run_counts)
     print(f"{retried} runs were retries (attempt > 1); attempts of the duplicated: {twice}")
-    # A task runs again only after a failed attempt was counted (kills, adoption; no stop
-    # here), so the runs of one task never share an attempt number.
-    assert all(len(set(a)) == len(a) for a in twice.values()), (
-        f"a task ran twice as the same attempt: {twice}"
-    )
     assert retried, "no kill hit a running task: the chaos did not test anything"
 
     # The survivor and the replacement still run and heartbeat; the victim was taken back.
@@ -1158,12 +1157,7 @@ def test_chaos_kills_restarts_and_disconnects_lose_nothing(r, redis_server, spaw
         15,
         diag=diag,
     )
-    logs = "".join(p.log() for p in spawn)
-    print(
-        f"worker logs: {logs.count('task released (worker died)')} tasks released after "
-        f"a kill, {logs.count('taking back')} dead worker(s) taken back, "
-        f"{logs.count('lost Redis')} outages logged, {logs.count('Traceback')} tracebacks"
-    )
+    logs = _logs_summary(spawn)
     assert "Traceback" not in logs, (
         "a worker process crashed or a task failed\n" + logs[logs.index("Traceback") - 300 :][:3000]
     )
@@ -1190,10 +1184,12 @@ def test_deploy_sigterm_while_tasks_run_loses_and_repeats_nothing(r, spawn):
     deploy_job.delay_many(calls[:200])
     deploy_job.delay_many(calls[200:], eta=1.5)
 
-    for generation in range(2):  # two deploys in a row
+    for _ in range(2):  # two deploys in a row
         target = len(done_ids(r)) + 20
         wait_for(
-            lambda: len(done_ids(r)) >= target and sum(len(v) for v in inflight(r).values()) >= 2,
+            lambda target=target: (
+                len(done_ids(r)) >= target and sum(len(v) for v in inflight(r).values()) >= 2
+            ),
             "tasks running before the deploy",
             30,
             diag=spawn.tails,
@@ -1363,7 +1359,7 @@ def test_arguments_not_matching_the_signature_are_an_ordinary_task_error(r, spaw
     assert proc.alive()
 
 
-# ===================================================================== flat costs, retry_backoff, log lines
+# ============================================================ flat costs, retry_backoff, log lines
 
 many_app = WakaQ(
     queues=[(i, f"q{i}") for i in range(100)],

@@ -36,7 +36,6 @@ import redis
 
 import wakaq
 from conftest import (
-    CHAOS_RETRIES,
     CHAOS_SETTINGS,
     ENV,
     HERE,
@@ -47,11 +46,14 @@ from conftest import (
     RedisServer,
     _free_port,
     attempt,
+    check_dead_letters,
+    check_run_log,
     children,
     dead,
     dead_myid,
     done_ids,
     duplicates,
+    enqueue_chaos,
     inflight,
     kill_pids,
     leftovers,
@@ -705,7 +707,7 @@ def test_a_claim_whose_reply_is_lost_is_handed_out_again(r, spawn, tmp_path):
         server.stop()
 
 
-# ===================================================================== crash during a stop; stop during an outage
+# ======================================================= crash during a stop; stop during an outage
 
 
 @slow
@@ -817,7 +819,7 @@ def test_children_of_a_dead_parent_claim_nothing_and_exit(r, spawn):
         kill_pids(p for p in kids if pid_alive(p))
 
 
-# ===================================================================== memory guard: the process's own cgroup
+# ================================================== memory guard: the process's own cgroup
 #
 # Contract: _mem_percent(root="/sys/fs/cgroup",
 # proc="/proc/self") reads PROC/cgroup ("0::/PATH" for v2; "N:memory[,...]:/PATH" for v1,
@@ -866,7 +868,9 @@ CGROUP_TREES = {
             "sys/fs/cgroup/system.slice/memory.stat": "anon 600000\ninactive_file 100000\n",
             "sys/fs/cgroup/system.slice/app.service/memory.max": "1000000\n",
             "sys/fs/cgroup/system.slice/app.service/memory.current": "600000\n",
-            "sys/fs/cgroup/system.slice/app.service/memory.stat": "anon 500000\nfile 100000\nactive_file 0\ninactive_file 100000\n",
+            "sys/fs/cgroup/system.slice/app.service/memory.stat": (
+                "anon 500000\nfile 100000\nactive_file 0\ninactive_file 100000\n"
+            ),
         },
         50.0,
     ),
@@ -899,7 +903,10 @@ CGROUP_TREES = {
             "sys/fs/cgroup/memory/memory.stat": "inactive_file 0\ntotal_inactive_file 0\n",
             "sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes": "1000000\n",
             "sys/fs/cgroup/memory/docker/abc/memory.usage_in_bytes": "800000\n",
-            "sys/fs/cgroup/memory/docker/abc/memory.stat": "cache 300000\ninactive_file 50000\ntotal_cache 300000\ntotal_inactive_file 300000\n",
+            "sys/fs/cgroup/memory/docker/abc/memory.stat": (
+                "cache 300000\ninactive_file 50000\n"
+                "total_cache 300000\ntotal_inactive_file 300000\n"
+            ),
         },
         50.0,
     ),
@@ -927,7 +934,7 @@ def test_memory_guard_reads_the_process_own_cgroup(tmp_path, case):
         assert got == pytest.approx(expected), case
 
 
-# ===================================================================== chaos with a skewed clock and a long outage
+# ====================================================== chaos with a skewed clock and a long outage
 
 
 @slow
@@ -943,14 +950,7 @@ def test_chaos_with_a_skewed_worker_and_a_long_outage_loses_nothing(r, redis_ser
     workers = [plain, skewed]
     workers_ready(r, workers, chaos_app, spawn.tails)
 
-    expected, plan = {}, {}
-    for i in range(600):
-        queue_name = rng.choice(["high", "default", "low"])
-        eta = rng.choice(range(1, 13)) / 2 if rng.random() < 0.25 else None
-        plan.setdefault((queue_name, eta), []).append((f"t{i}", rng.randint(5, 30)))
-    for (queue_name, eta), calls in plan.items():
-        ids = chaos_job.delay_many(calls, queue=queue_name, eta=eta)
-        expected.update(zip((myid for myid, _ in calls), ids))
+    expected = enqueue_chaos(chaos_job, rng, 600, 6)
 
     actions = ["child"] * 6 + ["client_kill"]
     rng.shuffle(actions)
@@ -1010,25 +1010,14 @@ def test_chaos_with_a_skewed_worker_and_a_long_outage_loses_nothing(r, redis_ser
         f"chaos: {len(done)} done, {len(lost)} lost, {dup} duplicates, "
         f"{len(dead_letters)} dead, {time.monotonic() - started:.1f}s in all"
     )
-    for e in dead_letters:
-        assert e["reason"] in KILL_REASONS, f"dead for a reason other than a kill: {e}"
-        assert e["attempts"] == CHAOS_RETRIES + 1, f"dead before its retries ran out: {e}"
-    assert not lost - {dead_myid(e) for e in dead_letters}, f"lost: {sorted(lost)[:20]}"
+    check_dead_letters(dead_letters, lost)
     logs = all_logs(spawn)
     # No worker died, so none may be presumed dead: not the skewed one, not after the outage.
     assert "taking back" not in logs, "a live worker's tasks were taken back\n" + "\n".join(
         line for line in logs.splitlines() if "taking back" in line
     )
-    lines = run_log(r)
-    twice = {}
-    for line in lines:
-        assert line["id"] == expected[line["myid"]], line
-        if run_counts.get(line["myid"], 0) > 1:
-            twice.setdefault(line["myid"], []).append(line["attempt"])
+    _, twice = check_run_log(run_log(r), expected, run_counts)
     print(f"attempts of the duplicated: {twice}")
-    assert all(len(set(a)) == len(a) for a in twice.values()), (
-        f"a task ran twice as the same attempt: {twice}"
-    )
     assert plain.alive() and skewed.alive(), spawn.tails()
     skewed_runs = len(re.findall(r"\bdone\b", skewed.log()))
     print(f"the skewed worker logged {skewed_runs} finished attempts")

@@ -357,6 +357,35 @@ def test_async_concurrency_accepts_ints_and_cores_expressions_and_names_bad_ones
 # ===================================================================== soft timeouts
 
 
+def _racy_problems(myid, ids_raised, ids_dead, started, soft):
+    """What is wrong with the outcome of racy task `myid`: it ended once (raised at one
+    attempt, or dead-lettered after its last), attempts started once each up to the final
+    one, and SoftTimeout was seen only in attempts that timed out."""
+    if len(ids_raised) + len(ids_dead) != 1:
+        return [
+            f"{myid}: raised at attempts {ids_raised}, dead-lettered "
+            f"{[(e['attempts'], e['reason']) for e in ids_dead]}"
+        ]
+    problems = []
+    s = sorted(started)
+    last = ids_raised[0] if ids_raised else RACY_RETRIES + 1
+    if ids_dead and ids_dead[0]["attempts"] != last:
+        problems.append(f"{myid}: dead after {ids_dead[0]['attempts']} attempts")
+    if (
+        len(s) != len(set(s))
+        or not set(s) <= set(range(1, last + 1))
+        or (ids_raised and last not in s)
+    ):
+        problems.append(f"{myid}: attempts started {s}, final outcome at attempt {last}")
+    failed = set(range(1, last)) if ids_raised else set(range(1, last + 1))
+    if not set(soft.get(myid, [])) <= failed:
+        problems.append(
+            f"{myid}: SoftTimeout seen in attempts {soft[myid]}, "
+            f"but only {sorted(failed)} timed out"
+        )
+    return problems
+
+
 @slow
 def test_300_soft_timeouts_landing_anywhere_never_crash_a_child_and_each_task_ends_once(r, workers):
     n = 300
@@ -414,31 +443,13 @@ def test_300_soft_timeouts_landing_anywhere_never_crash_a_child_and_each_task_en
         started.setdefault(myid, []).append(att)
     for myid, att in runs(r, "racy_soft"):
         soft.setdefault(myid, []).append(att)
-    problems = []
-    for myid in range(n):
-        ids_raised, ids_dead = raised.get(myid, []), dead.get(myid, [])
-        s = sorted(started.get(myid, []))
-        if len(ids_raised) + len(ids_dead) != 1:
-            problems.append(
-                f"{myid}: raised at attempts {ids_raised}, dead-lettered "
-                f"{[(e['attempts'], e['reason']) for e in ids_dead]}"
-            )
-            continue
-        last = ids_raised[0] if ids_raised else RACY_RETRIES + 1
-        if ids_dead and ids_dead[0]["attempts"] != last:
-            problems.append(f"{myid}: dead after {ids_dead[0]['attempts']} attempts")
-        if (
-            len(s) != len(set(s))
-            or not set(s) <= set(range(1, last + 1))
-            or (ids_raised and last not in s)
-        ):
-            problems.append(f"{myid}: attempts started {s}, final outcome at attempt {last}")
-        failed = set(range(1, last)) if ids_raised else set(range(1, last + 1))
-        if not set(soft.get(myid, [])) <= failed:
-            problems.append(
-                f"{myid}: SoftTimeout seen in attempts {soft[myid]}, "
-                f"but only {sorted(failed)} timed out"
-            )
+    problems = [
+        problem
+        for myid in range(n)
+        for problem in _racy_problems(
+            myid, raised.get(myid, []), dead.get(myid, []), started.get(myid, []), soft
+        )
+    ]
     assert not problems, f"{len(problems)} tasks: " + "; ".join(problems[:20])
     # the race was really exercised: both outcomes and some retries happened
     assert raised and dead and any(len(v) > 1 for v in started.values())

@@ -301,7 +301,8 @@ def ghost():
 VALUES = [Decimal("1.50"), datetime(2024, 2, 29, 23, 59, 58, 123456), date(2024, 2, 29),
           timedelta(days=-1, seconds=5, microseconds=7), b"\\x00\\xffwakaq", {3, 1, 2},
           datetime(2024, 1, 1, 12, tzinfo=timezone(timedelta(hours=2))),
-          uuid.UUID("12345678-1234-5678-1234-567812345678"), [Decimal("2"), {"d": date(2000, 1, 1)}]]
+          uuid.UUID("12345678-1234-5678-1234-567812345678"),
+          [Decimal("2"), {"d": date(2000, 1, 1)}]]
 if mode == "values":
     check.delay("plain", *VALUES, when=VALUES[1], money=Decimal("-0.001"), blob=b"")
     check.delay("soon", *VALUES, eta=timedelta(seconds=1))
