@@ -86,6 +86,11 @@ for _kind in ("worker", "scheduler"):
         f"WAKAQ_TEST_{_kind.upper()}_LOG",
         os.path.join(tempfile.gettempdir(), f"wakaq-test-{os.getpid()}-{_kind}.log"),
     )
+# test_wakaq.GuardedApp's memory guard holds while this file exists (workers see it too)
+MEM_FLAG = os.environ.setdefault(
+    "WAKAQ_TEST_MEM_FLAG",
+    os.path.join(tempfile.gettempdir(), f"wakaq-test-{os.getpid()}-memory-high"),
+)
 PRIVATE = bool(os.environ.get("WAKAQ_TEST_PORT"))
 URL = os.environ["WAKAQ_TEST_URL"] or "redis://127.0.0.1:1/0"  # unreachable: tests skip
 LOG_FILE = os.environ["WAKAQ_TEST_WORKER_LOG"]

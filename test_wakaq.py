@@ -17,7 +17,6 @@ import random
 import re
 import signal
 import sys
-import tempfile
 import time
 from datetime import date, datetime, timedelta, timezone
 from urllib.parse import urlparse
@@ -32,6 +31,7 @@ from conftest import (
     KILL_REASONS,
     LENS,
     LOG_FILE,
+    MEM_FLAG,
     SCHED_LOG_FILE,
     STARTED,
     URL,
@@ -64,11 +64,6 @@ from conftest import (
     workers_ready,
 )
 from wakaq import CronTask, Queue, SoftTimeout, WakaQ, current_task
-
-MEM_FLAG = os.environ.setdefault(  # see GuardedApp
-    "WAKAQ_TEST_MEM_FLAG",
-    os.path.join(tempfile.gettempdir(), f"wakaq-test-{os.getpid()}-memory-high"),
-)
 
 
 def info_json():

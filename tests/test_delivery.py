@@ -303,7 +303,7 @@ def test_a_skewed_worker_takes_no_live_task_and_a_skewed_producer_eta_uses_redis
 
     # Delayed tasks from producers whose clocks are 60 s ahead and 60 s behind: each runs
     # about 3 s after .delay() returns (B, the idle worker, 120 s ahead, runs them).
-    code = "import sys, test_delivery as t; print(t.stamp.delay(sys.argv[1], eta=3))"
+    code = "import sys, tests.test_delivery as t; print(t.stamp.delay(sys.argv[1], eta=3))"
     enqueued = {}
     for tag, offset in (("ahead", "+60s"), ("behind", "-60s")):
         out = subprocess.run(

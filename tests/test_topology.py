@@ -74,12 +74,25 @@ def _bindable(port):
             return False
 
 
+def _ephemeral_start():
+    """The first port of the kernel's range for outgoing connections: a port in it may be
+    taken by a client socket between the pick and the server's start."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _pick_ports():
-    """Free ports in 20000-28999; a cluster node's bus port (+10000) must be free too."""
-    rng, chosen = random.Random(), []
+    """Free ports below the ephemeral range, from 20000; a cluster node's bus port
+    (+10000) must be free and below that range too."""
+    rng, chosen, start = random.Random(), [], _ephemeral_start()
+    top, node_top = (29000, 22000) if start < 23000 else (min(start, 29000), start - 10000)
     while len(chosen) < len(_NAMES):
-        p = rng.randrange(20000, 29000)
-        bus_ok = len(chosen) >= N_CLUSTER or _bindable(p + 10000)
+        node = len(chosen) < N_CLUSTER
+        p = rng.randrange(20000, node_top if node else top)
+        bus_ok = not node or _bindable(p + 10000)
         if p not in chosen and _bindable(p) and bus_ok:
             chosen.append(p)
     return chosen
