@@ -1,23 +1,13 @@
-"""Tests for wakaq.py: a private real Redis, real worker processes, real signals.
+"""The core suite: wakaq.py against one private redis-server (see conftest.py), real worker
+and scheduler processes, real signals.
 
     python -m pytest -q test_wakaq.py
 
-Redis: the session starts its own `redis-server --port N --save "" --appendonly yes
---appendfsync always` in a temp dir on a free port (AOF, so that a crash-restart keeps
-every acknowledged write; it costs this suite well under a second) and flushes it before
-each test. Without a `redis-server` binary the tests use WAKAQ_TEST_REDIS_URL (only
-`wakaq:*` and `test:*` keys are deleted there, and the Redis-restart tests are skipped);
-with neither they are skipped, unless CI is set, when they fail. The URL is fixed at
-import time and passed to worker processes in WAKAQ_TEST_URL, because they import the
-apps below as `test_wakaq:APP`.
-
-Process tests (marked `slow`; run by default, `-m "not slow"` leaves them out) start
-`python wakaq.py worker|scheduler ...` in their own process group, wait on an observable
-outcome with a deadline (a Redis key, an exit code, a log line) and always stop their
-processes in teardown. Tasks record what happened in `test:*` lists; the chaos, deploy
-and bad-input tasks record each finished run at the end of their body (see _record).
-Pure tests at the top need no Redis.
+The apps below are imported by worker processes as `test_wakaq:APP` (spawn("worker",
+"APP")). Process tests are marked `slow` (run by default; `-m "not slow"` leaves them
+out); pure tests at the top need no Redis.
 """
+
 import asyncio
 import decimal
 import json
@@ -25,352 +15,71 @@ import logging
 import os
 import random
 import re
-import shutil
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from datetime import date, datetime, timedelta, timezone
 from urllib.parse import urlparse
 
 import pytest
 import redis
-from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.retry import Retry
 
 import wakaq
+from conftest import (
+    CHAOS_SETTINGS,
+    DONE,
+    KILL_REASONS,
+    LENS,
+    LOG_FILE,
+    MEM_FLAG,
+    SCHED_LOG_FILE,
+    STARTED,
+    URL,
+    _free_port,
+    attempt,
+    check_dead_letters,
+    check_run_log,
+    children,
+    cli,
+    dead,
+    dead_myid,
+    done_ids,
+    enqueue_chaos,
+    duplicates,
+    inflight,
+    leftovers,
+    needs_private,
+    queue,
+    read_file,
+    rec,
+    record_run,
+    registered_pids,
+    run_log,
+    runs,
+    settled,
+    sleep_then_record,
+    slow,
+    task_redis,
+    wait_for,
+    workers_ready,
+)
 from wakaq import CronTask, Queue, SoftTimeout, WakaQ, current_task
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-REDIS_SERVER = shutil.which("redis-server")
-slow = pytest.mark.slow
-
-
-# ===================================================================== harness
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-if "WAKAQ_TEST_URL" not in os.environ:     # the pytest process decides; workers inherit
-    if REDIS_SERVER:
-        os.environ["WAKAQ_TEST_PORT"] = str(_free_port())
-        os.environ["WAKAQ_TEST_URL"] = f"redis://127.0.0.1:{os.environ['WAKAQ_TEST_PORT']}/0"
-    else:
-        os.environ["WAKAQ_TEST_URL"] = os.environ.get("WAKAQ_TEST_REDIS_URL", "")
-for kind in ("worker", "scheduler"):
-    os.environ.setdefault(f"WAKAQ_TEST_{kind.upper()}_LOG", os.path.join(
-        tempfile.gettempdir(), f"wakaq-test-{os.getpid()}-{kind}.log"))
-PRIVATE = bool(os.environ.get("WAKAQ_TEST_PORT"))
-URL = os.environ["WAKAQ_TEST_URL"] or "redis://127.0.0.1:1/0"   # unreachable: tests skip
-LOG_FILE = os.environ["WAKAQ_TEST_WORKER_LOG"]
-SCHED_LOG_FILE = os.environ["WAKAQ_TEST_SCHEDULER_LOG"]
-MEM_FLAG = os.environ.setdefault("WAKAQ_TEST_MEM_FLAG", os.path.join(   # see GuardedApp
-    tempfile.gettempdir(), f"wakaq-test-{os.getpid()}-memory-high"))
-needs_private = pytest.mark.skipif(not PRIVATE, reason="needs the private redis-server")
-
-
-def wait_for(predicate, what, timeout=15.0, interval=0.02, diag=None):
-    """Poll predicate() until it is true; fail naming `what` (and diag()) at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            extra = f"\n{diag()}" if diag else ""
-            raise AssertionError(f"gave up after {timeout:g}s waiting for {what}{extra}")
-        time.sleep(interval)
-
-
-class RedisServer:
-    """A private redis-server on a fixed port and folder, started with extra `flags`;
-    stop() and start() (or restart()) keep the port, for outage tests."""
-
-    def __init__(self, port, folder, *flags):
-        self.port, self.folder, self.flags, self.proc = port, folder, flags, None
-        self.log = os.path.join(folder, "redis.log")
-
-    def start(self):
-        self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--dir", self.folder, "--logfile", self.log, *self.flags],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
-        client = redis.Redis(port=self.port, socket_timeout=1, retry=Retry(NoBackoff(), 0))
-
-        def up():
-            assert self.proc.poll() is None, \
-                f"redis-server exited with {self.proc.returncode}; see {self.log}"
-            try:
-                return client.ping()
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
-                return False
-        wait_for(up, f"redis-server on port {self.port}", 20)
-        client.close()
-
-    def stop(self, graceful=False):
-        """graceful: SHUTDOWN SAVE; else SIGKILL, a crash (the AOF keeps the data)."""
-        if graceful:     # a raw socket: redis-py would retry the dropped connection
-            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-                s.sendall(b"SHUTDOWN SAVE\r\n")
-                s.recv(100)
-        elif self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-
-    def restart(self, graceful=False):
-        self.stop(graceful)
-        self.start()
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory):
-    if not PRIVATE:
-        if not os.environ["WAKAQ_TEST_URL"]:
-            if os.environ.get("CI"):
-                pytest.fail("no redis-server binary and no WAKAQ_TEST_REDIS_URL under CI")
-            pytest.skip("no redis-server binary and no WAKAQ_TEST_REDIS_URL")
-        yield None
-        return
-    if _SERVER:                  # other test modules import this fixture: one server for all
-        yield _SERVER[0]
-        return
-    server = RedisServer(int(os.environ["WAKAQ_TEST_PORT"]), str(tmp_path_factory.mktemp("redis")),
-                         "--appendonly", "yes", "--appendfsync", "always")
-    server.start()
-    _SERVER.append(server)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-_SERVER = []      # the one private redis-server (a fixture imported elsewhere is another one)
-
-
-@pytest.fixture
-def r(redis_server):
-    """A client on the test Redis, emptied first; it rides out kills and restarts."""
-    client = redis.Redis.from_url(URL, socket_timeout=10, retry=Retry(
-        ExponentialBackoff(cap=0.5, base=0.05), 40))
-    if PRIVATE:
-        client.flushall()
-    else:
-        for pattern in ("{wakaq}:*", "test:*"):
-            for key in client.scan_iter(pattern):
-                client.delete(key)
-    yield client
-    client.close()
-
-
-# print() must reach the log without help from the environment's buffering settings
-ENV = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-
-
-class Proc:
-    """A `python wakaq.py ...` process in its own process group (the parent and its
-    children); stdout and stderr go to a temp file."""
-
-    def __init__(self, args, folder, env=None):
-        fd, self.log_path = tempfile.mkstemp(prefix="wakaq-", suffix=".log", dir=folder)
-        with os.fdopen(fd, "w") as out:
-            self.popen = subprocess.Popen([sys.executable, "wakaq.py", *args], cwd=HERE,
-                                          stdin=subprocess.DEVNULL, stdout=out, env=env or ENV,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
-        self.pid = self.popen.pid
-
-    def log(self):
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
-
-    def alive(self):
-        return self.popen.poll() is None
-
-    def wait_exit(self, timeout=15.0, diag=None):
-        wait_for(lambda: not self.alive(), f"process {self.pid} to exit", timeout, diag=diag)
-        return self.popen.returncode
-
-    def signal_group(self, sig):
-        try:
-            os.killpg(self.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def kill(self):
-        """SIGKILL the parent and its children at once."""
-        self.signal_group(signal.SIGKILL)
-        self.popen.wait(timeout=10)
-
-    def stop(self):
-        """Stop now (two stop signals), SIGKILL the process group after a deadline."""
-        try:
-            self.signal_group(signal.SIGCONT)          # in case a test left it stopped
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                if self.alive():
-                    os.kill(self.pid, sig)
-                    time.sleep(0.05)
-            try:
-                self.popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        finally:
-            self.kill()                                 # the parent and any stray children
-
-
-class Procs(list):
-    """spawn("worker", "app") starts `python wakaq.py worker test_wakaq:app`; an app name
-    with a colon ("test_delivery:app") is used as it is."""
-
-    def __init__(self, folder):
-        super().__init__()
-        self.folder = folder
-
-    def __call__(self, command, app_name="app", *extra):
-        spec = app_name if ":" in app_name else f"test_wakaq:{app_name}"
-        p = Proc([command, spec, *extra], self.folder)
-        self.append(p)
-        return p
-
-    def tails(self, lines=15):
-        """The end of every process's log, for a failure message."""
-        return "\n".join(f"--- pid {p.pid} (exit {p.popen.poll()}) {p.log_path}\n"
-                         + "\n".join(p.log().splitlines()[-lines:]) for p in self)
-
-
-@pytest.fixture
-def spawn(r, tmp_path):
-    procs = Procs(str(tmp_path))
-    yield procs
-    for p in reversed(procs):
-        p.stop()
-
-
-def cli(*args, timeout=30):
-    return subprocess.run([sys.executable, "wakaq.py", *args], cwd=HERE, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def _list(r, key):
-    return [json.loads(x) for x in r.lrange(key, 0, -1)]
-
-
-def runs(r, key):            # what tasks recorded with rec(key, ...)
-    return _list(r, f"test:{key}")
-
-
-def dead(r):
-    return _list(r, "{wakaq}:dead")
-
-
-def queue(r, name):
-    return _list(r, f"{{wakaq}}:q:{name}")
-
-
-def inflight(r):
-    """Every worker's in-flight hash: {key: {field: payload}} (without the token and start
-    time fields "F:t", "F:s")."""
-    return {k.decode(): {f: v for f, v in r.hgetall(k).items() if not f.endswith((b":t", b":s"))}
-            for k in r.scan_iter("{wakaq}:inflight:*")}
-
-
-def read_file(path):
-    if not os.path.exists(path):
-        return ""
-    with open(path, errors="replace") as f:
-        return f.read()
-
-
-@pytest.fixture
-def log_file(request):
-    """Remove a log file before and after the test."""
-    path = request.param
-    if os.path.exists(path):
-        os.remove(path)
-    yield path
-    if os.path.exists(path):
-        os.remove(path)
-
-
-def children(pid):
-    """Live (non-zombie) child pids of `pid`."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            pids = [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-    live = []
-    for p in pids:
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
-                    live.append(p)
-        except (OSError, IndexError):
-            pass
-    return live
-
-
-def registered_pids(r, max_age):
-    """Pids of the workers whose heartbeat in wakaq:workers is at most max_age old
-    (a worker id is HOST.PID.RANDOM)."""
-    now = time.time()
-    return {int(w.decode().rsplit(".", 2)[1])
-            for w, beat in r.zrange("{wakaq}:workers", 0, -1, withscores=True)
-            if now - beat <= max_age}
-
-
-def workers_ready(r, procs, the_app, diag=None, timeout=20):
-    """Wait until each worker heartbeats and has forked all its children."""
-    pids = {p.pid for p in procs}
-    wait_for(lambda: pids <= registered_pids(r, 60) and
-             all(len(children(p)) == the_app.concurrency for p in pids),
-             f"workers {sorted(pids)} to heartbeat and fork", timeout, diag=diag)
 
 
 def info_json():
     return json.loads(cli("info", "test_wakaq:app", "--json").stdout)
 
+
 # ===================================================================== the test apps and tasks
 
-_clients = {}
 
-
-def _task_redis():
-    """The task side's own client, one per process (a forked child makes its own)."""
-    client = _clients.get(os.getpid())
-    if client is None:
-        client = _clients[os.getpid()] = redis.Redis.from_url(
-            URL, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
-    return client
-
-
-def _retrying(command, seconds=15):
-    """command(client) until it succeeds: tasks record through kills and Redis restarts."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            return command(_task_redis())
-        except (redis.ConnectionError, redis.TimeoutError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-def rec(key, *values):
-    """Record what a task saw in the list test:KEY."""
-    _retrying(lambda c: c.rpush(f"test:{key}", json.dumps(values)))
-
-
-def attempt():
-    return current_task()["attempt"]
-
-
-app = WakaQ(queues=[(1, "mid"), "default", (0, "high")], url=URL, concurrency=1,
-            heartbeat_timeout=2, hard_timeout=20)
+app = WakaQ(
+    queues=[(1, "mid"), "default", (0, "high")],
+    url=URL,
+    concurrency=1,
+    heartbeat_timeout=2,
+    hard_timeout=20,
+)
 
 
 @app.task
@@ -420,7 +129,7 @@ def stubborn():
     while time.monotonic() < end:
         try:
             time.sleep(0.05)
-        except Exception as e:          # swallows SoftTimeout: the hard timeout must act
+        except Exception as e:  # swallows SoftTimeout: the hard timeout must act
             rec("caught", type(e).__name__)
 
 
@@ -476,7 +185,7 @@ mem_app.task(note.fn)
 
 @mem_app.task
 def hog(megabytes, seconds):
-    ballast = b"x" * (megabytes << 20)         # resident: this child is the biggest
+    ballast = b"x" * (megabytes << 20)  # resident: this child is the biggest
     rec("started", "hog", attempt(), os.getpid())
     time.sleep(seconds)
     rec("finished", "hog", len(ballast) >> 20, os.getpid())
@@ -499,8 +208,9 @@ def hooked(x, y=0):
     rec("hooks", "task", x, y)
 
 
-excluding_app = WakaQ(queues=[(0, "high"), "default"], url=URL, concurrency=1,
-                      exclude_queues=["high"])
+excluding_app = WakaQ(
+    queues=[(0, "high"), "default"], url=URL, concurrency=1, exclude_queues=["high"]
+)
 excluding_app.task(note.fn)
 
 recycle_app = WakaQ(url=URL, concurrency=1, max_tasks_per_worker=2)
@@ -509,79 +219,50 @@ pid_task = recycle_app.task(lambda: rec("pids", os.getpid()), name="pid_task")
 logfile_app = WakaQ(url=URL, concurrency=1, worker_log_file=LOG_FILE)
 logfile_app.task(chatty.fn)
 
-sched_app = WakaQ(url=URL, concurrency=1, schedules=[CronTask("* * * * * *", "tick")],
-                  scheduler_log_file=SCHED_LOG_FILE)
+sched_app = WakaQ(
+    url=URL,
+    concurrency=1,
+    schedules=[CronTask("* * * * * *", "tick")],
+    scheduler_log_file=SCHED_LOG_FILE,
+)
 sched_app.task(lambda: None, name="tick")
 
 eager_app = WakaQ(url=URL, eager=True)
 eager_add = eager_app.task(lambda a, b: rec("eager", a + b, os.getpid()), name="eager_add")
 
 
-# The chaos, deploy and bad-input tasks record each finished run at the END of their
-# body (SADD DONE MYID, HINCRBY RUNS MYID 1, a JSON line in RUN_LOG with wakaq's task id
-# and attempt), where MYID is an argument the test passed; an interrupted attempt
-# records nothing.
-DONE, RUNS, RUN_LOG, LENS, STARTED = (f"test:chaos:{k}" for k in
-                                      ("done", "runs", "log", "len", "started"))
-KILL_REASONS = {"worker died", "hard timeout"}
-CHAOS_RETRIES = 5
-
-chaos_app = WakaQ(queues=[(0, "high"), (1, "default"), (2, "low")], url=URL, concurrency=2,
-                  heartbeat_timeout=3, max_retries=CHAOS_RETRIES, soft_timeout=20,
-                  hard_timeout=25)
+# The chaos, deploy and bad-input tasks record each finished run with record_run().
+chaos_app = WakaQ(url=URL, **CHAOS_SETTINGS)
+chaos_job = chaos_app.task(sleep_then_record, name="chaos_job")
 deploy_app = WakaQ(queues=["default"], url=URL, concurrency=2, heartbeat_timeout=15)
 bad_app = WakaQ(queues=["default"], url=URL, concurrency=1, heartbeat_timeout=15)
-
-# Record a run once even if a lost reply makes _record() send it again: KEYS = the run
-# tokens set, done set, runs hash, log list; ARGV = run token, myid, log line.
-_RECORD_LUA = """
-if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('SADD', KEYS[2], ARGV[2])
-redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
-redis.call('RPUSH', KEYS[4], ARGV[3])
-return 1
-"""
-
-
-def _record(myid, **extra):
-    """Record one finished run; survives connection kills and a Redis restart."""
-    cur = current_task()
-    token = os.urandom(8).hex()
-    line = json.dumps({"myid": myid, "id": cur["id"], "attempt": cur["attempt"],
-                       "pid": os.getpid(), **extra})
-    _retrying(lambda c: c.eval(_RECORD_LUA, 4, "test:chaos:tokens", DONE, RUNS, RUN_LOG,
-                               token, myid, line))
-
-
-@chaos_app.task
-def chaos_job(myid, ms):
-    time.sleep(ms / 1000)
-    _record(myid)
 
 
 @deploy_app.task
 def deploy_job(myid, ms):
-    _task_redis().incr(STARTED)          # no chaos here: a plain command is enough
+    task_redis().incr(STARTED)  # no chaos here: a plain command is enough
     time.sleep(ms / 1000)
-    _record(myid)
+    record_run(myid)
 
 
 @bad_app.task
 def checkin(myid):
-    _record(myid)
+    record_run(myid)
 
 
 @bad_app.task
 def measure(myid, data):
-    _task_redis().hset(LENS, myid, len(data))
-    _record(myid)
+    task_redis().hset(LENS, myid, len(data))
+    record_run(myid)
 
 
 @bad_app.task
 def two_args(myid, b):
-    _record(myid)
+    record_run(myid)
+
 
 # ===================================================================== pure units, no Redis
+
 
 def test_seconds_accepts_numbers_and_timedeltas_and_keeps_none_and_zero():
     assert wakaq._seconds(2, "x") == 2.0
@@ -658,7 +339,7 @@ def test_serializer_raises_type_error_for_unknown_types_instead_of_str():
             wakaq._dumps(bad)
 
 
-def test_cgroup_text_parses_to_percentages():     # no limit: /proc/meminfo (test_delivery)
+def test_cgroup_text_parses_to_percentages():  # no limit: /proc/meminfo (test_delivery)
     assert wakaq._parse_cgroup("max\n", "12345\n") is None
     assert wakaq._parse_cgroup("2000\n", "500\n") == pytest.approx(25.0)
     # inactive page cache does not count; cgroup v1 says "no limit" with a huge number
@@ -673,8 +354,9 @@ def test_hard_timeout_not_above_soft_timeout_names_both_values():
     with pytest.raises(ValueError, match="hard_timeout"):
         WakaQ(queues=[Queue("q", soft_timeout=3, hard_timeout=3)], url=URL)
     with pytest.raises(ValueError, match="'t'.*hard_timeout"):
-        WakaQ(url=URL).task(lambda: None, name="t", soft_timeout=timedelta(seconds=2),
-                            hard_timeout=1)
+        WakaQ(url=URL).task(
+            lambda: None, name="t", soft_timeout=timedelta(seconds=2), hard_timeout=1
+        )
 
 
 def test_unknown_queue_is_named_in_task_exclude_queues_and_cron_task():
@@ -729,6 +411,7 @@ def test_plain_queue_names_rank_below_numbered_ones_and_the_last_is_the_default(
 
 # ===================================================================== enqueue against real Redis
 
+
 def test_calling_a_task_runs_it_here_and_now(r):
     note("here")
     assert runs(r, "order") == [["here"]] and r.keys("{wakaq}:*") == []
@@ -738,16 +421,26 @@ def test_delay_returns_a_str_id_and_pushes_onto_the_task_queue(r):
     task_id = add.delay(1, b=2)
     assert isinstance(task_id, str) and task_id
     [msg] = queue(r, "default")
-    assert (msg["id"], msg["name"], msg["args"], msg["kwargs"], msg["retry"]) == \
-        (task_id, "add", [1], {"b": 2}, 0)
+    assert (msg["id"], msg["name"], msg["args"], msg["kwargs"], msg["retry"]) == (
+        task_id,
+        "add",
+        [1],
+        {"b": 2},
+        0,
+    )
     add.delay(3, 4, queue="high")
     assert [m["args"] for m in queue(r, "high")] == [[3, 4]]
 
 
 def test_host_port_and_db_settings_reach_the_same_redis_as_url(r):
     u = urlparse(URL)
-    other = WakaQ(host=u.hostname, port=u.port or 6379, db=int(u.path.strip("/") or 0),
-                  username=u.username, password=u.password)
+    other = WakaQ(
+        host=u.hostname,
+        port=u.port or 6379,
+        db=int(u.path.strip("/") or 0),
+        username=u.username,
+        password=u.password,
+    )
     other.task(add.fn)
     task_id = other.tasks["add"].delay(1, 2)
     assert [m["id"] for m in queue(r, "default")] == [task_id]
@@ -757,11 +450,13 @@ def test_eta_puts_the_task_in_the_delayed_set_at_its_due_time(r):
     now = time.time()
     add.delay(1, 1, eta=60)
     add.delay(2, 2, eta=timedelta(seconds=30))
-    add.delay(3, 3, eta=datetime(2030, 1, 1, 12, 0))                # naive = UTC
+    add.delay(3, 3, eta=datetime(2030, 1, 1, 12, 0))  # naive = UTC
     add.delay(4, 4, eta=datetime(2030, 1, 1, 14, 0, tzinfo=timezone(timedelta(hours=2))))
     assert r.llen("{wakaq}:q:default") == 0
-    scores = {tuple(json.loads(p)["args"]): s
-              for p, s in r.zrange("{wakaq}:eta:default", 0, -1, withscores=True)}
+    scores = {
+        tuple(json.loads(p)["args"]): s
+        for p, s in r.zrange("{wakaq}:eta:default", 0, -1, withscores=True)
+    }
     assert scores[(1, 1)] == pytest.approx(now + 60, abs=2)
     assert scores[(2, 2)] == pytest.approx(now + 30, abs=2)
     noon_utc = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc).timestamp()
@@ -780,8 +475,11 @@ def test_two_identical_delayed_calls_are_two_tasks(r):
 def test_delay_many_enqueues_every_call_and_returns_their_ids(r):
     ids = add.delay_many([(1, 2), [3, 4], {"args": [5], "kwargs": {"b": 6}}])
     assert len(ids) == 3 and len(set(ids)) == 3
-    assert [(m["id"], m["args"], m["kwargs"]) for m in queue(r, "default")] == \
-        [(ids[0], [1, 2], {}), (ids[1], [3, 4], {}), (ids[2], [5], {"b": 6})]
+    assert [(m["id"], m["args"], m["kwargs"]) for m in queue(r, "default")] == [
+        (ids[0], [1, 2], {}),
+        (ids[1], [3, 4], {}),
+        (ids[2], [5], {"b": 6}),
+    ]
 
 
 def test_delay_with_an_unserializable_argument_raises_and_enqueues_nothing(r):
@@ -826,14 +524,17 @@ def test_broadcast_runs_once_on_each_live_worker_and_returns_their_number(r, spa
 
 # ===================================================================== worker behaviour
 
+
 @slow
 def test_a_delayed_task_runs_in_a_worker_child(r, spawn):
     w = spawn("worker")
     add.delay(2, 3)
     [[a, b, n, pid, ppid]] = wait_for(lambda: runs(r, "add"), "add to run")
     assert (a, b, n, ppid) == (2, 3, 1, w.pid) and pid != w.pid
-    wait_for(lambda: r.keys("{wakaq}:q:*") == [] and not any(inflight(r).values()),
-             "the task to leave Redis")
+    wait_for(
+        lambda: r.keys("{wakaq}:q:*") == [] and not any(inflight(r).values()),
+        "the task to leave Redis",
+    )
 
 
 @slow
@@ -848,8 +549,14 @@ def test_a_due_eta_task_runs_and_a_future_one_waits(r, spawn):
 
 @slow
 def test_the_lower_priority_number_is_served_first(r, spawn):
-    for q, tag in (("default", "d1"), ("mid", "m1"), ("high", "h1"), ("default", "d2"),
-                   ("mid", "m2"), ("high", "h2")):
+    for q, tag in (
+        ("default", "d1"),
+        ("mid", "m1"),
+        ("high", "h1"),
+        ("default", "d2"),
+        ("mid", "m2"),
+        ("high", "h2"),
+    ):
         note.delay(tag, queue=q)
     spawn("worker")
     wait_for(lambda: len(runs(r, "order")) == 6, "six tasks to run")
@@ -870,9 +577,13 @@ def test_hooks_run_in_the_child_around_each_task_and_the_wrapper_runs_it(r, spaw
     wait_for(lambda: ["after"] in runs(r, "hooks"), "after_task_finished")
     events = runs(r, "hooks")
     [started] = [e for e in events if e[0] == "started"]
-    assert started[2] == w.pid and started[1] != w.pid           # in the child, after fork
+    assert started[2] == w.pid and started[1] != w.pid  # in the child, after fork
     assert [e for e in events if e[0] != "started"] == [
-        ["before"], ["wrap", "hooked", [1], {"y": 2}, "list", "dict"], ["task", 1, 2], ["after"]]
+        ["before"],
+        ["wrap", "hooked", [1], {"y": 2}, "list", "dict"],
+        ["task", 1, 2],
+        ["after"],
+    ]
 
 
 @slow
@@ -883,8 +594,12 @@ def test_soft_timeout_raises_inside_the_task_retries_at_the_end_then_dead_letter
     [entry] = wait_for(lambda: dead(r), "the dead letter")
     assert runs(r, "soft") == [[1], [2]]
     assert [t for [t] in runs(r, "order")] == ["too_slow:1", "after", "too_slow:2"]
-    assert (entry["name"], entry["queue"], entry["attempts"], entry["reason"]) == \
-        ("too_slow", "default", 2, "soft timeout")
+    assert (entry["name"], entry["queue"], entry["attempts"], entry["reason"]) == (
+        "too_slow",
+        "default",
+        2,
+        "soft timeout",
+    )
 
 
 @slow
@@ -923,7 +638,7 @@ def test_kill_9_of_a_child_mid_task_retries_the_task_in_a_new_child(r, spawn):
     sleeps_on_first_attempt.delay()
     [[n, pid, _]] = wait_for(lambda: runs(r, "attempts"), "the first attempt")
     assert n == 1 and r.llen("{wakaq}:q:default") == 0
-    [running] = inflight(r).values()                 # in Redis until its attempt ends
+    [running] = inflight(r).values()  # in Redis until its attempt ends
     assert [json.loads(p)["name"] for p in running.values()] == ["sleeps_on_first_attempt"]
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: len(runs(r, "attempts")) == 2, "the second attempt")
@@ -935,7 +650,7 @@ def test_kill_9_of_a_child_mid_task_retries_the_task_in_a_new_child(r, spawn):
 @slow
 def test_a_child_killed_on_its_last_attempt_is_dead_lettered_as_worker_died(r, spawn):
     w = spawn("worker")
-    sleepy.delay(30, "doomed")                       # max_retries 0
+    sleepy.delay(30, "doomed")  # max_retries 0
     [[_, _, pid]] = wait_for(lambda: runs(r, "started"), "the task to start")
     os.kill(pid, signal.SIGKILL)
     [entry] = wait_for(lambda: dead(r), "the dead letter")
@@ -964,10 +679,14 @@ def test_a_worker_cut_off_longer_than_heartbeat_timeout_has_its_task_taken_back(
     assert (n, ppid) == (1, a.pid)
     b = spawn("worker")
     workers_ready(r, [a, b], app, spawn.tails)
-    a.signal_group(signal.SIGSTOP)      # A's parent and child fall silent, connections open
+    a.signal_group(signal.SIGSTOP)  # A's parent and child fall silent, connections open
     try:
-        wait_for(lambda: len(runs(r, "started")) == 2, "worker B to take the task back", 15,
-                 diag=spawn.tails)
+        wait_for(
+            lambda: len(runs(r, "started")) == 2,
+            "worker B to take the task back",
+            15,
+            diag=spawn.tails,
+        )
         assert a.pid not in registered_pids(r, float("inf")), "A's heartbeat entry is left"
     finally:
         a.signal_group(signal.SIGCONT)
@@ -975,9 +694,11 @@ def test_a_worker_cut_off_longer_than_heartbeat_timeout_has_its_task_taken_back(
     assert (n2, ppid2) == (2, b.pid)
     assert "taking back its 1 task(s)" in b.log()
     # A carries on: its child finishes the old attempt too (at least once allows it) ...
-    wait_for(lambda: sorted(runs(r, "finished")) == [["cut-off", 1, a_child],
-                                                     ["cut-off", 2, b_child]],
-             "both attempts to finish", diag=spawn.tails)
+    wait_for(
+        lambda: sorted(runs(r, "finished")) == [["cut-off", 1, a_child], ["cut-off", 2, b_child]],
+        "both attempts to finish",
+        diag=spawn.tails,
+    )
     # ... and A heartbeats again and serves: a broadcast reaches both workers
     wait_for(lambda: info_json()["workers"] == 2, "worker A to heartbeat again")
     assert registered_pids(r, app.heartbeat_timeout) == {a.pid, b.pid}
@@ -992,7 +713,8 @@ def test_a_worker_cut_off_longer_than_heartbeat_timeout_has_its_task_taken_back(
 
 @slow
 def test_memory_guard_stops_only_the_biggest_child_after_its_task_and_forks_none_while_high(
-        r, spawn):
+    r, spawn
+):
     w = spawn("worker", "mem_app")
     workers_ready(r, [w], mem_app, spawn.tails)
     hog.delay(100, 2.0)
@@ -1000,19 +722,19 @@ def test_memory_guard_stops_only_the_biggest_child_after_its_task_and_forks_none
     [other] = set(children(w.pid)) - {hog_pid}
     stops = r"memory at \d+% \(max_mem_percent=1\): stopping child (\d+)"
     try:
-        open(MEM_FLAG, "w").close()        # memory is now above max_mem_percent
+        open(MEM_FLAG, "w").close()  # memory is now above max_mem_percent
         first = wait_for(lambda: re.search(stops, w.log()), "the memory guard's log line", 5)
         assert int(first[1]) == hog_pid, "the guard did not pick the largest RSS"
         wait_for(lambda: children(w.pid) == [other], "the biggest child to exit", diag=spawn.tails)
-        assert runs(r, "finished") == [["hog", 100, hog_pid]]    # its task ran to the end
-        note.delay("while high")        # the other child still serves
+        assert runs(r, "finished") == [["hog", 100, hog_pid]]  # its task ran to the end
+        note.delay("while high")  # the other child still serves
         wait_for(lambda: runs(r, "order") == [["while high"]], "the other child to run a task")
-        deadline = time.monotonic() + 2     # one stop per episode; no fork while high
+        deadline = time.monotonic() + 2  # one stop per episode; no fork while high
         while time.monotonic() < deadline:
             assert children(w.pid) == [other]
             time.sleep(0.05)
         assert [int(p) for p in re.findall(stops, w.log())] == [hog_pid]
-        assert "exited with" not in w.log(), w.log()              # it exited 0
+        assert "exited with" not in w.log(), w.log()  # it exited 0
         assert dead(r) == [] and w.alive()
     finally:
         if os.path.exists(MEM_FLAG):
@@ -1025,18 +747,24 @@ def test_memory_guard_stops_only_the_biggest_child_after_its_task_and_forks_none
 @needs_private
 def test_redis_restart_mid_run_loses_nothing_and_is_logged_once(r, spawn, redis_server):
     w = spawn("worker")
-    sleepy.delay(3, "running")       # it records its end after Redis is back
+    sleepy.delay(3, "running")  # it records its end after Redis is back
     wait_for(lambda: runs(r, "started"), "the first task to start")
     add.delay_many([(1, 1), (2, 2), (3, 3)])
     redis_server.stop(graceful=True)
     wait_for(lambda: "worker lost Redis" in w.log(), "the worker to notice the outage")
-    time.sleep(0.5)    # keep Redis down a moment longer, so the child notices too
+    time.sleep(0.5)  # keep Redis down a moment longer, so the child notices too
     redis_server.start()
     add.delay(4, 4)
-    wait_for(lambda: len(runs(r, "add")) == 4, "all four adds after the restart", 25,
-             diag=lambda: f"adds: {runs(r, 'add')}, dead: {dead(r)}, queue: {queue(r, 'default')}"
-             f", in flight: {inflight(r)}, ready: {r.zrange('{wakaq}:ready', 0, -1)}, workers: "
-             f"{r.zrange('{wakaq}:workers', 0, -1)}, keys: {r.keys('*')}\n{spawn.tails(30)}")
+    wait_for(
+        lambda: len(runs(r, "add")) == 4,
+        "all four adds after the restart",
+        25,
+        diag=lambda: (
+            f"adds: {runs(r, 'add')}, dead: {dead(r)}, queue: {queue(r, 'default')}"
+            f", in flight: {inflight(r)}, ready: {r.zrange('{wakaq}:ready', 0, -1)}, workers: "
+            f"{r.zrange('{wakaq}:workers', 0, -1)}, keys: {r.keys('*')}\n{spawn.tails(30)}"
+        ),
+    )
     assert sorted(x[0] for x in runs(r, "add")) == [1, 2, 3, 4]
     log = w.log()
     assert runs(r, "finished") == [["running"]], log
@@ -1081,7 +809,7 @@ def test_second_stop_signal_stops_at_once_and_requeues_the_task_at_the_front(r, 
 
 @slow
 def test_a_worker_does_not_serve_its_excluded_queues(r, spawn):
-    note.delay("excluded", queue="high")          # would run first if it were served
+    note.delay("excluded", queue="high")  # would run first if it were served
     note.delay_many([("served",), ("later",)])
     spawn("worker", "excluding_app")
     wait_for(lambda: len(runs(r, "order")) == 2, "the default queue's tasks")
@@ -1102,10 +830,18 @@ def test_max_tasks_per_worker_recycles_the_child(r, spawn):
 @slow
 def test_unknown_task_is_dead_lettered_and_the_worker_carries_on(r, spawn):
     w = spawn("worker")
-    raw = json.dumps({"id": "x1", "name": "no_such_task", "queue": "default", "retry": 0,
-                      "args": [], "kwargs": {}})
+    raw = json.dumps(
+        {
+            "id": "x1",
+            "name": "no_such_task",
+            "queue": "default",
+            "retry": 0,
+            "args": [],
+            "kwargs": {},
+        }
+    )
     r.rpush("{wakaq}:q:default", raw)
-    r.zadd("{wakaq}:ready", {"default": 0})            # the non-empty queues, by rank
+    r.zadd("{wakaq}:ready", {"default": 0})  # the non-empty queues, by rank
     r.rpush("{wakaq}:wake:default", 1)
     add.delay(1, 1)
     wait_for(lambda: runs(r, "add"), "the next task to run")
@@ -1119,8 +855,10 @@ def test_unknown_task_is_dead_lettered_and_the_worker_carries_on(r, spawn):
 def test_print_and_log_lines_in_a_task_reach_the_worker_stderr_naming_the_task(r, spawn):
     w = spawn("worker")
     chatty.delay()
-    wait_for(lambda: "logged-by-chatty" in w.log() and "printed-by-chatty" in w.log(),
-             "the task's output in the worker log")
+    wait_for(
+        lambda: "logged-by-chatty" in w.log() and "printed-by-chatty" in w.log(),
+        "the task's output in the worker log",
+    )
     assert re.search(r"^.*task=chatty.*logged-by-chatty$", w.log(), re.M)
 
 
@@ -1133,6 +871,7 @@ def test_worker_log_file_receives_the_task_output_instead_of_stderr(r, spawn, lo
     def in_file():
         text = read_file(log_file)
         return "logged-by-chatty" in text and "printed-by-chatty" in text and text
+
     text = wait_for(in_file, "the task's output in worker_log_file")
     assert "task=chatty" in text and "started" in text
     assert "chatty" not in w.log()
@@ -1147,6 +886,7 @@ def test_the_app_sees_one_wakaq_module_when_run_as_a_script(r, spawn):
 
 # ===================================================================== scheduler
 
+
 @slow
 @pytest.mark.parametrize("log_file", [SCHED_LOG_FILE], indirect=True)
 def test_two_schedulers_enqueue_each_tick_exactly_once(r, spawn, log_file):
@@ -1154,13 +894,13 @@ def test_two_schedulers_enqueue_each_tick_exactly_once(r, spawn, log_file):
     spawn("scheduler", "sched_app")
     spawn("scheduler", "sched_app")
     wait_for(lambda: r.llen("{wakaq}:q:default") >= 4, "four ticks", 20)
-    pipe = r.pipeline(transaction=True)                 # one atomic snapshot
+    pipe = r.pipeline(transaction=True)  # one atomic snapshot
     pipe.lrange("{wakaq}:q:default", 0, -1)
     pipe.keys("{wakaq}:cron:*")
     ticks, locks = pipe.execute()
     elapsed = time.time() - started
     assert {json.loads(m)["name"] for m in ticks} == {"tick"}
-    assert len(locks) == 1                               # one record of the last tick per schedule
+    assert len(locks) == 1  # one record of the last tick per schedule
     assert len(ticks) <= elapsed + 1
 
 
@@ -1175,14 +915,17 @@ def test_scheduler_logs_to_its_log_file_and_exits_zero_on_sigterm(r, spawn, log_
 
 # ===================================================================== command line
 
+
 def test_help_exits_zero_for_the_top_level_and_every_command():
     for args in ([], ["worker"], ["scheduler"], ["info"], ["purge"], ["dead"]):
         out = cli(*args, "--help")
         assert out.returncode == 0 and "usage:" in out.stdout, args
 
 
-@pytest.mark.parametrize("spec", ["no_such_module_xyz:app", "test_wakaq:no_such_app",
-                                  "test_wakaq:wait_for", "test_wakaq"])
+@pytest.mark.parametrize(
+    "spec",
+    ["no_such_module_xyz:app", "test_wakaq:no_such_app", "test_wakaq:wait_for", "test_wakaq"],
+)
 def test_a_bad_app_prints_one_line_and_exits_two(spec):
     out = cli("info", spec)
     assert out.returncode == 2
@@ -1191,10 +934,16 @@ def test_a_bad_app_prints_one_line_and_exits_two(spec):
 
 
 def test_bad_arguments_exit_two():
-    for args in ([], ["bogus"], ["info"], ["purge", "test_wakaq:app"],
-                 ["dead", "test_wakaq:app", "--requeue", "--purge"], ["info", "x:y", "--nope"]):
+    for args in (
+        [],
+        ["bogus"],
+        ["info"],
+        ["purge", "test_wakaq:app"],
+        ["dead", "test_wakaq:app", "--requeue", "--purge"],
+        ["info", "x:y", "--nope"],
+    ):
         assert cli(*args).returncode == 2, args
-    out = cli("purge", "test_wakaq:app", "nope")          # an unknown queue
+    out = cli("purge", "test_wakaq:app", "nope")  # an unknown queue
     assert out.returncode == 2 and "'nope'" in out.stderr
 
 
@@ -1206,9 +955,11 @@ def test_info_json_reports_queues_inflight_dead_and_workers(r):
     out = cli("info", "test_wakaq:app", "--json")
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
-    assert info["queues"] == {"high": {"priority": 0, "pending": 0, "delayed": 1},
-                              "mid": {"priority": 1, "pending": 0, "delayed": 0},
-                              "default": {"priority": 2, "pending": 2, "delayed": 0}}
+    assert info["queues"] == {
+        "high": {"priority": 0, "pending": 0, "delayed": 1},
+        "mid": {"priority": 1, "pending": 0, "delayed": 0},
+        "default": {"priority": 2, "pending": 2, "delayed": 0},
+    }
     assert (info["inflight"], info["dead"], info["workers"]) == (0, 1, 0)
     assert cli("info", "test_wakaq:app").returncode == 0
 
@@ -1258,50 +1009,76 @@ def test_dead_purge_deletes_them(r):
     assert r.llen("{wakaq}:dead") == 0 and r.llen("{wakaq}:q:default") == 0
 
 
-# ===================================================================== chaos, deploy and bad input: helpers
-
-def leftovers(r, the_app):
-    """Everything still queued, delayed or in flight (empty when all is settled)."""
-    left = {}
-    for q in the_app.queues:
-        for key, n in ((q.key, r.llen(q.key)), (q.eta_key, r.zcard(q.eta_key))):
-            if n:
-                left[key] = n
-    for key, fields in inflight(r).items():
-        if fields:
-            left[key] = len(fields)
-    return left
-
-
-def settled(r, the_app, procs, timeout=10):
-    """Wait until nothing is queued, delayed or in flight. A child acks a finished task in
-    its next claim, so the last one leaves the in-flight hash just after it records."""
-    wait_for(lambda: not leftovers(r, the_app), "nothing queued or in flight", timeout,
-             diag=lambda: f"{leftovers(r, the_app)}\n{procs.tails()}")
-
-
-def done_ids(r):
-    return {x.decode() for x in r.smembers(DONE)}
-
-
-def run_log(r):
-    return _list(r, RUN_LOG)
-
-
-def duplicates(r):
-    counts = {k.decode(): int(v) for k, v in r.hgetall(RUNS).items()}
-    return sum(counts.values()) - len(counts), counts
-
-
-def dead_myid(entry):
-    """The MYID argument of a dead-lettered test task, or None."""
-    try:
-        return json.loads(entry["payload"])["args"][0]
-    except (ValueError, TypeError, KeyError, IndexError):
-        return None
-
-
 # ===================================================================== chaos
+
+
+def _kill_a_child(live, rng, spawn):
+    for _ in range(50):  # a child may be between fork and exec
+        kids = [k for p in live for k in children(p.pid)]
+        if kids:
+            break
+        time.sleep(0.05)
+    assert kids, "no worker children to kill\n" + spawn.tails()
+    os.kill(rng.choice(kids), signal.SIGKILL)
+
+
+def _chaos_action(action, r, redis_server, spawn, live, rng):
+    """One chaos action; a worker kill returns the (victim, replacement) workers."""
+    if action == "child":
+        _kill_a_child(live, rng, spawn)
+    elif action == "client_kill":
+        r.execute_command("CLIENT", "KILL", "TYPE", "normal")  # SKIPME yes: not us
+    elif action == "redis_restart":
+        redis_server.restart()  # SIGKILL: a crash; the AOF keeps data
+        assert r.get("test:chaos:sentinel") == b"kept", "redis-server lost its data on restart"
+    elif action == "worker_kill":
+        victim = rng.choice(live)
+        victim.kill()  # parent and children at once
+        live.remove(victim)
+        replacement = spawn("worker", "chaos_app")
+        live.append(replacement)
+        return victim, replacement
+    return None
+
+
+class ChaosSettled:
+    """A wait_for predicate: every task done (or dead by a kill) and nothing queued, delayed
+    or in flight. It fails at once if a long-dead worker's in-flight tasks are not taken
+    back, or if tasks are missing while nothing is left to run them for 5 s."""
+
+    def __init__(self, r, the_app, expected, diag):
+        self.r, self.app, self.expected, self.diag = r, the_app, set(expected), diag
+        self.dead_letters, self.quiet_since = [], None
+
+    def __call__(self):
+        self.dead_letters = dead(self.r)
+        killed = {dead_myid(e) for e in self.dead_letters if e.get("reason") in KILL_REASONS}
+        complete = (done_ids(self.r) | killed) >= self.expected
+        left = leftovers(self.r, self.app)
+        cut_off = time.time() - 3 * self.app.heartbeat_timeout - 5
+        long_dead = {w.decode() for w in self.r.zrangebyscore("{wakaq}:workers", "-inf", cut_off)}
+        if any(k.rpartition(":")[2] in long_dead for k in left):
+            raise AssertionError(
+                "a dead worker's in-flight tasks were not taken back\n" + self.diag()
+            )
+        if left:
+            self.quiet_since = None
+        elif not complete:  # nothing queued, delayed or in flight, yet tasks missing
+            self.quiet_since = self.quiet_since or time.monotonic()
+            if time.monotonic() - self.quiet_since > 5:
+                raise AssertionError("tasks lost: nothing is left to run them\n" + self.diag())
+        return complete and not left
+
+
+def _logs_summary(spawn):
+    logs = "".join(p.log() for p in spawn)
+    print(
+        f"worker logs: {logs.count('task released (worker died)')} tasks released after "
+        f"a kill, {logs.count('taking back')} dead worker(s) taken back, "
+        f"{logs.count('lost Redis')} outages logged, {logs.count('Traceback')} tracebacks"
+    )
+    return logs
+
 
 @slow
 @needs_private
@@ -1315,135 +1092,87 @@ def test_chaos_kills_restarts_and_disconnects_lose_nothing(r, redis_server, spaw
     workers_ready(r, survivor_candidates, chaos_app, spawn.tails)
 
     # 2,000 tasks: three priorities, a quarter of them delayed by 0.5-12 s.
-    expected = {}                                   # myid -> wakaq task id
-    plan = {}                                       # (queue, eta bucket) -> [(myid, ms)]
-    for i in range(2000):
-        queue_name = rng.choice(["high", "default", "low"])
-        eta = rng.choice(range(1, 25)) / 2 if rng.random() < 0.25 else None
-        plan.setdefault((queue_name, eta), []).append((f"t{i}", rng.randint(5, 30)))
-    for (queue_name, eta), calls in plan.items():
-        ids = chaos_job.delay_many([(myid, ms) for myid, ms in calls], queue=queue_name, eta=eta)
-        expected.update(zip((myid for myid, _ in calls), ids))
+    expected = enqueue_chaos(chaos_job, rng, 2000, 12)
     r.set("test:chaos:sentinel", "kept")
     print(f"enqueued {len(expected)} tasks in {time.monotonic() - started:.1f}s")
 
     actions = ["child"] * 12 + ["client_kill"] * 3 + ["redis_restart", "worker_kill"]
     rng.shuffle(actions)
     live = list(survivor_candidates)
-    counts = dict.fromkeys(["child", "client_kill", "redis_restart", "worker_kill"], 0)
     victim = replacement = None
     chaos_start = time.monotonic()
     for action in actions:
-        time.sleep(rng.uniform(0.15, 0.6))          # a bounded random pause between actions
-        if action == "child":
-            for _ in range(50):                     # a child may be between fork and exec
-                kids = [(p, k) for p in live for k in children(p.pid)]
-                if kids:
-                    break
-                time.sleep(0.05)
-            assert kids, "no worker children to kill\n" + spawn.tails()
-            _, kid = rng.choice(kids)
-            os.kill(kid, signal.SIGKILL)
-        elif action == "client_kill":
-            r.execute_command("CLIENT", "KILL", "TYPE", "normal")   # SKIPME yes: not us
-        elif action == "redis_restart":
-            redis_server.restart()                  # SIGKILL: a crash; the AOF keeps data
-            assert r.get("test:chaos:sentinel") == b"kept", "redis-server lost its data on restart"
-        elif action == "worker_kill":
-            victim = rng.choice(live)
-            victim.kill()                           # parent and children at once
-            live.remove(victim)
-            replacement = spawn("worker", "chaos_app")
-            live.append(replacement)
-        counts[action] += 1
-    left_at_end = len(expected) - r.scard(DONE)
-    print(f"chaos actions {counts} in {time.monotonic() - chaos_start:.1f}s; "
-          f"{left_at_end} tasks were not done yet when the chaos ended")
-    assert counts["child"] >= 10 and counts["worker_kill"] == 1
-
+        time.sleep(rng.uniform(0.15, 0.6))  # a bounded random pause between actions
+        killed = _chaos_action(action, r, redis_server, spawn, live, rng)
+        if killed:
+            victim, replacement = killed
     survivor = next(p for p in survivor_candidates if p is not victim)
-    deadline_left = max(10.0, 105 - (time.monotonic() - started))
+    left_at_end = len(expected) - r.scard(DONE)
+    print(
+        f"chaos actions {actions} in {time.monotonic() - chaos_start:.1f}s; "
+        f"{left_at_end} tasks were not done yet when the chaos ended"
+    )
 
     def diag():
         missing = sorted(set(expected) - done_ids(r))
-        return (f"missing {len(missing)}: {missing[:20]}\nleft: {leftovers(r, chaos_app)}\n"
-                f"dead: {r.llen(chaos_app.dead_key)}\nworkers: "
-                f"{r.zrange(chaos_app.workers_key, 0, -1, withscores=True)}\n{spawn.tails()}")
+        return (
+            f"missing {len(missing)}: {missing[:20]}\nleft: {leftovers(r, chaos_app)}\n"
+            f"dead: {r.llen(chaos_app.dead_key)}\nworkers: "
+            f"{r.zrange(chaos_app.workers_key, 0, -1, withscores=True)}\n{spawn.tails()}"
+        )
 
-    dead_letters, quiet_since = [], None
-
-    def finished():
-        nonlocal dead_letters, quiet_since
-        dead_letters = dead(r)
-        dead_myids = {dead_myid(e) for e in dead_letters if e.get("reason") in KILL_REASONS}
-        complete = (done_ids(r) | dead_myids) >= set(expected)
-        left = leftovers(r, chaos_app)
-        long_dead = {w.decode() for w in r.zrangebyscore(
-            "{wakaq}:workers", "-inf", time.time() - 3 * chaos_app.heartbeat_timeout - 5)}
-        if any(k.rpartition(":")[2] in long_dead for k in left):
-            raise AssertionError("a dead worker's in-flight tasks were not taken back\n"
-                                 + diag())
-        if left:
-            quiet_since = None
-        elif not complete:          # nothing queued, delayed or in flight, yet tasks missing
-            quiet_since = quiet_since or time.monotonic()
-            if time.monotonic() - quiet_since > 5:
-                raise AssertionError("tasks lost: nothing is left to run them\n" + diag())
-        return complete and not left
-
-    wait_for(finished, "every task done and nothing queued or in flight", deadline_left,
-             interval=0.05, diag=diag)
+    settled_now = ChaosSettled(r, chaos_app, expected, diag)
+    deadline_left = max(10.0, 105 - (time.monotonic() - started))
+    wait_for(
+        settled_now,
+        "every task done and nothing queued or in flight",
+        deadline_left,
+        interval=0.05,
+        diag=diag,
+    )
 
     done = done_ids(r)
     dup, run_counts = duplicates(r)
     lost = set(expected) - done
-    print(f"chaos: {len(done)} done, {len(lost)} lost, {dup} duplicates, "
-          f"{len(dead_letters)} dead, {time.monotonic() - started:.1f}s in all")
-
-    for e in dead_letters:                         # only tasks whose retries kills used up
-        assert e["reason"] in KILL_REASONS, f"dead for a reason other than a kill: {e}"
-        assert e["attempts"] == CHAOS_RETRIES + 1, f"dead before its retries ran out: {e}"
-    assert not lost - {dead_myid(e) for e in dead_letters}, \
-        f"lost tasks: {sorted(lost)[:20]}"
-
-    # Each recorded run carries the id .delay() returned and a plausible attempt number;
-    # the kills hit running tasks, so some ran again as a later attempt.
-    lines = run_log(r)
-    for line in lines:
-        assert line["id"] == expected[line["myid"]], line
-        assert 1 <= line["attempt"] <= CHAOS_RETRIES + 1, line
-    retried = sum(line["attempt"] > 1 for line in lines)
-    twice = {}
-    for line in lines:
-        if run_counts.get(line["myid"], 0) > 1:
-            twice.setdefault(line["myid"], []).append(line["attempt"])
+    print(
+        f"chaos: {len(done)} done, {len(lost)} lost, {dup} duplicates, "
+        f"{len(settled_now.dead_letters)} dead, {time.monotonic() - started:.1f}s in all"
+    )
+    check_dead_letters(settled_now.dead_letters, lost)
+    # the kills hit running tasks, so some ran again as a later attempt
+    retried, twice = check_run_log(run_log(r), expected, run_counts)
     print(f"{retried} runs were retries (attempt > 1); attempts of the duplicated: {twice}")
-    # A task runs again only after a failed attempt was counted (kills, adoption; no stop
-    # here), so the runs of one task never share an attempt number.
-    assert all(len(set(a)) == len(a) for a in twice.values()), \
-        f"a task ran twice as the same attempt: {twice}"
     assert retried, "no kill hit a running task: the chaos did not test anything"
 
     # The survivor and the replacement still run and heartbeat; the victim was taken back.
     assert survivor.alive(), "the surviving worker exited\n" + spawn.tails()
     assert replacement.alive(), "the replacement worker exited\n" + spawn.tails()
-    wait_for(lambda: registered_pids(r, float("inf")) ==
-             registered_pids(r, chaos_app.heartbeat_timeout) == {survivor.pid, replacement.pid},
-             "{wakaq}:workers to list exactly the survivor and the replacement, "
-             "the killed worker taken back", 15, diag=diag)
-    logs = "".join(p.log() for p in spawn)
-    print(f"worker logs: {logs.count('task released (worker died)')} tasks released after "
-          f"a kill, {logs.count('taking back')} dead worker(s) taken back, "
-          f"{logs.count('lost Redis')} outages logged, {logs.count('Traceback')} tracebacks")
-    assert "Traceback" not in logs, "a worker process crashed or a task failed\n" + logs[
-        logs.index("Traceback") - 300:][:3000]
-    wait_for(lambda: all(len(children(p.pid)) == chaos_app.concurrency
-                         for p in (survivor, replacement)),
-             "both workers to have their children", 10, diag=diag)
+    wait_for(
+        lambda: (
+            registered_pids(r, float("inf"))
+            == registered_pids(r, chaos_app.heartbeat_timeout)
+            == {survivor.pid, replacement.pid}
+        ),
+        "{wakaq}:workers to list exactly the survivor and the replacement, "
+        "the killed worker taken back",
+        15,
+        diag=diag,
+    )
+    logs = _logs_summary(spawn)
+    assert "Traceback" not in logs, (
+        "a worker process crashed or a task failed\n" + logs[logs.index("Traceback") - 300 :][:3000]
+    )
+    wait_for(
+        lambda: all(len(children(p.pid)) == chaos_app.concurrency for p in (survivor, replacement)),
+        "both workers to have their children",
+        10,
+        diag=diag,
+    )
     assert not leftovers(r, chaos_app)
 
 
 # ===================================================================== deploy
+
 
 @slow
 def test_deploy_sigterm_while_tasks_run_loses_and_repeats_nothing(r, spawn):
@@ -1456,29 +1185,44 @@ def test_deploy_sigterm_while_tasks_run_loses_and_repeats_nothing(r, spawn):
     deploy_job.delay_many(calls[:200])
     deploy_job.delay_many(calls[200:], eta=1.5)
 
-    for generation in range(2):                     # two deploys in a row
+    for _ in range(2):  # two deploys in a row
         target = len(done_ids(r)) + 20
-        wait_for(lambda: len(done_ids(r)) >= target and
-                 sum(len(v) for v in inflight(r).values()) >= 2,
-                 "tasks running before the deploy", 30, diag=spawn.tails)
+        wait_for(
+            lambda target=target: (
+                len(done_ids(r)) >= target and sum(len(v) for v in inflight(r).values()) >= 2
+            ),
+            "tasks running before the deploy",
+            30,
+            diag=spawn.tails,
+        )
         for p in old:
             os.kill(p.pid, signal.SIGTERM)
-        new = [spawn("worker", "deploy_app") for _ in range(2)]     # a rolling deploy
+        new = [spawn("worker", "deploy_app") for _ in range(2)]  # a rolling deploy
         for p in old:
-            code = p.wait_exit(15, diag=spawn.tails)      # a worker stops within 15s
+            code = p.wait_exit(15, diag=spawn.tails)  # a worker stops within 15s
             assert code == 0, f"worker exited {code} after SIGTERM\n" + spawn.tails()
-        assert not registered_pids(r, float("inf")) & {p.pid for p in old}, \
+        assert not registered_pids(r, float("inf")) & {p.pid for p in old}, (
             "a stopped worker left its heartbeat entry behind"
+        )
         old = new
 
     def diag():
-        return (f"missing {sorted(expected - done_ids(r))[:20]}\n"
-                f"left {leftovers(r, deploy_app)}\n{spawn.tails()}")
-    wait_for(lambda: done_ids(r) >= expected and not leftovers(r, deploy_app),
-             "every deployed-over task done", 60, diag=diag)
+        return (
+            f"missing {sorted(expected - done_ids(r))[:20]}\n"
+            f"left {leftovers(r, deploy_app)}\n{spawn.tails()}"
+        )
+
+    wait_for(
+        lambda: done_ids(r) >= expected and not leftovers(r, deploy_app),
+        "every deployed-over task done",
+        60,
+        diag=diag,
+    )
     dup, run_counts = duplicates(r)
-    print(f"\ndeploy: {len(done_ids(r))} done, {dup} duplicates, "
-          f"{r.llen('wakaq:dead')} dead, {time.monotonic() - started:.1f}s")
+    print(
+        f"\ndeploy: {len(done_ids(r))} done, {dup} duplicates, "
+        f"{r.llen('wakaq:dead')} dead, {time.monotonic() - started:.1f}s"
+    )
     assert done_ids(r) == expected
     assert dup == 0, f"run twice: {sorted(k for k, v in run_counts.items() if v > 1)}"
     assert int(r.get(STARTED)) == len(run_log(r)), "a stop interrupted a running task"
@@ -1490,9 +1234,9 @@ def test_deploy_sigterm_while_tasks_run_loses_and_repeats_nothing(r, spawn):
 
 # ===================================================================== bad input
 
+
 def _valid_payload(name="checkin", myid="x", **over):
-    msg = {"id": "bad1", "name": name, "queue": "default", "retry": 0, "args": [myid],
-           "kwargs": {}}
+    msg = {"id": "bad1", "name": name, "queue": "default", "retry": 0, "args": [myid], "kwargs": {}}
     msg.update(over)
     return json.dumps(msg)
 
@@ -1503,14 +1247,14 @@ BAD_PAYLOADS = {
     "json-object-wrong-keys": (b'{"hello": "world"}', "bad payload"),
     "json-wrong-types": (_valid_payload(args={"a": 1}, kwargs=[]).encode(), "bad payload"),
     "unknown-task": (_valid_payload(name="no_such_task").encode(), "unknown task"),
-    "not-utf8": (_valid_payload(myid="XX").encode().replace(b"XX", b"\xff\xfe"),
-                 "bad payload"),
+    "not-utf8": (_valid_payload(myid="XX").encode().replace(b"XX", b"\xff\xfe"), "bad payload"),
     "not-utf8-bare": (b"\xff\xfe\xfd\xc3\x28", "bad payload"),
     "unknown-queue": (_valid_payload(queue="nowhere").encode(), "unknown queue"),
-    "tag-unknown": (_valid_payload(myid={"__wakaq__": "pickle", "v": "x"}).encode(),
-                    "bad payload"),
-    "tag-overflow": (_valid_payload(myid={"__wakaq__": "timedelta", "v": [1e300]}).encode(),
-                     "bad payload"),
+    "tag-unknown": (_valid_payload(myid={"__wakaq__": "pickle", "v": "x"}).encode(), "bad payload"),
+    "tag-overflow": (
+        _valid_payload(myid={"__wakaq__": "timedelta", "v": [1e300]}).encode(),
+        "bad payload",
+    ),
     "nested-100k": (b"[" * 100_000, "bad payload"),
     "nested-100k-closed": (b"[" * 100_000 + b"]" * 100_000, "bad payload"),
 }
@@ -1531,10 +1275,11 @@ def bad_worker(r, spawn):
 def test_bad_payload_is_dead_lettered_and_worker_carries_on(r, spawn, bad_worker, kind):
     proc, child_pid = bad_worker
     raw, reason = BAD_PAYLOADS[kind]
-    r.rpush("{wakaq}:q:default", raw)                 # straight onto the list, no wake-up token
-    r.zadd("{wakaq}:ready", {"default": 0})            # the non-empty queues, by rank
-    wait_for(lambda: r.llen("{wakaq}:dead") >= 1, f"the {kind} payload dead-lettered",
-             diag=spawn.tails)
+    r.rpush("{wakaq}:q:default", raw)  # straight onto the list, no wake-up token
+    r.zadd("{wakaq}:ready", {"default": 0})  # the non-empty queues, by rank
+    wait_for(
+        lambda: r.llen("{wakaq}:dead") >= 1, f"the {kind} payload dead-lettered", diag=spawn.tails
+    )
     checkin.delay("after")
     wait_for(lambda: "after" in done_ids(r), "the next good task", diag=spawn.tails)
 
@@ -1548,8 +1293,9 @@ def test_bad_payload_is_dead_lettered_and_worker_carries_on(r, spawn, bad_worker
     elif raw.isascii():
         assert entry["payload"] == raw.decode()
     assert proc.alive()
-    assert [line["pid"] for line in run_log(r)] == [child_pid, child_pid], \
+    assert [line["pid"] for line in run_log(r)] == [child_pid, child_pid], (
         "the child was replaced: it crashed on the bad payload\n" + spawn.tails()
+    )
     assert done_ids(r) == {"before", "after"}
     settled(r, bad_app, spawn)
 
@@ -1569,7 +1315,7 @@ def test_20_mib_argument_runs_normally(r, spawn, bad_worker):
 
 
 def test_delay_with_redis_unreachable_raises_connection_error_quickly():
-    closed = _free_port()                           # nothing listens there
+    closed = _free_port()  # nothing listens there
     nowhere_app = WakaQ(queues=["default"], url=f"redis://127.0.0.1:{closed}/0")
 
     @nowhere_app.task
@@ -1591,30 +1337,47 @@ def test_delay_with_redis_unreachable_raises_connection_error_quickly():
 @slow
 def test_arguments_not_matching_the_signature_are_an_ordinary_task_error(r, spawn, bad_worker):
     proc, child_pid = bad_worker
-    two_args.delay("missing-b")                     # too few
-    two_args.delay("extra", 2, 3)                   # too many
-    two_args.delay("kw", b=2, c=3)                  # an unexpected keyword
+    two_args.delay("missing-b")  # too few
+    two_args.delay("extra", 2, 3)  # too many
+    two_args.delay("kw", b=2, c=3)  # an unexpected keyword
     checkin.delay("after")
     wait_for(lambda: "after" in done_ids(r), "the task after the bad calls", diag=spawn.tails)
-    wait_for(lambda: proc.log().count("TypeError") >= 3,
-             "three TypeErrors in the worker's log", 10, diag=spawn.tails)
+    wait_for(
+        lambda: proc.log().count("TypeError") >= 3,
+        "three TypeErrors in the worker's log",
+        10,
+        diag=spawn.tails,
+    )
     log = proc.log()
     assert "Traceback" in log and "two_args" in log
     assert done_ids(r) == {"before", "after"}
-    assert [line["pid"] for line in run_log(r)] == [child_pid, child_pid], \
+    assert [line["pid"] for line in run_log(r)] == [child_pid, child_pid], (
         "the child was replaced after a signature mismatch\n" + spawn.tails()
+    )
     assert children(proc.pid) == [child_pid]
     assert [e["reason"].split(":")[0] for e in dead(r)] == ["raised TypeError"] * 3
     settled(r, bad_app, spawn)
     assert proc.alive()
 
 
-# ===================================================================== flat costs, retry_backoff, log lines
+# ============================================================ flat costs, retry_backoff, log lines
 
-many_app = WakaQ(queues=[(i, f"q{i}") for i in range(100)], url=URL, concurrency=1,
-                 prefix="many", exclude_queues=[f"q{i}" for i in range(1, 100, 2)])
-backoff_app = WakaQ(url=URL, concurrency=1, prefix="backoff", max_retries=2, retry_backoff=1,
-                    soft_timeout=0.2, hard_timeout=5)
+many_app = WakaQ(
+    queues=[(i, f"q{i}") for i in range(100)],
+    url=URL,
+    concurrency=1,
+    prefix="many",
+    exclude_queues=[f"q{i}" for i in range(1, 100, 2)],
+)
+backoff_app = WakaQ(
+    url=URL,
+    concurrency=1,
+    prefix="backoff",
+    max_retries=2,
+    retry_backoff=1,
+    soft_timeout=0.2,
+    hard_timeout=5,
+)
 
 
 @many_app.task
@@ -1627,7 +1390,7 @@ def slow_then_fine():
     n = attempt()
     rec("backoff", n, time.time())
     if n < 3:
-        time.sleep(1)             # past the soft timeout: a failed attempt, retried later
+        time.sleep(1)  # past the soft timeout: a failed attempt, retried later
 
 
 @slow
@@ -1640,7 +1403,7 @@ def test_strict_priority_across_100_queues_and_exclusions_with_many_queues(r, sp
     w = spawn("worker", "many_app")
     expect = [f"q{i}-{x}" for i in sorted(served) for x in "ab"]
     wait_for(lambda: len(runs(r, "ordered")) >= len(expect), "the served tasks", diag=spawn.tails)
-    time.sleep(0.3)                       # a task from an excluded queue would show up now
+    time.sleep(0.3)  # a task from an excluded queue would show up now
     assert [x[0] for x in runs(r, "ordered")] == expect
     assert {i: r.llen(f"{{many}}:q:q{i}") for i in (1, 51, 99)} == {1: 2, 51: 2, 99: 2}
     assert "Traceback" not in w.log()
@@ -1667,7 +1430,7 @@ def test_an_ack_after_the_task_was_released_and_claimed_again_does_not_ack_the_n
 
     payload = claim("", "A")
     assert r.hget(inflight, "0.0:t") == b"A"
-    died = wakaq._Outcome("worker_died", "worker died", True)      # max_retries=0: dead
+    died = wakaq._Outcome("worker_died", "worker died", True)  # max_retries=0: dead
     assert release("A", payload, died)
     requeued = json.dumps({**json.loads(payload), "retry": 0}, separators=(",", ":"))
     r.rpush(app_.default_queue.key, requeued)
@@ -1675,9 +1438,9 @@ def test_an_ack_after_the_task_was_released_and_claimed_again_does_not_ack_the_n
     again = claim("", "B")
     assert r.hget(inflight, "0.0:t") == b"B"
     assert json.loads(again)["id"] == json.loads(payload)["id"]
-    assert not release("A", payload, wakaq._DONE)   # the late ack
+    assert not release("A", payload, wakaq._DONE)  # the late ack
     assert r.hget(inflight, "0.0:t") == b"B"
-    assert claim("A", "C") == again           # a claim acking A hands B's attempt out again,
+    assert claim("A", "C") == again  # a claim acking A hands B's attempt out again,
     assert r.hget(inflight, "0.0:t") == b"C"  # under its own token (the parent's shm knows it)
 
 
@@ -1687,8 +1450,8 @@ def test_retry_backoff_delays_each_retry_and_every_attempt_is_logged(r, spawn):
     slow_then_fine.delay()
     wait_for(lambda: len(runs(r, "backoff")) == 3, "three attempts", 20, diag=spawn.tails)
     (_, t1), (_, t2), (_, t3) = runs(r, "backoff")
-    assert 0.9 <= t2 - t1 <= 2.0, t2 - t1     # 0.2 s soft timeout + 1 s backoff (jitter 25%)
-    assert 1.6 <= t3 - t2 <= 3.5, t3 - t2     # 0.2 s + 2 s
+    assert 0.9 <= t2 - t1 <= 2.0, t2 - t1  # 0.2 s soft timeout + 1 s backoff (jitter 25%)
+    assert 1.6 <= t3 - t2 <= 3.5, t3 - t2  # 0.2 s + 2 s
     wait_for(lambda: "attempt=3 done" in w.log(), "the third attempt's log line")
     log = w.log()
     assert re.search(r"task slow_then_fine id=\w+ attempt=1 soft timeout in 0\.\d+s", log), log
@@ -1701,8 +1464,11 @@ def test_a_dead_lettered_task_is_logged_with_its_id_and_reason(r, spawn):
     task_id = too_slow.delay()
     wait_for(lambda: dead(r), "the dead letter")
     wait_for(lambda: f"id={task_id} dead-lettered" in w.log(), "the dead-letter log line")
-    assert re.search(rf"task too_slow id={task_id} dead-lettered after \d+ attempt\(s\): "
-                     r"soft timeout", w.log())
+    assert re.search(
+        rf"task too_slow id={task_id} dead-lettered after \d+ attempt\(s\): "
+        r"soft timeout",
+        w.log(),
+    )
 
 
 def test_delay_many_with_an_eta_keeps_enqueue_order(r):
@@ -1715,7 +1481,7 @@ def test_delay_many_with_an_eta_keeps_enqueue_order(r):
 def test_an_idle_worker_exits_within_a_second_of_sigterm(r, spawn):
     w = spawn("worker", "deploy_app")
     workers_ready(r, [w], deploy_app)
-    time.sleep(0.3)                                    # let the children settle into their wait
+    time.sleep(0.3)  # let the children settle into their wait
     sent = time.monotonic()
     os.kill(w.pid, signal.SIGTERM)
     assert w.wait_exit(5) == 0

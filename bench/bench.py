@@ -7,7 +7,8 @@ task), each measured in the same run as what it is compared to.
     .venv/bin/python bench/bench.py                 # every case but scale, 3 repeats
     .venv/bin/python bench/bench.py --quick         # N=5000, 1 repeat, about 2 minutes
     .venv/bin/python bench/bench.py --case idle,queues     # only those cases
-    .venv/bin/python bench/bench.py --scale         # also the scale scenarios (1M delayed, 100k due)
+    .venv/bin/python bench/bench.py --scale         # also the scale scenarios
+                                                    # (1M delayed, 100k due)
     .venv/bin/python bench/bench.py --scale-only    # only those
 
 Cases: main async idle cluster loglevel queues bytes (the default) and scale. A case that
@@ -17,6 +18,7 @@ the first CPU with taskset; producer processes are pinned to the last CPU; worke
 pinned (like the peer benchmark). Results go to bench/results/bench-<date>-<time>.json.
 See bench/README.md for what each figure means.
 """
+
 import argparse
 import datetime
 import json
@@ -31,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from time import perf_counter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,7 +47,7 @@ import redis  # noqa: E402
 PY = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-PIN = {"redis": None, "producer": None}      # CPU lists for taskset, set in main()
+PIN = {"redis": None, "producer": None}  # CPU lists for taskset, set in main()
 
 # ------------------------------------------------------------------ the floor (python -c)
 # The floor: the same shape as the peer benchmark's raw redis-py consumer and producer.
@@ -56,7 +59,9 @@ HOST = os.environ["BENCH_REDIS_HOST"]; PORT = int(os.environ["BENCH_REDIS_PORT"]
 KEY = "raw:default"
 """
 
-RAW_CONSUMER = RAW_COMMON + """
+RAW_CONSUMER = (
+    RAW_COMMON
+    + """
 _c = None
 def counter():
     global _c
@@ -78,8 +83,11 @@ while True:
     msg = json.loads(item[1])
     TASKS[msg["fn"]](*msg["args"])
 """
+)
 
-RAW_PRODUCER = RAW_COMMON + """
+RAW_PRODUCER = (
+    RAW_COMMON
+    + """
 r = redis.Redis(host=HOST, port=PORT)
 dumps = json.dumps
 cmd = sys.argv[1]
@@ -99,7 +107,8 @@ if cmd in ("enqueue", "pipe"):
                 p.execute()
         p.execute()
     t2 = perf_counter()
-    out = {"n": n, "first_call_ms": (t1 - t0) * 1e3, "seconds": t2 - t1, "rate": (n - 1) / (t2 - t1)}
+    out = {"n": n, "first_call_ms": (t1 - t0) * 1e3, "seconds": t2 - t1,
+           "rate": (n - 1) / (t2 - t1)}
 else:
     count, interval = int(sys.argv[2]), float(sys.argv[3])
     r.rpush(KEY, dumps({"fn": "lat", "args": [0.0]}))
@@ -114,12 +123,16 @@ else:
     out = {"count": count}
 print("BENCH_RESULT " + json.dumps(out), flush=True)
 """
+)
 
-BARE = ("import redis, sys; r = redis.Redis(host='127.0.0.1', port=int(sys.argv[1])); "
-        "r.ping(); print('ready', flush=True); sys.stdin.read()")
+BARE = (
+    "import redis, sys; r = redis.Redis(host='127.0.0.1', port=int(sys.argv[1])); "
+    "r.ping(); print('ready', flush=True); sys.stdin.read()"
+)
 
 
 # ------------------------------------------------------------------ /proc helpers
+
 
 def _read(path):
     try:
@@ -131,7 +144,7 @@ def _read(path):
 
 def _stat(pid):
     raw = _read(f"/proc/{pid}/stat")
-    return raw[raw.rfind(b")") + 2:].split() if raw else None
+    return raw[raw.rfind(b")") + 2 :].split() if raw else None
 
 
 def cpu_seconds(pid):
@@ -186,7 +199,7 @@ class TreeSampler(threading.Thread):
         super().__init__(daemon=True)
         self.roots, self.interval = list(roots), interval
         self.peak_rss = self.peak_pss = self.max_procs = 0
-        self.seen = {}                     # pid -> starttime, for PID-exact cleanup
+        self.seen = {}  # pid -> starttime, for PID-exact cleanup
         self.halt = threading.Event()
 
     def sample(self):
@@ -214,11 +227,16 @@ class TreeSampler(threading.Thread):
 
 # ------------------------------------------------------------------ processes
 
+
 def env_for(port, cluster=False):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("PYTHON") and k != "BENCH_CLUSTER"}
-    env.update(BENCH_REDIS_HOST="127.0.0.1", BENCH_REDIS_PORT=str(port),
-               PYTHONPATH=ROOT + os.pathsep + HERE)
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "BENCH_CLUSTER"
+    }
+    env.update(
+        BENCH_REDIS_HOST="127.0.0.1",
+        BENCH_REDIS_PORT=str(port),
+        PYTHONPATH=ROOT + os.pathsep + HERE,
+    )
     if cluster:
         env["BENCH_CLUSTER"] = "1"
     return env
@@ -239,12 +257,30 @@ class RedisServer:
 
     def __init__(self, scratch, extra=()):
         self.port = free_port()
-        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--daemonize", "no", "--dir", scratch,
-                "--logfile", f"redis-{self.port}.log"] + list(extra)
-        self.proc = subprocess.Popen(pinned(argv, PIN["redis"]), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.pid = self.proc.pid          # taskset execs redis-server: same pid
+        argv = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--dir",
+            scratch,
+            "--logfile",
+            f"redis-{self.port}.log",
+        ] + list(extra)
+        self.proc = subprocess.Popen(
+            pinned(argv, PIN["redis"]),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.pid = self.proc.pid  # taskset execs redis-server: same pid
         self.r = redis.Redis(host="127.0.0.1", port=self.port)
         deadline = time.monotonic() + 10
         while True:
@@ -253,7 +289,7 @@ class RedisServer:
                 break
             except redis.ConnectionError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("redis-server did not start")
+                    raise RuntimeError("redis-server did not start") from None
                 time.sleep(0.02)
         self.pids, self.node_clients = [self.pid], [self.r]
 
@@ -276,26 +312,46 @@ class RedisClusterServers:
     """A local Redis Cluster of `masters` redis-servers (no replicas), each pinned like the
     single server; created with `redis-cli --cluster create ... --cluster-yes`. `.r` is a
     redis.cluster.RedisCluster client, `.port` the first node (the one the workers are given)."""
+
     cluster = True
 
     def __init__(self, scratch, masters=3):
         self.nodes = []
         try:
             for _ in range(masters):
-                self.nodes.append(RedisServer(scratch, [
-                    "--cluster-enabled", "yes", "--cluster-port", str(free_port()),
-                    "--cluster-config-file", f"nodes-{os.urandom(6).hex()}.conf",
-                    "--cluster-node-timeout", "5000"]))
+                self.nodes.append(
+                    RedisServer(
+                        scratch,
+                        [
+                            "--cluster-enabled",
+                            "yes",
+                            "--cluster-port",
+                            str(free_port()),
+                            "--cluster-config-file",
+                            f"nodes-{os.urandom(6).hex()}.conf",
+                            "--cluster-node-timeout",
+                            "5000",
+                        ],
+                    )
+                )
             addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
-            out = subprocess.run(["redis-cli", "--cluster", "create", *addrs, "--cluster-yes"],
-                                 capture_output=True, text=True, timeout=60,
-                                 stdin=subprocess.DEVNULL)
+            out = subprocess.run(
+                ["redis-cli", "--cluster", "create", *addrs, "--cluster-yes"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                stdin=subprocess.DEVNULL,
+            )
             if out.returncode:
-                raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout[-800:]}"
-                                   f"{out.stderr[-800:]}")
+                raise RuntimeError(
+                    f"redis-cli --cluster create failed: {out.stdout[-800:]}{out.stderr[-800:]}"
+                )
             deadline = time.monotonic() + 30
-            while not all(n.r.cluster("info").get("cluster_state") == "ok" and
-                          len(n.r.cluster("nodes")) == masters for n in self.nodes):
+            while not all(
+                n.r.cluster("info").get("cluster_state") == "ok"
+                and len(n.r.cluster("nodes")) == masters
+                for n in self.nodes
+            ):
                 if time.monotonic() > deadline:
                     raise RuntimeError("the cluster did not reach cluster_state:ok in 30 s")
                 time.sleep(0.1)
@@ -326,17 +382,24 @@ def stats(server, section="stats"):
         for k, v in c.info(section).items():
             if isinstance(v, (int, float)):
                 tot[k] = tot.get(k, 0) + v
-            elif isinstance(v, dict):                       # commandstats: cmd -> {calls...}
+            elif isinstance(v, dict):  # commandstats: cmd -> {calls...}
                 tot[k] = tot.get(k, 0) + v.get("calls", 0)
     return tot
 
 
 def run_producer(argv, port, timeout=600):
-    p = subprocess.run(pinned(argv, PIN["producer"]), env=env_for(port), cwd=HERE,
-                       capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    p = subprocess.run(
+        pinned(argv, PIN["producer"]),
+        env=env_for(port),
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     for ln in reversed(p.stdout.splitlines()):
         if ln.startswith("BENCH_RESULT "):
-            return json.loads(ln[len("BENCH_RESULT "):])
+            return json.loads(ln[len("BENCH_RESULT ") :])
     raise RuntimeError(f"producer {argv[1:3]} failed rc={p.returncode}: {p.stderr[-2000:]}")
 
 
@@ -358,33 +421,29 @@ def worker_argvs(kind, workers=1):
 
 def start(argvs, port, log, cluster=False):
     with open(log, "ab") as lf:
-        return [subprocess.Popen(a, env=env_for(port, cluster), cwd=HERE,
-                                 stdin=subprocess.DEVNULL, stdout=lf, stderr=subprocess.STDOUT)
-                for a in argvs]
+        return [
+            subprocess.Popen(
+                a,
+                env=env_for(port, cluster),
+                cwd=HERE,
+                stdin=subprocess.DEVNULL,
+                stdout=lf,
+                stderr=subprocess.STDOUT,
+            )
+            for a in argvs
+        ]
 
 
 def stop(popens, seen, timeout=10.0):
     """SIGTERM the top-level processes by PID; SIGKILL whatever of the tree is left after
     `timeout` (by PID, checking the start time). Returns a note, '' if all stopped cleanly."""
-    known = dict(seen)
-    for p in tree([po.pid for po in popens]):
-        f = _stat(p)
-        if f:
-            known.setdefault(p, int(f[19]))
+    known = _known_tree(popens, seen)
     for po in popens:
         if po.poll() is None:
             po.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    for po in popens:
-        try:
-            po.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
+    _wait_gone(popens, known, deadline)
     killed = []
-    while time.monotonic() < deadline:
-        if not [p for p, st in known.items() if _alive(p, st)]:
-            break
-        time.sleep(0.05)
     for p, st in known.items():
         if _alive(p, st):
             os.kill(p, signal.SIGKILL)
@@ -395,12 +454,36 @@ def stop(popens, seen, timeout=10.0):
     return f"SIGKILLed {killed}" if killed else ""
 
 
+def _known_tree(popens, seen):
+    """{pid: start time} of every process seen or now in the trees of `popens`."""
+    known = dict(seen)
+    for p in tree([po.pid for po in popens]):
+        f = _stat(p)
+        if f:
+            known.setdefault(p, int(f[19]))
+    return known
+
+
+def _wait_gone(popens, known, deadline):
+    """Wait until the deadline for the top-level processes, then for the whole tree."""
+    for po in popens:
+        try:
+            po.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    while time.monotonic() < deadline:
+        if not [p for p, st in known.items() if _alive(p, st)]:
+            break
+        time.sleep(0.05)
+
+
 def _alive(pid, st):
     f = _stat(pid)
     return f is not None and int(f[19]) == st and f[0] != b"Z"
 
 
 # ------------------------------------------------------------------ phases
+
 
 def drain(server, kind, n, scratch, tag, sample_interval=0.05, timeout=300, partial=False):
     """Start the workers with `n` tasks queued; poll the counter every 5 ms. The workers keep
@@ -414,8 +497,9 @@ def drain(server, kind, n, scratch, tag, sample_interval=0.05, timeout=300, part
     rcpu0 = sum(cpu_seconds(p) for p in server.pids)
     polls = 0
     t0 = perf_counter()
-    popens = start(worker_argvs(kind), server.port, os.path.join(scratch, f"{tag}.log"),
-                   server.cluster)
+    popens = start(
+        worker_argvs(kind), server.port, os.path.join(scratch, f"{tag}.log"), server.cluster
+    )
     sampler = TreeSampler([p.pid for p in popens], sample_interval)
     sampler.start()
     t_first = v_first = t_done = None
@@ -437,28 +521,50 @@ def drain(server, kind, n, scratch, tag, sample_interval=0.05, timeout=300, part
     info1, in1 = int(st1["total_commands_processed"]), st1["total_net_input_bytes"]
     cs1 = stats(server, "commandstats")
     by_cmd = {k.replace("cmdstat_", ""): (cs1[k] - cs0.get(k, 0)) for k in cs1}
-    by_cmd["get"] = by_cmd.get("get", 0) - polls            # the driver's polls
+    by_cmd["get"] = by_cmd.get("get", 0) - polls  # the driver's polls
     sampler.sample()
-    if t_done is None and partial and t_first is not None and \
-            not any(p.poll() is not None for p in popens):
-        return {"n": n, "done": v, "timed_out_s": timeout, "seconds": None,
-                "rate": v / (perf_counter() - t0), "startup_s": t_first - t0,
-                "t_first_wall": time.time() - (perf_counter() - t_first)}, popens, sampler
+    if (
+        t_done is None
+        and partial
+        and t_first is not None
+        and not any(p.poll() is not None for p in popens)
+    ):
+        return (
+            {
+                "n": n,
+                "done": v,
+                "timed_out_s": timeout,
+                "seconds": None,
+                "rate": v / (perf_counter() - t0),
+                "startup_s": t_first - t0,
+                "t_first_wall": time.time() - (perf_counter() - t_first),
+            },
+            popens,
+            sampler,
+        )
     if t_done is None:
         note = stop(popens, sampler.seen)
         sampler.stop()
         raise RuntimeError(f"{tag}: drain stopped at {v}/{n} ({note}); see {scratch}/{tag}.log")
-    out = {"n": n, "done": v, "seconds": t_done - t0, "rate": n / (t_done - t0),
-           "t_done_wall": time.time() - (perf_counter() - t_done),
-           "startup_s": t_first - t0,
-           "rate_excl_startup": (n - v_first) / (t_done - t_first) if t_done > t_first else None,
-           "peak_rss_mib": sampler.peak_rss / 1024, "peak_pss_mib": sampler.peak_pss / 1024,
-           "procs": sampler.max_procs, "worker_cpu_us_per_task": wcpu / n * 1e6,
-           "redis_cpu_us_per_task": rcpu / n * 1e6,
-           "redis_cmds_per_task": (info1 - info0 - polls - len(server.node_clients)) / n,
-           "redis_in_bytes_per_task": (in1 - in0 - polls * _resp_len("GET", "done")) / n,
-           "redis_cmds_per_task_by_command": {k: v / n for k, v in sorted(
-               by_cmd.items(), key=lambda kv: -kv[1]) if v > 0}}
+    out = {
+        "n": n,
+        "done": v,
+        "seconds": t_done - t0,
+        "rate": n / (t_done - t0),
+        "t_done_wall": time.time() - (perf_counter() - t_done),
+        "startup_s": t_first - t0,
+        "rate_excl_startup": (n - v_first) / (t_done - t_first) if t_done > t_first else None,
+        "peak_rss_mib": sampler.peak_rss / 1024,
+        "peak_pss_mib": sampler.peak_pss / 1024,
+        "procs": sampler.max_procs,
+        "worker_cpu_us_per_task": wcpu / n * 1e6,
+        "redis_cpu_us_per_task": rcpu / n * 1e6,
+        "redis_cmds_per_task": (info1 - info0 - polls - len(server.node_clients)) / n,
+        "redis_in_bytes_per_task": (in1 - in0 - polls * _resp_len("GET", "done")) / n,
+        "redis_cmds_per_task_by_command": {
+            k: v / n for k, v in sorted(by_cmd.items(), key=lambda kv: -kv[1]) if v > 0
+        },
+    }
     return out, popens, sampler
 
 
@@ -467,8 +573,11 @@ def pickup(server, kind, count, interval, settle=0.5):
     r = server.r
     time.sleep(settle)
     r.delete("lat")
-    argv = wakaq_producer("latency", count, interval) if kind == "wakaq" else \
-        raw_producer("latency", count, interval)
+    argv = (
+        wakaq_producer("latency", count, interval)
+        if kind == "wakaq"
+        else raw_producer("latency", count, interval)
+    )
     res = run_producer(argv, server.port)
     deadline = perf_counter() + 15
     while r.llen("lat") < count + 1 and perf_counter() < deadline:
@@ -487,14 +596,23 @@ def pct(sorted_vals, p):
 
 def bare_rss(port):
     """RSS / PSS of two bare `python -c "import redis; ..."` processes (connected, idle)."""
-    ps = [subprocess.Popen([PY, "-c", BARE, str(port)], env=env_for(port), stdin=subprocess.PIPE,
-                           stdout=subprocess.PIPE) for _ in range(2)]
+    ps = [
+        subprocess.Popen(
+            [PY, "-c", BARE, str(port)],
+            env=env_for(port),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
     try:
         for p in ps:
             p.stdout.readline()
         time.sleep(0.1)
-        return {"rss_mib": sum(rss_kib(p.pid) for p in ps) / 1024,
-                "pss_mib": sum(pss_kib(p.pid) for p in ps) / 1024}
+        return {
+            "rss_mib": sum(rss_kib(p.pid) for p in ps) / 1024,
+            "pss_mib": sum(pss_kib(p.pid) for p in ps) / 1024,
+        }
     finally:
         for p in ps:
             p.stdin.close()
@@ -506,6 +624,7 @@ def busy_pct(secs=0.3):
         with open("/proc/stat") as f:
             v = [int(x) for x in f.readline().split()[1:]]
         return v[0] + v[1] + v[2] + v[5] + v[6] + v[7], sum(v[:8])
+
     b0, t0 = busy()
     time.sleep(secs)
     b1, t1 = busy()
@@ -520,6 +639,7 @@ def check_count(r, n, what):
 
 # ------------------------------------------------------------------ one repeat
 
+
 def drain_and_pickup(server, kind, args, scratch, tag, live, **stop_kw):
     """Drain args.n queued tasks with `kind`'s workers, then measure pickup on the idle
     workers; returns (drain figures, pickup figures, a note from stopping them or None)."""
@@ -528,7 +648,7 @@ def drain_and_pickup(server, kind, args, scratch, tag, live, **stop_kw):
     p = pickup(server, kind, args.latency_count, args.latency_interval)
     sampler.stop()
     live.pop()
-    note = stop(popens, sampler.seen, **stop_kw)   # raw consumers die at once on SIGTERM
+    note = stop(popens, sampler.seen, **stop_kw)  # raw consumers die at once on SIGTERM
     check_count(server.r, args.n, f"{kind} drain")
     return d, p, note
 
@@ -537,13 +657,14 @@ def run_main(args, rep, scratch):
     res = {"repeat": rep, "busy_before_pct": busy_pct(), "notes": []}
     server = RedisServer(scratch)
     r, n = server.r, args.n
-    live = []                      # (popens, sampler) to stop if a phase fails
+    live = []  # (popens, sampler) to stop if a phase fails
     try:
         # the floor: RPUSH per task, 2 x (BLPOP, json.loads, call, INCR)
         r.flushall()
         res["raw_enqueue"] = run_producer(raw_producer("enqueue", n), server.port)
         res["raw_drain"], res["raw_pickup"], note = drain_and_pickup(
-            server, "raw", args, scratch, f"r{rep}-raw", live, timeout=3)
+            server, "raw", args, scratch, f"r{rep}-raw", live, timeout=3
+        )
         if note:
             res["notes"].append(f"raw: {note}")
         r.flushall()
@@ -555,7 +676,8 @@ def run_main(args, rep, scratch):
         r.flushall()
         res["enqueue"] = run_producer(wakaq_producer("enqueue", n), server.port)
         res["drain"], res["pickup"], note = drain_and_pickup(
-            server, "wakaq", args, scratch, f"r{rep}-wakaq", live)
+            server, "wakaq", args, scratch, f"r{rep}-wakaq", live
+        )
         if note:
             res["notes"].append(f"wakaq worker: {note}")
         r.flushall()
@@ -587,10 +709,12 @@ def run_main(args, rep, scratch):
 
 # ------------------------------------------------------------------ scale scenarios
 
+
 def driver_app(port, spec="wakaq", cluster=False):
     """The driver's own copy of bench_app's app `spec` on this run's redis-server (the
     workers build theirs from their environment); returns (app, its noop task)."""
     import bench_app
+
     app = bench_app.make_app(spec, "127.0.0.1", port, cluster)
     return app, app.tasks["noop"]
 
@@ -626,7 +750,7 @@ def zadd_fast(r, key, payloads, score, chunk=1000, depth=20):
     pipe = r.pipeline(transaction=False)
     for k, start in enumerate(range(0, len(payloads), chunk)):
         flat = []
-        for p in payloads[start:start + chunk]:
+        for p in payloads[start : start + chunk]:
             flat += (score, p)
         pipe.execute_command("ZADD", key, *flat)
         if k % depth == depth - 1:
@@ -635,10 +759,19 @@ def zadd_fast(r, key, payloads, score, chunk=1000, depth=20):
 
 
 def slowlog(r):
-    return [{"id": e["id"], "start": e["start_time"], "duration_us": e["duration"],
-             "command": (e["command"].decode("utf-8", "replace")
-                         if isinstance(e["command"], bytes) else str(e["command"]))[:120]}
-            for e in r.slowlog_get(128)]
+    return [
+        {
+            "id": e["id"],
+            "start": e["start_time"],
+            "duration_us": e["duration"],
+            "command": (
+                e["command"].decode("utf-8", "replace")
+                if isinstance(e["command"], bytes)
+                else str(e["command"])
+            )[:120],
+        }
+        for e in r.slowlog_get(128)
+    ]
 
 
 def run_scale(args, rep, scratch):
@@ -647,7 +780,7 @@ def run_scale(args, rep, scratch):
     no Redis command over 50 ms (SLOWLOG)."""
     res = {"repeat": rep, "busy_before_pct": busy_pct(), "notes": []}
     server = RedisServer(scratch)
-    r, n = server.r, args.n
+    r = server.r
     app, noop = driver_app(server.port)
     eta_key, parked = qkey(app, "eta"), "{%s}:bench:eta:parked" % app.prefix
     try:
@@ -658,83 +791,101 @@ def run_scale(args, rep, scratch):
         res["eta_zcard"] = r.zcard(eta_key)
         res["redis_used_memory_mib"] = r.info("memory")["used_memory"] / 2**20
         r.rename(eta_key, parked)
-        calls = [(i,) for i in range(n)]
-        a = {}
-        # same redis-server, same N, one after the other; the order alternates by repeat
-        for label in (("base", "eta") if rep % 2 else ("eta", "base")):
-            if label == "eta":
-                r.rename(parked, eta_key)
-            elif r.exists(eta_key):
-                r.rename(eta_key, parked)
-            r.delete("done")
-            r.slowlog_reset()
-            noop.delay_many(calls)
-            d, popens, sampler = drain(server, "wakaq", n, scratch, f"s{rep}-a-{label}")
-            sampler.stop()
-            note = stop(popens, sampler.seen)
-            check_count(r, n, f"scale (a) {label}")
-            if note:
-                res["notes"].append(f"(a) {label}: {note}")
-            d["slowlog"] = slowlog(r)
-            a[label] = d
-        a["eta_left"] = r.zcard(eta_key) + r.zcard(parked)
-        a["ratio"] = a["eta"]["rate"] / a["base"]["rate"]
-        a["ratio_excl_startup"] = a["eta"]["rate_excl_startup"] / a["base"]["rate_excl_startup"]
-        a["rss_growth_mib"] = a["eta"]["peak_rss_mib"] - a["base"]["peak_rss_mib"]
-        res["a"] = a
-
-        # (b) all due at one moment
-        r.flushall()
-        r.slowlog_reset()
-        popens = start(worker_argvs("wakaq"), server.port, os.path.join(scratch, f"s{rep}-b.log"))
-        sampler = TreeSampler([p.pid for p in popens], 0.1)
-        sampler.start()
-        try:
-            deadline = time.monotonic() + 10
-            while not r.zcard(workers_key(app)) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            time.sleep(0.3)
-            m = args.due_count
-            payloads = eta_payloads(app, noop, m, first=10**7)
-            due = time.time() + args.due_lead
-            zadd_fast(r, eta_key, payloads, due)
-            b = {"count": m, "loaded_before_due_s": due - time.time()}
-            while time.time() < due:
-                time.sleep(0.001)
-            t0 = perf_counter()
-            t_done = t_moved = None
-            while perf_counter() - t0 < 300:
-                v = int(r.get("done") or 0)
-                if t_moved is None and not r.exists(eta_key):
-                    t_moved = perf_counter()
-                if v >= m:
-                    t_done = perf_counter()
-                    break
-                if any(p.poll() is not None for p in popens):
-                    break
-                time.sleep(0.005)
-            sampler.sample()
-        finally:
-            sampler.stop()
-            note = stop(popens, sampler.seen)
-        if note:
-            res["notes"].append(f"(b): {note}")
-        b["done"] = int(r.get("done") or 0)
-        b["eta_left"] = r.zcard(eta_key)
-        b["queue_left"] = r.llen(qkey(app))
-        b["seconds_from_due"] = (t_done - t0) if t_done else None
-        b["all_moved_s"] = (t_moved - t0) if t_moved else None
-        b["rate"] = m / (t_done - t0) if t_done else None
-        b["peak_rss_mib"] = sampler.peak_rss / 1024
-        b["slowlog"] = slowlog(r)
-        b["max_cmd_ms"] = max((e["duration_us"] for e in b["slowlog"]), default=0) / 1e3
-        res["b"] = b
+        res["a"] = _scale_a(args, rep, scratch, server, noop, eta_key, parked, res["notes"])
+        res["b"] = _scale_b(args, rep, scratch, server, app, noop, res["notes"])
     finally:
         server.stop()
     return res
 
 
+def _scale_a(args, rep, scratch, server, noop, eta_key, parked, notes):
+    """(a) the drains with and without the delayed tasks (renamed in and out of place)."""
+    r, n = server.r, args.n
+    calls = [(i,) for i in range(n)]
+    a = {}
+    # same redis-server, same N, one after the other; the order alternates by repeat
+    for label in ("base", "eta") if rep % 2 else ("eta", "base"):
+        if label == "eta":
+            r.rename(parked, eta_key)
+        elif r.exists(eta_key):
+            r.rename(eta_key, parked)
+        r.delete("done")
+        r.slowlog_reset()
+        noop.delay_many(calls)
+        d, popens, sampler = drain(server, "wakaq", n, scratch, f"s{rep}-a-{label}")
+        sampler.stop()
+        note = stop(popens, sampler.seen)
+        check_count(r, n, f"scale (a) {label}")
+        if note:
+            notes.append(f"(a) {label}: {note}")
+        d["slowlog"] = slowlog(r)
+        a[label] = d
+    a["eta_left"] = r.zcard(eta_key) + r.zcard(parked)
+    a["ratio"] = a["eta"]["rate"] / a["base"]["rate"]
+    a["ratio_excl_startup"] = a["eta"]["rate_excl_startup"] / a["base"]["rate_excl_startup"]
+    a["rss_growth_mib"] = a["eta"]["peak_rss_mib"] - a["base"]["peak_rss_mib"]
+    return a
+
+
+def _wait_until_done(r, m, eta_key, popens, t0):
+    """Poll until `m` tasks are done (or 300 s, or a worker exits); returns the times the
+    last one was done and the delayed set was empty, None if not."""
+    t_done = t_moved = None
+    while perf_counter() - t0 < 300:
+        v = int(r.get("done") or 0)
+        if t_moved is None and not r.exists(eta_key):
+            t_moved = perf_counter()
+        if v >= m:
+            t_done = perf_counter()
+            break
+        if any(p.poll() is not None for p in popens):
+            break
+        time.sleep(0.005)
+    return t_done, t_moved
+
+
+def _scale_b(args, rep, scratch, server, app, noop, notes):
+    """(b) all due at one moment."""
+    r, eta_key = server.r, qkey(app, "eta")
+    r.flushall()
+    r.slowlog_reset()
+    popens = start(worker_argvs("wakaq"), server.port, os.path.join(scratch, f"s{rep}-b.log"))
+    sampler = TreeSampler([p.pid for p in popens], 0.1)
+    sampler.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not r.zcard(workers_key(app)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        m = args.due_count
+        payloads = eta_payloads(app, noop, m, first=10**7)
+        due = time.time() + args.due_lead
+        zadd_fast(r, eta_key, payloads, due)
+        b = {"count": m, "loaded_before_due_s": due - time.time()}
+        while time.time() < due:
+            time.sleep(0.001)
+        t0 = perf_counter()
+        t_done, t_moved = _wait_until_done(r, m, eta_key, popens, t0)
+        sampler.sample()
+    finally:
+        sampler.stop()
+        note = stop(popens, sampler.seen)
+    if note:
+        notes.append(f"(b): {note}")
+    b["done"] = int(r.get("done") or 0)
+    b["eta_left"] = r.zcard(eta_key)
+    b["queue_left"] = r.llen(qkey(app))
+    b["seconds_from_due"] = (t_done - t0) if t_done else None
+    b["all_moved_s"] = (t_moved - t0) if t_moved else None
+    b["rate"] = m / (t_done - t0) if t_done else None
+    b["peak_rss_mib"] = sampler.peak_rss / 1024
+    b["slowlog"] = slowlog(r)
+    b["max_cmd_ms"] = max((e["duration_us"] for e in b["slowlog"]), default=0) / 1e3
+    return b
+
+
 # ------------------------------------------------------------------ the other cases (--case)
+
 
 class Live:
     """Servers and worker processes a case started; close() stops whatever is left, in
@@ -774,7 +925,7 @@ class Live:
                 else:
                     x[1].stop()
                     stop(x[0], x[1].seen)
-            except Exception as e:          # keep closing the rest
+            except Exception as e:  # keep closing the rest
                 self.notes.append(f"cleanup: {e!r}")
 
 
@@ -818,6 +969,7 @@ def run_async(args, rep, scratch):
     """1,000 async tasks of `await asyncio.sleep(0.05)`, concurrency=2, async_concurrency=50:
     drain time against the ideal 1,000 x 0.05 / (2 x 50) = 0.5 s."""
     import bench_app
+
     res, live = new_res(rep), Live()
     try:
         server = live.server(RedisServer(scratch))
@@ -826,17 +978,31 @@ def run_async(args, rep, scratch):
         conc, aconc = app.concurrency, bench_app.SPECS["wakaq_async"]["async_concurrency"]
         res["app_async_concurrency_attr"] = getattr(app, "async_concurrency", None)
         app.tasks["asleep"].delay_many([(i,) for i in range(m)])
-        d, popens, sampler = drain(server, "wakaq_async", m, scratch, f"a{rep}-async",
-                                   timeout=args.async_timeout, partial=True)
+        d, popens, sampler = drain(
+            server,
+            "wakaq_async",
+            m,
+            scratch,
+            f"a{rep}-async",
+            timeout=args.async_timeout,
+            partial=True,
+        )
         live.add(popens, sampler)
         t_end = d.get("t_done_wall") or time.time()
         starts = sorted(float(r.get(k)) for k in r.scan_iter("async_t0:*"))
         live.stop(popens, "async")
         done = int(r.get("done") or 0)
         ideal = m * bench_app.ASYNC_SLEEP / (conc * aconc) if aconc else None
-        res.update(n=m, concurrency=conc, async_concurrency=aconc, done=done, drain=d,
-                   children_started=len(starts), ideal_s=ideal,
-                   timed_out=d.get("seconds") is None)
+        res.update(
+            n=m,
+            concurrency=conc,
+            async_concurrency=aconc,
+            done=done,
+            drain=d,
+            children_started=len(starts),
+            ideal_s=ideal,
+            timed_out=d.get("seconds") is None,
+        )
         if starts:
             span = t_end - starts[0]
             res["drain_from_first_start_s"] = span
@@ -863,8 +1029,12 @@ def idle_window(server, secs, own):
     el = perf_counter() - t0
     per = {k.replace("cmdstat_", ""): (c1.get(k, 0) - c0.get(k, 0)) for k in c1}
     per = {k: v for k, v in per.items() if v}
-    return {"seconds": el, "commands": s1 - s0 - own, "per_s": (s1 - s0 - own) / el,
-            "by_command_raw": dict(sorted(per.items(), key=lambda kv: -kv[1]))}
+    return {
+        "seconds": el,
+        "commands": s1 - s0 - own,
+        "per_s": (s1 - s0 - own) / el,
+        "by_command_raw": dict(sorted(per.items(), key=lambda kv: -kv[1])),
+    }
 
 
 def run_idle(args, rep, scratch):
@@ -881,8 +1051,13 @@ def run_idle(args, rep, scratch):
         own = cal["commands"]
         res["own_commands_per_window"] = own
         for workers in (1, 3):
-            popens = live.add(start(worker_argvs("wakaq_idle", workers), server.port,
-                                    os.path.join(scratch, f"i{rep}-{workers}.log")))
+            popens = live.add(
+                start(
+                    worker_argvs("wakaq_idle", workers),
+                    server.port,
+                    os.path.join(scratch, f"i{rep}-{workers}.log"),
+                )
+            )
             wait_workers(r, app, workers, popens)
             time.sleep(args.idle_settle)
             w = idle_window(server, args.idle_seconds, own)
@@ -918,7 +1093,7 @@ def run_cluster(args, rep, scratch):
         res["cluster_setup_s"] = perf_counter() - t
         n = args.n
         res["raw_drain"] = raw_floor(live, single, n, scratch, f"c{rep}-raw")
-        for label in (("single", "cluster") if rep % 2 else ("cluster", "single")):
+        for label in ("single", "cluster") if rep % 2 else ("cluster", "single"):
             srv = single if label == "single" else cl
             res[label] = wakaq_drain(live, srv, "wakaq", n, scratch, f"c{rep}-{label}")
         app, _ = driver_app(cl.port, "wakaq", True)
@@ -926,8 +1101,9 @@ def run_cluster(args, rep, scratch):
         res["app_slot"] = slot
         res["app_node"] = cl.r.get_node_from_key(qkey(app)).name
         res["ratio"] = res["cluster"]["rate"] / res["single"]["rate"]
-        res["ratio_excl_startup"] = (res["cluster"]["rate_excl_startup"] /
-                                     res["single"]["rate_excl_startup"])
+        res["ratio_excl_startup"] = (
+            res["cluster"]["rate_excl_startup"] / res["single"]["rate_excl_startup"]
+        )
         res["single_vs_raw"] = res["single"]["rate"] / res["raw_drain"]["rate"]
     finally:
         live.close()
@@ -943,13 +1119,14 @@ def run_loglevel(args, rep, scratch):
         server = live.server(RedisServer(scratch))
         n = args.n
         res["raw_drain"] = raw_floor(live, server, n, scratch, f"l{rep}-raw")
-        for spec in (("wakaq", "wakaq_warning") if rep % 2 else ("wakaq_warning", "wakaq")):
+        for spec in ("wakaq", "wakaq_warning") if rep % 2 else ("wakaq_warning", "wakaq"):
             label = "info" if spec == "wakaq" else "warning"
             res[label] = wakaq_drain(live, server, spec, n, scratch, f"l{rep}-{label}")
         f = res["raw_drain"]
         res["ratio"] = {k: res[k]["rate"] / f["rate"] for k in ("info", "warning")}
-        res["ratio_excl_startup"] = {k: res[k]["rate_excl_startup"] / f["rate_excl_startup"]
-                                     for k in ("info", "warning")}
+        res["ratio_excl_startup"] = {
+            k: res[k]["rate_excl_startup"] / f["rate_excl_startup"] for k in ("info", "warning")
+        }
     finally:
         live.close()
         res["notes"] += live.notes
@@ -963,12 +1140,14 @@ def run_queues(args, rep, scratch):
         server = live.server(RedisServer(scratch))
         n = args.n
         order = [1, 50, 200]
-        order = order[rep % 3:] + order[:rep % 3]       # rotate the order by repeat
+        order = order[rep % 3 :] + order[: rep % 3]  # rotate the order by repeat
         for q in order:
             res[f"q{q}"] = wakaq_drain(live, server, f"wakaq_q{q}", n, scratch, f"q{rep}-{q}")
         res["ratio"] = {f"q{q}": res[f"q{q}"]["rate"] / res["q1"]["rate"] for q in (50, 200)}
-        res["ratio_excl_startup"] = {f"q{q}": res[f"q{q}"]["rate_excl_startup"] /
-                                     res["q1"]["rate_excl_startup"] for q in (50, 200)}
+        res["ratio_excl_startup"] = {
+            f"q{q}": res[f"q{q}"]["rate_excl_startup"] / res["q1"]["rate_excl_startup"]
+            for q in (50, 200)
+        }
     finally:
         live.close()
         res["notes"] += live.notes
@@ -983,29 +1162,31 @@ def _resp_len(*parts):
     return out
 
 
+def _bytes_sender(server, kind, arg):
+    """send(i) of one task with the argument `arg`; for wakaq, after a warm-up task (the
+    connection and the script load are not counted)."""
+    r = server.r
+    if kind == "raw":
+        return lambda i: r.rpush("raw:default", json.dumps({"fn": "big", "args": [arg]}))
+    app, _ = driver_app(server.port, kind)
+    big = app.tasks["big"]
+    big.delay("y")  # connect + script load, not counted
+    deadline = time.monotonic() + 10
+    while int(r.get("done") or 0) < 1:
+        if time.monotonic() > deadline:
+            raise RuntimeError("bytes: the warm-up task did not run")
+        time.sleep(0.01)
+    time.sleep(0.2)  # its ack
+    r.delete("done")
+    return lambda i: big.delay(arg)
+
+
 def bytes_phase(server, kind, m, size, window, popens):
     """Send m tasks with a `size`-byte string argument (at most `window` not yet done),
     wait for all; Redis input bytes (INFO stats total_net_input_bytes) minus the driver's
     own polls and INFO calls."""
     r = server.r
-    arg = "x" * size
-    if kind == "raw":
-        def send(i):
-            r.rpush("raw:default", json.dumps({"fn": "big", "args": [arg]}))
-    else:
-        app, _ = driver_app(server.port, kind)
-        big = app.tasks["big"]
-        big.delay("y")                                   # connect + script load, not counted
-        deadline = time.monotonic() + 10
-        while int(r.get("done") or 0) < 1:
-            if time.monotonic() > deadline:
-                raise RuntimeError("bytes: the warm-up task did not run")
-            time.sleep(0.01)
-        time.sleep(0.2)                                 # its ack
-        r.delete("done")
-
-        def send(i):
-            big.delay(arg)
+    send = _bytes_sender(server, kind, "x" * size)
     polls = 0
     b0 = stats(server)["total_net_input_bytes"]
     t0 = perf_counter()
@@ -1027,13 +1208,19 @@ def bytes_phase(server, kind, m, size, window, popens):
         done = int(r.get("done") or 0)
         polls += 1
     el = perf_counter() - t0
-    time.sleep(0.3)                                     # the last acks
+    time.sleep(0.3)  # the last acks
     b1 = stats(server)["total_net_input_bytes"]
     own = polls * _resp_len("GET", "done") + 2 * _resp_len("INFO", "stats")
     got = b1 - b0 - own
-    return {"tasks": m, "arg_bytes": size, "seconds": el, "input_bytes": got,
-            "input_bytes_per_task": got / m, "ratio_to_arg": got / (m * size),
-            "driver_polls": polls}
+    return {
+        "tasks": m,
+        "arg_bytes": size,
+        "seconds": el,
+        "input_bytes": got,
+        "input_bytes_per_task": got / m,
+        "ratio_to_arg": got / (m * size),
+        "driver_polls": polls,
+    }
 
 
 def run_bytes(args, rep, scratch):
@@ -1044,10 +1231,11 @@ def run_bytes(args, rep, scratch):
         server = live.server(RedisServer(scratch))
         m, size = args.bytes_n, args.bytes_size
         app, _ = driver_app(server.port)
-        for kind in (("raw", "wakaq") if rep % 2 else ("wakaq", "raw")):
+        for kind in ("raw", "wakaq") if rep % 2 else ("wakaq", "raw"):
             server.flushall()
-            popens = live.add(start(worker_argvs(kind), server.port,
-                                    os.path.join(scratch, f"b{rep}-{kind}.log")))
+            popens = live.add(
+                start(worker_argvs(kind), server.port, os.path.join(scratch, f"b{rep}-{kind}.log"))
+            )
             if kind != "raw":
                 wait_workers(server.r, app, 1, popens)
             res[kind] = bytes_phase(server, kind, m, size, args.bytes_window, popens)
@@ -1059,8 +1247,8 @@ def run_bytes(args, rep, scratch):
     return res
 
 
-
 # ------------------------------------------------------------------ report
+
 
 def med(runs, path):
     vals = []
@@ -1094,109 +1282,355 @@ def le(v, t):
     return v is not None and v <= t
 
 
+def _case_runs(cases, name, title, P, targets):
+    """The section head of a case; its runs, or None if it did not run or has no run."""
+    c = cases.get(name)
+    if c is None:
+        return None
+    R = c["runs"]
+    P(f"\n[{name}] {title} (median of {len(R)} run(s))")
+    if c.get("error"):
+        P(f"  ERROR: {c['error']}")
+        targets.append((f"[{name}] ran without error", None, False))
+    return R or None
+
+
+def _report_async(R, a, P):
+    targets = []
+    P(
+        f"  done {fmt(med(R, 'done'))}/{a['async_n']:,}; children that ran one: "
+        f"{fmt(med(R, 'children_started'))}; timed out (>{a['async_timeout']} s): "
+        f"{sum(bool(x.get('timed_out')) for x in R)} of {len(R)} run(s)"
+    )
+    P(
+        f"  drain from the first task's start: {fmt(med(R, 'drain_from_first_start_s'), 3)} s "
+        f"vs ideal {fmt(med(R, 'ideal_s'), 3)} s; rate {fmt(med(R, 'rate_from_first_start'))}/s "
+        f"= {fmt(med(R, 'vs_ideal_rate'), 3)} x the ideal rate"
+    )
+    P(
+        f"  from worker spawn: {fmt(med(R, 'drain_s_from_spawn'), 3)} s "
+        f"(start-up to the first task {fmt(med(R, 'startup_s'), 3)} s)"
+    )
+    v = med(R, "vs_ideal_rate")
+    targets.append(("[async] rate >= 0.5 x ideal (from 1st start)", v, ge(v, 0.5)))
+    return targets
+
+
+def _report_idle(R, a, P):
+    targets = []
+    for w in (1, 3):
+        by = {}
+        for run in R:
+            for k, v in run[f"w{w}"]["by_command_raw"].items():
+                by.setdefault(k, []).append(v / run[f"w{w}"]["seconds"])
+        top = sorted(((statistics.median(v), k) for k, v in by.items()), reverse=True)[:8]
+        P(
+            f"  {w} idle worker(s): {fmt(med(R, f'w{w}.per_s'))} commands/s; by command "
+            f"(incl. the driver's {fmt(med(R, 'own_commands_per_window'))} INFO calls): "
+            + ", ".join(f"{k} {v:.2f}" for v, k in top)
+        )
+    P(
+        "  delayed tasks (eta 1.0/1.25/1.5 s) on 3 idle workers, ran late by (ms): "
+        + "; ".join(", ".join(f"{x:.0f}" for x in run.get("eta_late_ms", [])) for run in R)
+    )
+    v1, v3, late = med(R, "w1.per_s"), med(R, "w3.per_s"), med(R, "eta_late_max_ms")
+    targets += [
+        ("[idle] 1 idle worker <= 10 commands/s", v1, le(v1, 10)),
+        ("[idle] 3 idle workers <= 25 commands/s", v3, le(v3, 25)),
+        ("[idle] delayed task runs within 500 ms of due", late, le(late, 500)),
+    ]
+    return targets
+
+
+def _report_cluster(R, a, P):
+    targets = []
+    P(
+        f"  single {fmt(med(R, 'single.rate'))}/s (excl. start-up "
+        f"{fmt(med(R, 'single.rate_excl_startup'))}), cluster {fmt(med(R, 'cluster.rate'))}/s "
+        f"(excl. start-up {fmt(med(R, 'cluster.rate_excl_startup'))}); cluster/single "
+        f"{fmt(med(R, 'ratio'), 3)} (excl. start-up {fmt(med(R, 'ratio_excl_startup'), 3)})"
+    )
+    P(
+        f"  raw floor on the single server {fmt(med(R, 'raw_drain.rate'))}/s; single/raw "
+        f"{fmt(med(R, 'single_vs_raw'), 3)}; redis commands/task single "
+        f"{fmt(med(R, 'single.redis_cmds_per_task'))}, cluster (all nodes) "
+        f"{fmt(med(R, 'cluster.redis_cmds_per_task'))}; app slot {R[0].get('app_slot')} on "
+        f"{R[0].get('app_node')}; cluster set-up {fmt(med(R, 'cluster_setup_s'))} s"
+    )
+    v = med(R, "ratio")
+    targets.append(("[cluster] drain on cluster / single (info)", v, ge(v, 0.0)))
+    return targets
+
+
+def _report_loglevel(R, a, P):
+    targets = []
+    for k in ("info", "warning"):
+        P(
+            f"  {k.upper():<8} {fmt(med(R, f'{k}.rate'))}/s (excl. start-up "
+            f"{fmt(med(R, f'{k}.rate_excl_startup'))}) = {fmt(med(R, f'ratio.{k}'), 3)} x floor "
+            f"(excl. start-up {fmt(med(R, f'ratio_excl_startup.{k}'), 3)}); log "
+            f"{fmt(med(R, f'{k}.log_bytes_per_task'))} bytes/task"
+        )
+    P(
+        f"  raw floor {fmt(med(R, 'raw_drain.rate'))}/s (excl. start-up "
+        f"{fmt(med(R, 'raw_drain.rate_excl_startup'))})"
+    )
+    vi, vw = med(R, "ratio.info"), med(R, "ratio.warning")
+    targets += [
+        ("[loglevel] drain at INFO >= 0.80 x floor", vi, ge(vi, 0.8)),
+        ("[loglevel] drain at WARNING >= 0.90 x floor", vw, ge(vw, 0.9)),
+    ]
+    return targets
+
+
+def _report_queues(R, a, P):
+    targets = []
+    for q in (1, 50, 200):
+        P(
+            f"  {q:>3} queue(s): {fmt(med(R, f'q{q}.rate'))}/s (excl. start-up "
+            f"{fmt(med(R, f'q{q}.rate_excl_startup'))}); "
+            + (
+                f"vs 1 queue {fmt(med(R, f'ratio.q{q}'), 3)} (excl. start-up "
+                f"{fmt(med(R, f'ratio_excl_startup.q{q}'), 3)}); "
+                if q > 1
+                else ""
+            )
+            + f"redis commands/task {fmt(med(R, f'q{q}.redis_cmds_per_task'))}, "
+            f"bytes in/task {fmt(med(R, f'q{q}.redis_in_bytes_per_task'))}, "
+            f"redis CPU us/task {fmt(med(R, f'q{q}.redis_cpu_us_per_task'))}, "
+            f"worker CPU us/task {fmt(med(R, f'q{q}.worker_cpu_us_per_task'))}"
+        )
+    P("  commands/task by command, 200 queues (run 1): " + cmd_split(R[0]["q200"]))
+    v = med(R, "ratio.q200")
+    targets.append(("[queues] 200 queues >= 0.90 x 1 queue", v, ge(v, 0.9)))
+    return targets
+
+
+def _report_bytes(R, a, P):
+    targets = []
+    for k in ("wakaq", "raw"):
+        P(
+            f"  {k:<6} {fmt(med(R, f'{k}.input_bytes_per_task'))} bytes/task = "
+            f"{fmt(med(R, f'{k}.ratio_to_arg'), 3)} x the argument; "
+            f"{fmt(med(R, f'{k}.seconds'))} s"
+        )
+    P(f"  wakaq / raw floor (RPUSH + BLPOP): {fmt(med(R, 'ratio_to_raw'), 3)}")
+    v = med(R, "wakaq.ratio_to_arg")
+    targets.append(("[bytes] input bytes <= 1.2 x payload", v, le(v, 1.2)))
+    return targets
+
+
+# (case, its title from the arguments, its section): the order of the report
+_CASE_REPORTS = (
+    (
+        "async",
+        lambda a: (
+            f"{a['async_n']:,} async tasks, each await asyncio.sleep(0.05); "
+            "concurrency=2, async_concurrency=50"
+        ),
+        _report_async,
+    ),
+    (
+        "idle",
+        lambda a: (
+            f"idle Redis commands/s over {a['idle_seconds']} s, app with 3 queues, concurrency=2"
+        ),
+        _report_idle,
+    ),
+    (
+        "cluster",
+        lambda a: f"drain of N={a['n']} on a 3-master Redis Cluster vs a single redis-server",
+        _report_cluster,
+    ),
+    (
+        "loglevel",
+        lambda a: f"drain of N={a['n']} with the per-task log line (INFO) and without (WARNING)",
+        _report_loglevel,
+    ),
+    (
+        "queues",
+        lambda a: f"drain of N={a['n']}, tasks on the lowest-priority queue",
+        _report_queues,
+    ),
+    (
+        "bytes",
+        lambda a: (
+            f"Redis bytes received per task, {a['bytes_n']:,} tasks with a "
+            f"{a['bytes_size']:,}-byte argument (enqueue + run + ack)"
+        ),
+        _report_bytes,
+    ),
+)
+
+
 def report_cases(cases, meta, P):
     """The sections of the cases beyond main/scale; returns their targets."""
     a = meta["args"]
     targets = []
+    for name, title, section in _CASE_REPORTS:
+        R = _case_runs(cases, name, title(a), P, targets)
+        if R:
+            targets += section(R, a, P)
+    return targets
 
-    def head(name, title):
-        c = cases.get(name)
-        if c is None:
-            return None
-        R = c["runs"]
-        P(f"\n[{name}] {title} (median of {len(R)} run(s))")
-        if c.get("error"):
-            P(f"  ERROR: {c['error']}")
-            targets.append((f"[{name}] ran without error", None, False))
-        return R or None
 
-    R = head("async", f"{a['async_n']:,} async tasks, each await asyncio.sleep(0.05); "
-                      "concurrency=2, async_concurrency=50")
-    if R:
-        P(f"  done {fmt(med(R, 'done'))}/{a['async_n']:,}; children that ran one: "
-          f"{fmt(med(R, 'children_started'))}; timed out (>{a['async_timeout']} s): "
-          f"{sum(bool(x.get('timed_out')) for x in R)} of {len(R)} run(s)")
-        P(f"  drain from the first task's start: {fmt(med(R, 'drain_from_first_start_s'), 3)} s "
-          f"vs ideal {fmt(med(R, 'ideal_s'), 3)} s; rate {fmt(med(R, 'rate_from_first_start'))}/s "
-          f"= {fmt(med(R, 'vs_ideal_rate'), 3)} x the ideal rate")
-        P(f"  from worker spawn: {fmt(med(R, 'drain_s_from_spawn'), 3)} s "
-          f"(start-up to the first task {fmt(med(R, 'startup_s'), 3)} s)")
-        v = med(R, "vs_ideal_rate")
-        targets.append(("[async] rate >= 0.5 x ideal (from 1st start)", v, ge(v, 0.5)))
+def _report_main(R, meta, P):
+    """The main section: wakaq against the floor; returns its targets."""
+    targets = []
+    k = len(R)
+    P(
+        f"\nwakaq vs the floor (plain redis-py), N={meta['args']['n']}, bulk N="
+        f"{meta['args']['bulk_n']}, median of {k} run(s); ratio = median of per-run ours/floor"
+    )
+    P(f"{'figure':<34}{'wakaq':>12}{'floor':>12}{'ratio':>8}")
+    rows = [
+        ("drain tasks/s (from worker start)", "drain.rate", "raw_drain.rate", "ratio.drain"),
+        (
+            "drain tasks/s (excl. start-up)",
+            "drain.rate_excl_startup",
+            "raw_drain.rate_excl_startup",
+            "ratio.drain_excl_startup",
+        ),
+        ("start-up s (spawn -> 1st task)", "drain.startup_s", "raw_drain.startup_s", None),
+        ("enqueue .delay() tasks/s", "enqueue.rate", "raw_enqueue.rate", "ratio.enqueue"),
+        ("enqueue first call ms", "enqueue.first_call_ms", "raw_enqueue.first_call_ms", None),
+        ("bulk .delay_many() tasks/s", "bulk.rate", "raw_pipe.rate", "ratio.bulk"),
+        ("pickup p50 ms", "pickup.p50_ms", "raw_pickup.p50_ms", "ratio.pickup_p50"),
+        ("pickup p99 ms", "pickup.p99_ms", "raw_pickup.p99_ms", "ratio.pickup_p99"),
+        (
+            "peak RSS MiB (tree, summed)",
+            "drain.peak_rss_mib",
+            "raw_drain.peak_rss_mib",
+            "ratio.rss",
+        ),
+        (
+            "peak PSS MiB (tree, summed)",
+            "drain.peak_pss_mib",
+            "raw_drain.peak_pss_mib",
+            "ratio.pss",
+        ),
+        ("processes", "drain.procs", "raw_drain.procs", None),
+        (
+            "worker CPU us/task",
+            "drain.worker_cpu_us_per_task",
+            "raw_drain.worker_cpu_us_per_task",
+            "ratio.worker_cpu",
+        ),
+        (
+            "redis CPU us/task",
+            "drain.redis_cpu_us_per_task",
+            "raw_drain.redis_cpu_us_per_task",
+            "ratio.redis_cpu",
+        ),
+        (
+            "redis commands/task (drain)",
+            "drain.redis_cmds_per_task",
+            "raw_drain.redis_cmds_per_task",
+            None,
+        ),
+        (
+            "redis bytes in/task (drain)",
+            "drain.redis_in_bytes_per_task",
+            "raw_drain.redis_in_bytes_per_task",
+            None,
+        ),
+    ]
+    for label, ours, floor, ratio in rows:
+        P(
+            f"{label:<34}{fmt(med(R, ours)):>12}{fmt(med(R, floor)):>12}"
+            f"{fmt(med(R, ratio), 2) if ratio else '':>8}"
+        )
+    P(
+        "  commands/task by command (run 1, wakaq drain, incl. the task's INCR): "
+        + cmd_split(R[0]["drain"])
+    )
+    P(
+        f"{'2 bare redis-py processes RSS MiB':<34}{fmt(med(R, 'bare.rss_mib')):>12}"
+        f"   (PSS {fmt(med(R, 'bare.pss_mib'))}); wakaq RSS above them: "
+        f"{fmt(med(R, 'rss_above_bare_mib'))} MiB (PSS {fmt(med(R, 'pss_above_bare_mib'))})"
+    )
+    P(
+        "floor: producer RPUSH per task (bulk: RPUSH pipelined x1000); 2 consumers "
+        "BLPOP + json.loads + call + INCR"
+    )
+    targets += [
+        # The main app logs one INFO line per attempt (on by default): issue 12 allows it
+        # 0.8 x floor; the 0.9 x floor drain is the loglevel case's WARNING figure.
+        ("drain (INFO) >= 0.80 x floor", med(R, "ratio.drain"), med(R, "ratio.drain") >= 0.80),
+        (
+            "drain excl. start-up >= 0.80 x floor (info)",
+            med(R, "ratio.drain_excl_startup"),
+            med(R, "ratio.drain_excl_startup") >= 0.80,
+        ),
+        (
+            "single enqueue >= 0.90 x floor",
+            med(R, "ratio.enqueue"),
+            med(R, "ratio.enqueue") >= 0.90,
+        ),
+        ("pickup p50 <= 1 ms", med(R, "pickup.p50_ms"), med(R, "pickup.p50_ms") <= 1.0),
+        ("pickup p99 <= 3 ms", med(R, "pickup.p99_ms"), med(R, "pickup.p99_ms") <= 3.0),
+        (
+            "worker RSS <= 2 bare + 10 MiB",
+            med(R, "rss_above_bare_mib"),
+            med(R, "rss_above_bare_mib") <= 10.0,
+        ),
+        (
+            "worker PSS <= 2 bare + 10 MiB (info)",
+            med(R, "pss_above_bare_mib"),
+            med(R, "pss_above_bare_mib") <= 10.0,
+        ),
+        ("bulk >= 100,000 tasks/s", med(R, "bulk.rate"), med(R, "bulk.rate") >= 100000),
+    ]
+    return targets
 
-    R = head("idle", f"idle Redis commands/s over {a['idle_seconds']} s, app with 3 queues, "
-                     "concurrency=2")
-    if R:
-        for w in (1, 3):
-            by = {}
-            for run in R:
-                for k, v in run[f"w{w}"]["by_command_raw"].items():
-                    by.setdefault(k, []).append(v / run[f"w{w}"]["seconds"])
-            top = sorted(((statistics.median(v), k) for k, v in by.items()), reverse=True)[:8]
-            P(f"  {w} idle worker(s): {fmt(med(R, f'w{w}.per_s'))} commands/s; by command "
-              f"(incl. the driver's {fmt(med(R, 'own_commands_per_window'))} INFO calls): "
-              + ", ".join(f"{k} {v:.2f}" for v, k in top))
-        P(f"  delayed tasks (eta 1.0/1.25/1.5 s) on 3 idle workers, ran late by (ms): "
-          + "; ".join(", ".join(f"{x:.0f}" for x in run.get("eta_late_ms", [])) for run in R))
-        v1, v3, late = med(R, "w1.per_s"), med(R, "w3.per_s"), med(R, "eta_late_max_ms")
-        targets += [("[idle] 1 idle worker <= 10 commands/s", v1, le(v1, 10)),
-                    ("[idle] 3 idle workers <= 25 commands/s", v3, le(v3, 25)),
-                    ("[idle] delayed task runs within 500 ms of due", late, le(late, 500))]
 
-    R = head("cluster", f"drain of N={a['n']} on a 3-master Redis Cluster vs a single "
-                        "redis-server")
-    if R:
-        P(f"  single {fmt(med(R, 'single.rate'))}/s (excl. start-up "
-          f"{fmt(med(R, 'single.rate_excl_startup'))}), cluster {fmt(med(R, 'cluster.rate'))}/s "
-          f"(excl. start-up {fmt(med(R, 'cluster.rate_excl_startup'))}); cluster/single "
-          f"{fmt(med(R, 'ratio'), 3)} (excl. start-up {fmt(med(R, 'ratio_excl_startup'), 3)})")
-        P(f"  raw floor on the single server {fmt(med(R, 'raw_drain.rate'))}/s; single/raw "
-          f"{fmt(med(R, 'single_vs_raw'), 3)}; redis commands/task single "
-          f"{fmt(med(R, 'single.redis_cmds_per_task'))}, cluster (all nodes) "
-          f"{fmt(med(R, 'cluster.redis_cmds_per_task'))}; app slot {R[0].get('app_slot')} on "
-          f"{R[0].get('app_node')}; cluster set-up {fmt(med(R, 'cluster_setup_s'))} s")
-        v = med(R, "ratio")
-        targets.append(("[cluster] drain on cluster / single (info)", v, ge(v, 0.0)))
-
-    R = head("loglevel", f"drain of N={a['n']} with the per-task log line (INFO) and without "
-                         "(WARNING)")
-    if R:
-        for k in ("info", "warning"):
-            P(f"  {k.upper():<8} {fmt(med(R, f'{k}.rate'))}/s (excl. start-up "
-              f"{fmt(med(R, f'{k}.rate_excl_startup'))}) = {fmt(med(R, f'ratio.{k}'), 3)} x floor "
-              f"(excl. start-up {fmt(med(R, f'ratio_excl_startup.{k}'), 3)}); log "
-              f"{fmt(med(R, f'{k}.log_bytes_per_task'))} bytes/task")
-        P(f"  raw floor {fmt(med(R, 'raw_drain.rate'))}/s (excl. start-up "
-          f"{fmt(med(R, 'raw_drain.rate_excl_startup'))})")
-        vi, vw = med(R, "ratio.info"), med(R, "ratio.warning")
-        targets += [("[loglevel] drain at INFO >= 0.80 x floor", vi, ge(vi, 0.8)),
-                    ("[loglevel] drain at WARNING >= 0.90 x floor", vw, ge(vw, 0.9))]
-
-    R = head("queues", f"drain of N={a['n']}, tasks on the lowest-priority queue")
-    if R:
-        for q in (1, 50, 200):
-            P(f"  {q:>3} queue(s): {fmt(med(R, f'q{q}.rate'))}/s (excl. start-up "
-              f"{fmt(med(R, f'q{q}.rate_excl_startup'))}); "
-              + (f"vs 1 queue {fmt(med(R, f'ratio.q{q}'), 3)} (excl. start-up "
-                 f"{fmt(med(R, f'ratio_excl_startup.q{q}'), 3)}); " if q > 1 else "")
-              + f"redis commands/task {fmt(med(R, f'q{q}.redis_cmds_per_task'))}, "
-              f"bytes in/task {fmt(med(R, f'q{q}.redis_in_bytes_per_task'))}, "
-              f"redis CPU us/task {fmt(med(R, f'q{q}.redis_cpu_us_per_task'))}, "
-              f"worker CPU us/task {fmt(med(R, f'q{q}.worker_cpu_us_per_task'))}")
-        P("  commands/task by command, 200 queues (run 1): " + cmd_split(R[0]["q200"]))
-        v = med(R, "ratio.q200")
-        targets.append(("[queues] 200 queues >= 0.90 x 1 queue", v, ge(v, 0.9)))
-
-    R = head("bytes", f"Redis bytes received per task, {a['bytes_n']:,} tasks with a "
-                      f"{a['bytes_size']:,}-byte argument (enqueue + run + ack)")
-    if R:
-        for k in ("wakaq", "raw"):
-            P(f"  {k:<6} {fmt(med(R, f'{k}.input_bytes_per_task'))} bytes/task = "
-              f"{fmt(med(R, f'{k}.ratio_to_arg'), 3)} x the argument; "
-              f"{fmt(med(R, f'{k}.seconds'))} s")
-        P(f"  wakaq / raw floor (RPUSH + BLPOP): {fmt(med(R, 'ratio_to_raw'), 3)}")
-        v = med(R, "wakaq.ratio_to_arg")
-        targets.append(("[bytes] input bytes <= 1.2 x payload", v, le(v, 1.2)))
+def _report_scale(S, meta, P):
+    """The scale section; returns its targets."""
+    targets = []
+    a = meta["args"]
+    P(f"\nscale (median of {len(S)} run(s)):")
+    P(
+        f"  (a) drain of N={a['n']} with {a['eta_count']:,} delayed tasks pending (+1 h): "
+        f"{fmt(med(S, 'a.eta.rate'))}/s vs {fmt(med(S, 'a.base.rate'))}/s without = "
+        f"{fmt(med(S, 'a.ratio'), 3)} "
+        f"(excl. start-up {fmt(med(S, 'a.ratio_excl_startup'), 3)}); "
+        f"peak RSS {fmt(med(S, 'a.eta.peak_rss_mib'))} "
+        f"vs {fmt(med(S, 'a.base.peak_rss_mib'))} MiB; load {fmt(med(S, 'eta_load_s'))} s, "
+        f"redis used_memory {fmt(med(S, 'redis_used_memory_mib'))} MiB"
+    )
+    P(
+        f"  (b) {a['due_count']:,} delayed tasks due at one moment: all ran in "
+        f"{fmt(med(S, 'b.seconds_from_due'))} s ({fmt(med(S, 'b.rate'))}/s) from the due time "
+        f"(all moved to the queue after {fmt(med(S, 'b.all_moved_s'), 3)} s); "
+        f"max SLOWLOG entry (>50 ms) {fmt(med(S, 'b.max_cmd_ms'))} ms"
+    )
+    for run in S:
+        for label, entries in (
+            ("(a) base", run["a"]["base"]["slowlog"]),
+            ("(a) eta", run["a"]["eta"]["slowlog"]),
+            ("(b)", run["b"]["slowlog"]),
+        ):
+            for e in entries:
+                P(
+                    f"      run {run['repeat']} {label} SLOWLOG {e['duration_us'] / 1e3:.1f} ms: "
+                    f"{e['command']}"
+                )
+    all_ran = all(run["b"]["done"] == a["due_count"] and run["b"]["eta_left"] == 0 for run in S)
+    no_slow = all(not run["b"]["slowlog"] and not run["a"]["eta"]["slowlog"] for run in S)
+    targets += [
+        (
+            f"(a) drain with {a['eta_count']:,} delayed >= 0.90 x without",
+            med(S, "a.ratio"),
+            med(S, "a.ratio") >= 0.90,
+        ),
+        (
+            "(a) worker RSS does not grow (<= +1 MiB)",
+            med(S, "a.rss_growth_mib"),
+            med(S, "a.rss_growth_mib") <= 1.0,
+        ),
+        ("(b) all due tasks ran", med(S, "b.done"), all_ran),
+        ("(b) no command over 50 ms (SLOWLOG)", med(S, "b.max_cmd_ms"), no_slow),
+    ]
     return targets
 
 
@@ -1205,88 +1639,9 @@ def report(main_runs, scale_runs, meta, cases=None):
     P = lines.append
     targets = []
     if main_runs:
-        R = main_runs
-        k = len(R)
-        P(f"\nwakaq vs the floor (plain redis-py), N={meta['args']['n']}, bulk N="
-          f"{meta['args']['bulk_n']}, median of {k} run(s); ratio = median of per-run ours/floor")
-        P(f"{'figure':<34}{'wakaq':>12}{'floor':>12}{'ratio':>8}")
-        rows = [
-            ("drain tasks/s (from worker start)", "drain.rate", "raw_drain.rate", "ratio.drain"),
-            ("drain tasks/s (excl. start-up)", "drain.rate_excl_startup",
-             "raw_drain.rate_excl_startup", "ratio.drain_excl_startup"),
-            ("start-up s (spawn -> 1st task)", "drain.startup_s", "raw_drain.startup_s", None),
-            ("enqueue .delay() tasks/s", "enqueue.rate", "raw_enqueue.rate", "ratio.enqueue"),
-            ("enqueue first call ms", "enqueue.first_call_ms", "raw_enqueue.first_call_ms", None),
-            ("bulk .delay_many() tasks/s", "bulk.rate", "raw_pipe.rate", "ratio.bulk"),
-            ("pickup p50 ms", "pickup.p50_ms", "raw_pickup.p50_ms", "ratio.pickup_p50"),
-            ("pickup p99 ms", "pickup.p99_ms", "raw_pickup.p99_ms", "ratio.pickup_p99"),
-            ("peak RSS MiB (tree, summed)", "drain.peak_rss_mib", "raw_drain.peak_rss_mib", "ratio.rss"),
-            ("peak PSS MiB (tree, summed)", "drain.peak_pss_mib", "raw_drain.peak_pss_mib", "ratio.pss"),
-            ("processes", "drain.procs", "raw_drain.procs", None),
-            ("worker CPU us/task", "drain.worker_cpu_us_per_task",
-             "raw_drain.worker_cpu_us_per_task", "ratio.worker_cpu"),
-            ("redis CPU us/task", "drain.redis_cpu_us_per_task",
-             "raw_drain.redis_cpu_us_per_task", "ratio.redis_cpu"),
-            ("redis commands/task (drain)", "drain.redis_cmds_per_task",
-             "raw_drain.redis_cmds_per_task", None),
-            ("redis bytes in/task (drain)", "drain.redis_in_bytes_per_task",
-             "raw_drain.redis_in_bytes_per_task", None),
-        ]
-        for label, ours, floor, ratio in rows:
-            P(f"{label:<34}{fmt(med(R, ours)):>12}{fmt(med(R, floor)):>12}"
-              f"{fmt(med(R, ratio), 2) if ratio else '':>8}")
-        P("  commands/task by command (run 1, wakaq drain, incl. the task's INCR): " +
-          cmd_split(R[0]["drain"]))
-        P(f"{'2 bare redis-py processes RSS MiB':<34}{fmt(med(R, 'bare.rss_mib')):>12}"
-          f"   (PSS {fmt(med(R, 'bare.pss_mib'))}); wakaq RSS above them: "
-          f"{fmt(med(R, 'rss_above_bare_mib'))} MiB (PSS {fmt(med(R, 'pss_above_bare_mib'))})")
-        P("floor: producer RPUSH per task (bulk: RPUSH pipelined x1000); 2 consumers "
-          "BLPOP + json.loads + call + INCR")
-        targets += [
-            # The main app logs one INFO line per attempt (on by default): issue 12 allows it
-            # 0.8 x floor; the 0.9 x floor drain is the loglevel case's WARNING figure.
-            ("drain (INFO) >= 0.80 x floor", med(R, "ratio.drain"), med(R, "ratio.drain") >= 0.80),
-            ("drain excl. start-up >= 0.80 x floor (info)", med(R, "ratio.drain_excl_startup"),
-             med(R, "ratio.drain_excl_startup") >= 0.80),
-            ("single enqueue >= 0.90 x floor", med(R, "ratio.enqueue"), med(R, "ratio.enqueue") >= 0.90),
-            ("pickup p50 <= 1 ms", med(R, "pickup.p50_ms"), med(R, "pickup.p50_ms") <= 1.0),
-            ("pickup p99 <= 3 ms", med(R, "pickup.p99_ms"), med(R, "pickup.p99_ms") <= 3.0),
-            ("worker RSS <= 2 bare + 10 MiB", med(R, "rss_above_bare_mib"),
-             med(R, "rss_above_bare_mib") <= 10.0),
-            ("worker PSS <= 2 bare + 10 MiB (info)", med(R, "pss_above_bare_mib"),
-             med(R, "pss_above_bare_mib") <= 10.0),
-            ("bulk >= 100,000 tasks/s", med(R, "bulk.rate"), med(R, "bulk.rate") >= 100000),
-        ]
+        targets += _report_main(main_runs, meta, P)
     if scale_runs:
-        S = scale_runs
-        a = meta["args"]
-        P(f"\nscale (median of {len(S)} run(s)):")
-        P(f"  (a) drain of N={a['n']} with {a['eta_count']:,} delayed tasks pending (+1 h): "
-          f"{fmt(med(S, 'a.eta.rate'))}/s vs {fmt(med(S, 'a.base.rate'))}/s without = "
-          f"{fmt(med(S, 'a.ratio'), 3)} (excl. start-up {fmt(med(S, 'a.ratio_excl_startup'), 3)}); "
-          f"peak RSS {fmt(med(S, 'a.eta.peak_rss_mib'))} vs {fmt(med(S, 'a.base.peak_rss_mib'))} MiB; "
-          f"load {fmt(med(S, 'eta_load_s'))} s, redis used_memory {fmt(med(S, 'redis_used_memory_mib'))} MiB")
-        P(f"  (b) {a['due_count']:,} delayed tasks due at one moment: all ran in "
-          f"{fmt(med(S, 'b.seconds_from_due'))} s ({fmt(med(S, 'b.rate'))}/s) from the due time "
-          f"(all moved to the queue after {fmt(med(S, 'b.all_moved_s'), 3)} s); "
-          f"max SLOWLOG entry (>50 ms) {fmt(med(S, 'b.max_cmd_ms'))} ms")
-        for run in S:
-            for label, entries in (("(a) base", run["a"]["base"]["slowlog"]),
-                                   ("(a) eta", run["a"]["eta"]["slowlog"]),
-                                   ("(b)", run["b"]["slowlog"])):
-                for e in entries:
-                    P(f"      run {run['repeat']} {label} SLOWLOG {e['duration_us'] / 1e3:.1f} ms: "
-                      f"{e['command']}")
-        all_ran = all(run["b"]["done"] == a["due_count"] and run["b"]["eta_left"] == 0 for run in S)
-        no_slow = all(not run["b"]["slowlog"] and not run["a"]["eta"]["slowlog"] for run in S)
-        targets += [
-            (f"(a) drain with {a['eta_count']:,} delayed >= 0.90 x without", med(S, "a.ratio"),
-             med(S, "a.ratio") >= 0.90),
-            ("(a) worker RSS does not grow (<= +1 MiB)", med(S, "a.rss_growth_mib"),
-             med(S, "a.rss_growth_mib") <= 1.0),
-            ("(b) all due tasks ran", med(S, "b.done"), all_ran),
-            ("(b) no command over 50 ms (SLOWLOG)", med(S, "b.max_cmd_ms"), no_slow),
-        ]
+        targets += _report_scale(scale_runs, meta, P)
     cases = cases or {}
     targets += report_cases(cases, meta, P)
     for k in ("main", "scale"):
@@ -1295,26 +1650,32 @@ def report(main_runs, scale_runs, meta, cases=None):
             targets.append((f"[{k}] ran without error", None, False))
     P("\ntargets:")
     for label, v, ok in targets:
-        P(f"  {'PASS' if ok else 'FAIL'}  {label:<46} {fmt(v, 3 if v is not None and abs(v) < 10 else None)}")
+        digits = 3 if v is not None and abs(v) < 10 else None
+        P(f"  {'PASS' if ok else 'FAIL'}  {label:<46} {fmt(v, digits)}")
     every = [r for c in cases.values() for r in c["runs"]] if cases else main_runs + scale_runs
     notes = [f"run {run['repeat']}: {x}" for run in every for x in run["notes"]]
     if notes:
         P("notes: " + "; ".join(notes))
-    errors = [f"{k} (run {c['error_repeat']}): {c['error']}" for k, c in cases.items()
-              if c.get("error")]
+    errors = [
+        f"{k} (run {c['error_repeat']}): {c['error']}" for k, c in cases.items() if c.get("error")
+    ]
     if errors:
         P("errors: " + "; ".join(errors))
-    P(f"\n{meta['pinning']}. machine busy before runs: "
-      f"{[run['busy_before_pct'] for run in every]} %")
+    P(
+        f"\n{meta['pinning']}. machine busy before runs: "
+        f"{[run['busy_before_pct'] for run in every]} %"
+    )
     return "\n".join(lines), [{"target": t, "value": v, "pass": bool(ok)} for t, v, ok in targets]
 
 
 def git_rev():
     try:
-        rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "wakaq.py"],
-                               capture_output=True, text=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", ROOT, "status", "--porcelain", "wakaq.py"], capture_output=True, text=True
+        ).stdout.strip()
         return rev + ("+dirty wakaq.py" if dirty else "")
     except OSError:
         return None
@@ -1327,64 +1688,118 @@ DEFAULT_CASES = CASES[:-1]
 def summary(case, res):
     """One progress line per finished case run."""
     if case == "main":
-        return (f"drain {res['drain']['rate']:,.0f}/s (floor {res['raw_drain']['rate']:,.0f}), "
-                f"enqueue {res['enqueue']['rate']:,.0f}/s (floor {res['raw_enqueue']['rate']:,.0f}), "
-                f"bulk {res['bulk']['rate']:,.0f}/s, pickup p50/p99 "
-                f"{res['pickup']['p50_ms']:.2f}/{res['pickup']['p99_ms']:.2f} ms, "
-                f"RSS {res['drain']['peak_rss_mib']:.1f} MiB")
+        return (
+            f"drain {res['drain']['rate']:,.0f}/s (floor {res['raw_drain']['rate']:,.0f}), "
+            f"enqueue {res['enqueue']['rate']:,.0f}/s (floor {res['raw_enqueue']['rate']:,.0f}), "
+            f"bulk {res['bulk']['rate']:,.0f}/s, pickup p50/p99 "
+            f"{res['pickup']['p50_ms']:.2f}/{res['pickup']['p99_ms']:.2f} ms, "
+            f"RSS {res['drain']['peak_rss_mib']:.1f} MiB"
+        )
     if case == "scale":
-        return (f"(a) {res['a']['eta']['rate']:,.0f}/s with delayed vs "
-                f"{res['a']['base']['rate']:,.0f}/s without; (b) {res['b']['done']:,} done in "
-                f"{res['b']['seconds_from_due']} s, slowlog {len(res['b']['slowlog'])}")
+        return (
+            f"(a) {res['a']['eta']['rate']:,.0f}/s with delayed vs "
+            f"{res['a']['base']['rate']:,.0f}/s without; (b) {res['b']['done']:,} done in "
+            f"{res['b']['seconds_from_due']} s, slowlog {len(res['b']['slowlog'])}"
+        )
     if case == "async":
-        return (f"{res['done']}/{res['n']} in {fmt(res.get('drain_from_first_start_s'), 3)} s from "
-                f"the first start (ideal {fmt(res['ideal_s'], 3)} s)")
+        return (
+            f"{res['done']}/{res['n']} in {fmt(res.get('drain_from_first_start_s'), 3)} s from "
+            f"the first start (ideal {fmt(res['ideal_s'], 3)} s)"
+        )
     if case == "idle":
-        return (f"1 worker {res['w1']['per_s']:.1f} cmds/s, 3 workers {res['w3']['per_s']:.1f} "
-                f"cmds/s; delayed late by {[round(x) for x in res.get('eta_late_ms', [])]} ms")
+        return (
+            f"1 worker {res['w1']['per_s']:.1f} cmds/s, 3 workers {res['w3']['per_s']:.1f} "
+            f"cmds/s; delayed late by {[round(x) for x in res.get('eta_late_ms', [])]} ms"
+        )
     if case == "cluster":
-        return (f"single {res['single']['rate']:,.0f}/s, cluster {res['cluster']['rate']:,.0f}/s "
-                f"({res['ratio']:.3f}), raw {res['raw_drain']['rate']:,.0f}/s")
+        return (
+            f"single {res['single']['rate']:,.0f}/s, cluster {res['cluster']['rate']:,.0f}/s "
+            f"({res['ratio']:.3f}), raw {res['raw_drain']['rate']:,.0f}/s"
+        )
     if case == "loglevel":
-        return (f"INFO {res['info']['rate']:,.0f}/s ({res['ratio']['info']:.3f} x floor), "
-                f"WARNING {res['warning']['rate']:,.0f}/s ({res['ratio']['warning']:.3f}), "
-                f"floor {res['raw_drain']['rate']:,.0f}/s")
+        return (
+            f"INFO {res['info']['rate']:,.0f}/s ({res['ratio']['info']:.3f} x floor), "
+            f"WARNING {res['warning']['rate']:,.0f}/s ({res['ratio']['warning']:.3f}), "
+            f"floor {res['raw_drain']['rate']:,.0f}/s"
+        )
     if case == "queues":
         return ", ".join(f"{q} queues {res[f'q{q}']['rate']:,.0f}/s" for q in (1, 50, 200))
     if case == "bytes":
-        return (f"wakaq {res['wakaq']['ratio_to_arg']:.3f} x the argument, raw "
-                f"{res['raw']['ratio_to_arg']:.3f} x")
+        return (
+            f"wakaq {res['wakaq']['ratio_to_arg']:.3f} x the argument, raw "
+            f"{res['raw']['ratio_to_arg']:.3f} x"
+        )
     return ""
 
 
-def main():
+def _where(e):
+    """Where an exception was raised: the last bench line on its way, and the last line."""
+    tb = traceback.extract_tb(e.__traceback__)
+    mine = [f for f in tb if f.filename.startswith(HERE)]
+    where = (
+        f" (at bench {os.path.basename(mine[-1].filename)}:{mine[-1].lineno} "
+        f"{mine[-1].line.strip()[:80]!r}"
+        if mine
+        else " ("
+    )
+    last = tb[-1] if tb else None
+    return where + (
+        f"; raised in {os.path.basename(last.filename)}:{last.lineno})" if last else ")"
+    )
+
+
+def parse_args():
+    """The command line; returns the arguments and the cases to run, in order."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--case", default=",".join(DEFAULT_CASES),
-                    help=f"comma-separated cases to run, of {','.join(CASES)}; 'all' = every "
-                         f"case but scale (default: %(default)s)")
+    ap.add_argument(
+        "--case",
+        default=",".join(DEFAULT_CASES),
+        help=f"comma-separated cases to run, of {','.join(CASES)}; 'all' = every "
+        f"case but scale (default: %(default)s)",
+    )
     ap.add_argument("--n", type=int, default=20000, help="tasks per drain/enqueue (default 20000)")
     ap.add_argument("--bulk-n", type=int, default=100000, help="tasks in the delay_many() run")
     ap.add_argument("--repeat", type=int, help="runs per figure (default 3; --quick: 1)")
-    ap.add_argument("--quick", action="store_true", help="N=5000, bulk N=20000, 1 repeat, "
-                    "scale: 100,000 delayed and 20,000 due; async time-out 15 s")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="N=5000, bulk N=20000, 1 repeat, "
+        "scale: 100,000 delayed and 20,000 due; async time-out 15 s",
+    )
     ap.add_argument("--scale", action="store_true", help="also the scale scenarios")
     ap.add_argument("--scale-only", action="store_true", help="only the scale scenarios")
     ap.add_argument("--eta-count", type=int, default=1_000_000)
     ap.add_argument("--due-count", type=int, default=100_000)
-    ap.add_argument("--due-lead", type=float, default=3.0,
-                    help="(b) the due time is this many seconds after loading starts")
+    ap.add_argument(
+        "--due-lead",
+        type=float,
+        default=3.0,
+        help="(b) the due time is this many seconds after loading starts",
+    )
     ap.add_argument("--latency-count", type=int, default=200)
     ap.add_argument("--latency-interval", type=float, default=0.02)
     ap.add_argument("--async-n", type=int, default=1000, help="async case: tasks (default 1000)")
-    ap.add_argument("--async-timeout", type=float, default=40.0,
-                    help="async case: give up (and report the partial rate) after this many s")
+    ap.add_argument(
+        "--async-timeout",
+        type=float,
+        default=40.0,
+        help="async case: give up (and report the partial rate) after this many s",
+    )
     ap.add_argument("--idle-seconds", type=float, default=10.0, help="idle case: window")
-    ap.add_argument("--idle-settle", type=float, default=1.0,
-                    help="idle case: wait this long after the workers registered")
+    ap.add_argument(
+        "--idle-settle",
+        type=float,
+        default=1.0,
+        help="idle case: wait this long after the workers registered",
+    )
     ap.add_argument("--bytes-n", type=int, default=1000, help="bytes case: tasks")
     ap.add_argument("--bytes-size", type=int, default=2**20, help="bytes case: argument bytes")
-    ap.add_argument("--bytes-window", type=int, default=20,
-                    help="bytes case: at most this many sent and not yet done")
+    ap.add_argument(
+        "--bytes-window",
+        type=int,
+        default=20,
+        help="bytes case: at most this many sent and not yet done",
+    )
     ap.add_argument("--no-pin", action="store_true")
     ap.add_argument("--keep-logs", action="store_true", help="keep the scratch dir (worker logs)")
     ap.add_argument("--out", help="JSON path (default bench/results/bench-<date>-<time>.json)")
@@ -1395,8 +1810,11 @@ def main():
         args.eta_count, args.due_count = min(args.eta_count, 100_000), min(args.due_count, 20_000)
         args.async_timeout = min(args.async_timeout, 15.0)
     args.repeat = args.repeat or 3
-    wanted = list(DEFAULT_CASES) if args.case == "all" else \
-        [c.strip() for c in args.case.split(",") if c.strip()]
+    wanted = (
+        list(DEFAULT_CASES)
+        if args.case == "all"
+        else [c.strip() for c in args.case.split(",") if c.strip()]
+    )
     bad = [c for c in wanted if c not in CASES]
     if bad:
         ap.error(f"unknown case(s) {bad}; cases: {', '.join(CASES)}")
@@ -1405,30 +1823,56 @@ def main():
     if args.scale_only:
         wanted = ["scale"]
     args.case = ",".join(wanted)
+    return args, wanted
+
+
+def main():
+    args, wanted = parse_args()
     cpus = sorted(os.sched_getaffinity(0))
     if not args.no_pin and len(cpus) >= 2:
         PIN["redis"], PIN["producer"] = [cpus[0]], [cpus[-1]]
-    pinning = (f"pinning: redis-server(s) on CPU {PIN['redis'][0]} (taskset), producers on CPU "
-               f"{PIN['producer'][0]}, workers and this driver unpinned") if PIN["redis"] \
+    pinning = (
+        (
+            f"pinning: redis-server(s) on CPU {PIN['redis'][0]} (taskset), producers on CPU "
+            f"{PIN['producer'][0]}, workers and this driver unpinned"
+        )
+        if PIN["redis"]
         else "pinning: none"
+    )
     print(f"wakaq bench: cases {args.case}; {pinning}; python {PY}", flush=True)
     scratch = tempfile.mkdtemp(prefix="wakaq-bench-")
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "pinning": pinning,
-            "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "redis_py": redis.__version__, "wakaq_git": git_rev(), "args": vars(args),
-            "redis_server": subprocess.run(["redis-server", "--version"], capture_output=True,
-                                           text=True).stdout.strip()}
+    meta = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "pinning": pinning,
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "redis_py": redis.__version__,
+        "wakaq_git": git_rev(),
+        "args": vars(args),
+        "redis_server": subprocess.run(
+            ["redis-server", "--version"], capture_output=True, text=True
+        ).stdout.strip(),
+    }
     import wakaq
+
     meta["wakaq_version"] = getattr(wakaq, "__version__", None)
-    runners = {"main": run_main, "scale": run_scale, "async": run_async, "idle": run_idle,
-               "cluster": run_cluster, "loglevel": run_loglevel, "queues": run_queues,
-               "bytes": run_bytes}
+    runners = {
+        "main": run_main,
+        "scale": run_scale,
+        "async": run_async,
+        "idle": run_idle,
+        "cluster": run_cluster,
+        "loglevel": run_loglevel,
+        "queues": run_queues,
+        "bytes": run_bytes,
+    }
     cases = {c: {"runs": [], "error": None, "seconds": 0.0} for c in wanted}
     t_start = perf_counter()
     for rep in range(1, args.repeat + 1):
         for case in wanted:
             c = cases[case]
-            if c["error"]:                       # a case that failed is not run again
+            if c["error"]:  # a case that failed is not run again
                 continue
             t = perf_counter()
             try:
@@ -1438,37 +1882,43 @@ def main():
             except KeyboardInterrupt:
                 raise
             except Exception as e:
-                import traceback
-                tb = traceback.extract_tb(e.__traceback__)
-                mine = [f for f in tb if f.filename.startswith(HERE)]
-                where = f" (at bench {os.path.basename(mine[-1].filename)}:{mine[-1].lineno} " \
-                        f"{mine[-1].line.strip()[:80]!r}" if mine else " ("
-                last = tb[-1] if tb else None
-                where += f"; raised in {os.path.basename(last.filename)}:{last.lineno})" \
-                    if last else ")"
-                c["error"] = (f"{type(e).__name__}: {e}"[:500] + where)
+                c["error"] = f"{type(e).__name__}: {e}"[:500] + _where(e)
                 c["error_repeat"] = rep
                 c["traceback"] = traceback.format_exc()[-4000:]
                 line = f"ERROR {c['error']}"
             c["seconds"] += perf_counter() - t
             print(f"run {rep} [{case}] ({perf_counter() - t:.1f} s): {line}", flush=True)
-    text, targets = report(cases.get("main", {}).get("runs", []),
-                           cases.get("scale", {}).get("runs", []), meta, cases)
+    text, targets = report(
+        cases.get("main", {}).get("runs", []), cases.get("scale", {}).get("runs", []), meta, cases
+    )
     meta["seconds"] = perf_counter() - t_start
     print(text)
-    print(f"\ntotal {meta['seconds']:.0f} s; per case: " +
-          ", ".join(f"{k} {c['seconds']:.0f} s" for k, c in cases.items()))
-    out = args.out or os.path.join(HERE, "results", datetime.datetime.now().strftime(
-        "bench-%Y%m%d-%H%M%S.json"))
+    print(
+        f"\ntotal {meta['seconds']:.0f} s; per case: "
+        + ", ".join(f"{k} {c['seconds']:.0f} s" for k, c in cases.items())
+    )
+    out = args.out or os.path.join(
+        HERE, "results", datetime.datetime.now().strftime("bench-%Y%m%d-%H%M%S.json")
+    )
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"meta": meta, "targets": targets, "cases": cases,
-                   "runs": cases.get("main", {}).get("runs", []),
-                   "scale_runs": cases.get("scale", {}).get("runs", []), "table": text},
-                  f, indent=1, default=str)
+        json.dump(
+            {
+                "meta": meta,
+                "targets": targets,
+                "cases": cases,
+                "runs": cases.get("main", {}).get("runs", []),
+                "scale_runs": cases.get("scale", {}).get("runs", []),
+                "table": text,
+            },
+            f,
+            indent=1,
+            default=str,
+        )
     print(f"\nJSON: {out}" + (f"; logs in {scratch}" if args.keep_logs else ""))
     if not args.keep_logs:
         import shutil
+
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
 

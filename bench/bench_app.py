@@ -26,6 +26,7 @@ then a redis.cluster.RedisCluster). The task bodies are those of the peer benchm
 does INCR done on its own redis-py connection (made lazily per process, so it is safe across
 fork); lat(sent) does RPUSH lat (time.time() - sent).
 """
+
 import asyncio
 import json
 import logging
@@ -51,10 +52,13 @@ ASYNC_SLEEP = 0.05
 
 
 def _env():
-    if "BENCH_REDIS_PORT" not in os.environ:   # never fall back to a shared redis on 6379
+    if "BENCH_REDIS_PORT" not in os.environ:  # never fall back to a shared redis on 6379
         raise RuntimeError("bench_app needs BENCH_REDIS_PORT (bench.py sets it)")
-    return (os.environ.get("BENCH_REDIS_HOST", "127.0.0.1"), int(os.environ["BENCH_REDIS_PORT"]),
-            os.environ.get("BENCH_CLUSTER") == "1")
+    return (
+        os.environ.get("BENCH_REDIS_HOST", "127.0.0.1"),
+        int(os.environ["BENCH_REDIS_PORT"]),
+        os.environ.get("BENCH_CLUSTER") == "1",
+    )
 
 
 _client = None
@@ -66,8 +70,11 @@ def counter():
     global _client, _pid
     if _client is None or _pid != os.getpid():
         host, port, cluster = _env()
-        _client = (redis.cluster.RedisCluster(host=host, port=port) if cluster
-                   else redis.Redis(host=host, port=port))
+        _client = (
+            redis.cluster.RedisCluster(host=host, port=port)
+            if cluster
+            else redis.Redis(host=host, port=port)
+        )
         _pid = os.getpid()
     return _client
 
@@ -97,7 +104,7 @@ def make_app(spec="wakaq", host=None, port=None, cluster=None):
     @app.task
     async def asleep(i):
         global _async_started
-        if not _async_started:       # one SET per child: when its first async task started
+        if not _async_started:  # one SET per child: when its first async task started
             _async_started = True
             counter().set(f"async_t0:{os.getpid()}", time.time())
         await asyncio.sleep(ASYNC_SLEEP)
@@ -115,13 +122,14 @@ def app(spec="wakaq"):
     return _apps[spec]
 
 
-def __getattr__(name):                 # bench_app.wakaq etc., built on first access
+def __getattr__(name):  # bench_app.wakaq etc., built on first access
     if name in SPECS:
         return app(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------- producer commands
+
 
 def enqueue(n):
     """N single .delay() calls; the first (connection set-up, script load) timed apart."""
@@ -132,8 +140,12 @@ def enqueue(n):
     for i in range(1, n):
         noop.delay(i)
     t2 = perf_counter()
-    return {"n": n, "first_call_ms": (t1 - t0) * 1e3, "seconds": t2 - t1,
-            "rate": (n - 1) / (t2 - t1)}
+    return {
+        "n": n,
+        "first_call_ms": (t1 - t0) * 1e3,
+        "seconds": t2 - t1,
+        "rate": (n - 1) / (t2 - t1),
+    }
 
 
 def bulk(n):
@@ -146,8 +158,12 @@ def bulk(n):
     t1 = perf_counter()
     noop.delay_many(calls)
     t2 = perf_counter()
-    return {"n": n, "first_call_ms": (t1 - t0) * 1e3, "seconds": t2 - t1,
-            "rate": (n - 1) / (t2 - t1)}
+    return {
+        "n": n,
+        "first_call_ms": (t1 - t0) * 1e3,
+        "seconds": t2 - t1,
+        "rate": (n - 1) / (t2 - t1),
+    }
 
 
 def latency(count, interval):

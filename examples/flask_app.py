@@ -1,8 +1,9 @@
 """Flask wiring: the web app enqueues, and every task runs inside the Flask app context.
 
-    python wakaq.py worker examples.flask_app:wakaq        # the worker
-    flask --app examples.flask_app run                     # the web app
+python wakaq.py worker examples.flask_app:wakaq        # the worker
+flask --app examples.flask_app run                     # the web app
 """
+
 import os
 
 from flask import Flask, current_app, jsonify

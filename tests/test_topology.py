@@ -1,6 +1,6 @@
-"""Issue 10: prefixes, Redis Cluster, Sentinel, TLS + ACL, and the cost of an idle fleet.
+"""Prefixes, Redis Cluster, Sentinel, TLS + ACL, and the cost of an idle fleet.
 
-    python -m pytest -q test_topology.py
+    python -m pytest -q tests/test_topology.py
 
 The session starts the real thing on free localhost ports, each in its own temp folder,
 and kills every process by pid at the end: a Redis Cluster of 3 masters + 3 replicas,
@@ -8,11 +8,12 @@ a master + replica + 3 sentinels, a TLS redis-server (CA, server and client cert
 made with `openssl` here; an ACL user whose password is not ASCII), and two plain
 redis-servers for the idle-cost measurements. Ports and the folder are fixed when the
 pytest process first imports this module and passed to worker processes in WAKAQ_TOPO_*
-variables, because workers import the apps below as `test_topology:APP`.
+variables, because workers import the apps below as `tests.test_topology:APP`.
 
-Tasks record what they saw in the harness's private test Redis (test_wakaq.rec, keys
+Tasks record what they saw in the harness's private test Redis (conftest.rec, keys
 `test:*`), never in the Redis under test, so a failover cannot eat a record.
 """
+
 import json
 import os
 import random
@@ -25,16 +26,26 @@ from urllib.parse import quote
 
 import pytest
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-import test_wakaq
-from test_wakaq import (PRIVATE, URL, children, cli, rec, runs, wait_for, _retrying,
-                        r, redis_server, spawn)   # noqa: F401  (fixtures pytest must see)
+from conftest import (
+    ENV,
+    PRIVATE,
+    REDIS_CLI,
+    REDIS_SERVER,
+    URL,
+    Server,
+    children,
+    cli,
+    need_binaries,
+    rec,
+    redis_argv,
+    retrying,
+    runs,
+    stop_servers,
+    wait_for,
+)
 from wakaq import CronTask, WakaQ
 
-REDIS_SERVER = shutil.which("redis-server")
-REDIS_CLI = shutil.which("redis-cli")
 OPENSSL = shutil.which("openssl")
 pytestmark = pytest.mark.slow
 
@@ -42,7 +53,16 @@ pytestmark = pytest.mark.slow
 
 N_CLUSTER = 6
 _NAMES = ["c%d" % i for i in range(N_CLUSTER)] + [
-    "s_master", "s_replica", "sent1", "sent2", "sent3", "tls", "down", "idle1", "idle3"]
+    "s_master",
+    "s_replica",
+    "sent1",
+    "sent2",
+    "sent3",
+    "tls",
+    "down",
+    "idle1",
+    "idle3",
+]
 
 
 def _bindable(port):
@@ -54,24 +74,36 @@ def _bindable(port):
             return False
 
 
+def _ephemeral_start():
+    """The first port of the kernel's range for outgoing connections: a port in it may be
+    taken by a client socket between the pick and the server's start."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _pick_ports():
-    """Free ports in 20000-28999; a cluster node's bus port (+10000) must be free too."""
-    rng, chosen = random.Random(), []
+    """Free ports below the ephemeral range, from 20000; a cluster node's bus port
+    (+10000) must be free and below that range too."""
+    rng, chosen, start = random.Random(), [], _ephemeral_start()
+    top, node_top = (29000, 22000) if start < 23000 else (min(start, 29000), start - 10000)
     while len(chosen) < len(_NAMES):
-        p = rng.randrange(20000, 29000)
-        bus_ok = len(chosen) >= N_CLUSTER or _bindable(p + 10000)
+        node = len(chosen) < N_CLUSTER
+        p = rng.randrange(20000, node_top if node else top)
+        bus_ok = not node or _bindable(p + 10000)
         if p not in chosen and _bindable(p) and bus_ok:
             chosen.append(p)
     return chosen
 
 
-if "WAKAQ_TOPO_PORTS" not in os.environ:          # the pytest process decides; workers inherit
+if "WAKAQ_TOPO_PORTS" not in os.environ:  # the pytest process decides; workers inherit
     os.environ["WAKAQ_TOPO_PORTS"] = ",".join(map(str, _pick_ports()))
-    os.environ["WAKAQ_TOPO_DIR"] = os.path.join(tempfile.gettempdir(),
-                                                f"wakaq-topo-{os.getpid()}")
+    os.environ["WAKAQ_TOPO_DIR"] = os.path.join(tempfile.gettempdir(), f"wakaq-topo-{os.getpid()}")
     os.environ["WAKAQ_TOPO_OWNER"] = str(os.getpid())
 for _var in ("WAKAQ_TOPO_PORTS", "WAKAQ_TOPO_DIR", "WAKAQ_TOPO_OWNER"):
-    test_wakaq.ENV[_var] = os.environ[_var]      # the harness's spawn() passes ENV to workers
+    ENV[_var] = os.environ[_var]  # the harness's spawn() passes ENV to workers
 PORT = dict(zip(_NAMES, map(int, os.environ["WAKAQ_TOPO_PORTS"].split(","))))
 TOPO_DIR = os.environ["WAKAQ_TOPO_DIR"]
 TLS_DIR = os.path.join(TOPO_DIR, "tls")
@@ -82,15 +114,19 @@ SENTINEL_PORTS = [PORT["sent1"], PORT["sent2"], PORT["sent3"]]
 # 5461-10922, 10923-16383; "{wakaq}" hashes to slot 10243, so node 0 does NOT own the
 # app's keys (the cluster fixture asserts it).
 CLUSTER_URL = f"redis://127.0.0.1:{CLUSTER_PORTS[0]}/0"
-SENTINEL_URL = ("redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in SENTINEL_PORTS)
-                + "/mymaster/0")
+SENTINEL_URL = (
+    "redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in SENTINEL_PORTS) + "/mymaster/0"
+)
 ACL_USER = "wakaq_user"
-PASSWORD = "topsecret42-Grüße-секрет-ü"           # non-ASCII; "topsecret42" must never show
-TLS_QUERY = (f"ssl_ca_certs={TLS_DIR}/ca.crt&ssl_certfile={TLS_DIR}/client.crt"
-             f"&ssl_keyfile={TLS_DIR}/client.key&ssl_cert_reqs=required")
+PASSWORD = "topsecret42-Grüße-секрет-ü"  # non-ASCII; "topsecret42" must never show
+TLS_QUERY = (
+    f"ssl_ca_certs={TLS_DIR}/ca.crt&ssl_certfile={TLS_DIR}/client.crt"
+    f"&ssl_keyfile={TLS_DIR}/client.key&ssl_cert_reqs=required"
+)
 TLS_URL = f"rediss://{ACL_USER}:{quote(PASSWORD, safe='')}@127.0.0.1:{PORT['tls']}/0?{TLS_QUERY}"
-TLS_DOWN_URL = (f"rediss://{ACL_USER}:{quote(PASSWORD, safe='')}@127.0.0.1:{PORT['down']}/0"
-                f"?{TLS_QUERY}")
+TLS_DOWN_URL = (
+    f"rediss://{ACL_USER}:{quote(PASSWORD, safe='')}@127.0.0.1:{PORT['down']}/0?{TLS_QUERY}"
+)
 IDLE1_URL = f"redis://127.0.0.1:{PORT['idle1']}/0"
 IDLE3_URL = f"redis://127.0.0.1:{PORT['idle3']}/0"
 
@@ -99,8 +135,8 @@ IDLE3_URL = f"redis://127.0.0.1:{PORT['idle3']}/0"
 
 def _mark(key, member):
     """Record that `member` ran at least once (a set in the test Redis)."""
-    time.sleep(0.01)                         # a drain of 1,000 takes seconds: room for a failover
-    _retrying(lambda c: c.sadd(f"test:{key}", member))
+    time.sleep(0.01)  # a drain of 1,000 takes seconds: room for a failover
+    retrying(lambda c: c.sadd(f"test:{key}", member))
 
 
 def _stamp(key, tag):
@@ -108,8 +144,13 @@ def _stamp(key, tag):
 
 
 # --- Redis Cluster: url names a node that does not own the app's slot
-cluster_app = WakaQ(queues=[(0, "high"), "default"], url=CLUSTER_URL, concurrency=2,
-                    heartbeat_timeout=10, schedules=[CronTask("* * * * * *", "ctick")])
+cluster_app = WakaQ(
+    queues=[(0, "high"), "default"],
+    url=CLUSTER_URL,
+    concurrency=2,
+    heartbeat_timeout=10,
+    schedules=[CronTask("* * * * * *", "ctick")],
+)
 ctask = cluster_app.task(lambda tag, i: _stamp("c:" + tag, i), name="ctask")
 cmark = cluster_app.task(lambda i: _mark("cdone", i), name="cmark")
 ctick = cluster_app.task(lambda: _stamp("ctick", 0), name="ctick")
@@ -126,7 +167,7 @@ ttask = tls_app.task(lambda i: _stamp("t:task", i), name="ttask")
 tls_down_app = WakaQ(url=TLS_DOWN_URL, concurrency=1, heartbeat_timeout=10)
 tdown = tls_down_app.task(lambda i: None, name="tdown")
 
-# --- two apps, one Redis db (the issue's case 1), plus producers of a task that the
+# --- two apps, one Redis db, plus producers of a task that the
 # app's own workers do not know (to make dead letters through the public API)
 appa = WakaQ(queues=["emails"], prefix="appa", url=URL, concurrency=1, heartbeat_timeout=10)
 send_email = appa.task(lambda i: _stamp("a:email", i), name="send_email")
@@ -143,77 +184,16 @@ pnote = plain_app.task(lambda tag: _stamp("p:note", tag), name="pnote")
 ghost_p = WakaQ(queues=["default", "emails"], url=URL).task(lambda: None, name="ghost")
 
 # --- idle cost: concurrency=2, 3 queues, each on its own private redis-server
-idle_app = WakaQ(queues=[(0, "a"), (1, "b"), (2, "c")], url=IDLE1_URL, concurrency=2,
-                 heartbeat_timeout=10)
+idle_app = WakaQ(
+    queues=[(0, "a"), (1, "b"), (2, "c")], url=IDLE1_URL, concurrency=2, heartbeat_timeout=10
+)
 istamp = idle_app.task(lambda i: _stamp("i:stamp", i), name="istamp")
-fleet_app = WakaQ(queues=[(0, "a"), (1, "b"), (2, "c")], url=IDLE3_URL, concurrency=2,
-                  heartbeat_timeout=10)
+fleet_app = WakaQ(
+    queues=[(0, "a"), (1, "b"), (2, "c")], url=IDLE3_URL, concurrency=2, heartbeat_timeout=10
+)
 fleet_app.task(lambda i: None, name="istamp")
 
 # ===================================================================== servers
-
-
-def _need(*binaries):
-    missing = [name for name, path in binaries if not path]
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"missing {', '.join(missing)} under CI (.ci/run installs them)")
-        pytest.skip(f"missing {', '.join(missing)}")
-
-
-class Server:
-    """One redis-server (or sentinel) process started from argv, killed by pid."""
-
-    def __init__(self, argv, port, folder, **client_kw):
-        self.argv, self.port, self.folder, self.kw = argv, port, folder, client_kw
-        self.log = os.path.join(folder, "redis.log")
-        self.proc = None
-
-    def start(self):
-        os.makedirs(self.folder, exist_ok=True)
-        self.proc = subprocess.Popen(self.argv, cwd=self.folder, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
-        return self
-
-    def client(self, **kw):
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5,
-                           socket_connect_timeout=2, retry=Retry(NoBackoff(), 0),
-                           **dict(self.kw, **kw))
-
-    def wait_up(self):
-        c = self.client()
-
-        def up():
-            assert self.proc.poll() is None, \
-                f"{self.argv[:2]} exited with {self.proc.returncode}; see {self.log}"
-            try:
-                return c.ping()
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
-                return False
-        wait_for(up, f"server on port {self.port}", 20)
-        c.close()
-        return self
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-        if self.proc:
-            self.proc.wait(timeout=10)
-
-
-def redis_argv(port, folder, *flags):
-    return [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", folder, "--logfile", os.path.join(folder, "redis.log"),
-            *flags]
-
-
-def _stop_all(servers):
-    for s in reversed(servers):
-        try:
-            s.stop()
-        except Exception:
-            pass
 
 
 @pytest.fixture(scope="session")
@@ -242,9 +222,17 @@ class Cluster:
                     continue
                 lo, _, hi = s.partition("-")
                 slots.append((int(lo), int(hi or lo)))
-            out.append(dict(id=f[0], port=int(f[1].split("@")[0].rsplit(":", 1)[1]),
-                            master="master" in flags, of=f[3], slots=slots,
-                            myself="myself" in flags, fail="fail" in flags))
+            out.append(
+                dict(
+                    id=f[0],
+                    port=int(f[1].split("@")[0].rsplit(":", 1)[1]),
+                    master="master" in flags,
+                    of=f[3],
+                    slots=slots,
+                    myself="myself" in flags,
+                    fail="fail" in flags,
+                )
+            )
         return out
 
     def owner(self, slot, port=None):
@@ -279,8 +267,9 @@ def _cluster_ready():
                 if repl["role"] == "slave" and repl.get("master_link_status") != "up":
                     return False
                 nodes = c.execute_command("CLUSTER", "NODES")
-                if isinstance(nodes, str) and (nodes.count("master") != 3
-                                               or nodes.count("slave") != 3):
+                if isinstance(nodes, str) and (
+                    nodes.count("master") != 3 or nodes.count("slave") != 3
+                ):
                     return False
         except redis.RedisError:
             return False
@@ -289,34 +278,65 @@ def _cluster_ready():
 
 @pytest.fixture(scope="session")
 def cluster(topo_dir):
-    _need(("redis-server", REDIS_SERVER), ("redis-cli", REDIS_CLI))
-    nodes = [Server(redis_argv(p, os.path.join(topo_dir, f"cluster-{p}"),
-                               "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                               "--cluster-node-timeout", "3000"), p,
-                    os.path.join(topo_dir, f"cluster-{p}")) for p in CLUSTER_PORTS]
+    need_binaries(("redis-server", REDIS_SERVER), ("redis-cli", REDIS_CLI))
+    nodes = [
+        Server(
+            redis_argv(
+                p,
+                os.path.join(topo_dir, f"cluster-{p}"),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "3000",
+            ),
+            p,
+            os.path.join(topo_dir, f"cluster-{p}"),
+        )
+        for p in CLUSTER_PORTS
+    ]
     try:
         for n in nodes:
             n.start()
         for n in nodes:
             n.wait_up()
         made = subprocess.run(
-            [REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{p}" for p in CLUSTER_PORTS),
-             "--cluster-replicas", "1", "--cluster-yes"],
-            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-        assert made.returncode == 0, \
+            [
+                REDIS_CLI,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{p}" for p in CLUSTER_PORTS),
+                "--cluster-replicas",
+                "1",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        assert made.returncode == 0, (
             f"redis-cli --cluster create failed:\n{made.stdout}{made.stderr}"
+        )
         cl = Cluster(nodes)
-        wait_for(_cluster_ready, "cluster_state:ok and replicas in sync on all 6 nodes", 30,
-                 diag=cl.describe)
+        wait_for(
+            _cluster_ready,
+            "cluster_state:ok and replicas in sync on all 6 nodes",
+            30,
+            diag=cl.describe,
+        )
         from redis.crc import key_slot
+
         slot = key_slot(cluster_app._k("q", "default").encode())
         owner = cl.owner(slot)
-        assert owner and owner["port"] != CLUSTER_PORTS[0], \
+        assert owner and owner["port"] != CLUSTER_PORTS[0], (
             f"node 0 must not own slot {slot} of the app's keys:\n{cl.describe()}"
+        )
         cl.slot = slot
         yield cl
     finally:
-        _stop_all(nodes)
+        stop_servers(nodes)
 
 
 def _delete_prefix(client, prefix):
@@ -337,12 +357,14 @@ def _sentinel_conf(folder, port, master_port):
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "sentinel.conf")
     with open(path, "w") as f:
-        f.write(f"port {port}\nbind 127.0.0.1\ndir {folder}\n"
-                f"logfile {os.path.join(folder, 'redis.log')}\n"
-                f"sentinel monitor mymaster 127.0.0.1 {master_port} 2\n"
-                "sentinel down-after-milliseconds mymaster 1000\n"
-                "sentinel failover-timeout mymaster 5000\n"
-                "sentinel parallel-syncs mymaster 1\n")
+        f.write(
+            f"port {port}\nbind 127.0.0.1\ndir {folder}\n"
+            f"logfile {os.path.join(folder, 'redis.log')}\n"
+            f"sentinel monitor mymaster 127.0.0.1 {master_port} 2\n"
+            "sentinel down-after-milliseconds mymaster 1000\n"
+            "sentinel failover-timeout mymaster 5000\n"
+            "sentinel parallel-syncs mymaster 1\n"
+        )
     return path
 
 
@@ -352,6 +374,7 @@ class SentinelSet:
 
     def sentinel(self):
         from redis.sentinel import Sentinel
+
         return Sentinel([("127.0.0.1", p) for p in SENTINEL_PORTS], socket_timeout=2)
 
     def master_port(self):
@@ -367,9 +390,11 @@ class SentinelSet:
             try:
                 with redis.Redis(port=p, socket_timeout=2, decode_responses=True) as s:
                     m = s.sentinel_master("mymaster")
-                    lines.append(f"sentinel {p}: master {m.get('ip')}:{m.get('port')} "
-                                 f"flags={m.get('flags')} slaves={m.get('num-slaves')} "
-                                 f"sentinels={m.get('num-other-sentinels')}")
+                    lines.append(
+                        f"sentinel {p}: master {m.get('ip')}:{m.get('port')} "
+                        f"flags={m.get('flags')} slaves={m.get('num-slaves')} "
+                        f"sentinels={m.get('num-other-sentinels')}"
+                    )
             except Exception as e:
                 lines.append(f"sentinel {p}: {e}")
         return "\n".join(lines)
@@ -377,12 +402,17 @@ class SentinelSet:
 
 @pytest.fixture(scope="session")
 def sentinel_set(topo_dir):
-    _need(("redis-server", REDIS_SERVER))
+    need_binaries(("redis-server", REDIS_SERVER))
     m, rp = PORT["s_master"], PORT["s_replica"]
-    folder = lambda name: os.path.join(topo_dir, name)   # noqa: E731
-    servers = [Server(redis_argv(m, folder("s-master")), m, folder("s-master")),
-               Server(redis_argv(rp, folder("s-replica"), "--replicaof", "127.0.0.1", str(m)),
-                      rp, folder("s-replica"))]
+    folder = lambda name: os.path.join(topo_dir, name)  # noqa: E731
+    servers = [
+        Server(redis_argv(m, folder("s-master")), m, folder("s-master")),
+        Server(
+            redis_argv(rp, folder("s-replica"), "--replicaof", "127.0.0.1", str(m)),
+            rp,
+            folder("s-replica"),
+        ),
+    ]
     for i, p in enumerate(SENTINEL_PORTS):
         conf = _sentinel_conf(folder(f"sentinel-{i}"), p, m)
         # no redis-sentinel package needed: redis-server runs as a sentinel with --sentinel
@@ -402,17 +432,20 @@ def sentinel_set(topo_dir):
                 for p in SENTINEL_PORTS:
                     with redis.Redis(port=p, socket_timeout=2, decode_responses=True) as s:
                         info = s.sentinel_master("mymaster")
-                        if (int(info["num-slaves"]) < 1 or int(info["num-other-sentinels"]) < 2
-                                or info["flags"] != "master"):
+                        if (
+                            int(info["num-slaves"]) < 1
+                            or int(info["num-other-sentinels"]) < 2
+                            or info["flags"] != "master"
+                        ):
                             return False
                 return True
             except redis.RedisError:
                 return False
-        wait_for(ready, "3 sentinels that know each other and the replica", 30,
-                 diag=ss.describe)
+
+        wait_for(ready, "3 sentinels that know each other and the replica", 30, diag=ss.describe)
         yield ss
     finally:
-        _stop_all(servers)
+        stop_servers(servers)
 
 
 def _make_certs(folder):
@@ -422,42 +455,98 @@ def _make_certs(folder):
     def ssl(*args):
         done = subprocess.run([OPENSSL, *args], cwd=folder, capture_output=True, text=True)
         assert done.returncode == 0, f"openssl {' '.join(args)}:\n{done.stderr}"
+
     key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    ssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-        "-subj", "/CN=wakaq test CA", "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    ssl(
+        "req",
+        "-x509",
+        *key,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=wakaq test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
     for name in ("server", "client"):
         with open(os.path.join(folder, f"{name}.ext"), "w") as f:
-            f.write("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-                    f"extendedKeyUsage={'serverAuth' if name == 'server' else 'clientAuth'}\n"
-                    "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-                    "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")
-        ssl("req", "-new", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN=wakaq test {name}")
-        ssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
+            f.write(
+                "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                f"extendedKeyUsage={'serverAuth' if name == 'server' else 'clientAuth'}\n"
+                "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
+            )
+        ssl(
+            "req",
+            "-new",
+            *key,
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN=wakaq test {name}",
+        )
+        ssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+        )
 
 
-TLS_CLIENT = dict(ssl=True, ssl_ca_certs=f"{TLS_DIR}/ca.crt", ssl_certfile=f"{TLS_DIR}/client.crt",
-                  ssl_keyfile=f"{TLS_DIR}/client.key", ssl_cert_reqs="required")
+TLS_CLIENT = dict(
+    ssl=True,
+    ssl_ca_certs=f"{TLS_DIR}/ca.crt",
+    ssl_certfile=f"{TLS_DIR}/client.crt",
+    ssl_keyfile=f"{TLS_DIR}/client.key",
+    ssl_cert_reqs="required",
+)
 
 
 @pytest.fixture(scope="session")
 def tls_server(topo_dir):
     """TLS only (--port 0), client certificates required, the default user switched off:
     only ACL_USER with PASSWORD gets in."""
-    _need(("redis-server", REDIS_SERVER), ("openssl", OPENSSL))
+    need_binaries(("redis-server", REDIS_SERVER), ("openssl", OPENSSL))
     _make_certs(TLS_DIR)
     p, folder = PORT["tls"], os.path.join(topo_dir, "tls-server")
-    argv = redis_argv(0, folder, "--tls-port", str(p), "--tls-cert-file", f"{TLS_DIR}/server.crt",
-                      "--tls-key-file", f"{TLS_DIR}/server.key",
-                      "--tls-ca-cert-file", f"{TLS_DIR}/ca.crt", "--tls-auth-clients", "yes")
+    argv = redis_argv(
+        0,
+        folder,
+        "--tls-port",
+        str(p),
+        "--tls-cert-file",
+        f"{TLS_DIR}/server.crt",
+        "--tls-key-file",
+        f"{TLS_DIR}/server.key",
+        "--tls-ca-cert-file",
+        f"{TLS_DIR}/ca.crt",
+        "--tls-auth-clients",
+        "yes",
+    )
     server = Server(argv, p, folder, **TLS_CLIENT)
     try:
         server.start().wait_up()
         with server.client() as c:
-            c.execute_command("ACL", "SETUSER", ACL_USER, "on", ">" + PASSWORD,
-                              "~*", "&*", "+@all")
+            c.execute_command("ACL", "SETUSER", ACL_USER, "on", ">" + PASSWORD, "~*", "&*", "+@all")
             c.execute_command("ACL", "SETUSER", "default", "off")
         server.kw.update(username=ACL_USER, password=PASSWORD)
         with server.client() as c:
@@ -469,9 +558,11 @@ def tls_server(topo_dir):
 
 @pytest.fixture(scope="module")
 def idle_servers(topo_dir):
-    _need(("redis-server", REDIS_SERVER))
-    servers = [Server(redis_argv(PORT[n], os.path.join(topo_dir, n)), PORT[n],
-                      os.path.join(topo_dir, n)) for n in ("idle1", "idle3")]
+    need_binaries(("redis-server", REDIS_SERVER))
+    servers = [
+        Server(redis_argv(PORT[n], os.path.join(topo_dir, n)), PORT[n], os.path.join(topo_dir, n))
+        for n in ("idle1", "idle3")
+    ]
     try:
         for s in servers:
             s.start()
@@ -479,7 +570,8 @@ def idle_servers(topo_dir):
             s.wait_up()
         yield servers
     finally:
-        _stop_all(servers)
+        stop_servers(servers)
+
 
 # ===================================================================== helpers
 
@@ -501,10 +593,15 @@ def worker_pids(client, the_app):
 
 def workers_ready(client, the_app, procs, spawned, timeout=20):
     pids = {p.pid for p in procs}
-    wait_for(lambda: pids <= worker_pids(client, the_app)
-             and all(len(children(p)) == the_app.concurrency for p in pids),
-             f"workers {sorted(pids)} of {the_app.prefix} to register and fork", timeout,
-             diag=spawned.tails)
+    wait_for(
+        lambda: (
+            pids <= worker_pids(client, the_app)
+            and all(len(children(p)) == the_app.concurrency for p in pids)
+        ),
+        f"workers {sorted(pids)} of {the_app.prefix} to register and fork",
+        timeout,
+        diag=spawned.tails,
+    )
 
 
 def scard(r, key):
@@ -520,45 +617,58 @@ def tags(r, key):
 
 def test_cluster_tasks_run_via_a_node_that_does_not_own_the_slot(cl, r, spawn):
     assert cl.owner(cl.slot)["port"] != CLUSTER_PORTS[0]
-    w = spawn("worker", "test_topology:cluster_app")
+    w = spawn("worker", "tests.test_topology:cluster_app")
     workers_ready(cl.admin(), cluster_app, [w], spawn)
     for i in range(10):
         ctask.delay("run", i)
         ctask.delay("run", 10 + i, queue="high")
-    wait_for(lambda: len(runs(r, "c:run")) >= 20, "20 tasks to run on the cluster", 20,
-             diag=spawn.tails)
+    wait_for(
+        lambda: len(runs(r, "c:run")) >= 20, "20 tasks to run on the cluster", 20, diag=spawn.tails
+    )
     assert tags(r, "c:run") == list(range(20))
     assert {e[3] for e in runs(r, "c:run")} == {w.pid}
 
 
 def test_cluster_delayed_tasks_run(cl, r, spawn):
-    w = spawn("worker", "test_topology:cluster_app")
+    w = spawn("worker", "tests.test_topology:cluster_app")
     workers_ready(cl.admin(), cluster_app, [w], spawn)
     start = time.time()
     ctask.delay("eta", 1, eta=1)
     ctask.delay("eta", 2, eta=2, queue="high")
-    wait_for(lambda: len(runs(r, "c:eta")) >= 2, "2 delayed tasks to run on the cluster", 20,
-             diag=spawn.tails)
+    wait_for(
+        lambda: len(runs(r, "c:eta")) >= 2,
+        "2 delayed tasks to run on the cluster",
+        20,
+        diag=spawn.tails,
+    )
     ran = {e[0]: e[1] - start for e in runs(r, "c:eta")}
     assert sorted(ran) == [1, 2]
     assert 0.9 <= ran[1] <= 3.5 and 1.9 <= ran[2] <= 4.5, ran
 
 
 def test_cluster_broadcast_reaches_each_worker(cl, r, spawn):
-    ws = [spawn("worker", "test_topology:cluster_app") for _ in range(2)]
+    ws = [spawn("worker", "tests.test_topology:cluster_app") for _ in range(2)]
     workers_ready(cl.admin(), cluster_app, ws, spawn)
     assert ctask.broadcast("bcast", 7) == 2
-    wait_for(lambda: len(runs(r, "c:bcast")) >= 2, "the broadcast to run on both workers", 20,
-             diag=spawn.tails)
+    wait_for(
+        lambda: len(runs(r, "c:bcast")) >= 2,
+        "the broadcast to run on both workers",
+        20,
+        diag=spawn.tails,
+    )
     assert sorted(e[3] for e in runs(r, "c:bcast")) == sorted(w.pid for w in ws)
 
 
 def test_cluster_cron_fires(cl, r, spawn):
-    w = spawn("worker", "test_topology:cluster_app")
-    spawn("scheduler", "test_topology:cluster_app")
+    w = spawn("worker", "tests.test_topology:cluster_app")
+    spawn("scheduler", "tests.test_topology:cluster_app")
     workers_ready(cl.admin(), cluster_app, [w], spawn)
-    wait_for(lambda: len(runs(r, "ctick")) >= 2, "the every-second schedule to fire twice", 20,
-             diag=spawn.tails)
+    wait_for(
+        lambda: len(runs(r, "ctick")) >= 2,
+        "the every-second schedule to fire twice",
+        20,
+        diag=spawn.tails,
+    )
 
 
 def test_cluster_info_json(cl, r, spawn):
@@ -567,16 +677,15 @@ def test_cluster_info_json(cl, r, spawn):
     for i in range(2):
         ctask.delay("info", 10 + i, eta=3600)
     ctask.delay("info", 20, queue="high", eta=3600)
-    j = info_json("test_topology:cluster_app")
+    j = info_json("tests.test_topology:cluster_app")
     assert j["queues"]["default"]["pending"] == 3 and j["queues"]["default"]["delayed"] == 2, j
     assert j["queues"]["high"]["pending"] == 0 and j["queues"]["high"]["delayed"] == 1, j
     assert j["queues"]["high"]["priority"] == 0, j
     assert (j["workers"], j["dead"], j["inflight"]) == (0, 0, 0), j
-    w = spawn("worker", "test_topology:cluster_app")
+    w = spawn("worker", "tests.test_topology:cluster_app")
     workers_ready(cl.admin(), cluster_app, [w], spawn)
-    wait_for(lambda: len(runs(r, "c:info")) >= 3, "the 3 ready tasks to run", 20,
-             diag=spawn.tails)
-    j = info_json("test_topology:cluster_app")
+    wait_for(lambda: len(runs(r, "c:info")) >= 3, "the 3 ready tasks to run", 20, diag=spawn.tails)
+    j = info_json("tests.test_topology:cluster_app")
     assert j["workers"] == 1, j
     assert j["queues"]["default"]["pending"] == 0 and j["queues"]["default"]["delayed"] == 2, j
 
@@ -587,18 +696,31 @@ def test_cluster_failover_of_the_apps_master_loses_no_task(cl, r, spawn):
         cmark.delay(i)
     old = cl.owner(cl.slot)
     replica = cl.replica_of(old)[0]
-    w = spawn("worker", "test_topology:cluster_app")
-    wait_for(lambda: scard(r, "cdone") >= 100, "the worker to drain 100 tasks", 30,
-             diag=spawn.tails)
+    w = spawn("worker", "tests.test_topology:cluster_app")
+    wait_for(
+        lambda: scard(r, "cdone") >= 100, "the worker to drain 100 tasks", 30, diag=spawn.tails
+    )
     with redis.Redis(port=replica["port"], socket_timeout=10) as c:
         c.execute_command("CLUSTER", "FAILOVER")
-    wait_for(lambda: (cl.owner(cl.slot, replica["port"]) or {}).get("port") == replica["port"]
-             and (cl.owner(cl.slot) or {}).get("port") == replica["port"],
-             f"replica {replica['port']} to take over slot {cl.slot}", 20, diag=cl.describe)
+    wait_for(
+        lambda: (
+            (cl.owner(cl.slot, replica["port"]) or {}).get("port") == replica["port"]
+            and (cl.owner(cl.slot) or {}).get("port") == replica["port"]
+        ),
+        f"replica {replica['port']} to take over slot {cl.slot}",
+        20,
+        diag=cl.describe,
+    )
     at_failover = scard(r, "cdone")
-    wait_for(lambda: scard(r, "cdone") >= n, f"all {n} tasks to run after the failover", 60,
-             diag=lambda: f"done {scard(r, 'cdone')}/{n}, {at_failover} at the failover\n"
-             f"{cl.describe()}\n{spawn.tails()}")
+    wait_for(
+        lambda: scard(r, "cdone") >= n,
+        f"all {n} tasks to run after the failover",
+        60,
+        diag=lambda: (
+            f"done {scard(r, 'cdone')}/{n}, {at_failover} at the failover\n"
+            f"{cl.describe()}\n{spawn.tails()}"
+        ),
+    )
     assert at_failover < n, "the drain ended before the failover: nothing was tested"
     assert w.alive(), spawn.tails()
 
@@ -612,21 +734,24 @@ def landed_on_the_sentinel_master(sentinel_set, n=1):
     key = sentinel_app._k("q", sentinel_app.default_queue.name)
     with sentinel_set.master() as m:
         length = m.llen(key)
-    assert length == n, (f"{n} task(s) enqueued via {SENTINEL_URL}, but the Sentinels' master "
-                         f"127.0.0.1:{sentinel_set.master_port()} holds {length} in {key}")
+    assert length == n, (
+        f"{n} task(s) enqueued via {SENTINEL_URL}, but the Sentinels' master "
+        f"127.0.0.1:{sentinel_set.master_port()} holds {length} in {key}"
+    )
 
 
 def test_sentinel_tasks_run(sentinel_set, r, spawn):
     sentinel_set.master().flushall()
     stask.delay(0)
     landed_on_the_sentinel_master(sentinel_set)
-    w = spawn("worker", "test_topology:sentinel_app")
+    w = spawn("worker", "tests.test_topology:sentinel_app")
     workers_ready(sentinel_set.master(), sentinel_app, [w], spawn)
     for i in range(1, 10):
         stask.delay(i)
     stask.delay(10, eta=1)
-    wait_for(lambda: len(runs(r, "s:task")) >= 11, "11 tasks to run via sentinel", 20,
-             diag=spawn.tails)
+    wait_for(
+        lambda: len(runs(r, "s:task")) >= 11, "11 tasks to run via sentinel", 20, diag=spawn.tails
+    )
     assert tags(r, "s:task") == list(range(11))
 
 
@@ -638,25 +763,42 @@ def test_sentinel_failover_mid_run_loses_no_task(sentinel_set, r, spawn):
     for i in range(1, n):
         smark.delay(i)
     old = sentinel_set.master_port()
-    w = spawn("worker", "test_topology:sentinel_app")
-    wait_for(lambda: scard(r, "sdone") >= 100, "the worker to drain 100 tasks", 30,
-             diag=spawn.tails)
+    w = spawn("worker", "tests.test_topology:sentinel_app")
+    wait_for(
+        lambda: scard(r, "sdone") >= 100, "the worker to drain 100 tasks", 30, diag=spawn.tails
+    )
     with redis.Redis(port=SENTINEL_PORTS[0], socket_timeout=10) as s:
         s.execute_command("SENTINEL", "FAILOVER", "mymaster")
-    wait_for(lambda: sentinel_set.master_port() != old, "sentinels to name a new master", 30,
-             diag=sentinel_set.describe)
+    wait_for(
+        lambda: sentinel_set.master_port() != old,
+        "sentinels to name a new master",
+        30,
+        diag=sentinel_set.describe,
+    )
     at_failover = scard(r, "sdone")
-    wait_for(lambda: scard(r, "sdone") >= n, f"all {n} tasks to run after the failover", 60,
-             diag=lambda: f"done {scard(r, 'sdone')}/{n}, {at_failover} at the failover\n"
-             f"{sentinel_set.describe()}\n{spawn.tails()}")
+    wait_for(
+        lambda: scard(r, "sdone") >= n,
+        f"all {n} tasks to run after the failover",
+        60,
+        diag=lambda: (
+            f"done {scard(r, 'sdone')}/{n}, {at_failover} at the failover\n"
+            f"{sentinel_set.describe()}\n{spawn.tails()}"
+        ),
+    )
     assert at_failover < n, "the drain ended before the failover: nothing was tested"
     assert w.alive(), spawn.tails()
 
 
 # ===================================================================== TLS + ACL
 
-SECRET_FORMS = ("topsecret42", quote(PASSWORD, safe=""), quote(PASSWORD),
-                PASSWORD.encode("unicode_escape").decode(), "Grüße", "секрет")
+SECRET_FORMS = (
+    "topsecret42",
+    quote(PASSWORD, safe=""),
+    quote(PASSWORD),
+    PASSWORD.encode("unicode_escape").decode(),
+    "Grüße",
+    "секрет",
+)
 
 
 def assert_no_password(text, where):
@@ -667,41 +809,50 @@ def assert_no_password(text, where):
 def test_tls_acl_user_tasks_run_and_password_never_shown(tls_server, r, spawn):
     with tls_server.client() as c:
         c.flushall()
-    w = spawn("worker", "test_topology:tls_app")
+    w = spawn("worker", "tests.test_topology:tls_app")
     workers_ready(tls_server.client(), tls_app, [w], spawn)
     for i in range(5):
         ttask.delay(i)
     ttask.delay(5, eta=0.5)
-    wait_for(lambda: len(runs(r, "t:task")) >= 6, "6 tasks to run over TLS as the ACL user", 20,
-             diag=spawn.tails)
+    wait_for(
+        lambda: len(runs(r, "t:task")) >= 6,
+        "6 tasks to run over TLS as the ACL user",
+        20,
+        diag=spawn.tails,
+    )
     assert tags(r, "t:task") == list(range(6))
-    with tls_server.client() as c:         # the worker's connections: TLS, as the ACL user
+    with tls_server.client() as c:  # the worker's connections: TLS, as the ACL user
         users = {client["user"] for client in c.client_list()}
     assert users == {ACL_USER}, users
-    for args in (("info", "test_topology:tls_app"), ("info", "test_topology:tls_app", "--json"),
-                 ("dead", "test_topology:tls_app")):
+    for args in (
+        ("info", "tests.test_topology:tls_app"),
+        ("info", "tests.test_topology:tls_app", "--json"),
+        ("dead", "tests.test_topology:tls_app"),
+    ):
         done = cli(*args)
         assert done.returncode == 0, done.stderr
         assert_no_password(done.stdout + done.stderr, " ".join(args))
-    assert info_json("test_topology:tls_app")["workers"] == 1
+    assert info_json("tests.test_topology:tls_app")["workers"] == 1
     w.stop()
     assert_no_password(w.log(), "the worker's log")
 
 
 def test_tls_password_not_shown_with_redis_down(topo_dir, r, spawn):
     """The same URL (user, password, certificates) where no Redis listens."""
-    for args in (("info", "test_topology:tls_down_app"),
-                 ("info", "test_topology:tls_down_app", "--json"),
-                 ("dead", "test_topology:tls_down_app"),
-                 ("purge", "test_topology:tls_down_app", "default")):
+    for args in (
+        ("info", "tests.test_topology:tls_down_app"),
+        ("info", "tests.test_topology:tls_down_app", "--json"),
+        ("dead", "tests.test_topology:tls_down_app"),
+        ("purge", "tests.test_topology:tls_down_app", "default"),
+    ):
         done = cli(*args)
         assert done.returncode != 0, f"{args} exited 0 with Redis down:\n{done.stdout}"
         assert_no_password(done.stdout + done.stderr, " ".join(args) + " (Redis down)")
     with pytest.raises(redis.RedisError) as exc:
         tdown.delay(1)
     assert_no_password(f"{exc.value} {exc.value!r}", "the exception from .delay()")
-    w = spawn("worker", "test_topology:tls_down_app")
-    try:                                    # it logs the outage (once): wait for that line
+    w = spawn("worker", "tests.test_topology:tls_down_app")
+    try:  # it logs the outage (once): wait for that line
         wait_for(lambda: w.log().strip() or not w.alive(), "the worker to log the outage", 10)
     except AssertionError:
         pass
@@ -715,57 +866,79 @@ def test_tls_password_not_shown_with_redis_down(topo_dir, r, spawn):
 
 def _all_keys(r):
     return {k.decode() for k in r.scan_iter(count=1000)} - {
-        k.decode() for k in r.scan_iter(match="test:*", count=1000)}
+        k.decode() for k in r.scan_iter(match="test:*", count=1000)
+    }
 
 
 def test_two_prefixes_on_one_db_never_see_each_other(r, spawn):
-    a = spawn("worker", "test_topology:appa")
+    a = spawn("worker", "tests.test_topology:appa")
     workers_ready(r, appa, [a], spawn)
-    # the issue's case 1: only A's worker runs; B's broadcast reaches nobody
+    # only A's worker runs; B's broadcast reaches nobody
     assert refresh_cache.broadcast("b-alone") == 0
     report.delay(1)
     report.delay(2, eta=1)
-    ghost_a.delay()                          # A's worker does not know "ghost": a dead letter
+    ghost_a.delay()  # A's worker does not know "ghost": a dead letter
     send_email.delay(1)
-    send_email.delay(2, eta=1.5)             # due after B's delayed task
-    wait_for(lambda: tags(r, "a:email") == [1, 2], "A's tasks (one delayed) to run", 20,
-             diag=spawn.tails)
-    wait_for(lambda: info_json("test_topology:appa")["dead"] == 1, "A's dead letter", 10,
-             diag=spawn.tails)
+    send_email.delay(2, eta=1.5)  # due after B's delayed task
+    wait_for(
+        lambda: tags(r, "a:email") == [1, 2], "A's tasks (one delayed) to run", 20, diag=spawn.tails
+    )
+    wait_for(
+        lambda: info_json("tests.test_topology:appa")["dead"] == 1,
+        "A's dead letter",
+        10,
+        diag=spawn.tails,
+    )
     assert runs(r, "b:report") == [] and runs(r, "b:refresh") == [], "A's worker ran B's tasks"
-    ia, ib = info_json("test_topology:appa"), info_json("test_topology:appb")
+    ia, ib = info_json("tests.test_topology:appa"), info_json("tests.test_topology:appb")
     assert set(ia["queues"]) == {"emails"} and set(ib["queues"]) == {"reports"}, (ia, ib)
     assert (ia["workers"], ib["workers"]) == (1, 0), (ia, ib)
     assert (ia["dead"], ib["dead"]) == (1, 0), (ia, ib)
     rq = ib["queues"]["reports"]
     assert rq["pending"] + rq["delayed"] == 2, ib
     assert ia["queues"]["emails"]["pending"] + ia["queues"]["emails"]["delayed"] == 0, ia
-    done = cli("dead", "test_topology:appb")
+    done = cli("dead", "tests.test_topology:appb")
     assert done.returncode == 0 and "ghost" not in done.stdout, done.stdout + done.stderr
     assert not [k for k in _all_keys(r) if "{appa}" not in k and "{appb}" not in k], _all_keys(r)
 
     # now B has a worker too: each app's broadcast reaches its own worker only
-    b = spawn("worker", "test_topology:appb")
+    b = spawn("worker", "tests.test_topology:appb")
     workers_ready(r, appb, [b], spawn)
-    wait_for(lambda: tags(r, "b:report") == [1, 2], "B's tasks to run on B's worker", 20,
-             diag=spawn.tails)
+    wait_for(
+        lambda: tags(r, "b:report") == [1, 2],
+        "B's tasks to run on B's worker",
+        20,
+        diag=spawn.tails,
+    )
     ghost_b.delay()
-    wait_for(lambda: info_json("test_topology:appb")["dead"] == 1, "B's dead letter", 10,
-             diag=spawn.tails)
+    wait_for(
+        lambda: info_json("tests.test_topology:appb")["dead"] == 1,
+        "B's dead letter",
+        10,
+        diag=spawn.tails,
+    )
     assert refresh_cache.broadcast("b-both") == 1
     assert a_ping.broadcast("a-both") == 1
     send_email.delay(3)
     report.delay(3)
-    wait_for(lambda: len(runs(r, "b:refresh")) >= 1 and len(runs(r, "a:ping")) >= 1
-             and 3 in tags(r, "a:email") and 3 in tags(r, "b:report"),
-             "each broadcast and a later task to run", 20, diag=spawn.tails)
+    wait_for(
+        lambda: (
+            len(runs(r, "b:refresh")) >= 1
+            and len(runs(r, "a:ping")) >= 1
+            and 3 in tags(r, "a:email")
+            and 3 in tags(r, "b:report")
+        ),
+        "each broadcast and a later task to run",
+        20,
+        diag=spawn.tails,
+    )
     assert [(e[0], e[3]) for e in runs(r, "b:refresh")] == [("b-both", b.pid)]
     assert [(e[0], e[3]) for e in runs(r, "a:ping")] == [("a-both", a.pid)]
     assert {e[3] for e in runs(r, "a:email")} == {a.pid}
     assert {e[3] for e in runs(r, "b:report")} == {b.pid}
     # dead letters: purging B's leaves A's
-    assert cli("dead", "test_topology:appb", "--purge").returncode == 0
-    ia, ib = info_json("test_topology:appa"), info_json("test_topology:appb")
+    assert cli("dead", "tests.test_topology:appb", "--purge").returncode == 0
+    ia, ib = info_json("tests.test_topology:appa"), info_json("tests.test_topology:appb")
     assert (ia["dead"], ib["dead"]) == (1, 0), (ia, ib)
     assert (ia["workers"], ib["workers"]) == (1, 1), (ia, ib)
 
@@ -780,18 +953,26 @@ def test_default_layout_shares_no_key_with_the_original_wakaq(r, spawn):
     ps.psubscribe("__keyspace@0__:*", "wakaq:*")
     ps.subscribe("wakaq-broadcast")
     try:
-        w = spawn("worker", "test_topology:plain_app")
+        w = spawn("worker", "tests.test_topology:plain_app")
         workers_ready(r, plain_app, [w], spawn)
         pnote.delay("ready")
         pnote.delay("emails", queue="emails")
         pnote.delay("delayed", eta=0.5)
         assert pnote.broadcast("bcast") == 1
         ghost_p.delay()
-        wait_for(lambda: len(runs(r, "p:note")) >= 4, "4 tasks (delayed, broadcast) to run", 20,
-                 diag=spawn.tails)
-        wait_for(lambda: info_json("test_topology:plain_app")["dead"] == 1, "a dead letter", 10,
-                 diag=spawn.tails)
-        cli("dead", "test_topology:plain_app", "--requeue")
+        wait_for(
+            lambda: len(runs(r, "p:note")) >= 4,
+            "4 tasks (delayed, broadcast) to run",
+            20,
+            diag=spawn.tails,
+        )
+        wait_for(
+            lambda: info_json("tests.test_topology:plain_app")["dead"] == 1,
+            "a dead letter",
+            10,
+            diag=spawn.tails,
+        )
+        cli("dead", "tests.test_topology:plain_app", "--requeue")
         w.stop()
         seen, published = set(), []
         while True:
@@ -821,7 +1002,8 @@ def _commands(client):
     """total_commands_processed and per-command calls, from one INFO ALL."""
     info = client.info("all")
     return info["total_commands_processed"], {
-        k[len("cmdstat_"):]: v["calls"] for k, v in info.items() if k.startswith("cmdstat_")}
+        k[len("cmdstat_") :]: v["calls"] for k, v in info.items() if k.startswith("cmdstat_")
+    }
 
 
 def test_idle_workers_cost_few_commands(idle_servers, r, spawn):
@@ -829,11 +1011,11 @@ def test_idle_workers_cost_few_commands(idle_servers, r, spawn):
     three = idle_servers[1].client()
     one.flushall()
     three.flushall()
-    w1 = spawn("worker", "test_topology:idle_app")
-    w3 = [spawn("worker", "test_topology:fleet_app") for _ in range(3)]
+    w1 = spawn("worker", "tests.test_topology:idle_app")
+    w3 = [spawn("worker", "tests.test_topology:fleet_app") for _ in range(3)]
     workers_ready(one, idle_app, [w1], spawn)
     workers_ready(three, fleet_app, w3, spawn)
-    time.sleep(2.0)                         # past the start-up burst
+    time.sleep(2.0)  # past the start-up burst
     t0 = time.monotonic()
     (a1, s1), (a3, s3) = _commands(one), _commands(three)
     time.sleep(10.0)
@@ -846,8 +1028,11 @@ def test_idle_workers_cost_few_commands(idle_servers, r, spawn):
         d = {k: v - start.get(k, 0) for k, v in end.items() if v - start.get(k, 0)}
         d["info"] = d.get("info", 0) - 1
         return ", ".join(f"{k}={v}" for k, v in sorted(d.items(), key=lambda kv: -kv[1]) if v)
-    report = (f"1 idle worker: {rate1:.1f} commands/s ({breakdown(s1, e1)}); "
-              f"3 idle workers: {rate3:.1f} commands/s ({breakdown(s3, e3)}) over {seconds:.1f}s")
+
+    report = (
+        f"1 idle worker: {rate1:.1f} commands/s ({breakdown(s1, e1)}); "
+        f"3 idle workers: {rate3:.1f} commands/s ({breakdown(s3, e3)}) over {seconds:.1f}s"
+    )
     print(report)
     assert all(p.alive() for p in [w1, *w3]), spawn.tails()
     assert rate1 <= 10 and rate3 <= 25, report
@@ -856,15 +1041,14 @@ def test_idle_workers_cost_few_commands(idle_servers, r, spawn):
 def test_idle_worker_runs_a_delayed_task_on_time(idle_servers, r, spawn):
     client = idle_servers[0].client()
     client.flushall()
-    w = spawn("worker", "test_topology:idle_app")
+    w = spawn("worker", "tests.test_topology:idle_app")
     workers_ready(client, idle_app, [w], spawn)
-    time.sleep(1.0)                         # idle for a while
+    time.sleep(1.0)  # idle for a while
     due = {}
     for i, (eta, queue) in enumerate([(1.0, "c"), (1.7, "a"), (2.4, "b")]):
         sec, usec = client.time()
-        due[i] = sec + usec / 1e6 + eta      # Redis's clock (this host's) when it is due
+        due[i] = sec + usec / 1e6 + eta  # Redis's clock (this host's) when it is due
         istamp.delay(i, eta=eta, queue=queue)
-    wait_for(lambda: len(runs(r, "i:stamp")) >= 3, "3 delayed tasks to run", 15,
-             diag=spawn.tails)
+    wait_for(lambda: len(runs(r, "i:stamp")) >= 3, "3 delayed tasks to run", 15, diag=spawn.tails)
     late = {e[0]: round(e[1] - due[e[0]], 3) for e in runs(r, "i:stamp")}
     assert all(-0.05 <= s <= 0.5 for s in late.values()), f"seconds late: {late}"

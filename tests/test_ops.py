@@ -1,11 +1,12 @@
-"""Operator experience (issue 12): the command line, logs, settings checks, README examples.
+"""Operator experience: the command line, logs, settings checks, README examples.
 
-    python -m pytest -q test_ops.py
+    python -m pytest -q tests/test_ops.py
 
-Real processes against the private redis-server of test_wakaq's harness. Apps that must
+Real processes against the session's private server (conftest.py). Apps that must
 be importable by a worker are at module level here; apps with broken code or other URLs
 are written to files in the test's temp dir and loaded from there.
 """
+
 import json
 import logging.config
 import os
@@ -14,7 +15,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import tempfile
+import signal
 import textwrap
 import time
 
@@ -23,16 +24,32 @@ import redis
 
 import wakaq
 from wakaq import Queue, WakaQ
-from test_wakaq import (HERE, ENV, PRIVATE, URL, Proc, Procs, RedisServer, _free_port,  # noqa: F401
-                        cli, needs_private, r, redis_server, spawn, wait_for, slow)
+from conftest import (
+    ENV,
+    HERE,
+    URL,
+    Proc,
+    Procs,
+    RedisServer,
+    _free_port,
+    cli,
+    needs_private,
+    slow,
+    wait_for,
+)
 
-logging.config.dictConfig({           # the Django way, at import: disables existing loggers
-    "version": 1, "handlers": {"h": {"class": "logging.StreamHandler"}},
-    "root": {"handlers": ["h"], "level": "WARNING"}})
+logging.config.dictConfig(
+    {  # the Django way, at import: disables existing loggers
+        "version": 1,
+        "handlers": {"h": {"class": "logging.StreamHandler"}},
+        "root": {"handlers": ["h"], "level": "WARNING"},
+    }
+)
 
 app = WakaQ(queues=[(0, "high"), "default"], url=URL, concurrency=1, heartbeat_timeout=15)
-excluding = WakaQ(queues=[(0, "high"), "default"], url=URL, concurrency=1,
-                  exclude_queues=["default", "default"])
+excluding = WakaQ(
+    queues=[(0, "high"), "default"], url=URL, concurrency=1, exclude_queues=["default", "default"]
+)
 
 
 @app.task
@@ -43,13 +60,6 @@ def nap(seconds):
 @app.task
 def fails():
     raise RuntimeError("the app's own error")
-
-
-def ops_cli(*args, cwd=HERE, env=None, timeout=30):
-    """python wakaq.py ARGS from `cwd` (the repo's wakaq.py)."""
-    return subprocess.run([sys.executable, os.path.join(HERE, "wakaq.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, env=env)
 
 
 def write(folder, name, text):
@@ -80,6 +90,7 @@ def dead_entry(r, args=(1, 2), queue="default", reason="soft timeout", retry=2, 
 
 # ===================================================================== command line
 
+
 def test_version_and_a_bare_call_lists_the_commands():
     out = cli("--version")
     assert (out.returncode, out.stdout.strip()) == (0, f"wakaq {wakaq.__version__}")
@@ -90,7 +101,7 @@ def test_version_and_a_bare_call_lists_the_commands():
 
 
 def test_a_typo_after_the_app_prints_the_subcommands_error_not_the_top_level_usage():
-    out = cli("info", "test_ops:app", "--jsn")
+    out = cli("info", "tests.test_ops:app", "--jsn")
     assert out.returncode == 2
     assert "usage: wakaq info" in out.stderr and "--jsn" in out.stderr, out.stderr
 
@@ -99,27 +110,32 @@ def test_main_runs_any_command_in_COMMANDS_generically(redis_server):
     seen = []
     wakaq._COMMANDS["probe"] = (lambda a, args: seen.append((a, args.app)) or 0, "a probe")
     try:
-        assert wakaq.main(["probe", "test_ops:app"]) == 0
-        assert wakaq.main(["probe", "--app=test_ops:app"]) == 0
+        assert wakaq.main(["probe", "tests.test_ops:app"]) == 0
+        assert wakaq.main(["probe", "--app=tests.test_ops:app"]) == 0
     finally:
         del wakaq._COMMANDS["probe"]
-    assert seen == [(app, "test_ops:app")] * 2
+    assert seen == [(app, "tests.test_ops:app")] * 2
 
 
 def test_app_option_works_wherever_app_is_positional(r, tmp_path):
     nap.delay(1)
     nap.delay(2, queue="high")
-    assert json.loads(cli("info", "--app=test_ops:app", "--json").stdout)["queues"][
-        "default"]["pending"] == 1
-    assert cli("purge", "--app=test_ops:app", "default").stdout.strip() == "1"
-    assert cli("purge", "--app", "test_ops:app", "--queue=high").stdout.strip() == "1"
-    assert cli("dead", "--app=test_ops:app").stdout.strip() == "no dead tasks"
-    out = cli("info", "test_ops:app", "--app=test_ops:excluding")
+    assert (
+        json.loads(cli("info", "--app=tests.test_ops:app", "--json").stdout)["queues"]["default"][
+            "pending"
+        ]
+        == 1
+    )
+    assert cli("purge", "--app=tests.test_ops:app", "default").stdout.strip() == "1"
+    assert cli("purge", "--app", "tests.test_ops:app", "--queue=high").stdout.strip() == "1"
+    assert cli("dead", "--app=tests.test_ops:app").stdout.strip() == "no dead tasks"
+    out = cli("info", "tests.test_ops:app", "--app=tests.test_ops:excluding")
     assert out.returncode == 2 and "once" in out.stderr
     worker = Procs(str(tmp_path))
     try:
-        w = Proc(["worker", "--app=test_ops:app", "--concurrency=1", "--foreground"],
-                 str(tmp_path))
+        w = Proc(
+            ["worker", "--app=tests.test_ops:app", "--concurrency=1", "--foreground"], str(tmp_path)
+        )
         worker.append(w)
         wait_for(lambda: "started" in w.log(), "the worker's start line", diag=w.log)
     finally:
@@ -132,32 +148,53 @@ def test_console_scripts_after_pip_install_run_the_same_code(r, tmp_path):
     """The original WakaQ's console scripts, installed by pip from setup.cfg."""
     venv = str(tmp_path / "venv")
     subprocess.run([sys.executable, "-m", "venv", venv], check=True, capture_output=True)
-    site = subprocess.run([f"{venv}/bin/python", "-c", "import sysconfig; print(sysconfig."
-                           "get_paths()['purelib'])"], capture_output=True, text=True).stdout
-    with open(os.path.join(site.strip(), "deps.pth"), "w") as f:   # redis, croniter, pytest
+    site = subprocess.run(
+        [f"{venv}/bin/python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    with open(os.path.join(site.strip(), "deps.pth"), "w") as f:  # redis, croniter, pytest
         f.write(sysconfig.get_paths()["purelib"] + "\n")
-    out = subprocess.run([f"{venv}/bin/python", "-m", "pip", "install", "-q", "--no-deps", HERE],
-                         capture_output=True,
-                         text=True, timeout=240)
+    out = subprocess.run(
+        [f"{venv}/bin/python", "-m", "pip", "install", "-q", "--no-deps", HERE],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stderr
     nap.delay(1)
     nap.delay(2, eta=60)
 
     def run(*args):
-        return subprocess.run([f"{venv}/bin/{args[0]}", *args[1:]], cwd=HERE, text=True,
-                              capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
-    info = run("wakaq-info", "--app=test_ops:app")
+        return subprocess.run(
+            [f"{venv}/bin/{args[0]}", *args[1:]],
+            cwd=HERE,
+            text=True,
+            capture_output=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
+
+    info = run("wakaq-info", "--app=tests.test_ops:app")
     assert info.returncode == 0, info.stderr
     assert json.loads(info.stdout)["queues"]["default"] == {
-        "priority": 1, "pending": 1, "delayed": 1}
+        "priority": 1,
+        "pending": 1,
+        "delayed": 1,
+    }
     assert run("wakaq", "--version").stdout.strip() == f"wakaq {wakaq.__version__}"
-    assert run("wakaq-purge", "--app=test_ops:app", "--queue=default").stdout.strip() == "2"
+    assert run("wakaq-purge", "--app=tests.test_ops:app", "--queue=default").stdout.strip() == "2"
     for script in ("wakaq-worker", "wakaq-scheduler"):
         out = run(script, "--help")
         assert out.returncode == 0 and "usage:" in out.stdout, out.stderr
-    w = subprocess.Popen([f"{venv}/bin/wakaq-worker", "--app=test_ops:app"], cwd=HERE,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
+    w = subprocess.Popen(
+        [f"{venv}/bin/wakaq-worker", "--app=tests.test_ops:app"],
+        cwd=HERE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         nap.delay(0)
         wait_for(lambda: r.llen("{wakaq}:q:default") == 0, "the installed worker to run it")
@@ -168,70 +205,89 @@ def test_console_scripts_after_pip_install_run_the_same_code(r, tmp_path):
 
 @slow
 def test_info_lists_the_tasks_running_now(r, spawn):
-    worker = spawn("worker", "test_ops:app")
+    worker = spawn("worker", "tests.test_ops:app")
     task_id = nap.delay(30)
-    info = wait_for(lambda: (lambda i: i["running"] and i)(json.loads(
-        cli("info", "test_ops:app", "--json").stdout)), "info to list the running task",
-        diag=spawn.tails)
+    info = wait_for(
+        lambda: (lambda i: i["running"] and i)(
+            json.loads(cli("info", "tests.test_ops:app", "--json").stdout)
+        ),
+        "info to list the running task",
+        diag=spawn.tails,
+    )
     [t] = info["running"]
     assert (t["id"], t["name"], t["queue"]) == (task_id, "nap", "default")
     assert t["worker"].split(".")[1] == str(worker.pid)
     assert isinstance(t["seconds"], (int, float)) and 0 <= t["seconds"] < 30
-    text = cli("info", "test_ops:app").stdout
+    text = cli("info", "tests.test_ops:app").stdout
     assert re.search(rf"{task_id}.*nap.*default.*{re.escape(t['worker'])}", text), text
 
 
 def test_info_reads_running_tasks_from_the_inflight_layout_with_redis_time(r):
     now = float(r.time()[0])
-    payload = json.dumps({"id": "abc", "name": "nap", "queue": "high", "retry": 0,
-                          "args": [1], "kwargs": {}})
+    payload = json.dumps(
+        {"id": "abc", "name": "nap", "queue": "high", "retry": 0, "args": [1], "kwargs": {}}
+    )
     r.zadd("{wakaq}:workers", {"h.1.x": now, "h.2.y": now - 100})
-    r.hset("{wakaq}:inflight:h.1.x", mapping={"0.0": payload, "0.0:t": "tok",
-                                               "0.0:s": now - 12})
+    r.hset("{wakaq}:inflight:h.1.x", mapping={"0.0": payload, "0.0:t": "tok", "0.0:s": now - 12})
     r.hset("{wakaq}:inflight:h.2.y", mapping={"adopted:h.9.z:1.0": payload})
-    info = json.loads(cli("info", "test_ops:app", "--json").stdout)
+    info = json.loads(cli("info", "tests.test_ops:app", "--json").stdout)
     assert info["workers"] == 1 and info["inflight"] == 2
     one, adopted = sorted(info["running"], key=lambda t: t["worker"])
-    assert {"id": "abc", "name": "nap", "queue": "high", "worker": "h.1.x"}.items() <= \
-        one.items() and 11 <= one["seconds"] < 20
+    assert {
+        "id": "abc",
+        "name": "nap",
+        "queue": "high",
+        "worker": "h.1.x",
+    }.items() <= one.items() and 11 <= one["seconds"] < 20
     assert (adopted["id"], adopted["worker"], adopted["seconds"]) == ("abc", "h.2.y", None)
 
 
 def test_dead_lists_id_task_queue_attempts_reason_when_and_shortened_arguments(r):
-    assert cli("dead", "test_ops:app").stdout.strip() == "no dead tasks"
+    assert cli("dead", "tests.test_ops:app").stdout.strip() == "no dead tasks"
     short = dead_entry(r, args=(7, "x"), at=1_800_000_000)
     long = dead_entry(r, args=("y" * 500,), queue="high", reason="hard timeout")
-    out = cli("dead", "test_ops:app")
+    out = cli("dead", "tests.test_ops:app")
     assert out.returncode == 0
     first, second = out.stdout.strip().splitlines()
-    assert re.search(rf"{short}\b.*\bnap\b.*\bdefault\b.*\b3\b.*soft timeout.*"
-                     r"2027-01-15 08:00:00.*7, \"x\"", first), first
+    assert re.search(
+        rf"{short}\b.*\bnap\b.*\bdefault\b.*\b3\b.*soft timeout.*"
+        r"2027-01-15 08:00:00.*7, \"x\"",
+        first,
+    ), first
     assert long in second and "yyy" in second and len(second) < 250, second
 
 
 def test_dead_requeue_all_or_some_ids_in_one_script_per_batch(r):
     ids = [dead_entry(r) for _ in range(5)] + [dead_entry(r, queue="high")]
-    out = cli("dead", "test_ops:app", "--requeue", ids[1], ids[3], "nope")
+    out = cli("dead", "tests.test_ops:app", "--requeue", ids[1], ids[3], "nope")
     assert out.returncode == 1 and "requeued 2" in out.stdout and "nope" in out.stdout
     queued = [json.loads(x) for x in r.lrange("{wakaq}:q:default", 0, -1)]
     assert [(m["id"], m["retry"]) for m in queued] == [(ids[1], 0), (ids[3], 0)]
     assert r.zscore("{wakaq}:ready", "default") == 1 and r.llen("{wakaq}:wake:default") == 2
     r.config_resetstat()
-    out = cli("dead", "test_ops:app", "--requeue")
+    out = cli("dead", "tests.test_ops:app", "--requeue")
     assert (out.returncode, out.stdout.strip()) == (0, "requeued 4 dead task(s)")
-    calls = sum(v["calls"] for k, v in r.info("commandstats").items()
-                if k in ("cmdstat_evalsha", "cmdstat_eval"))
-    assert calls <= 2, calls         # one per queue in the batch, not one per entry
+    calls = sum(
+        v["calls"]
+        for k, v in r.info("commandstats").items()
+        if k in ("cmdstat_evalsha", "cmdstat_eval")
+    )
+    assert calls <= 2, calls  # one per queue in the batch, not one per entry
     assert r.llen("{wakaq}:dead") == 0 and r.zscore("{wakaq}:ready", "high") == 0
-    assert [json.loads(x)["id"] for x in r.lrange("{wakaq}:q:default", 0, -1)] == \
-        [ids[1], ids[3], ids[0], ids[2], ids[4]]
+    assert [json.loads(x)["id"] for x in r.lrange("{wakaq}:q:default", 0, -1)] == [
+        ids[1],
+        ids[3],
+        ids[0],
+        ids[2],
+        ids[4],
+    ]
 
 
 def test_purge_prints_one_number_says_what_on_stderr_and_leaves_the_ready_set(r):
     nap.delay_many([(1,), (2,)])
     nap.delay(3, eta=60)
     r.zadd("{wakaq}:ready", {"default": 1, "high": 0})
-    out = cli("purge", "test_ops:app", "default")
+    out = cli("purge", "tests.test_ops:app", "default")
     assert (out.returncode, out.stdout.strip()) == (0, "3")
     assert "2 pending" in out.stderr and "1 delayed" in out.stderr
     assert r.zrange("{wakaq}:ready", 0, -1) == [b"high"]
@@ -239,16 +295,17 @@ def test_purge_prints_one_number_says_what_on_stderr_and_leaves_the_ready_set(r)
 
 def test_health_checks_for_a_fresh_heartbeat_of_a_worker_on_this_host(r, tmp_path):
     def health():
-        out = cli("health", "test_ops:app")
+        out = cli("health", "tests.test_ops:app")
         assert len(out.stdout.strip().splitlines()) == 1, out.stdout
         return out.returncode
+
     assert health() == 1
     now = float(r.time()[0])
     r.zadd("{wakaq}:workers", {"elsewhere.1.a": now, f"{socket.gethostname()}.2.b": now - 60})
-    assert health() == 1                      # another host's, and a stale one of ours
+    assert health() == 1  # another host's, and a stale one of ours
     procs = Procs(str(tmp_path))
     try:
-        procs.append(Proc(["worker", "test_ops:app"], str(tmp_path)))
+        procs.append(Proc(["worker", "tests.test_ops:app"], str(tmp_path)))
         wait_for(lambda: health() == 0, "health to pass with a live worker", diag=procs.tails)
     finally:
         procs[0].stop()
@@ -256,18 +313,29 @@ def test_health_checks_for_a_fresh_heartbeat_of_a_worker_on_this_host(r, tmp_pat
 
 # ===================================================================== errors, passwords, config
 
+
 def test_urls_are_masked_in_every_error(tmp_path, redis_server):
-    write(str(tmp_path), "pwapp.py", """
+    write(
+        str(tmp_path),
+        "pwapp.py",
+        """
         from wakaq import WakaQ
         app = WakaQ(url="redis://user:s3cret@127.0.0.1:1/0")
-    """)
-    for args in (["info", "pwapp:app"], ["purge", "pwapp:app", "default"],
-                 ["dead", "pwapp:app"], ["dead", "pwapp:app", "--requeue"]):
-        out = ops_cli(*args, cwd=str(tmp_path))
+    """,
+    )
+    for args in (
+        ["info", "pwapp:app"],
+        ["purge", "pwapp:app", "default"],
+        ["dead", "pwapp:app"],
+        ["dead", "pwapp:app", "--requeue"],
+    ):
+        out = cli(*args, cwd=str(tmp_path))
         line = one_line(out)
         assert out.returncode == 1 and "s3cret" not in line and "user:***@127.0.0.1:1" in line
-    assert wakaq._mask("rediss://u:p@ss@h:1/0?password=x&db=2") == \
-        "rediss://u:***@h:1/0?password=***&db=2"
+    assert (
+        wakaq._mask("rediss://u:p@ss@h:1/0?password=x&db=2")
+        == "rediss://u:***@h:1/0?password=***&db=2"
+    )
 
 
 @needs_private
@@ -278,14 +346,18 @@ def test_a_configuration_error_stops_the_command_but_an_outage_does_not(tmp_path
     server.start()
     try:
         redis.Redis(port=port).config_set("requirepass", "sekret")
-        write(str(tmp_path), "cfg.py", f"""
+        write(
+            str(tmp_path),
+            "cfg.py",
+            f"""
             from wakaq import WakaQ
             badpw = WakaQ(url="redis://:wrong@127.0.0.1:{port}/0")
             baddb = WakaQ(url="redis://:sekret@127.0.0.1:{port}/99")
-        """)
+        """,
+        )
         for command in ("worker", "scheduler", "info", "dead"):
             for name in ("badpw", "baddb"):
-                out = ops_cli(command, f"cfg:{name}", cwd=str(tmp_path), timeout=20)
+                out = cli(command, f"cfg:{name}", cwd=str(tmp_path), timeout=20)
                 line = one_line(out)
                 assert out.returncode == 2 and "sekret" not in line and "wrong" not in line, line
                 assert re.search("password|DB index", line), line
@@ -294,31 +366,37 @@ def test_a_configuration_error_stops_the_command_but_an_outage_does_not(tmp_path
 
 
 def test_a_refused_connection_at_start_is_an_outage_the_worker_rides_out(tmp_path, redis_server):
-    write(str(tmp_path), "down.py", f"""
+    write(
+        str(tmp_path),
+        "down.py",
+        f"""
         from wakaq import WakaQ
         app = WakaQ(url="redis://:pw@127.0.0.1:{_free_port()}/0", concurrency=1)
-    """)
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "wakaq.py"), "worker",
-                             "down:app"], cwd=str(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, text=True)
+    """,
+    )
+    proc = Proc(["worker", "down:app"], str(tmp_path), cwd=str(tmp_path))
     try:
-        time.sleep(3)                # nothing to wait on: the point is that it does not exit
-        assert proc.poll() is None
+        time.sleep(3)  # nothing to wait on: the point is that it does not exit
+        assert proc.alive()
     finally:
-        os.killpg(proc.pid, 9)
-        out = proc.communicate(timeout=10)[0]
+        proc.kill()
+        out = proc.log()
     assert "pw@" not in out
 
 
-@pytest.mark.parametrize("body, expect", [
-    ("x = (1,\n", r"SyntaxError.*broken\.py, line 1"),
-    ("from wakaq import WakaQ\n\napp = WakaQ(url=URL_UNDEFINED)\n",
-     r"NameError.*URL_UNDEFINED.*broken\.py, line 3"),
-])
+@pytest.mark.parametrize(
+    "body, expect",
+    [
+        ("x = (1,\n", r"SyntaxError.*broken\.py, line 1"),
+        (
+            "from wakaq import WakaQ\n\napp = WakaQ(url=URL_UNDEFINED)\n",
+            r"NameError.*URL_UNDEFINED.*broken\.py, line 3",
+        ),
+    ],
+)
 def test_app_code_errors_name_the_file_and_line(tmp_path, body, expect):
     write(str(tmp_path), "broken.py", body)
-    out = ops_cli("info", "broken:app", cwd=str(tmp_path))
+    out = cli("info", "broken:app", cwd=str(tmp_path))
     assert out.returncode == 2 and re.search(expect, one_line(out)), out.stderr
 
 
@@ -334,9 +412,14 @@ def test_an_app_built_by_another_copy_of_wakaq_says_so(tmp_path):
     for init in ("myapp/__init__.py", "myapp/vendor/__init__.py"):
         write(folder, init, "")
     write(folder, "myapp/tasks.py", "from myapp.vendor.wakaq import WakaQ\nwakaq = WakaQ()\n")
-    out = subprocess.run([sys.executable, "myapp/vendor/wakaq.py", "info", "myapp.tasks:wakaq"],
-                         cwd=folder, capture_output=True, text=True, timeout=30,
-                         env={**ENV, "PYTHONPATH": HERE})
+    out = subprocess.run(
+        [sys.executable, "myapp/vendor/wakaq.py", "info", "myapp.tasks:wakaq"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**ENV, "PYTHONPATH": HERE},
+    )
     line = one_line(out)
     assert out.returncode == 2 and "another copy of wakaq" in line, line
     assert "python -m myapp.vendor.wakaq" in line
@@ -345,15 +428,19 @@ def test_an_app_built_by_another_copy_of_wakaq_says_so(tmp_path):
 @slow
 def test_the_logger_survives_dictconfig_at_app_import(r, spawn):
     # this module called logging.config.dictConfig at import (see the top)
-    worker = spawn("worker", "test_ops:app")
+    worker = spawn("worker", "tests.test_ops:app")
     fails.delay()
-    wait_for(lambda: "RuntimeError: the app's own error" in worker.log(),
-             "the task's traceback in the worker's log", diag=worker.log)
+    wait_for(
+        lambda: "RuntimeError: the app's own error" in worker.log(),
+        "the task's traceback in the worker's log",
+        diag=worker.log,
+    )
     log = worker.log()
     assert "started" in log and "Traceback" in log
 
 
 # ===================================================================== settings
+
 
 def test_settings_that_used_to_be_accepted_now_raise_naming_the_value():
     with pytest.raises(ValueError, match=r"'jobs\\n'"):
@@ -374,20 +461,26 @@ def test_settings_that_used_to_be_accepted_now_raise_naming_the_value():
 
 @slow
 def test_a_worker_whose_default_queue_is_excluded_warns_at_start(r, spawn):
-    worker = spawn("worker", "test_ops:excluding")
-    wait_for(lambda: "default queue 'default' is excluded" in worker.log(), "the warning",
-             diag=worker.log)
+    worker = spawn("worker", "tests.test_ops:excluding")
+    wait_for(
+        lambda: "default queue 'default' is excluded" in worker.log(),
+        "the warning",
+        diag=worker.log,
+    )
 
 
 # ===================================================================== README and examples
+
 
 def readme_blocks():
     """(line, needs, code) of every ```python block in README.md; `<!-- test: needs MOD -->`
     on the line before a block names a module it needs (the block is skipped without it)."""
     with open(os.path.join(HERE, "README.md")) as f:
         text = f.read()
-    return [(text[:m.start()].count("\n") + 2, m[1], m[2]) for m in re.finditer(
-        r"(?:<!-- test: needs (\w+) -->\n)?```python\n(.*?)```", text, re.S)]
+    return [
+        (text[: m.start()].count("\n") + 2, m[1], m[2])
+        for m in re.finditer(r"(?:<!-- test: needs (\w+) -->\n)?```python\n(.*?)```", text, re.S)
+    ]
 
 
 RUN_BLOCKS = """
@@ -406,54 +499,37 @@ print("ran", len(sys.argv))
 
 
 def test_every_python_block_in_the_readme_runs(r, tmp_path):
-    blocks = [(line, needs, code.replace("redis://localhost:6379/0", URL))
-              for line, needs, code in readme_blocks()]
+    blocks = [
+        (line, needs, code.replace("redis://localhost:6379/0", URL))
+        for line, needs, code in readme_blocks()
+    ]
     assert len(blocks) >= 8
     path = write(str(tmp_path), "blocks.json", json.dumps(blocks))
     write(str(tmp_path), "run_blocks.py", RUN_BLOCKS)
-    out = subprocess.run([sys.executable, "run_blocks.py", path], cwd=str(tmp_path), text=True,
-                         capture_output=True, timeout=60, env={**ENV, "PYTHONPATH": HERE})
+    out = subprocess.run(
+        [sys.executable, "run_blocks.py", path],
+        cwd=str(tmp_path),
+        text=True,
+        capture_output=True,
+        timeout=60,
+        env={**ENV, "PYTHONPATH": HERE},
+    )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert r.llen("{wakaq}:q:default") >= 3        # the Tasks block's .delay() calls
+    assert r.llen("{wakaq}:q:default") >= 3  # the Tasks block's .delay() calls
 
 
-class Worker:
-    """`python wakaq.py worker SPEC` from `cwd`, its output in a file; stop() by its pid."""
-
-    def __init__(self, spec, cwd, env):
-        fd, self.path = tempfile.mkstemp(prefix="wakaq-ops-", suffix=".log")
-        with os.fdopen(fd, "w") as out:
-            self.popen = subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "wakaq.py"), "worker", spec], cwd=cwd,
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True)
-
-    def log(self):
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                self.text = f.read()
-        return self.text
-
-    def stop(self):
-        os.killpg(self.popen.pid, 15)
-        try:
-            assert self.popen.wait(20) == 0
-        finally:
-            if self.popen.poll() is None:
-                os.killpg(self.popen.pid, 9)
-            self.log()
-            os.remove(self.path)
-
-
-def run_with_worker(spec, cwd, setup, until, what):
-    """Start a worker on spec, run the `setup` code in another process, wait for until(log)."""
+def run_with_worker(spec, cwd, setup, until, what, folder):
+    """Start a worker on spec from `cwd`, run the `setup` code in another process, wait for
+    until(log); the worker then stops on SIGTERM with exit code 0. Returns its log."""
     env = {**ENV, "PYTHONPATH": HERE, "WAKAQ_URL": URL}
-    worker = Worker(spec, cwd, env)
+    worker = Proc(["worker", spec], folder, env, cwd=cwd)
     try:
         subprocess.run([sys.executable, "-c", setup], cwd=cwd, env=env, check=True, timeout=60)
         wait_for(lambda: until(worker.log()), what, 30, diag=worker.log)
+        worker.signal_group(signal.SIGTERM)
+        assert worker.wait_exit(20) == 0, worker.log()
     finally:
-        worker.stop()
+        worker.kill()
     return worker.log()
 
 
@@ -461,29 +537,57 @@ def run_with_worker(spec, cwd, setup, until, what):
 def test_the_readme_app_runs_a_plain_task(r, tmp_path):
     line, _, code = readme_blocks()[0]
     assert "wakaq = WakaQ(" in code
-    write(str(tmp_path), "readme_app.py", code.replace("redis://localhost:6379/0", URL)
-          + "\n@wakaq.task\ndef plain():\n    print('plain task ran')\n")
-    log = run_with_worker("readme_app:wakaq", str(tmp_path), "from readme_app import plain; "
-                          "plain.delay()", lambda log: "plain task ran" in log, "the task")
+    write(
+        str(tmp_path),
+        "readme_app.py",
+        code.replace("redis://localhost:6379/0", URL)
+        + "\n@wakaq.task\ndef plain():\n    print('plain task ran')\n",
+    )
+    log = run_with_worker(
+        "readme_app:wakaq",
+        str(tmp_path),
+        "from readme_app import plain; plain.delay()",
+        lambda log: "plain task ran" in log,
+        "the task",
+        str(tmp_path),
+    )
     assert "excluded" not in log
 
 
 @slow
-def test_the_example_app_runs_a_plain_task_and_retries_from_task_code(r):
-    log = run_with_worker("examples.tasks:wakaq", HERE, "from examples.tasks import charge, "
-                          "heartbeat; heartbeat.delay(); charge.delay(7)",
-                          lambda log: "charged order 7 after 2 retries" in log, "charge()")
+def test_the_example_app_runs_a_plain_task_and_retries_from_task_code(r, tmp_path):
+    log = run_with_worker(
+        "examples.tasks:wakaq",
+        HERE,
+        "from examples.tasks import charge, heartbeat; heartbeat.delay(); charge.delay(7)",
+        lambda log: "charged order 7 after 2 retries" in log,
+        "charge()",
+        str(tmp_path),
+    )
     assert "still alive, attempt 1" in log and "excluded" not in log
 
 
 @slow
-@pytest.mark.parametrize("module, setup, expect", [
-    ("flask", "from examples.flask_app import flask_app; "
-              "print(flask_app.test_client().post('/greet/bob').json)", "hello bob"),
-    ("django", "from examples.django_app import count_tables; count_tables.delay()", "tables:"),
-])
-def test_the_flask_and_django_examples_run_their_tasks(r, module, setup, expect):
+@pytest.mark.parametrize(
+    "module, setup, expect",
+    [
+        (
+            "flask",
+            "from examples.flask_app import flask_app; "
+            "print(flask_app.test_client().post('/greet/bob').json)",
+            "hello bob",
+        ),
+        ("django", "from examples.django_app import count_tables; count_tables.delay()", "tables:"),
+    ],
+)
+def test_the_flask_and_django_examples_run_their_tasks(r, tmp_path, module, setup, expect):
     pytest.importorskip(module)
-    log = run_with_worker(f"examples.{module}_app:wakaq", HERE, setup,
-                          lambda log: expect in log, expect)
+    log = run_with_worker(
+        f"examples.{module}_app:wakaq",
+        HERE,
+        setup,
+        lambda log: expect in log,
+        expect,
+        str(tmp_path),
+    )
     assert "Traceback" not in log and "started" in log, log

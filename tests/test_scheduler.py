@@ -1,6 +1,6 @@
-"""Scheduler tests (issue 9): real `python wakaq.py scheduler` processes and real redis-servers.
+"""The scheduler: real `python wakaq.py scheduler` processes and real redis-servers.
 
-    python -m pytest -q test_scheduler.py
+    python -m pytest -q tests/test_scheduler.py
 
 The restart tests run on the session's private Redis, in real time. The time-zone nights
 run a second redis-server under libfaketime, its clock started on the night and running
@@ -8,6 +8,7 @@ run a second redis-server under libfaketime, its clock started on the night and 
 keeps its real clock, which also shows that its host's clock does not matter. Pure tests
 of _due at the top need no Redis.
 """
+
 import glob
 import json
 import os
@@ -22,9 +23,8 @@ import pytest
 import redis
 
 import wakaq
+from conftest import ENV, REDIS_SERVER, URL, RedisServer, _free_port, cli, slow, wait_for
 from wakaq import CronTask, WakaQ
-from test_wakaq import (REDIS_SERVER, URL, ENV, RedisServer, _free_port, cli, r,  # noqa: F401
-                        redis_server, slow, spawn, wait_for)
 
 BERLIN, UTC = ZoneInfo("Europe/Berlin"), ZoneInfo("UTC")
 QUEUE = "{wakaq}:q:default"
@@ -39,8 +39,11 @@ every10 = WakaQ(url=URL, schedules=[CronTask("* * * * * */10", "every10")])
 every10.task(_noop, name="every10")
 nothing = WakaQ(url=URL)
 # The night's Redis is a second server: its URL reaches the scheduler in its environment.
-night = WakaQ(url=os.environ.get("WAKAQ_TEST_NIGHT_URL", URL), timezone="Europe/Berlin",
-              schedules=[CronTask("30 2 * * *", "daily"), CronTask("0 * * * *", "hourly")])
+night = WakaQ(
+    url=os.environ.get("WAKAQ_TEST_NIGHT_URL", URL),
+    timezone="Europe/Berlin",
+    schedules=[CronTask("30 2 * * *", "daily"), CronTask("0 * * * *", "hourly")],
+)
 night.task(_noop, name="daily")
 night.task(_noop, name="hourly")
 
@@ -72,11 +75,14 @@ def enqueued(*procs):
 
 # ===================================================================== _due, no Redis
 
+
 def test_due_fires_a_missed_schedule_once_for_its_latest_tick():
     every5 = CronTask("*/5 * * * *", "x")
     last = at("2026-01-05 10:00")
-    assert wakaq._due(every5, BERLIN, last, at("2026-01-05 10:17")) == \
-        (at("2026-01-05 10:15"), at("2026-01-05 10:20"))
+    assert wakaq._due(every5, BERLIN, last, at("2026-01-05 10:17")) == (
+        at("2026-01-05 10:15"),
+        at("2026-01-05 10:20"),
+    )
     assert wakaq._due(every5, BERLIN, last, at("2026-01-05 10:04:59"))[0] is None
     assert wakaq._due(every5, BERLIN, last, at("2026-01-05 10:05"))[0] == at("2026-01-05 10:05")
 
@@ -90,7 +96,10 @@ def test_due_skips_a_tick_over_thirty_minutes_old():
 
 def test_due_reads_the_sixth_field_as_seconds():
     assert fires("* * * * * */10", "2026-01-05 10:00:00", "2026-01-05 10:00:35", step=1) == [
-        "2026-01-05T10:00:10+01:00", "2026-01-05T10:00:20+01:00", "2026-01-05T10:00:30+01:00"]
+        "2026-01-05T10:00:10+01:00",
+        "2026-01-05T10:00:20+01:00",
+        "2026-01-05T10:00:30+01:00",
+    ]
     # "*/10 * * * * *" is every second of every tenth minute, not every 10 s
     assert len(fires("*/10 * * * * *", "2026-01-05 10:00:00", "2026-01-05 10:00:05", 1)) == 5
 
@@ -99,27 +108,40 @@ def test_due_follows_cron_when_the_clocks_go_back():
     night = ("2026-10-25 00:00+02:00", "2026-10-25 04:00+01:00")
     assert fires("30 2 * * *", *night) == ["2026-10-25T02:30:00+02:00"]
     assert fires("0 * * * *", *night) == [
-        "2026-10-25T01:00:00+02:00", "2026-10-25T02:00:00+02:00", "2026-10-25T02:00:00+01:00",
-        "2026-10-25T03:00:00+01:00", "2026-10-25T04:00:00+01:00"]
+        "2026-10-25T01:00:00+02:00",
+        "2026-10-25T02:00:00+02:00",
+        "2026-10-25T02:00:00+01:00",
+        "2026-10-25T03:00:00+01:00",
+        "2026-10-25T04:00:00+01:00",
+    ]
     assert fires("*/30 2 * * *", *night) == [
-        "2026-10-25T02:00:00+02:00", "2026-10-25T02:30:00+02:00"]
+        "2026-10-25T02:00:00+02:00",
+        "2026-10-25T02:30:00+02:00",
+    ]
 
 
 def test_due_follows_cron_when_the_clocks_go_forward():
     night = ("2026-03-29 00:00", "2026-03-29 05:00")
-    assert fires("30 2 * * *", *night) == ["2026-03-29T03:00:00+02:00"]      # just after the gap
+    assert fires("30 2 * * *", *night) == ["2026-03-29T03:00:00+02:00"]  # just after the gap
     assert fires("0 * * * *", *night) == [
-        "2026-03-29T01:00:00+01:00", "2026-03-29T03:00:00+02:00", "2026-03-29T04:00:00+02:00",
-        "2026-03-29T05:00:00+02:00"]
+        "2026-03-29T01:00:00+01:00",
+        "2026-03-29T03:00:00+02:00",
+        "2026-03-29T04:00:00+02:00",
+        "2026-03-29T05:00:00+02:00",
+    ]
     # an hour step: 02:15 does not exist and is no tick (croniter alone would add 03:00)
     assert fires("15 */2 * * *", *night) == [
-        "2026-03-29T00:15:00+01:00", "2026-03-29T04:15:00+02:00"]
-    ny = ZoneInfo("America/New_York")                  # 09:00 local: 13:00 UTC after the change
-    assert wakaq._due(CronTask("0 9 * * *", "x"), ny, at("2024-03-09 09:30", ny),
-                      at("2024-03-10 09:00:01", ny))[0] == at("2024-03-10 13:00+00:00")
+        "2026-03-29T00:15:00+01:00",
+        "2026-03-29T04:15:00+02:00",
+    ]
+    ny = ZoneInfo("America/New_York")  # 09:00 local: 13:00 UTC after the change
+    assert wakaq._due(
+        CronTask("0 9 * * *", "x"), ny, at("2024-03-09 09:30", ny), at("2024-03-10 09:00:01", ny)
+    )[0] == at("2024-03-10 13:00+00:00")
 
 
 # ===================================================================== processes
+
 
 def redis_now(client):
     sec, usec = client.time()
@@ -129,7 +151,7 @@ def redis_now(client):
 @slow
 @pytest.mark.parametrize("schedulers", [1, 2])
 def test_a_tick_missed_across_a_restart_is_enqueued_once(r, spawn, schedulers):
-    first = [spawn("scheduler", "test_scheduler:every10") for _ in range(schedulers)]
+    first = [spawn("scheduler", "tests.test_scheduler:every10") for _ in range(schedulers)]
     wait_for(lambda: r.keys("{wakaq}:cron:*"), "the schedule's record in Redis", diag=spawn.tails)
     wait_for(lambda: 6.8 <= redis_now(r) % 10 < 7.2, "3 s before a tick", 12, interval=0.01)
     for p in first:
@@ -140,24 +162,27 @@ def test_a_tick_missed_across_a_restart_is_enqueued_once(r, spawn, schedulers):
     assert missed - redis_now(r) > 2, "the schedulers took too long to stop"
     before = r.llen(QUEUE)
     wait_for(lambda: redis_now(r) >= missed + 3, "3 s after the tick", 10)
-    second = [spawn("scheduler", "test_scheduler:every10") for _ in range(schedulers)]
+    second = [spawn("scheduler", "tests.test_scheduler:every10") for _ in range(schedulers)]
     wait_for(lambda: r.llen(QUEUE) > before, "the missed tick", diag=spawn.tails)
-    missed_iso, next_iso = (datetime.fromtimestamp(t, UTC).isoformat()
-                            for t in (missed, missed + 10))
-    wait_for(lambda: next_iso in [t for _, t in enqueued(*second)], "the next tick", 15,
-             diag=spawn.tails)
+    missed_iso, next_iso = (
+        datetime.fromtimestamp(t, UTC).isoformat() for t in (missed, missed + 10)
+    )
+    wait_for(
+        lambda: next_iso in [t for _, t in enqueued(*second)], "the next tick", 15, diag=spawn.tails
+    )
     ticks = [t for _, t in enqueued(*first, *second)]
-    assert ticks.count(missed_iso) == 1 and missed_iso in [t for _, t in enqueued(*second)], \
+    assert ticks.count(missed_iso) == 1 and missed_iso in [t for _, t in enqueued(*second)], (
         spawn.tails()
-    assert len(ticks) == len(set(ticks)) == r.llen(QUEUE)            # one payload per tick
+    )
+    assert len(ticks) == len(set(ticks)) == r.llen(QUEUE)  # one payload per tick
     stamps = sorted(datetime.fromisoformat(t).timestamp() for t in ticks)
-    assert all(b - a == 10 for a, b in zip(stamps, stamps[1:]))      # none lost, none twice
+    assert all(b - a == 10 for a, b in zip(stamps, stamps[1:]))  # none lost, none twice
     assert r.zscore("{wakaq}:ready", "default") == 0 and r.llen("{wakaq}:wake:default") > 0
 
 
 @slow
 def test_scheduler_stops_within_half_a_second_of_sigterm_and_logs_it(r, spawn):
-    s = spawn("scheduler", "test_scheduler:every10")
+    s = spawn("scheduler", "tests.test_scheduler:every10")
     wait_for(lambda: "scheduler started" in s.log(), "the scheduler to start", diag=spawn.tails)
     started = time.monotonic()
     os.kill(s.pid, signal.SIGTERM)
@@ -167,12 +192,13 @@ def test_scheduler_stops_within_half_a_second_of_sigterm_and_logs_it(r, spawn):
 
 
 def test_scheduler_with_no_schedules_says_so_and_exits():
-    out = cli("scheduler", "test_scheduler:nothing", timeout=10)
+    out = cli("scheduler", "tests.test_scheduler:nothing", timeout=10)
     assert out.returncode == 0, out.stderr
     assert "no schedules" in out.stderr
 
 
 # ===================================================================== time-zone nights
+
 
 class FakedRedis(RedisServer):
     """A redis-server whose clock (TIME) starts at `start` (UTC) and runs `rate` times as fast,
@@ -182,26 +208,42 @@ class FakedRedis(RedisServer):
 
     def __init__(self, folder, start, rate):
         super().__init__(_free_port(), folder)
-        self.env = dict(TZ="UTC", LD_PRELOAD=f"{LIBFAKETIME}:libc.so.6",
-                        FAKETIME=f"@{start} x{rate}", FAKETIME_DONT_FAKE_MONOTONIC="1")
+        self.env = dict(
+            TZ="UTC",
+            LD_PRELOAD=f"{LIBFAKETIME}:libc.so.6",
+            FAKETIME=f"@{start} x{rate}",
+            FAKETIME_DONT_FAKE_MONOTONIC="1",
+        )
 
     def start(self):
-        with mock.patch.dict(os.environ, self.env):     # the server's environment only
+        with mock.patch.dict(os.environ, self.env):  # the server's environment only
             super().start()
 
 
-NIGHTS = {   # first, the fake clock's start (UTC), its end, and what is enqueued in Berlin
-    "clocks go back": ("2026-10-24 23:40:00", "2026-10-25T02:20:00+00:00", [
-        ("hourly", "2026-10-25T02:00:00+02:00"), ("daily", "2026-10-25T02:30:00+02:00"),
-        ("hourly", "2026-10-25T02:00:00+01:00"), ("hourly", "2026-10-25T03:00:00+01:00")]),
-    "clocks go forward": ("2026-03-29 00:30:00", "2026-03-29T01:20:00+00:00", [
-        ("daily", "2026-03-29T03:00:00+02:00"), ("hourly", "2026-03-29T03:00:00+02:00")]),
+NIGHTS = {  # first, the fake clock's start (UTC), its end, and what is enqueued in Berlin
+    "clocks go back": (
+        "2026-10-24 23:40:00",
+        "2026-10-25T02:20:00+00:00",
+        [
+            ("hourly", "2026-10-25T02:00:00+02:00"),
+            ("daily", "2026-10-25T02:30:00+02:00"),
+            ("hourly", "2026-10-25T02:00:00+01:00"),
+            ("hourly", "2026-10-25T03:00:00+01:00"),
+        ],
+    ),
+    "clocks go forward": (
+        "2026-03-29 00:30:00",
+        "2026-03-29T01:20:00+00:00",
+        [("daily", "2026-03-29T03:00:00+02:00"), ("hourly", "2026-03-29T03:00:00+02:00")],
+    ),
 }
 
 
 @slow
-@pytest.mark.skipif(not (REDIS_SERVER and (LIBFAKETIME or os.environ.get("CI"))),
-                    reason="needs redis-server and libfaketime (Debian package faketime)")
+@pytest.mark.skipif(
+    not (REDIS_SERVER and (LIBFAKETIME or os.environ.get("CI"))),
+    reason="needs redis-server and libfaketime (Debian package faketime)",
+)
 @pytest.mark.parametrize("name", list(NIGHTS))
 def test_a_daylight_saving_night_enqueues_what_cron_would(tmp_path, spawn, name):
     assert LIBFAKETIME, "libfaketime is not installed (Debian package faketime)"
@@ -211,7 +253,7 @@ def test_a_daylight_saving_night_enqueues_what_cron_would(tmp_path, spawn, name)
     client = redis.Redis(port=server.port)
     try:
         with mock.patch.dict(ENV, WAKAQ_TEST_NIGHT_URL=f"redis://127.0.0.1:{server.port}/0"):
-            s = spawn("scheduler", "test_scheduler:night")
+            s = spawn("scheduler", "tests.test_scheduler:night")
         wait_for(lambda: "scheduler started" in s.log(), "the scheduler to start", diag=spawn.tails)
         first = datetime.fromisoformat(expected[0][1]).timestamp()
         assert redis_now(client) < first, "the scheduler started after the night's first tick"

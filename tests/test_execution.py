@@ -1,14 +1,15 @@
-"""Issue 8, task execution: soft timeouts that always land in the task's own code, async
-tasks on one lasting event loop per child with async_concurrency, async hooks and
-wrappers, and eager mode that matches a worker.
+"""Task execution: soft timeouts that always land in the task's own code, async tasks on one
+lasting event loop per child with async_concurrency, async hooks and wrappers, and eager
+mode that matches a worker.
 
-    python -m pytest -q test_execution.py
+    python -m pytest -q tests/test_execution.py
 
-Uses test_wakaq's harness (a private redis-server, real `python wakaq.py worker`
-processes). Each group of cases has its own module-level app with its own `prefix=`
-(texec1 ... texec5), so the apps never see each other's keys. Tasks record what they
-saw in `test:*` lists through test_wakaq.rec().
+Real `python wakaq.py worker tests.test_execution:APP` processes against the session's
+private server (conftest.py). Each group of cases has its own module-level app with its own
+`prefix=` (texec1 ... texec5), so the apps never see each other's keys. Tasks record what
+they saw in `test:*` lists through conftest.rec().
 """
+
 import asyncio
 import inspect
 import json
@@ -24,17 +25,13 @@ import redis
 import redis.asyncio
 
 from wakaq import Queue, SoftTimeout, WakaQ, current_task
-from test_wakaq import (PRIVATE, URL, children, cli, r, redis_server, rec, runs,  # noqa: F401
-                        slow, spawn, wait_for)
+from conftest import PRIVATE, URL, attempt, children, cli, rec, runs, slow, wait_for
 
 tlog = logging.getLogger("texec.task")
 
 
-def attempt():
-    return current_task()["attempt"]
-
-
 # ===================================================================== helpers
+
 
 def dead_of(r, the_app):
     return [json.loads(x) for x in r.lrange(the_app._k("dead"), 0, -1)]
@@ -57,12 +54,20 @@ def running_payloads(r, the_app):
 
 def ready(r, proc, the_app, timeout=20):
     """Wait until the worker heartbeats under the app's prefix and has forked every child."""
+
     def up():
         ids = [w.decode() for w in r.zrange(the_app._k("workers"), 0, -1)]
-        return any(w.rsplit(".", 2)[1] == str(proc.pid) for w in ids) and \
-            len(children(proc.pid)) == the_app.concurrency
-    wait_for(up, f"worker {proc.pid} to heartbeat and fork {the_app.concurrency} child(ren)",
-             timeout, diag=lambda: proc.log()[-3000:])
+        return (
+            any(w.rsplit(".", 2)[1] == str(proc.pid) for w in ids)
+            and len(children(proc.pid)) == the_app.concurrency
+        )
+
+    wait_for(
+        up,
+        f"worker {proc.pid} to heartbeat and fork {the_app.concurrency} child(ren)",
+        timeout,
+        diag=lambda: proc.log()[-3000:],
+    )
 
 
 def _cmdline(pid):
@@ -95,8 +100,8 @@ def workers(spawn, r):
 
 # ===================================================================== apps and tasks
 
-# --- case 1: alarms landing anywhere -----------------------------------------------
-RACY_RETRIES = 2           # every task ends: raised, or dead-lettered after 3 soft timeouts
+# --- soft timeouts landing anywhere ------------------------------------------------
+RACY_RETRIES = 2  # every task ends: raised, or dead-lettered after 3 soft timeouts
 soft_app = WakaQ(url=URL, prefix="texec1", concurrency=2, hard_timeout=5)
 
 
@@ -135,9 +140,9 @@ def log_storm(myid):
     rec("storm", myid, "finished", round(time.monotonic() - started, 3))
 
 
-# --- cases 4 and 5: async tasks --------------------------------------------------
+# --- async tasks -------------------------------------------------------------------
 async_app = WakaQ(url=URL, prefix="texec2", concurrency=1, async_concurrency=3, hard_timeout=10)
-_shared = None      # one lazily created redis.asyncio client per process, as apps do
+_shared = None  # one lazily created redis.asyncio client per process, as apps do
 
 
 def _shared_client():
@@ -191,7 +196,7 @@ async def nap_once(tag):
     rec("once_end", tag, attempt(), os.getpid())
 
 
-# --- case 6: async hooks and wrappers ---------------------------------------------
+# --- async hooks and wrappers ----------------------------------------------------
 hooks_app = WakaQ(url=URL, prefix="texec3", concurrency=1)
 
 
@@ -234,7 +239,7 @@ plainwrap_app = WakaQ(url=URL, prefix="texec4", concurrency=1)
 @plainwrap_app.wrap_tasks_with
 def _plain_wrapper(fn, args, kwargs):
     rec("h4", "wrap", args)
-    return fn(*args, **kwargs)          # a coroutine for an async task: wakaq awaits it
+    return fn(*args, **kwargs)  # a coroutine for an async task: wakaq awaits it
 
 
 @plainwrap_app.task
@@ -243,7 +248,7 @@ async def h4_async(x):
     rec("h4", "task", x)
 
 
-# --- case 7: eager mode ---------------------------------------------------------
+# --- eager mode ----------------------------------------------------------------
 eager_app = WakaQ(url=URL, prefix="texec5", eager=True)
 EAGER_SEEN = []
 
@@ -259,19 +264,32 @@ async def eager_async_probe(value):
     EAGER_SEEN.append((current_task(), value))
 
 
-# ===================================================================== case 2 (no Redis)
+# ===================================================================== settings, no Redis
+
 
 def _builders(bad):
     yield "WakaQ(soft_timeout)", "soft_timeout", lambda: WakaQ(url=URL, soft_timeout=bad)
     yield "WakaQ(hard_timeout)", "hard_timeout", lambda: WakaQ(url=URL, hard_timeout=bad)
-    yield "Queue(soft_timeout)", "soft_timeout", lambda: WakaQ(
-        queues=[Queue("q", soft_timeout=bad)], url=URL)
-    yield "Queue(hard_timeout)", "hard_timeout", lambda: WakaQ(
-        queues=[Queue("q", priority=0, hard_timeout=bad)], url=URL)
-    yield "task(soft_timeout)", "soft_timeout", lambda: WakaQ(url=URL).task(
-        lambda: None, name="t", soft_timeout=bad)
-    yield "task(hard_timeout)", "hard_timeout", lambda: WakaQ(url=URL).task(
-        lambda: None, name="t", hard_timeout=bad)
+    yield (
+        "Queue(soft_timeout)",
+        "soft_timeout",
+        lambda: WakaQ(queues=[Queue("q", soft_timeout=bad)], url=URL),
+    )
+    yield (
+        "Queue(hard_timeout)",
+        "hard_timeout",
+        lambda: WakaQ(queues=[Queue("q", priority=0, hard_timeout=bad)], url=URL),
+    )
+    yield (
+        "task(soft_timeout)",
+        "soft_timeout",
+        lambda: WakaQ(url=URL).task(lambda: None, name="t", soft_timeout=bad),
+    )
+    yield (
+        "task(hard_timeout)",
+        "hard_timeout",
+        lambda: WakaQ(url=URL).task(lambda: None, name="t", hard_timeout=bad),
+    )
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan"), float("-inf")], ids=repr)
@@ -291,13 +309,18 @@ def test_non_finite_timeouts_raise_value_error_naming_the_value(bad):
 
 
 def test_finite_timeouts_are_still_accepted():
-    a = WakaQ(url=URL, soft_timeout=1e9, hard_timeout=2e9,
-              queues=[Queue("q", soft_timeout=0.02, hard_timeout=0.5)])
+    a = WakaQ(
+        url=URL,
+        soft_timeout=1e9,
+        hard_timeout=2e9,
+        queues=[Queue("q", soft_timeout=0.02, hard_timeout=0.5)],
+    )
     a.task(lambda: None, name="t", soft_timeout=0.5, hard_timeout=1)
     assert math.isfinite(a.soft_timeout) and math.isfinite(a.hard_timeout)
 
 
-# ===================================================================== case 7 (no Redis)
+# ===================================================================== eager mode, no Redis
+
 
 def test_eager_current_task_matches_a_worker_and_broadcast_round_trips_like_delay():
     EAGER_SEEN.clear()
@@ -305,7 +328,7 @@ def test_eager_current_task_matches_a_worker_and_broadcast_round_trips_like_dela
     task_id = eager_probe.delay((1, (2, 3)))
     [(cur, value)] = EAGER_SEEN
     assert cur == {"id": task_id, "name": "eager_probe", "queue": "default", "attempt": 1}
-    assert value == [1, [2, 3]] and type(value) is list           # a tuple arrives as a list
+    assert value == [1, [2, 3]] and type(value) is list  # a tuple arrives as a list
     EAGER_SEEN.clear()
     assert eager_probe.broadcast((4, 5)) == 1
     [(cur, value)] = EAGER_SEEN
@@ -318,9 +341,9 @@ def test_eager_current_task_matches_a_worker_and_broadcast_round_trips_like_dela
     [(cur, value)] = EAGER_SEEN
     assert (cur["name"], cur["attempt"]) == ("eager_async_probe", 1)
     assert value == {"s": [6]}
-    assert current_task() is None                                  # reset after the task
+    assert current_task() is None  # reset after the task
     with pytest.raises(TypeError):
-        eager_probe.broadcast(object())                            # the serializer ran
+        eager_probe.broadcast(object())  # the serializer ran
 
 
 def test_async_concurrency_accepts_ints_and_cores_expressions_and_names_bad_ones():
@@ -331,20 +354,52 @@ def test_async_concurrency_accepts_ints_and_cores_expressions_and_names_bad_ones
         WakaQ(url=URL, async_concurrency="cores ** 2")
 
 
-# ===================================================================== case 1
+# ===================================================================== soft timeouts
+
+
+def _racy_problems(myid, ids_raised, ids_dead, started, soft):
+    """What is wrong with the outcome of racy task `myid`: it ended once (raised at one
+    attempt, or dead-lettered after its last), attempts started once each up to the final
+    one, and SoftTimeout was seen only in attempts that timed out."""
+    if len(ids_raised) + len(ids_dead) != 1:
+        return [
+            f"{myid}: raised at attempts {ids_raised}, dead-lettered "
+            f"{[(e['attempts'], e['reason']) for e in ids_dead]}"
+        ]
+    problems = []
+    s = sorted(started)
+    last = ids_raised[0] if ids_raised else RACY_RETRIES + 1
+    if ids_dead and ids_dead[0]["attempts"] != last:
+        problems.append(f"{myid}: dead after {ids_dead[0]['attempts']} attempts")
+    if (
+        len(s) != len(set(s))
+        or not set(s) <= set(range(1, last + 1))
+        or (ids_raised and last not in s)
+    ):
+        problems.append(f"{myid}: attempts started {s}, final outcome at attempt {last}")
+    failed = set(range(1, last)) if ids_raised else set(range(1, last + 1))
+    if not set(soft.get(myid, [])) <= failed:
+        problems.append(
+            f"{myid}: SoftTimeout seen in attempts {soft[myid]}, "
+            f"but only {sorted(failed)} timed out"
+        )
+    return problems
+
 
 @slow
-def test_300_soft_timeouts_landing_anywhere_never_crash_a_child_and_each_task_ends_once(
-        r, workers):
+def test_300_soft_timeouts_landing_anywhere_never_crash_a_child_and_each_task_ends_once(r, workers):
     n = 300
-    w = workers("worker", "test_execution:soft_app")
+    w = workers("worker", "tests.test_execution:soft_app")
     ready(r, w, soft_app)
-    for i in range(n):      # sleeps from 18.0 to 20.5 ms around the 20 ms soft timeout
+    for i in range(n):  # sleeps from 18.0 to 20.5 ms around the 20 ms soft timeout
         racy.delay(i, 18000 + (i * 37 % 26) * 100, i % 3 == 0)
     # the end of the traceback of a ValueError that left the task (not one that a later
     # exception was chained to)
-    final_line = re.compile(r"^ValueError: racy-(\d+)-a(\d+)$"
-                            r"(?!\n+(?:During handling|The above exception))", re.M)
+    final_line = re.compile(
+        r"^ValueError: racy-(\d+)-a(\d+)$"
+        r"(?!\n+(?:During handling|The above exception))",
+        re.M,
+    )
 
     def outcomes():
         log = w.log()
@@ -352,7 +407,7 @@ def test_300_soft_timeouts_landing_anywhere_never_crash_a_child_and_each_task_en
         for myid, att in final_line.findall(log):
             raised.setdefault(int(myid), []).append(int(att))
         dead = {}
-        for e in dead_of(r, soft_app):   # a raised task is a dead letter too: count it once
+        for e in dead_of(r, soft_app):  # a raised task is a dead letter too: count it once
             msg = json.loads(e["payload"])
             if not e["reason"].startswith("raised ValueError: racy-"):
                 dead.setdefault(msg["args"][0], []).append(e)
@@ -360,15 +415,23 @@ def test_300_soft_timeouts_landing_anywhere_never_crash_a_child_and_each_task_en
 
     def all_ended():
         _, raised, dead = outcomes()
-        return len(set(raised) | set(dead)) >= n and not running_payloads(r, soft_app) \
+        return (
+            len(set(raised) | set(dead)) >= n
+            and not running_payloads(r, soft_app)
             and r.llen(soft_app._k("q", "default")) == 0
+        )
 
-    wait_for(all_ended, f"all {n} tasks to reach a final outcome", 60,
-             interval=0.2, diag=lambda: w.log()[-3000:])
-    time.sleep(0.3)               # anything that would still (wrongly) happen, happens now
+    wait_for(
+        all_ended,
+        f"all {n} tasks to reach a final outcome",
+        60,
+        interval=0.2,
+        diag=lambda: w.log()[-3000:],
+    )
+    time.sleep(0.3)  # anything that would still (wrongly) happen, happens now
     log, raised, dead = outcomes()
     assert "--- Logging error ---" not in log
-    assert "crashed" not in log, log[log.index("crashed") - 2000:][:4000]
+    assert "crashed" not in log, log[log.index("crashed") - 2000 :][:4000]
     reasons = [e["reason"] for entries in dead.values() for e in entries]
     assert set(reasons) <= {"soft timeout"}, f"dead letters: {sorted(set(reasons))}"
     starts = runs(r, "racy_start")
@@ -381,24 +444,13 @@ def test_300_soft_timeouts_landing_anywhere_never_crash_a_child_and_each_task_en
         started.setdefault(myid, []).append(att)
     for myid, att in runs(r, "racy_soft"):
         soft.setdefault(myid, []).append(att)
-    problems = []
-    for myid in range(n):
-        ids_raised, ids_dead = raised.get(myid, []), dead.get(myid, [])
-        s = sorted(started.get(myid, []))
-        if len(ids_raised) + len(ids_dead) != 1:
-            problems.append(f"{myid}: raised at attempts {ids_raised}, dead-lettered "
-                            f"{[(e['attempts'], e['reason']) for e in ids_dead]}")
-            continue
-        last = ids_raised[0] if ids_raised else RACY_RETRIES + 1
-        if ids_dead and ids_dead[0]["attempts"] != last:
-            problems.append(f"{myid}: dead after {ids_dead[0]['attempts']} attempts")
-        if len(s) != len(set(s)) or not set(s) <= set(range(1, last + 1)) or \
-                (ids_raised and last not in s):
-            problems.append(f"{myid}: attempts started {s}, final outcome at attempt {last}")
-        failed = set(range(1, last)) if ids_raised else set(range(1, last + 1))
-        if not set(soft.get(myid, [])) <= failed:
-            problems.append(f"{myid}: SoftTimeout seen in attempts {soft[myid]}, "
-                            f"but only {sorted(failed)} timed out")
+    problems = [
+        problem
+        for myid in range(n)
+        for problem in _racy_problems(
+            myid, raised.get(myid, []), dead.get(myid, []), started.get(myid, []), soft
+        )
+    ]
     assert not problems, f"{len(problems)} tasks: " + "; ".join(problems[:20])
     # the race was really exercised: both outcomes and some retries happened
     assert raised and dead and any(len(v) > 1 for v in started.values())
@@ -406,11 +458,16 @@ def test_300_soft_timeouts_landing_anywhere_never_crash_a_child_and_each_task_en
 
 def _run_storms(r, workers):
     """Three log_storm tasks on soft_app; returns their [myid, outcome, seconds] and the log."""
-    w = workers("worker", "test_execution:soft_app")
+    w = workers("worker", "tests.test_execution:soft_app")
     for i in range(3):
         log_storm.delay(i)
-    wait_for(lambda: len(runs(r, "storm")) == 3, "three storms to end", 20, interval=0.1,
-             diag=lambda: f"{runs(r, 'storm')}\n{w.log()[-500:]}")
+    wait_for(
+        lambda: len(runs(r, "storm")) == 3,
+        "three storms to end",
+        20,
+        interval=0.1,
+        diag=lambda: f"{runs(r, 'storm')}\n{w.log()[-500:]}",
+    )
     wait_for(lambda: not running_payloads(r, soft_app), "the storms to leave in-flight", 5)
     time.sleep(0.2)
     assert w.alive()
@@ -420,10 +477,13 @@ def _run_storms(r, workers):
 @slow
 def test_a_task_logging_in_a_tight_loop_gets_soft_timeout_in_its_own_code(r, workers):
     outcomes, log = _run_storms(r, workers)
-    assert [(i, what) for i, what, _ in outcomes] == [(0, "soft"), (1, "soft"), (2, "soft")], \
+    assert [(i, what) for i, what, _ in outcomes] == [(0, "soft"), (1, "soft"), (2, "soft")], (
         f"SoftTimeout was swallowed: {outcomes}"
-    assert sorted((e["name"], e["reason"], e["attempts"]) for e in dead_of(r, soft_app)) == \
-        [("log_storm", "soft timeout", 1)] * 3
+    )
+    assert (
+        sorted((e["name"], e["reason"], e["attempts"]) for e in dead_of(r, soft_app))
+        == [("log_storm", "soft timeout", 1)] * 3
+    )
     assert "--- Logging error ---" not in log
     assert "crashed" not in log
     assert len({pid for _, pid in runs(r, "storm_start")}) <= soft_app.concurrency
@@ -439,17 +499,21 @@ def test_a_soft_timeout_held_back_by_logging_lands_as_soon_as_the_task_runs_agai
     assert not late, f"soft_timeout=0.1 reached the task only after (task, seconds) {late}"
 
 
-# ===================================================================== cases 4 and 5
+# ===================================================================== async tasks
+
 
 @slow
 def test_async_tasks_share_one_lazily_created_redis_asyncio_client(r, workers):
-    w = workers("worker", "test_execution:async_app")
+    w = workers("worker", "tests.test_execution:async_app")
     ready(r, w, async_app)
     for i in range(5):
         shared_client_task.delay(i)
-    wait_for(lambda: r.llen("test:texec:shared_writes") == 5 and len(runs(r, "shared")) == 5,
-             "five async tasks to write and record", 15,
-             diag=lambda: f"{runs(r, 'shared')}\n{w.log()[-1200:]}")
+    wait_for(
+        lambda: r.llen("test:texec:shared_writes") == 5 and len(runs(r, "shared")) == 5,
+        "five async tasks to write and record",
+        15,
+        diag=lambda: f"{runs(r, 'shared')}\n{w.log()[-1200:]}",
+    )
     time.sleep(0.1)
     got = runs(r, "shared")
     assert sorted(i for i, _, _ in got) == [0, 1, 2, 3, 4]
@@ -461,17 +525,22 @@ def test_async_tasks_share_one_lazily_created_redis_asyncio_client(r, workers):
 
 @slow
 def test_three_1s_async_tasks_run_at_once_in_one_child_each_in_flight(r, workers):
-    w = workers("worker", "test_execution:async_app")
+    w = workers("worker", "tests.test_execution:async_app")
     ready(r, w, async_app)
     t0 = time.time()
     for tag in ("a", "b", "c"):
         nap.delay(tag, 1.0)
-    names = wait_for(lambda: len(running_payloads(r, async_app)) == 3 and
-                     running_payloads(r, async_app), "all three in flight at once", 2.5,
-                     interval=0.01, diag=lambda: f"{runs(r, 'nap_start')}\n{w.log()[-2000:]}")
+    names = wait_for(
+        lambda: len(running_payloads(r, async_app)) == 3 and running_payloads(r, async_app),
+        "all three in flight at once",
+        2.5,
+        interval=0.01,
+        diag=lambda: f"{runs(r, 'nap_start')}\n{w.log()[-2000:]}",
+    )
     assert sorted(m["args"][0] for m in names) == ["a", "b", "c"]
-    wait_for(lambda: len(runs(r, "nap_end")) == 3, "three naps to end", 10,
-             diag=lambda: w.log()[-2000:])
+    wait_for(
+        lambda: len(runs(r, "nap_end")) == 3, "three naps to end", 10, diag=lambda: w.log()[-2000:]
+    )
     took = max(t for _, _, t in runs(r, "nap_end")) - t0
     assert took < 1.8, f"three 1 s async tasks took {took:.2f}s on one child"
     assert len({pid for _, pid, _ in runs(r, "nap_start")}) == 1
@@ -480,44 +549,58 @@ def test_three_1s_async_tasks_run_at_once_in_one_child_each_in_flight(r, workers
 
 @slow
 def test_each_concurrent_async_task_has_its_own_soft_timeout(r, workers):
-    w = workers("worker", "test_execution:async_app")
+    w = workers("worker", "tests.test_execution:async_app")
     ready(r, w, async_app)
     t0 = time.time()
     nap_soft.delay("slow")
     nap.delay("a", 1.0)
     nap.delay("b", 1.0)
-    wait_for(lambda: len(runs(r, "nap_end")) == 2 and dead_of(r, async_app),
-             "the two naps to end and the slow one to be dead-lettered", 10,
-             diag=lambda: f"{runs(r, 'nap_end')} {dead_of(r, async_app)}\n{w.log()[-2000:]}")
+    wait_for(
+        lambda: len(runs(r, "nap_end")) == 2 and dead_of(r, async_app),
+        "the two naps to end and the slow one to be dead-lettered",
+        10,
+        diag=lambda: f"{runs(r, 'nap_end')} {dead_of(r, async_app)}\n{w.log()[-2000:]}",
+    )
     time.sleep(0.2)
     [entry] = dead_of(r, async_app)
     assert (entry["name"], entry["reason"], entry["attempts"]) == ("nap_soft", "soft timeout", 1)
     ends = {tag: (pid, t) for tag, pid, t in runs(r, "nap_end")}
     starts = {tag: (pid, t) for tag, pid, t in runs(r, "nap_start")}
-    assert sorted(ends) == ["a", "b"]                      # the slow one never ended
-    assert len({pid for pid, _ in starts.values()}) == 1   # all three in one child
+    assert sorted(ends) == ["a", "b"]  # the slow one never ended
+    assert len({pid for pid, _ in starts.values()}) == 1  # all three in one child
     for tag in ("a", "b"):
         assert 0.95 <= ends[tag][1] - starts[tag][1] < 1.6, (tag, starts, ends)
-    assert max(t for _, t in ends.values()) - t0 < 2.5     # they ran side by side
+    assert max(t for _, t in ends.values()) - t0 < 2.5  # they ran side by side
     assert w.alive() and "crashed" not in w.log()
 
 
 @slow
-def test_a_hard_timeout_charges_only_the_late_async_task_the_others_go_back_unchanged(
-        r, workers):
-    w = workers("worker", "test_execution:async_app")
+def test_a_hard_timeout_charges_only_the_late_async_task_the_others_go_back_unchanged(r, workers):
+    w = workers("worker", "tests.test_execution:async_app")
     ready(r, w, async_app)
     nap_once.delay("a")
     nap_once.delay("b")
     nap_hard.delay()
-    wait_for(lambda: len(runs(r, "once_start")) == 2 and runs(r, "hard_start"),
-             "the three tasks to start", 5, diag=lambda: w.log()[-2000:])
+    wait_for(
+        lambda: len(runs(r, "once_start")) == 2 and runs(r, "hard_start"),
+        "the three tasks to start",
+        5,
+        diag=lambda: w.log()[-2000:],
+    )
     [first_child] = children(w.pid)
-    info = json.loads(cli("info", "test_execution:async_app", "--json").stdout)  # checked last
-    wait_for(lambda: len(dead_of(r, async_app)) == 1 and len(runs(r, "once_end")) == 2,
-             "nap_hard dead-lettered and a, b finished", 15, interval=0.05,
-             diag=lambda: f"{runs(r, 'once_start')} {runs(r, 'hard_start')} "
-                          f"{dead_of(r, async_app)}\n{w.log()[-2500:]}")
+    info = json.loads(
+        cli("info", "tests.test_execution:async_app", "--json").stdout
+    )  # checked last
+    wait_for(
+        lambda: len(dead_of(r, async_app)) == 1 and len(runs(r, "once_end")) == 2,
+        "nap_hard dead-lettered and a, b finished",
+        15,
+        interval=0.05,
+        diag=lambda: (
+            f"{runs(r, 'once_start')} {runs(r, 'hard_start')} "
+            f"{dead_of(r, async_app)}\n{w.log()[-2500:]}"
+        ),
+    )
     wait_for(lambda: not running_payloads(r, async_app), "nothing left in flight", 5)
     [entry] = dead_of(r, async_app)
     assert (entry["name"], entry["reason"], entry["attempts"]) == ("nap_hard", "hard timeout", 2)
@@ -527,29 +610,39 @@ def test_a_hard_timeout_charges_only_the_late_async_task_the_others_go_back_unch
     for tag in ("a", "b"):
         started = [(n, pid) for t, n, pid in runs(r, "once_start") if t == tag]
         ended = [(n, pid) for t, n, pid in runs(r, "once_end") if t == tag]
-        assert [n for n, _ in started] == [1, 1], f"{tag} started {started}"   # no retry used
+        assert [n for n, _ in started] == [1, 1], f"{tag} started {started}"  # no retry used
         assert started[0][1] == first_child and started[1][1] != first_child
         assert ended == [started[1]], f"{tag} ended {ended}"
     assert w.alive()
     assert info["inflight"] == 3, f"info --json while three tasks ran: {info}"
 
 
-# ===================================================================== case 6
+# ===================================================================== async hooks and wrappers
+
 
 @slow
-def test_async_hooks_and_wrappers_are_awaited_and_a_plain_wrapper_runs_an_async_task(
-        r, workers):
-    w3 = workers("worker", "test_execution:hooks_app")
-    w4 = workers("worker", "test_execution:plainwrap_app")
+def test_async_hooks_and_wrappers_are_awaited_and_a_plain_wrapper_runs_an_async_task(r, workers):
+    w3 = workers("worker", "tests.test_execution:hooks_app")
+    w4 = workers("worker", "tests.test_execution:plainwrap_app")
     h3_sync.delay(1)
     h3_async.delay(2)
     h4_async.delay(5)
-    wait_for(lambda: runs(r, "h3").count(["after"]) == 2 and len(runs(r, "h4")) == 2,
-             "both apps' tasks and hooks", 15,
-             diag=lambda: f"{runs(r, 'h3')} {runs(r, 'h4')}\n{w3.log()[-1500:]}\n"
-                          f"{w4.log()[-1500:]}")
-    assert runs(r, "h3") == [["before"], ["wrap", [1]], ["task", "sync", 1], ["after"],
-                             ["before"], ["wrap", [2]], ["task", "async", 2], ["after"]]
+    wait_for(
+        lambda: runs(r, "h3").count(["after"]) == 2 and len(runs(r, "h4")) == 2,
+        "both apps' tasks and hooks",
+        15,
+        diag=lambda: f"{runs(r, 'h3')} {runs(r, 'h4')}\n{w3.log()[-1500:]}\n{w4.log()[-1500:]}",
+    )
+    assert runs(r, "h3") == [
+        ["before"],
+        ["wrap", [1]],
+        ["task", "sync", 1],
+        ["after"],
+        ["before"],
+        ["wrap", [2]],
+        ["task", "async", 2],
+        ["after"],
+    ]
     assert runs(r, "h4") == [["wrap", [5]], ["task", 5]]
     for w in (w3, w4):
         assert "never awaited" not in w.log() and " raised" not in w.log(), w.log()[-2000:]

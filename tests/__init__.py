@@ -1,0 +1,1 @@
+"""The real-condition suites, one file per subject; the shared harness is ../conftest.py."""
