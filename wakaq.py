@@ -463,9 +463,10 @@ end
 -- 'dead' append the dead letter `value`, 'drop' nothing. A task cancelled meanwhile is
 -- dropped, whatever `where` says. ARGV[i..i+12] as named below. -> {released, dropped}.
 local function release(P, inflight, i, t)
-  local field, token, id, where, value = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  local queue, rank, delay, outcome = ARGV[i + 5], ARGV[i + 6], tonumber(ARGV[i + 7]), ARGV[i + 8]
-  local task, seconds, bcast, max_dead = ARGV[i + 9], ARGV[i + 10], ARGV[i + 11], tonumber(ARGV[i + 12])
+  local field, token, id, where = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local value, queue, rank, delay = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], tonumber(ARGV[i + 7])
+  local outcome, task, seconds, bcast = ARGV[i + 8], ARGV[i + 9], ARGV[i + 10], ARGV[i + 11]
+  local max_dead = tonumber(ARGV[i + 12])
   -- Still ours? Then forget it: in flight, and in the running index.
   if token ~= '' and redis.call('HGET', inflight, field .. ':t') ~= token then return {0, 0} end
   if redis.call('HDEL', inflight, field, field .. ':t', field .. ':s') == 0 then return {0, 0} end
@@ -626,7 +627,9 @@ payload = payload or redis.call('LPOP', P .. ':bcast:' .. wid)
 -- 6. Nothing: drop stale wake-ups, say when the next delayed task comes due.
 if not payload then
   local lists = {P .. ':wake:' .. wid}
-  for _, queue in ipairs(redis.call('SMEMBERS', served)) do lists[#lists + 1] = P .. ':wake:' .. queue end
+  for _, queue in ipairs(redis.call('SMEMBERS', served)) do
+    lists[#lists + 1] = P .. ':wake:' .. queue
+  end
   redis.call('DEL', unpack(lists))
   local first_due = redis.call('ZRANGE', P .. ':due', 0, 0, 'WITHSCORES')[2]
   return first_due and math.max(0, (tonumber(first_due) - t) * 1000) or -1
@@ -748,7 +751,12 @@ local kind, rank, queue, t = ARGV[1], ARGV[2], ARGV[3], now()
 local n = 0
 for i = 4, #ARGV, 3 do
   local raw, due, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local removed = kind == 'list' and redis.call('LREM', KEYS[1], 1, raw) or redis.call('ZREM', KEYS[1], raw)
+  local removed
+  if kind == 'list' then
+    removed = redis.call('LREM', KEYS[1], 1, raw)
+  else
+    removed = redis.call('ZREM', KEYS[1], raw)
+  end
   if removed == 1 then
     n = n + 1
     if due == 'dead' then
@@ -1229,7 +1237,9 @@ class WakaQ:
             _check_keys([args, kwargs])
             args, kwargs = _dumps(args), _dumps(kwargs) if kwargs else "{}"
         except RecursionError:
-            raise TypeError(f"the arguments of {task.name} are circular or nested too deeply")
+            raise TypeError(
+                f"the arguments of {task.name} are circular or nested too deeply"
+            ) from None
         msg_id, tail = _ids.new(), ',"bcast":1}' if bcast else "}"
         return msg_id, (
             f'{{"id":"{msg_id}","name":{task._json_name},"queue":"{queue.name}",'
@@ -1396,48 +1406,50 @@ async def _settle(value):
 
 async def _run_attempt(app, attempt, child):
     """The one attempt runner, for sync and async tasks alike: the before hooks, the wrapper
-    and the task, one exception rule, then the after hooks. `child` (None when eager) clears
-    the attempt's deadlines before the after hooks and frees its field in `finally`."""
-    task, msg, outcome = attempt.task, attempt.msg, None
+    and the task, then the after hooks; one exception rule (_outcome_of). `child` (None when
+    eager) clears the deadlines before the after hooks and frees the field in `finally`."""
+    task, msg = attempt.task, attempt.msg
     context = _current.set(msg)
     try:
         for hook in app._hooks["before_task_started"]:
             await _settle(hook())
         wrap = app._hooks["wrap_tasks_with"]
         if wrap:
-            result = wrap[0](task.call, msg["args"], msg["kwargs"])
+            await _settle(wrap[0](task.call, msg["args"], msg["kwargs"]))
         else:
-            result = task.call(*msg["args"], **msg["kwargs"])
-        if inspect.isawaitable(result):
-            await result
+            await _settle(task.call(*msg["args"], **msg["kwargs"]))
         outcome = _DONE
-    except SoftTimeout as e:
-        outcome = _Outcome("soft_timeout", "soft timeout", True, e)
-    except Cancelled as e:
-        outcome = _Outcome("cancelled", "cancelled", False, e)
-    except asyncio.CancelledError as e:  # ours (attempt.interrupt), or the task's own
-        outcome = _interrupted_outcome(attempt.interrupt) if attempt.interrupt else _raised(e, None)
-    except Exception as e:
-        outcome = _raised(e, attempt.limits)
-        if child:
-            log.error("task %s raised (id=%s)", msg["name"], msg["id"], exc_info=True)
+    except (Exception, asyncio.CancelledError) as e:
+        outcome = _outcome_of(e, attempt)
+        if child and outcome.kind == "raised":
+            log.error("task %s raised (id=%s)", msg["name"], msg["id"], exc_info=e)
     finally:
         if child:
             child.attempt_ended(attempt)
-        for hook in app._hooks["after_task_finished"]:
-            try:
-                await _settle(hook())
-            except Exception:
-                log.exception("after_task_finished hook %r raised", hook)
+        await _after_hooks(app)
         if child:
             child.free(attempt)
         _current.reset(context)
     return outcome
 
 
-def _interrupted_outcome(error):
-    kind = "soft_timeout" if isinstance(error, SoftTimeout) else "cancelled"
-    return _Outcome(kind, kind.replace("_", " "), kind == "soft_timeout", error)
+def _outcome_of(error, attempt):
+    """The one exception rule: how an attempt whose task raised `error` ended."""
+    if isinstance(error, asyncio.CancelledError) and attempt.interrupt:
+        error = attempt.interrupt  # we cancelled an async task: a soft timeout, or a cancel
+    if isinstance(error, SoftTimeout):
+        return _Outcome("soft_timeout", "soft timeout", True, error)
+    if isinstance(error, Cancelled):
+        return _Outcome("cancelled", "cancelled", False, error)
+    return _raised(error, attempt.limits)
+
+
+async def _after_hooks(app):
+    for hook in app._hooks["after_task_finished"]:
+        try:
+            await _settle(hook())
+        except Exception:
+            log.exception("after_task_finished hook %r raised", hook)
 
 
 def _next_step(app, raw, msg, outcome, own_bcast):
@@ -1979,7 +1991,8 @@ class _Worker:
             self.full = not self.full
             if self.full:
                 log.warning(
-                    "Redis is full (used_memory %s, maxmemory %s): new tasks are refused; workers keep draining",
+                    "Redis is full (used_memory %s, maxmemory %s): new tasks are refused; "
+                    "workers drain",
                     used,
                     limit,
                 )
@@ -2420,7 +2433,7 @@ def _cmd_worker(app, args):
     _setup_logging(app.worker_log_file, args.loglevel or app.worker_log_level)
     if app.default_queue.name in app.exclude_queues:
         log.warning(
-            "the default queue %r is excluded: tasks without a queue= wait for another app's workers",
+            "the default queue %r is excluded: tasks without queue= wait for other workers",
             app.default_queue.name,
         )
     return _Worker(app).run()
