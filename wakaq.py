@@ -357,12 +357,23 @@ def _loads(raw):
     return json.loads(raw, object_hook=_decode if _TAG in raw else None)
 
 
+_SHAPE = {"id": str, "name": str, "queue": str, "retry": int, "args": list, "kwargs": dict}
+
+
 def _loads_msg(raw, decode=True):
-    """A task payload, checked for shape, or one of _BAD_PAYLOAD; decode=False: keep tags."""
+    """A task payload, checked for shape (_SHAPE), or one of _BAD_PAYLOAD; decode=False: keep
+    tags. The checks are written out: a loop over _SHAPE costs a child a tenth more per task."""
     msg = _loads(raw) if decode else json.loads(raw)
-    shape = {"id": str, "name": str, "queue": str, "retry": int, "args": list, "kwargs": dict}
-    if not isinstance(msg, dict) or any(type(msg.get(k)) is not t for k, t in shape.items()):
-        raise ValueError("not a wakaq payload (need id, name, queue, retry, args, kwargs)")
+    if not (
+        type(msg) is dict
+        and type(msg.get("id")) is str
+        and type(msg.get("name")) is str
+        and type(msg.get("queue")) is str
+        and type(msg.get("retry")) is int
+        and type(msg.get("args")) is list
+        and type(msg.get("kwargs")) is dict
+    ):
+        raise ValueError(f"not a wakaq payload (need {', '.join(_SHAPE)})")
     return msg
 
 
@@ -461,12 +472,13 @@ end
 -- `token` (a late or repeated release changes nothing), then by `where`: '' ack, 'front',
 -- 'back' or 'delay' queue `value` again (a broadcast goes back to worker `bcast`'s list),
 -- 'dead' append the dead letter `value`, 'drop' nothing. A task cancelled meanwhile is
--- dropped, whatever `where` says. ARGV[i..i+12] as named below. -> {released, dropped}.
+-- dropped, whatever `where` says. ARGV[i...] as named below; an ack stops after `seconds`.
+-- -> {released, dead letters dropped}.
 local function release(P, inflight, i, t)
-  local field, token, id, where = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local value, queue, rank, delay = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], tonumber(ARGV[i + 7])
-  local outcome, task, seconds, bcast = ARGV[i + 8], ARGV[i + 9], ARGV[i + 10], ARGV[i + 11]
-  local max_dead = tonumber(ARGV[i + 12])
+  local field, token, id, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local queue, task, seconds = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
+  local where, value, rank = ARGV[i + 7] or '', ARGV[i + 8], ARGV[i + 9]
+  local delay, bcast, max_dead = tonumber(ARGV[i + 10] or 0), ARGV[i + 11] or '', tonumber(ARGV[i + 12] or 0)
   -- Still ours? Then forget it: in flight, and in the running index.
   if token ~= '' and redis.call('HGET', inflight, field .. ':t') ~= token then return {0, 0} end
   if redis.call('HDEL', inflight, field, field .. ':t', field .. ':s') == 0 then return {0, 0} end
@@ -1367,10 +1379,9 @@ def _raised(e, limits):
 class _Attempt:
     """One claimed payload on its way through _run_attempt; `future` for an async one."""
 
-    def __init__(self, task, msg, field, token, raw, queue, limits=None, index=0):
-        self.task, self.msg, self.field, self.token, self.raw = (task, msg, field, token, raw)
-        self.queue, self.limits, self.index = queue, limits, index
-        self.is_async = task.is_async
+    def __init__(self, task, msg, field, token, raw, queue, limits=None, index=0, claim=0):
+        self.task, self.msg, self.field, self.token, self.raw = task, msg, field, token, raw
+        self.queue, self.limits, self.index, self.claim = queue, limits, index, claim
         self.start, self.future, self.interrupt = time.monotonic(), None, None
 
 
@@ -1408,16 +1419,17 @@ async def _run_attempt(app, attempt, child):
     """The one attempt runner, for sync and async tasks alike: the before hooks, the wrapper
     and the task, then the after hooks; one exception rule (_outcome_of). `child` (None when
     eager) clears the deadlines before the after hooks and frees the field in `finally`."""
-    task, msg = attempt.task, attempt.msg
+    task, msg, hooks = attempt.task, attempt.msg, app._hooks
     context = _current.set(msg)
     try:
-        for hook in app._hooks["before_task_started"]:
+        for hook in hooks["before_task_started"]:
             await _settle(hook())
-        wrap = app._hooks["wrap_tasks_with"]
-        if wrap:
-            await _settle(wrap[0](task.call, msg["args"], msg["kwargs"]))
+        if hooks["wrap_tasks_with"]:
+            result = hooks["wrap_tasks_with"][0](task.call, msg["args"], msg["kwargs"])
         else:
-            await _settle(task.call(*msg["args"], **msg["kwargs"]))
+            result = task.call(*msg["args"], **msg["kwargs"])
+        if inspect.isawaitable(result):
+            await result
         outcome = _DONE
     except (Exception, asyncio.CancelledError) as e:
         outcome = _outcome_of(e, attempt)
@@ -1426,7 +1438,8 @@ async def _run_attempt(app, attempt, child):
     finally:
         if child:
             child.attempt_ended(attempt)
-        await _after_hooks(app)
+        if hooks["after_task_finished"]:
+            await _after_hooks(app)
         if child:
             child.free(attempt)
         _current.reset(context)
@@ -1478,27 +1491,29 @@ def _next_step(app, raw, msg, outcome, own_bcast):
 
 
 def _release_args(app, field, token, raw, outcome, seconds, own_bcast, msg=None):
-    """The release of one attempt as _RELEASE's (and _CLAIM's) 13 arguments, and `where`.
-    msg: the decoded payload, enough for an ack; else raw is read again, tags kept."""
+    """The release of one attempt as _RELEASE's (and _CLAIM's) arguments: 7 for an ack, 13
+    otherwise (see release in _LUA_LIB). msg: the decoded payload, enough for an ack; for
+    anything else raw is read again, its tagged values kept as they are."""
     try:
         if msg is None or outcome.kind != "done":
-            msg = _loads_msg(raw, decode=False)  # tagged values are not re-encoded
+            msg = _loads_msg(raw, decode=False)
     except _BAD_PAYLOAD as e:
-        msg, outcome = (None, outcome._replace(reason=f"{outcome.reason}; bad payload: {e}"))
+        msg, outcome = None, outcome._replace(reason=f"{outcome.reason}; bad payload: {e}")
     where, value, delay, queue = _next_step(app, raw, msg, outcome, own_bcast)
-    name = msg["name"] if msg else "?"
     kind = "" if outcome.kind == "interrupted" else outcome.kind
-    args = [field, token, msg["id"] if msg else "", where, value]
-    args += [queue.name if queue else "?", app._rank[queue] if queue else 0, delay, kind, name]
-    bcast = own_bcast if msg and msg.get("bcast") else ""
-    args += ["" if seconds is None else f"{seconds:.6f}", bcast, app.max_dead or 0]
-    _log_release(msg, outcome, where, delay)
-    return args, where
+    args = [field, token, msg["id"] if msg else "", kind, queue.name if queue else "?"]
+    args += [msg["name"] if msg else "?", "" if seconds is None else f"{seconds:.6f}"]
+    if where:
+        bcast = own_bcast if msg and msg.get("bcast") else ""
+        rank = app._rank[queue] if queue else 0
+        args += [where, value, rank, delay, bcast, app.max_dead or 0]
+        _log_release(msg, outcome, where, delay)
+    return args
 
 
 def _log_release(msg, outcome, where, delay):
     """What happens next to a failed attempt's task, said once (dead letters at WARNING)."""
-    if where in ("", "drop", "front"):
+    if where in ("drop", "front"):
         return
     task_id, attempt = (msg["id"], msg["retry"] + 1) if msg else (None, 1)
     name = msg["name"] if msg else None
@@ -1679,6 +1694,7 @@ class _Table:
     """The shared memory between a worker parent and its children, made before fork()."""
 
     RECORD = struct.Struct("6d")
+    OFFSET = {name: 8 * i for i, name in enumerate(_Slot._fields)}
 
     def __init__(self, n):
         self.mem = mmap.mmap(-1, self.RECORD.size * n)
@@ -1691,8 +1707,7 @@ class _Table:
         self.RECORD.pack_into(self.mem, i * self.RECORD.size, *record)
 
     def set(self, i, name, value):
-        offset = i * self.RECORD.size + 8 * _Slot._fields.index(name)
-        struct.pack_into("d", self.mem, offset, value)
+        struct.pack_into("d", self.mem, i * self.RECORD.size + self.OFFSET[name], value)
 
 
 # ============================================================================ worker parent
@@ -1936,7 +1951,7 @@ class _Worker:
 
     def release(self, field, token, raw, outcome):
         own = "" if field.startswith("adopted:") else self.wid
-        args, _ = _release_args(self.app, field, token or "", raw, outcome, None, own)
+        args = _release_args(self.app, field, token or "", raw, outcome, None, own)
         _release(self.app, self.r, self.inflight_key, args)
 
     def beat(self, now):
@@ -2111,12 +2126,12 @@ class _Child:
             if field is None:
                 self.drive(None)
                 continue
-            token = f"{self.pid}-{next(self.claims)}"
-            payload = self.redis_step(functools.partial(self.claim, field, token))
+            claim = next(self.claims)
+            payload = self.redis_step(self.claim, field, claim)
             if type(payload) is int:  # nothing to claim: ms to the next due task
                 self.idle(payload)
             else:
-                self.begin(field, token, payload)
+                self.begin(field, claim, payload)
         while self.attempts:
             self.drive(None)
         self.redis_step(self.flush_acks)
@@ -2179,11 +2194,11 @@ class _Child:
             return self.fields[0]
         return next((f for f in self.fields if f not in self.attempts), None)
 
-    def redis_step(self, step):
+    def redis_step(self, step, *args):
         """Run a Redis step until it succeeds; failures follow the outage rule."""
         while True:
             try:
-                result = step()
+                result = step(*args)
                 if self.outage.delay:
                     self.outage.ok()
                 return result
@@ -2205,19 +2220,21 @@ class _Child:
         finally:
             self.waiting = False
 
-    def claim(self, field, token):
-        """The hot path: release the field's last attempt and claim the next; "p" (promote
-        due tasks, broadcasts first) every PROMOTE s; INFO lines written while Redis works."""
+    def claim(self, field, claim):
+        """The hot path: release the field's last attempt and claim the next under token
+        "PID-claim"; "p" (move due tasks, broadcasts first) every PROMOTE seconds; the INFO
+        lines of finished attempts are written while Redis works."""
         now, promote = time.monotonic(), ""
         if now >= self.next_promote:
             self.next_promote, promote = now + PROMOTE, "p"
-        self.table.set(self.index[field], "held", int(token.rpartition("-")[2]))
-        ack = self.acks.get(field) or (field, *_NO_RELEASE)
-        args = (token, promote, self.top, *ack)
+        index = self.index[field]
+        self.table.set(index, "held", claim)
+        ack = self.acks.get(field) or (field, "")
+        args = (f"{self.pid}-{claim}", promote, self.top, *ack)
         payload = _CLAIM(self.r, self.claim_keys, args, meanwhile=self.lines and self.write_lines)
         self.acks.pop(field, None)
         if type(payload) is int:
-            self.table.set(self.index[field], "held", 0.0)
+            self.table.set(index, "held", 0.0)
         return payload
 
     def idle(self, due_ms):
@@ -2248,9 +2265,9 @@ class _Child:
             asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         )
 
-    def begin(self, field, token, raw):
+    def begin(self, field, claim, raw):
         """Start one claimed payload: sync tasks to their end, async ones on the event loop."""
-        app = self.app
+        app, token = self.app, f"{self.pid}-{claim}"
         try:
             msg = _loads_msg(raw)
             task, queue = app.tasks.get(msg["name"]), app._queues.get(msg["queue"])
@@ -2264,13 +2281,12 @@ class _Child:
             return self.release_now(field, token, raw, _Outcome("interrupted"), None)
         self.done += 1
         limits = self.limits(task, queue)
-        attempt = _Attempt(task, msg, field, token, raw, queue, limits, self.index[field])
-        attempt.claim = int(token.rpartition("-")[2])
+        attempt = _Attempt(task, msg, field, token, raw, queue, limits, self.index[field], claim)
         self.top = queue.name if queue.name == self.worker.served[0] else ""
         start = attempt.start
         soft = start + limits.soft if limits.soft else 0.0
         hard = start + limits.hard if limits.hard else 0.0
-        self.table.write(attempt.index, soft, hard, attempt.claim, attempt.claim, 0.0)
+        self.table.write(attempt.index, soft, hard, claim, claim, 0.0)
         if limits.soft is not None and limits.soft < TICK:  # sooner than the parent looks
             with contextlib.suppress(OSError):
                 os.write(self.worker.pipe[1], b"d")
@@ -2315,15 +2331,14 @@ class _Child:
             self.lines.append((msg, (msg["name"], msg["id"], msg["retry"] + 1, what, seconds)))
         if outcome.kind != "done":
             return self.release_now(attempt.field, attempt.token, attempt.raw, outcome, seconds)
-        own = self.worker.wid
-        args = _release_args(
-            self.app, attempt.field, attempt.token, attempt.raw, _DONE, seconds, own, msg
+        own, field = self.worker.wid, attempt.field
+        self.acks[field] = _release_args(
+            self.app, field, attempt.token, "", _DONE, seconds, own, msg
         )
-        self.acks[attempt.field] = args[0]
         self.table.set(attempt.index, "finished", attempt.claim)
 
     def release_now(self, field, token, raw, outcome, seconds):
-        args = _release_args(self.app, field, token, raw, outcome, seconds, self.worker.wid)[0]
+        args = _release_args(self.app, field, token, raw, outcome, seconds, self.worker.wid)
         self.write_lines()
         self.redis_step(lambda: _release(self.app, self.r, self.worker.inflight_key, args))
         self.table.set(self.index[field], "held", 0.0)
@@ -2335,10 +2350,6 @@ class _Child:
             context = _current.set(msg)
             log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, _ATTEMPT, args, None))
             _current.reset(context)
-
-
-# The release of a field with no finished attempt, as _CLAIM's last 12 arguments.
-_NO_RELEASE = ("", "", "", "", "", 0, 0, "", "", "", "", 0)
 
 
 # ============================================================================ scheduler
