@@ -33,7 +33,6 @@ are built by WakaQ._k in Python and from the prefix P in the scripts.
   {p}:inflight:{wid}   HASH  "S.K" -> the payload child slot S runs in sub-slot K, "S.K:t" ->
                              its claim token "PID-N", "S.K:s" -> its start (Redis time);
                              "adopted:{wid}:S.K" -> a dead worker's payloads, until released.
-  {p}:running          HASH  id -> "WID S.K TOKEN" of every task in flight (cancel's index).
   {p}:cancelled        HASH  id -> when: cancelled, dropped when next claimed or released.
   {p}:cancel:{wid}     SET   "S.K TOKEN": a worker's running attempts to cancel (each beat).
   {p}:workers          ZSET  worker id (HOST.PID.RANDOM) -> last heartbeat.
@@ -42,8 +41,9 @@ are built by WakaQ._k in Python and from the prefix P in the scripts.
   {p}:bcast:{wid}      LIST  broadcasts for one worker, claimed before its queues.
   {p}:dead             LIST  dead letters, oldest first (max_dead): JSON {id, name, queue,
                              attempts, reason, at, payload}.
-  {p}:stats            HASH  counters for `metrics`: "n OUTCOME QUEUE TASK", "b BUCKET QUEUE
-                             TASK", "u QUEUE TASK" (microseconds), "e QUEUE" (enqueued).
+  {p}:stats            HASH  counters for `metrics`: "b OUTCOME BUCKET QUEUE TASK" (attempts
+                             with a duration), "n OUTCOME QUEUE TASK" (without), "u QUEUE
+                             TASK" (microseconds run), "e QUEUE" (enqueued).
   {p}:cron:{digest}    STRING the last tick enqueued for one schedule (unix seconds).
 Payload: JSON {"id", "name", "queue", "retry", "args", "kwargs"} (+ "bcast": 1), "id" first;
 retry = failed attempts so far. Values beyond JSON travel as {"__wakaq__": TYPE, "v": ...}.
@@ -66,7 +66,7 @@ Redis's TIME; deadlines inside one worker use time.monotonic(). The one exceptio
 given as a datetime is an absolute instant.
 
 LIFE OF AN ATTEMPT. enqueue (RPUSH, or ZADD if delayed) -> claim (_CLAIM: LPOP into the
-in-flight hash under a new token, indexed in running) -> run (_Child._run: hooks, wrapper,
+in-flight hash under a new token) -> run (_run_attempt: hooks, wrapper,
 task) -> an _Outcome -> release (_RELEASE, or the next claim for a "done"): ack; requeue to
 the front ("interrupted": never started, or cut by a stop or another task's hard timeout;
 no retry spent); retry at the end or delayed (a failed attempt with retries left); dead
@@ -447,17 +447,25 @@ local function push(P, queue, rank, payload, where, due)
   redis.call('HSET', P .. ':ids:' .. queue, id_of(payload), due)
 end
 
--- Count an attempt's outcome for `metrics`, and its duration if known.
+-- Was task `id` cancelled? Then forget the cancel (it is carried out now).
+local function cancelled(P, id)
+  return redis.call('EXISTS', P .. ':cancelled') == 1 and redis.call('HDEL', P .. ':cancelled', id) == 1
+end
+
+-- Count an outcome for `metrics`: with a duration, in its histogram bucket (1 = the first
+-- of BUCKETS, #BUCKETS + 1 = +Inf), which counts the outcome too; else on its own.
 local function count(P, outcome, queue, task, seconds)
-  local stats = P .. ':stats'
-  redis.call('HINCRBY', stats, 'n ' .. outcome .. ' ' .. queue .. ' ' .. task, 1)
-  if seconds == '' then return end
+  local stats, names = P .. ':stats', ' ' .. queue .. ' ' .. task
+  if seconds == '' then
+    redis.call('HINCRBY', stats, 'n ' .. outcome .. names, 1)
+    return
+  end
   local s, bucket = tonumber(seconds), #BUCKETS + 1
   for i, le in ipairs(BUCKETS) do
     if s <= le then bucket = i; break end
   end
-  redis.call('HINCRBY', stats, 'b ' .. bucket .. ' ' .. queue .. ' ' .. task, 1)
-  redis.call('HINCRBY', stats, 'u ' .. queue .. ' ' .. task, math.floor(s * 1e6))
+  redis.call('HINCRBY', stats, 'b ' .. outcome .. ' ' .. bucket .. names, 1)
+  redis.call('HINCRBY', stats, 'u' .. names, math.floor(s * 1e6))
 end
 
 -- Append a dead letter, keeping at most max_dead (0: no limit). -> how many were dropped.
@@ -479,13 +487,12 @@ local function release(P, inflight, i, t)
   local queue, task, seconds = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
   local where, value, rank = ARGV[i + 7] or '', ARGV[i + 8], ARGV[i + 9]
   local delay, bcast, max_dead = tonumber(ARGV[i + 10] or 0), ARGV[i + 11] or '', tonumber(ARGV[i + 12] or 0)
-  -- Still ours? Then forget it: in flight, and in the running index.
+  -- Still ours? Then forget it, and count how it ended.
   if token ~= '' and redis.call('HGET', inflight, field .. ':t') ~= token then return {0, 0} end
   if redis.call('HDEL', inflight, field, field .. ':t', field .. ':s') == 0 then return {0, 0} end
-  redis.call('HDEL', P .. ':running', id)
   if outcome ~= '' then count(P, outcome, queue, task, seconds) end
   -- Cancelled while in flight: nothing more runs.
-  if redis.call('HDEL', P .. ':cancelled', id) == 1 and where ~= '' then
+  if cancelled(P, id) and where ~= '' then
     if outcome ~= 'cancelled' then count(P, 'cancelled', queue, task, '') end
     return {1, 0}
   end
@@ -570,13 +577,11 @@ local payload = false
 local held = redis.call('HGET', inflight, field .. ':t')
 if held and held ~= done_token then
   payload = redis.call('HGET', inflight, field)
-  if redis.call('HDEL', P .. ':cancelled', id_of(payload)) == 0 then
+  if not cancelled(P, id_of(payload)) then
     redis.call('HSET', inflight, field .. ':t', new_token)
-    redis.call('HSET', P .. ':running', id_of(payload), wid .. ' ' .. field .. ' ' .. new_token)
     return payload
   end
   redis.call('HDEL', inflight, field, field .. ':t', field .. ':s')
-  redis.call('HDEL', P .. ':running', id_of(payload))
   payload = false
 elseif held then
   -- 2. The previous attempt ended: release it as the child decided (an ack, counted).
@@ -615,7 +620,7 @@ local function pop(queue)
     if not p then return false end
     local id = id_of(p)
     redis.call('HDEL', P .. ':ids:' .. queue, id)
-    if redis.call('HDEL', P .. ':cancelled', id) == 0 then return p end
+    if not cancelled(P, id) then return p end
     count(P, 'cancelled', queue, string.match(p, '"name":"([^"]*)"') or '?', '')
   end
 end
@@ -647,9 +652,8 @@ if not payload then
   return first_due and math.max(0, (tonumber(first_due) - t) * 1000) or -1
 end
 
--- 7. In flight under the new token, indexed for cancel.
+-- 7. In flight under the new token.
 redis.call('HSET', inflight, field, payload, field .. ':t', new_token, field .. ':s', t)
-redis.call('HSET', P .. ':running', id_of(payload), wid .. ' ' .. field .. ' ' .. new_token)
 return payload
 """
     % {"batch": DUE_BATCH},
@@ -729,19 +733,25 @@ end
 return #recent
 """)
 
-# KEYS: the running index. ARGV: id, the app's queue names... -> 'running', 'delayed',
-# 'pending' or false. A queued task is dropped when claimed; a running one is interrupted by
-# its worker (the next beat) and dropped at its release.
+# KEYS: workers. ARGV: id, the app's queue names... -> 'running', 'delayed', 'pending' or
+# false. A queued task is dropped when claimed; a running one is interrupted by its worker
+# (which polls its cancel set) and dropped at its release.
 _CANCEL = _Script("""
-local P = string.match(KEYS[1], '^(.-):running$')
+local P = string.match(KEYS[1], '^(.-):workers$')
 local id, t = ARGV[1], now()
-local holder = redis.call('HGET', KEYS[1], id)
-if holder then
-  local wid, field, token = string.match(holder, '^(%S+) (%S+) (%S+)$')
-  redis.call('HSET', P .. ':cancelled', id, t)
-  redis.call('SADD', P .. ':cancel:' .. wid, field .. ' ' .. token)
-  return 'running'
+-- Running (or held) by a worker: tell that worker which field and token.
+for _, w in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local held = redis.call('HGETALL', P .. ':inflight:' .. w)
+  for i = 1, #held, 2 do
+    if id_of(held[i + 1]) == id and not string.find(held[i], ':') then
+      local token = redis.call('HGET', P .. ':inflight:' .. w, held[i] .. ':t') or ''
+      redis.call('HSET', P .. ':cancelled', id, t)
+      redis.call('SADD', P .. ':cancel:' .. w, held[i] .. ' ' .. token)
+      return 'running'
+    end
+  end
 end
+-- Queued or delayed: dropped when claimed.
 for i = 2, #ARGV do
   local ready_at = redis.call('HGET', P .. ':ids:' .. ARGV[i], id)
   if ready_at then
@@ -1301,7 +1311,7 @@ class WakaQ:
         "running", "dead", or None if no task has that id."""
         if not isinstance(task_id, str) or not task_id:
             raise TypeError(f"a task id is a non-empty str, got {task_id!r}")
-        found = _CANCEL(self.redis, [self._k("running")], [task_id, *self._queues])
+        found = _CANCEL(self.redis, [self.workers_key], [task_id, *self._queues])
         if found:
             return found.decode()
         for raw in self.redis.lrange(self.dead_key, 0, -1):
@@ -2559,8 +2569,8 @@ def _per_queue_counts(stats):
         kind, _, rest = field.decode().partition(" ")
         if kind == "e":
             counts[rest][0] += int(value)
-        elif kind == "n" and rest.startswith("done "):
-            counts[rest.split(" ")[1]][1] += int(value)
+        elif kind == "b" and rest.startswith("done "):
+            counts[rest.split(" ")[2]][1] += int(value)
     return counts
 
 
@@ -2702,15 +2712,17 @@ def _prometheus(app):
             pairs = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
             out.append(f"{name}{{{pairs}}} {value}" if pairs else f"{name} {value}")
 
-    totals, buckets, sums = ([], collections.defaultdict(lambda: [0] * (len(BUCKETS) + 1)), {})
+    totals: collections.Counter = collections.Counter()
+    buckets, sums = collections.defaultdict(lambda: [0] * (len(BUCKETS) + 1)), {}
     for field, value in snap["stats"].items():
         kind, _, rest = field.decode().partition(" ")
         if kind == "n":
             outcome, queue, task = rest.split(" ", 2)
-            totals.append(({"queue": queue, "task": task, "outcome": outcome}, int(value)))
+            totals[queue, task, outcome] += int(value)
         elif kind == "b":
-            index, queue, task = rest.split(" ", 2)
+            outcome, index, queue, task = rest.split(" ", 3)
             buckets[(queue, task)][int(index) - 1] += int(value)
+            totals[queue, task, outcome] += int(value)
         elif kind == "u":
             queue, task = rest.split(" ", 1)
             sums[(queue, task)] = int(value) / 1e6
@@ -2718,7 +2730,7 @@ def _prometheus(app):
         "wakaq_tasks_total",
         "counter",
         "Attempts by outcome, and tasks retried or dead-lettered.",
-        totals,
+        [({"queue": q, "task": t, "outcome": o}, n) for (q, t, o), n in sorted(totals.items())],
     )
     out.extend(
         [
