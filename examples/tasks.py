@@ -1,7 +1,8 @@
 """An example app: `python wakaq.py worker examples.tasks:wakaq` from the repo root.
 
 Then, in another shell:  python -c "from examples.tasks import add; print(add.delay(1, 2))"
-Redis: $WAKAQ_URL, or redis://127.0.0.1:6379/0.
+Redis: $WAKAQ_URL, else $REDIS_URL, else redis://127.0.0.1:6379/0.
+No Redis at hand? `python -m examples.dev` runs a throwaway server (see examples/dev.py).
 """
 
 import logging
@@ -18,7 +19,7 @@ wakaq = WakaQ(
         Queue("slow", priority=1, max_retries=2, soft_timeout=30, hard_timeout=40),
         "default",
     ],
-    url=os.environ.get("WAKAQ_URL", "redis://127.0.0.1:6379/0"),
+    url=os.environ.get("WAKAQ_URL") or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0",
     concurrency="cores",
     soft_timeout=10,
     hard_timeout=timedelta(seconds=15),
