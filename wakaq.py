@@ -49,35 +49,44 @@ Payload: JSON {"id", "name", "queue", "retry", "args", "kwargs"} (+ "bcast": 1),
 retry = failed attempts so far. Values beyond JSON travel as {"__wakaq__": TYPE, "v": ...}.
 
 THE WORKER. A parent runs no task code; it forks `concurrency` children and watches them:
-  parent  loop every 0.1 s: reap children, enforce deadlines, Redis duties (release a dead
-          child's tasks, heartbeat, adopt, cancels), check memory, fork missing children.
-          SIGTERM/SIGINT/SIGHUP: stop (1st: children finish their tasks; 2nd: kill them).
+  parent  loop every 0.1 s (or sooner, at a deadline): reap children, enforce deadlines,
+          Redis duties (release a dead child's tasks, pass cancels on, heartbeat and adopt),
+          check memory, fork missing children, touch its health file.
+          SIGTERM/SIGINT/SIGHUP: stop (1st: children finish their tasks; 2nd: kill them,
+          their tasks go back to the front; 3rd: leave what Redis could not take back yet).
   child   claim -> run -> ack with the next claim; idle: BLPOP the wake-up lists. SIGTERM:
-          finish the running tasks and exit 0. SIGUSR1: deliver a soft timeout or a cancel.
-Shared memory (mmap before fork): per sub-slot five doubles, written by the child as an
-attempt starts and ends: soft and hard deadline (monotonic; 0 none), the claim number N
-running, the claim number last finished (its ack waits for the next claim), and the claim
-number the parent asks to cancel. The parent SIGKILLs the child's process group at the hard
-deadline, and sends SIGUSR1 every tick past the soft one until the child clears it. A child
-whose parent is gone claims nothing more.
+          finish the running tasks and exit 0 (at once if idle). SIGUSR1: a soft timeout or
+          a cancel is due. A child whose parent is gone claims nothing more.
+Shared memory (mmap before fork; _Table): per sub-slot six doubles: soft and hard deadline
+(monotonic; 0 none), "held" (the claim number N of token "PID-N" the field may hold in
+Redis; 0 empty), "running" (N of the attempt started last), "finished" (N of a done attempt
+whose ack waits for the next claim), "cancel" (N the parent asks to cancel). The parent
+SIGKILLs the child's process group at the hard deadline, sends SIGUSR1 every tick past the
+soft one (or a cancel) until the child clears it, and is woken by the child through a pipe
+when a soft deadline is nearer than a tick. A dead child's fields are released by that
+record: token N == finished: ack; == running: died (or hard timeout, or killed by a stop:
+interrupted); else it never started: interrupted.
 
 CLOCKS. Anything compared across processes or hosts (heartbeats, due times, start times) uses
 Redis's TIME; deadlines inside one worker use time.monotonic(). The one exception: an eta
 given as a datetime is an absolute instant.
 
-LIFE OF AN ATTEMPT. enqueue (RPUSH, or ZADD if delayed) -> claim (_CLAIM: LPOP into the
-in-flight hash under a new token) -> run (_run_attempt: hooks, wrapper,
-task) -> an _Outcome -> release (_RELEASE, or the next claim for a "done"): ack; requeue to
-the front ("interrupted": never started, or cut by a stop or another task's hard timeout;
-no retry spent); retry at the end or delayed (a failed attempt with retries left); dead
-letter; or drop (cancelled). A dead child's sub-slots are released by the parent by the same
-rule; a silent worker's in-flight hash is adopted by a live worker and released as died.
+LIFE OF AN ATTEMPT. enqueue (_ENQUEUE: RPUSH, or ZADD if delayed; indexed in ids) -> claim
+(_CLAIM: LPOP into the in-flight hash under a new token; a cancelled one is dropped there)
+-> run (_run_attempt: hooks, wrapper, task) -> one _Outcome -> one release (_next_step, then
+_RELEASE, or the field's next _CLAIM for a "done"): ack; back to the front ("interrupted":
+never started, or cut by a stop or another task's hard timeout; no retry spent); to the end,
+or delayed by retry_backoff (a failed attempt with retries left: soft or hard timeout,
+worker died, an exception in retry_on); a dead letter (no retries left, or any other
+exception: "raised TYPE: message"); or dropped (cancelled). A silent worker's in-flight
+hash is adopted by a live worker (_BEAT) and released the same way, as "worker died".
 
-SOFT TIMEOUTS AND CANCELS are raised only in the task's own code: the child's SIGUSR1 handler
-raises SoftTimeout or Cancelled when every frame between it and _call_task is the task's
-(none of logging, asyncio or wakaq); otherwise it returns and the parent signals again
-next tick. An async task is cancelled through its asyncio task instead. Both are dropped
-once the attempt has ended.
+SOFT TIMEOUTS AND CANCELS are raised only in the task's own code: the child's SIGUSR1
+handler raises SoftTimeout or Cancelled at once when every frame between it and _call_task
+(the frame that calls the task's function) is the task's; when a logging, asyncio or wakaq
+frame sits between, as the outermost of those returns (a frame trace); outside the task
+(hooks, wakaq) not at all: the parent signals again next tick. An async task's asyncio task
+is cancelled instead. Nothing is delivered once the attempt has ended (its record cleared).
 
 Sections: errors and settings - serializer - Redis scripts - Redis connections - Queue,
 CronTask, Task - the app - logging - OS helpers - worker parent - worker child - scheduler -
@@ -1528,23 +1537,12 @@ def _log_release(msg, outcome, where, delay):
     task_id, attempt = (msg["id"], msg["retry"] + 1) if msg else (None, 1)
     name = msg["name"] if msg else None
     if where == "dead":
-        log.warning(
-            "task %s id=%s dead-lettered after %d attempt(s): %s",
-            name,
-            task_id,
-            attempt,
-            outcome.reason,
-        )
+        text = "task %s id=%s dead-lettered after %d attempt(s): %s"
+        log.warning(text, name, task_id, attempt, outcome.reason)
     else:
         later = f" in {delay:.1f}s" if delay else ""
-        log.warning(
-            "task %s id=%s attempt %d: %s; requeued%s",
-            name,
-            task_id,
-            attempt,
-            outcome.reason,
-            later,
-        )
+        text = "task %s id=%s attempt %d: %s; requeued%s"
+        log.warning(text, name, task_id, attempt, outcome.reason, later)
 
 
 def _release(app, r, inflight_key, args):
@@ -1760,13 +1758,10 @@ class _Worker:
 
     def run(self):
         self.install_signals()
+        k = f" async_concurrency={self.k}" if self.k > 1 else ""
+        text = "worker %s started: concurrency=%d%s queues=%s redis=%s"
         log.info(
-            "worker %s started: concurrency=%d%s queues=%s redis=%s",
-            self.wid,
-            self.app.concurrency,
-            f" async_concurrency={self.k}" if self.k > 1 else "",
-            ",".join(self.served),
-            _mask(self.app.url),
+            text, self.wid, self.app.concurrency, k, ",".join(self.served), _mask(self.app.url)
         )
         try:
             while not self.may_leave():
@@ -1971,12 +1966,8 @@ class _Worker:
         keys = [app.workers_key, self.inflight_key, self.served_key]
         adopted, cleared, waiting = _BEAT(self.r, keys, [self.wid, hb, may_adopt, *self.served])
         for wid, count in zip(adopted[::2], adopted[1::2]):
-            log.warning(
-                "worker %s is silent for over %ss: taking back its %d task(s)",
-                wid.decode(),
-                hb,
-                count,
-            )
+            text = "worker %s is silent for over %ss: taking back its %d task(s)"
+            log.warning(text, wid.decode(), hb, count)
         if cleared:
             log.info("cleared %d silent worker registration(s) that held no task", cleared)
         died = _Outcome("worker_died", "worker died", True)
@@ -2015,12 +2006,8 @@ class _Worker:
         if self.full != (0 < limit <= used):
             self.full = not self.full
             if self.full:
-                log.warning(
-                    "Redis is full (used_memory %s, maxmemory %s): new tasks are refused; "
-                    "workers drain",
-                    used,
-                    limit,
-                )
+                text = "Redis is full (used_memory %s, maxmemory %s): new tasks are refused"
+                log.warning(text + "; workers drain", used, limit)
             else:
                 log.warning("Redis has room again (used_memory %s, maxmemory %s)", used, limit)
 
@@ -2046,12 +2033,8 @@ class _Worker:
             live = [c for c in self.children if c and not c.stopped]
             if self.mem_high and live:
                 biggest = max(live, key=lambda c: _rss(c.pid))
-                log.warning(
-                    "memory at %.0f%% (max_mem_percent=%s): stopping child %d",
-                    pct,
-                    limit,
-                    biggest.pid,
-                )
+                text = "memory at %.0f%% (max_mem_percent=%s): stopping child %d"
+                log.warning(text, pct, limit, biggest.pid)
                 biggest.stopped = True
                 _kill(biggest.pid, signal.SIGTERM)
 
