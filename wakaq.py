@@ -1360,15 +1360,41 @@ def _run_eagerly(app, task, msg):
     """eager=True: run the task here and now, hooks included; its exception propagates."""
     attempt = _Attempt(task=task, msg=msg, field="", token="", raw="", queue=None)
     coro = _run_attempt(app, attempt, None)
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:  # no event loop here: the usual case
+    if not (task.is_async or _async_hooks(app)):
+        outcome = _by_hand(coro)
+    elif not _loop_running():
         outcome = asyncio.run(coro)
     else:  # called from async code: run it on a loop of its own, in a thread
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             outcome = pool.submit(asyncio.run, coro).result()
     if outcome.error is not None:
         raise outcome.error
+
+
+def _loop_running():
+    try:
+        return bool(asyncio.get_running_loop())
+    except RuntimeError:
+        return False
+
+
+def _async_hooks(app):
+    """Does any hook or the wrapper await? Then a sync task's attempt needs an event loop."""
+    hooks = ("before_task_started", "after_task_finished", "wrap_tasks_with")
+    return any(inspect.iscoroutinefunction(h) for kind in hooks for h in app._hooks[kind])
+
+
+def _by_hand(coro):
+    """Run a sync task's attempt without an event loop: its hooks and wrapper await nothing."""
+    try:
+        coro.send(None)
+    except StopIteration as e:
+        return e.value
+    try:  # a plain function returned an awaitable after all: end the attempt with that error
+        coro.throw(WakaQError("a hook that is not `async def` returned an awaitable"))
+    except StopIteration as e:
+        return e.value
+    raise WakaQError("the attempt did not end")
 
 
 # ============================================================================ attempts
@@ -2101,9 +2127,7 @@ class _Child:
         self.wakes = [app._k("wake", q) for q in (worker.wid, *worker.served)]
         self.claim_keys = [worker.inflight_key, worker.served_key]
         self.limits = functools.lru_cache(None)(functools.partial(_limits_for, app))
-        hooks = [*app._hooks["before_task_started"], *app._hooks["after_task_finished"]]
-        self.async_hooks = any(map(inspect.iscoroutinefunction, hooks))
-        self.async_hooks |= any(map(inspect.iscoroutinefunction, app._hooks["wrap_tasks_with"]))
+        self.async_hooks = _async_hooks(app)
         self.loop = asyncio.new_event_loop()
 
     def run(self):
@@ -2291,20 +2315,8 @@ class _Child:
             self.ended(attempt, self.run_sync(coro))
 
     def run_sync(self, coro):
-        """Run a sync task's attempt: by hand when no hook awaits anything (no event-loop
-        turn per task), else on the event loop."""
-        if self.async_hooks:
-            return self.loop.run_until_complete(coro)
-        try:
-            coro.send(None)
-        except StopIteration as e:
-            return e.value
-        msg = "a hook that is not `async def` returned an awaitable: declare it async def"
-        try:
-            coro.throw(WakaQError(msg))
-        except StopIteration as e:
-            return e.value
-        raise WakaQError(msg)
+        """A sync task's attempt: by hand (no event-loop turn per task) unless a hook awaits."""
+        return self.loop.run_until_complete(coro) if self.async_hooks else _by_hand(coro)
 
     async def run_async(self, coro, attempt):
         self.ended(attempt, await coro)
