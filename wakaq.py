@@ -1017,8 +1017,10 @@ class Task(Generic[P, R]):
             for c in calls
         ]
         for args, kwargs in items:
-            if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
-                raise TypeError(f"delay_many() items are tuples of args or dicts, got {args!r}")
+            if not isinstance(args, (tuple, list)):
+                raise TypeError(f"delay_many(): args must be a tuple or list, got {args!r}")
+            if not isinstance(kwargs, dict):
+                raise TypeError(f"delay_many(): kwargs must be a dict, got {kwargs!r}")
         return self.app._enqueue(self, items, queue, eta)
 
     def broadcast(self, *args: P.args, **kwargs: P.kwargs) -> int:
