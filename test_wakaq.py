@@ -497,6 +497,45 @@ def test_delay_with_an_unserializable_argument_raises_and_enqueues_nothing(r):
     assert r.keys("{wakaq}:*") == []
 
 
+def test_delay_many_with_kwargs_that_are_not_a_dict_raises_type_error_and_enqueues_nothing(r):
+    for bad in (["b", 2], "b=2", 7):
+        with pytest.raises(TypeError):
+            add.delay_many([(1, 2), {"args": [1], "kwargs": bad}])
+    assert r.keys("{wakaq}:*") == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="wakaq.py bug: Task.delay_many's TypeError for non-dict kwargs names the item's "
+    "args (`got {args!r}`), not the bad kwargs value",
+)
+def test_delay_many_type_error_names_the_kwargs_value_that_is_not_a_dict(r):
+    with pytest.raises(TypeError, match=re.escape(repr("b=2"))):
+        add.delay_many([{"args": [1], "kwargs": "b=2"}])
+
+
+def test_an_eta_timedelta_in_the_past_runs_now_like_negative_seconds(r):
+    first = add.delay(1, 1, eta=timedelta(seconds=-5))
+    second = add.delay(2, 2, eta=-5)
+    assert [m["id"] for m in queue(r, "default")] == [first, second]
+    assert r.zcard("{wakaq}:eta:default") == 0
+
+
+def test_the_bare_connection_reads_every_reply_with_redis_py_parser(r):
+    """app._conn (wakaq's own connection for .delay()): a status reply, and an array holding an
+    error, are read whole, so the next command on the same connection gets its own reply."""
+    conn = WakaQ(url=URL)._conn
+    assert conn.execute_command("SET", "test:parser", "v") in (b"OK", True, "OK")
+    assert conn.execute_command("GET", "test:parser") in (b"v", "v")
+    script = "return {1, redis.error_reply('an error inside an array'), 'after'}"
+    try:
+        reply = conn.execute_command("EVAL", script, 0)
+    except redis.ResponseError as e:  # raising it is fine too, once the array was read whole
+        reply = e
+    assert conn.execute_command("PING") in (b"PONG", True, "PONG"), f"after {reply!r}"
+    assert conn.execute_command("GET", "test:parser") in (b"v", "v")
+
+
 def test_eager_delay_runs_the_task_inline_and_touches_no_queue(r):
     task_id = eager_add.delay(2, 3)
     assert isinstance(task_id, str)

@@ -264,6 +264,18 @@ def lines_of(path):
         return []
 
 
+@app.task(max_retries=2)
+def exits_zero():
+    """The child ends itself with exit status 0 in the middle of the task."""
+    rec("exit0", attempt(), os.getpid())
+    os._exit(0)
+
+
+@app.task(max_retries=1)
+def taken_back(tag):
+    rec("taken_back", tag, attempt(), os.getpid())
+
+
 @app.task
 def lost_reply(n):
     pass
@@ -707,6 +719,70 @@ def test_a_claim_whose_reply_is_lost_is_handed_out_again(r, spawn, tmp_path):
         server.stop()
 
 
+@slow
+def test_a_task_that_calls_os_exit_0_is_a_failed_attempt_retried_then_dead_lettered(r, spawn):
+    w = spawn("worker", "tests.test_delivery:app")
+    workers_ready(r, [w], app, spawn.tails)
+    exits_zero.delay()
+    stamp.delay("behind")
+    [entry] = wait_for(lambda: dead(r), "the dead letter", 15, diag=spawn.tails)
+    assert (entry["name"], entry["attempts"], entry["reason"]) == (
+        "exits_zero",
+        3,
+        "worker died",
+    ), entry
+    wait_for(lambda: runs(r, "stamp"), "the task queued behind it", 5, diag=spawn.tails)
+    attempts = [n for n, _ in runs(r, "exit0")]
+    assert attempts == [1, 2, 3], f"ran as attempts {attempts}"
+    assert len({pid for _, pid in runs(r, "exit0")}) == 3
+    assert runs(r, "stamp") == [["behind"]]
+    assert w.alive()
+
+
+# ===================================================================== error replies
+
+
+def _refusal_lines(log):
+    """Log lines about Redis failing, per process: {pid: [line, ...]}."""
+    found = {}
+    for line in log.splitlines():
+        if re.search(r"(?i)NOREPLICAS|refused|lost Redis|reconnect|answers again", line):
+            pid = re.search(r"pid=(\d+)", line)
+            found.setdefault(pid and pid[1], []).append(line)
+    return found
+
+
+@slow
+@needs_private
+def test_a_redis_refusing_writes_is_logged_once_and_costs_no_new_connections(r, spawn):
+    """An error reply (NOREPLICAS while min-replicas-to-write cannot be met) is not an outage:
+    no "lost Redis"/reconnect cycle, no new connection per retry; the worker carries on."""
+    w = spawn("worker", "tests.test_delivery:app")
+    workers_ready(r, [w], app, spawn.tails)
+    before = r.info("stats")["total_connections_received"]
+    try:
+        r.config_set("min-replicas-to-write", 1)
+        with pytest.raises(redis.ResponseError, match="NOREPLICAS"):
+            r.set("test:probe", 1)  # the refusal is real
+        time.sleep(5)  # the window measured
+        new_connections = r.info("stats")["total_connections_received"] - before
+    finally:
+        r.config_set("min-replicas-to-write", 0)
+    log = w.log()
+    lines = _refusal_lines(log)
+    counts = {pid: len(v) for pid, v in lines.items()}
+    print(f"\nwhile Redis refused writes: {new_connections} new connection(s); lines {counts}")
+    assert lines, f"the refusal was not logged at all\n{log[-2000:]}"
+    assert all(n <= 2 for n in counts.values()), f"lines per process {counts}:\n" + "\n".join(
+        sum(lines.values(), [])[:6]
+    )
+    assert "lost Redis" not in log, f"an error reply logged as a lost connection\n{log[-2000:]}"
+    assert new_connections <= 3, f"{new_connections} new connections in 5 s"
+    assert w.alive()
+    stamp.delay("after")
+    wait_for(lambda: runs(r, "stamp"), "a task after Redis took writes again", 10, diag=spawn.tails)
+
+
 # ======================================================= crash during a stop; stop during an outage
 
 
@@ -778,6 +854,47 @@ def test_a_stop_during_a_redis_outage_leaves_nothing_to_adopt_as_worker_died(
         assert not [p for p in kids if pid_alive(p)], "a child outlived the stopped worker"
     finally:
         kill_pids(p for p in kids if pid_alive(p))
+
+
+# ===================================================================== many stale registrations
+
+
+@slow
+def test_a_dead_worker_is_taken_back_in_time_among_10000_stale_registrations(r, spawn):
+    """10,000 registrations silent for a day and one worker that died just now holding a task:
+    a live worker takes the task back within 2 x heartbeat_timeout, and the stale ones are not
+    logged one line each."""
+    hb = app.heartbeat_timeout
+    sec, usec = r.time()
+    now = sec + usec / 1e6
+    r.zadd(app.workers_key, {f"stale{i}.{i}.aaaaaa": now - 86400 - i for i in range(10000)})
+    dead_wid = "deadhost.4242.bbbbbb"
+    payload = app._payload(taken_back, ["mine"], {}, app.default_queue)[1]
+    r.hset(
+        app._k("inflight", dead_wid), mapping={"0.0": payload, "0.0:t": "4242-1", "0.0:s": now - 1}
+    )
+    r.zadd(app.workers_key, {dead_wid: now})  # its last heartbeat: now
+    t0 = time.monotonic()
+    w = spawn("worker", "tests.test_delivery:app")
+    wait_for(
+        lambda: runs(r, "taken_back"),
+        "the dead worker's task to run again",
+        2 * hb,
+        diag=lambda: f"{r.zcard(app.workers_key)} registrations\n{spawn.tails()}",
+    )
+    took = time.monotonic() - t0
+    [[tag, n, _]] = runs(r, "taken_back")
+    assert (tag, n) == ("mine", 2), "not retried as a died attempt"
+    left = r.zcount(app.workers_key, "-inf", now - 86400)  # stale ones still registered
+    silent = [line for line in w.log().splitlines() if "silent" in line]
+    print(
+        f"\ntaken back after {took:.1f}s; {left} registrations left; {len(silent)} 'silent' lines"
+    )
+    assert left <= 10000 - 499, f"{10000 - left} stale registrations cleared: the log check is void"
+    assert len(silent) <= 10, f"{len(silent)} lines about silent workers:\n" + "\n".join(
+        silent[:20]
+    )
+    assert dead(r) == []
 
 
 # ===================================================================== dead parent

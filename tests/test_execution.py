@@ -6,7 +6,7 @@ mode that matches a worker.
 
 Real `python wakaq.py worker tests.test_execution:APP` processes against the session's
 private server (conftest.py). Each group of cases has its own module-level app with its own
-`prefix=` (texec1 ... texec5), so the apps never see each other's keys. Tasks record what
+`prefix=` (texec1 ... texec11), so the apps never see each other's keys. Tasks record what
 they saw in `test:*` lists through conftest.rec().
 """
 
@@ -93,7 +93,7 @@ def workers(spawn, r):
             except ProcessLookupError:
                 pass
     if not PRIVATE:
-        for pattern in ("{texec1}:*", "{texec2}:*", "{texec3}:*", "{texec4}:*"):
+        for pattern in [f"{{texec{i}}}:*" for i in range(1, 12)]:
             for key in r.scan_iter(pattern):
                 r.delete(key)
 
@@ -138,6 +138,57 @@ def log_storm(myid):
         rec("storm", myid, "soft", round(time.monotonic() - started, 3))
         raise
     rec("storm", myid, "finished", round(time.monotonic() - started, 3))
+
+
+class SlowStr:
+    """A value whose str() takes a while: logging it spends most of the time in logging."""
+
+    def __str__(self):
+        time.sleep(0.05)
+        return "slow value"
+
+
+@soft_app.task(soft_timeout=0.5, hard_timeout=4, max_retries=0)
+def logs_slow_values(myid):
+    """Logs values whose __str__ sleeps, for 3 s: the soft timeout comes due inside logging
+    (inside __str__, called by logging) and must reach this code as SoftTimeout."""
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < 3:
+            tlog.info("value: %s", SlowStr())
+    except SoftTimeout:
+        rec("slow_str", myid, "soft", round(time.monotonic() - started, 3))
+        raise
+    rec("slow_str", myid, "finished", round(time.monotonic() - started, 3))
+
+
+def _quick_call_under_alarm_helper():
+    """The common `signal.alarm()` timeout helper around a quick call: its own SIGALRM
+    handler, alarm(5), the call, then alarm(0) and the old handler back."""
+
+    def on_alarm(signum, frame):
+        raise TimeoutError("the helper's own timeout")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(5)
+    try:
+        return sum(range(1000))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@soft_app.task(soft_timeout=1, hard_timeout=4, max_retries=0)
+def uses_alarm_helper(myid):
+    started = time.monotonic()
+    _quick_call_under_alarm_helper()
+    try:
+        while time.monotonic() - started < 3:
+            time.sleep(0.05)
+    except SoftTimeout:
+        rec("alarm_helper", myid, "soft", round(time.monotonic() - started, 3))
+        raise
+    rec("alarm_helper", myid, "done", round(time.monotonic() - started, 3))
 
 
 # --- async tasks -------------------------------------------------------------------
@@ -194,6 +245,101 @@ async def nap_once(tag):
     first = redis.Redis.from_url(URL).incr(f"test:texec:once:{tag}") == 1
     await asyncio.sleep(4 if first else 0.1)
     rec("once_end", tag, attempt(), os.getpid())
+
+
+# --- async bookkeeping: acks, CancelledError, failing async hooks -------------------
+ack_app = WakaQ(url=URL, prefix="texec6", concurrency=1, async_concurrency=4, hard_timeout=20)
+
+
+@ack_app.task
+async def ack_nap(tag, seconds):
+    rec("ack_start", tag, os.getpid())
+    await asyncio.sleep(seconds)
+    rec("ack_end", tag, os.getpid())
+
+
+# hard_timeout 1.5 s and a retry: a finished task charged a hard timeout later would run again
+_BOOKKEEPING = dict(
+    url=URL,
+    concurrency=1,
+    async_concurrency=4,
+    hard_timeout=1.5,
+    max_retries=1,
+    heartbeat_timeout=2,
+)
+cancelled_app = WakaQ(prefix="texec7", **_BOOKKEEPING)
+failing_hook_app = WakaQ(prefix="texec8", **_BOOKKEEPING)
+cancelled_one_app = WakaQ(url=URL, prefix="texec9", concurrency=1, async_concurrency=1)
+
+
+async def _ends_cancelled(tag):
+    """Ends in asyncio.CancelledError that it raises itself (nobody cancelled it)."""
+    rec("bk_ran", tag, attempt(), os.getpid())
+    await asyncio.sleep(0.01)
+    raise asyncio.CancelledError()
+
+
+async def _plain_async(tag):
+    rec("bk_ran", tag, attempt(), os.getpid())
+    await asyncio.sleep(0.01)
+
+
+for _app in (cancelled_app, cancelled_one_app):
+    _app.task(_ends_cancelled, name="first_task")
+    _app.task(_plain_async, name="next_task")
+failing_hook_app.task(_plain_async, name="first_task")
+failing_hook_app.task(_plain_async, name="next_task")
+
+
+@failing_hook_app.after_task_finished
+async def _after_raises():
+    await asyncio.sleep(0)
+    raise RuntimeError("the after hook fails")
+
+
+# --- a sync task whose async hook awaits while an async task of the same child runs ---
+mixed_app = WakaQ(url=URL, prefix="texec10", concurrency=1, async_concurrency=2, hard_timeout=8)
+
+
+@mixed_app.before_task_started
+async def _before_awaits_past_the_soft_timeout():
+    if current_task()["name"] == "sync_after_hook":
+        await asyncio.sleep(0.6)  # past the task's soft_timeout, while busy_async runs
+
+
+@mixed_app.task
+async def busy_async():
+    """Busy in its own code (blocking 20 ms steps) between awaits for about 1.2 s."""
+    rec("mixed", "async", "started")
+    try:
+        for _ in range(60):
+            time.sleep(0.02)
+            await asyncio.sleep(0)
+    except BaseException as e:
+        rec("mixed", "async", type(e).__name__)
+        raise
+    rec("mixed", "async", "done")
+
+
+@mixed_app.task(soft_timeout=0.3, hard_timeout=5, max_retries=0)
+def sync_after_hook():
+    rec("mixed", "sync", "started")
+    try:
+        time.sleep(2)
+    except SoftTimeout:
+        rec("mixed", "sync", "soft")
+        raise
+    rec("mixed", "sync", "done")
+
+
+# --- retry_backoff with a retry count far past 2**32 ----------------------------------
+backoff_app = WakaQ(url=URL, prefix="texec11", concurrency=1, hard_timeout=5)
+
+
+@backoff_app.task(soft_timeout=0.2, hard_timeout=3, max_retries=2000, retry_backoff=1)
+def late_retry():
+    rec("late_retry", attempt(), os.getpid())
+    time.sleep(2)
 
 
 # --- async hooks and wrappers ----------------------------------------------------
@@ -344,6 +490,19 @@ def test_eager_current_task_matches_a_worker_and_broadcast_round_trips_like_dela
     assert current_task() is None  # reset after the task
     with pytest.raises(TypeError):
         eager_probe.broadcast(object())  # the serializer ran
+
+
+def test_eager_delay_of_an_async_task_inside_a_running_event_loop_runs_it_and_returns_its_id():
+    EAGER_SEEN.clear()
+
+    async def main():
+        return eager_async_probe.delay("from a running loop")
+
+    task_id = asyncio.run(main())
+    [(cur, value)] = EAGER_SEEN
+    assert isinstance(task_id, str) and task_id
+    assert (cur["id"], cur["name"], value) == (task_id, "eager_async_probe", "from a running loop")
+    assert current_task() is None
 
 
 def test_async_concurrency_accepts_ints_and_cores_expressions_and_names_bad_ones():
@@ -499,6 +658,99 @@ def test_a_soft_timeout_held_back_by_logging_lands_as_soon_as_the_task_runs_agai
     assert not late, f"soft_timeout=0.1 reached the task only after (task, seconds) {late}"
 
 
+def _soft_outcome(r, workers, task, key):
+    """Run task(0) on a soft_app worker; -> its one [myid, outcome, seconds] record, the worker."""
+    w = workers("worker", "tests.test_execution:soft_app")
+    ready(r, w, soft_app)
+    task.delay(0)
+    [outcome] = wait_for(
+        lambda: runs(r, key), f"{task.name} to record how it ended", 10, diag=w.log
+    )
+    return outcome, w
+
+
+def _soft_dead_letter(r, w, name):
+    [entry] = wait_for(lambda: dead_of(r, soft_app), f"{name}'s dead letter", 5, diag=w.log)
+    assert (entry["name"], entry["reason"]) == (name, "soft timeout"), entry
+
+
+@slow
+def test_a_soft_timeout_due_inside_a_slow_str_called_by_logging_lands_in_the_task(r, workers):
+    (_, what, seconds), w = _soft_outcome(r, workers, logs_slow_values, "slow_str")
+    assert what == "soft", f"SoftTimeout never reached the task ({what} after {seconds}s)"
+    assert seconds < 1.5, f"soft_timeout=0.5 reached the task only after {seconds}s"
+    _soft_dead_letter(r, w, "logs_slow_values")
+    log = w.log()
+    assert "--- Logging error ---" not in log, log[-3000:]
+    assert "hard timeout" not in log and "crashed" not in log, log[-3000:]
+
+
+@slow
+def test_a_task_that_used_the_signal_alarm_timeout_helper_still_gets_its_soft_timeout(r, workers):
+    (_, what, seconds), w = _soft_outcome(r, workers, uses_alarm_helper, "alarm_helper")
+    assert what == "soft", f"the task ran {what} after {seconds}s: its soft timeout was lost"
+    assert seconds < 2.0, f"soft_timeout=1 reached the task only after {seconds}s"
+    _soft_dead_letter(r, w, "uses_alarm_helper")
+    assert "hard timeout" not in w.log()
+
+
+@slow
+def test_a_sync_task_whose_async_hook_awaits_gets_its_soft_timeout_not_the_async_task(r, workers):
+    """The async task runs (busy in its own code) while the sync task's before hook awaits past
+    the sync task's soft timeout: the SoftTimeout is the sync task's, raised in its own code."""
+    w = workers("worker", "tests.test_execution:mixed_app")
+    ready(r, w, mixed_app)
+    busy_async.delay()
+    wait_for(lambda: runs(r, "mixed"), "the async task to start", 5, diag=w.log)
+    sync_after_hook.delay()
+    wait_for(
+        lambda: (
+            ["async", "started"] in runs(r, "mixed")
+            and any(x[0] == "async" and x[1] != "started" for x in runs(r, "mixed"))
+            and any(x[0] == "sync" and x[1] != "started" for x in runs(r, "mixed"))
+        ),
+        "both tasks to end",
+        10,
+        diag=lambda: f"{runs(r, 'mixed')}\n{w.log()[-2000:]}",
+    )
+    ends = {who: what for who, what in runs(r, "mixed") if what != "started"}
+    assert ends == {"sync": "soft", "async": "done"}, (
+        f"the sync task's soft timeout went astray: {runs(r, 'mixed')}"
+    )
+    [entry] = wait_for(lambda: dead_of(r, mixed_app), "the dead letter", 5, diag=w.log)
+    assert (entry["name"], entry["reason"]) == ("sync_after_hook", "soft timeout"), entry
+
+
+@slow
+def test_a_failed_attempt_with_a_retry_count_past_2_to_the_32_is_delayed_at_most_an_hour(
+    r, workers
+):
+    """retry_backoff * 2**1500 overflows a float: the delay is capped (MAX_BACKOFF, an hour)
+    and the child carries on."""
+    task_id = late_retry.delay()
+    q = backoff_app.default_queue
+    raw = r.lpop(q.key)  # the same payload, as if it had failed 1,500 times already
+    assert json.loads(raw)["retry"] == 0
+    r.lpush(q.key, raw.replace(b'"retry":0,', b'"retry":1500,', 1))
+    w = workers("worker", "tests.test_execution:backoff_app")
+    ready(r, w, backoff_app)
+    [child] = children(w.pid)
+    wait_for(
+        lambda: r.zcard(q.eta_key), "the failed attempt to be requeued delayed", 10, diag=w.log
+    )
+    [(payload, due)] = r.zrange(q.eta_key, 0, -1, withscores=True)
+    sec, usec = r.time()
+    wait = due - (sec + usec / 1e6)
+    msg = json.loads(payload)
+    assert (msg["id"], msg["retry"]) == (task_id, 1501), msg
+    assert 1800 <= wait <= 3600, f"retried in {wait:.0f}s: more than an hour (or no backoff)"
+    assert runs(r, "late_retry") == [[1501, child]]
+    assert children(w.pid) == [child], "the child crashed"
+    log = w.log()
+    assert "crashed" not in log and "Traceback" not in log, log[-3000:]
+    assert dead_of(r, backoff_app) == [] and w.alive()
+
+
 # ===================================================================== async tasks
 
 
@@ -615,6 +867,98 @@ def test_a_hard_timeout_charges_only_the_late_async_task_the_others_go_back_unch
         assert ended == [started[1]], f"{tag} ended {ended}"
     assert w.alive()
     assert info["inflight"] == 3, f"info --json while three tasks ran: {info}"
+
+
+@slow
+def test_short_async_tasks_are_acked_while_a_long_one_still_runs_in_the_same_child(r, workers):
+    w = workers("worker", "tests.test_execution:ack_app")
+    ready(r, w, ack_app)
+    long_id = ack_nap.delay("long", 4)
+    wait_for(lambda: runs(r, "ack_start"), "the long task to start", 5, diag=w.log)
+    for tag in ("s1", "s2", "s3"):
+        ack_nap.delay(tag, 0.05)
+    wait_for(lambda: len(runs(r, "ack_end")) == 3, "the three short tasks to end", 3, diag=w.log)
+    wait_for(
+        lambda: [m["id"] for m in running_payloads(r, ack_app)] == [long_id],
+        "the short tasks to leave the in-flight hash",
+        1.5,
+        diag=lambda: f"in flight: {[m['args'] for m in running_payloads(r, ack_app)]}",
+    )
+    info = json.loads(cli("info", "tests.test_execution:ack_app", "--json").stdout)
+    assert [t["id"] for t in info["running"]] == [long_id], info["running"]
+    assert info["inflight"] == 1, info
+    assert "long" not in [tag for tag, _ in runs(r, "ack_end")], "the long one ended: void"
+    assert len({pid for _, pid in runs(r, "ack_start")}) == 1, "not all four in one child"
+
+
+def _ran(r):
+    return [tuple(x) for x in runs(r, "bk_ran")]
+
+
+def _evalsha_calls(r):
+    return r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+
+
+@slow
+@pytest.mark.parametrize(
+    "spec, dead_reasons",
+    [("cancelled_app", ["raised CancelledError"]), ("failing_hook_app", [])],
+    ids=["the-task-raises-CancelledError", "an-async-after-hook-raises"],
+)
+def test_after_an_async_attempt_ends_badly_the_child_runs_on_idles_quietly_and_stops(
+    r, workers, spec, dead_reasons
+):
+    """The attempt's bookkeeping ends however it ended: the child runs the next task, does not
+    spin while idle, is not charged a hard timeout for the finished task and stops on SIGTERM."""
+    the_app = globals()[spec]
+    w = workers("worker", f"tests.test_execution:{spec}")
+    ready(r, w, the_app)
+    [child] = children(w.pid)
+    the_app.tasks["first_task"].delay("first")
+    wait_for(lambda: _ran(r), "the first task to run", 5, diag=w.log)
+    the_app.tasks["next_task"].delay("next")
+    wait_for(lambda: len(_ran(r)) >= 2, "the next task to run", 5, diag=w.log)
+    assert _ran(r) == [("first", 1, child), ("next", 1, child)]
+    wait_for(
+        lambda: not running_payloads(r, the_app),
+        "nothing left in flight",
+        3,
+        diag=lambda: f"in flight: {running_payloads(r, the_app)}\n{w.log()[-2000:]}",
+    )
+    r.config_resetstat()
+    time.sleep(2)  # an idle window, measured; it also outlasts the 1.5 s hard timeout
+    calls = _evalsha_calls(r)
+    assert calls < 50, f"{calls} EVALSHA calls in 2 s on an idle queue: the child spins"
+    assert _ran(r) == [("first", 1, child), ("next", 1, child)], "a finished task ran again"
+    assert [e["reason"][: len("raised CancelledError")] for e in dead_of(r, the_app)] == (
+        dead_reasons
+    )
+    assert children(w.pid) == [child], w.log()[-3000:]
+    log = w.log()
+    assert "hard timeout" not in log and "crashed" not in log, log[-3000:]
+    os.kill(w.pid, signal.SIGTERM)
+    assert w.wait_exit(5, diag=lambda: w.log()[-2000:]) == 0
+
+
+@slow
+def test_cancelled_error_from_an_async_task_is_its_error_and_the_child_runs_on(r, workers):
+    """async_concurrency=1: the task's own CancelledError is logged and dead-lettered as the
+    task's error, like any exception; the same child runs the next task."""
+    w = workers("worker", "tests.test_execution:cancelled_one_app")
+    ready(r, w, cancelled_one_app)
+    cancelled_one_app.tasks["first_task"].delay("first")
+    [entry] = wait_for(
+        lambda: dead_of(r, cancelled_one_app), "the dead letter", 5, diag=lambda: w.log()[-2000:]
+    )
+    assert entry["reason"].startswith("raised CancelledError"), entry
+    assert (entry["name"], entry["attempts"]) == ("first_task", 1)
+    cancelled_one_app.tasks["next_task"].delay("next")
+    wait_for(lambda: len(_ran(r)) == 2, "the next task to run", 5, diag=w.log)
+    [(_, _, first_pid), (_, _, next_pid)] = _ran(r)
+    assert first_pid == next_pid, "the child crashed and was forked again"
+    log = w.log()
+    assert re.search(r"task first_task raised.*\n(.*\n)*.*CancelledError", log), log[-3000:]
+    assert "crashed" not in log and "worker died" not in log, log[-3000:]
 
 
 # ===================================================================== async hooks and wrappers

@@ -11,6 +11,7 @@ import json
 import logging.config
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,13 +28,19 @@ from wakaq import Queue, WakaQ
 from conftest import (
     ENV,
     HERE,
+    REDIS_SERVER,
     URL,
     Proc,
     Procs,
     RedisServer,
+    Server,
     _free_port,
     cli,
+    need_binaries,
     needs_private,
+    rec,
+    redis_argv,
+    runs,
     slow,
     wait_for,
 )
@@ -60,6 +67,12 @@ def nap(seconds):
 @app.task
 def fails():
     raise RuntimeError("the app's own error")
+
+
+@app.task
+def prints_unicode():
+    print("日本語 ✓")
+    rec("printed", "returned")
 
 
 def write(folder, name, text):
@@ -141,6 +154,24 @@ def test_app_option_works_wherever_app_is_positional(r, tmp_path):
     finally:
         for p in worker:
             p.stop()
+
+
+@slow
+def test_worker_exclude_queues_naming_every_queue_exits_2_with_one_line(r, spawn):
+    w = spawn("worker", "tests.test_ops:app", "--exclude-queues", "high,default")
+    assert w.wait_exit(15, diag=lambda: w.log()[-1500:]) == 2, w.log()[-1500:]
+    lines = w.log().strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in w.log(), w.log()
+    assert re.search(r"(?i)exclude", lines[0]) and "high" in lines[0] and "default" in lines[0]
+
+
+@slow
+def test_worker_concurrency_below_1_is_a_usage_error(r, spawn):
+    w = spawn("worker", "tests.test_ops:app", "--concurrency", "-1")
+    assert w.wait_exit(15, diag=lambda: w.log()[-1500:]) == 2, w.log()[-1500:]
+    out = w.log()
+    assert "usage: wakaq worker" in out and "--concurrency" in out, out
+    assert "Traceback" not in out, out
 
 
 @slow
@@ -384,6 +415,71 @@ def test_a_refused_connection_at_start_is_an_outage_the_worker_rides_out(tmp_pat
     assert "pw@" not in out
 
 
+def test_a_password_given_beside_the_url_is_used(tmp_path):
+    need_binaries(("redis-server", REDIS_SERVER))
+    port, folder = _free_port(), str(tmp_path)
+    argv = redis_argv(port, folder, "--requirepass", "x")
+    server = Server(argv, port, folder, password="x").start()
+    try:
+        server.wait_up()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).ping()  # the server does ask for it
+        other = WakaQ(url=f"redis://127.0.0.1:{port}/0", password="x")
+        task_id = other.task(nap.fn, name="nap").delay(1)
+        admin = server.client()
+        assert [json.loads(p)["id"] for p in admin.lrange(other.default_queue.key, 0, -1)] == [
+            task_id
+        ]
+        assert other.redis.ping()
+        admin.close()
+    finally:
+        server.stop()
+
+
+ONE_CORE = """
+import os, sys
+from wakaq import WakaQ
+print(os.cpu_count(), len(os.sched_getaffinity(0)))
+print(WakaQ(url=sys.argv[1], concurrency="cores - 1").concurrency)
+"""
+
+
+def test_cores_minus_1_on_a_one_core_host_is_one_child(tmp_path):
+    """A process that sees one core: os.cpu_count() (sysconf) ignores CPU affinity, so it runs
+    in a mount namespace whose /sys/devices/system/cpu/online says "0", under taskset -c 0."""
+    unshare, taskset = shutil.which("unshare"), shutil.which("taskset")
+    if not (unshare and taskset and os.geteuid() == 0):
+        pytest.skip("needs root, unshare and taskset to show a process one core")
+    online = tmp_path / "online"
+    online.write_text("0\n")
+    script = tmp_path / "one_core.py"
+    script.write_text(ONE_CORE)
+    out = subprocess.run(
+        [
+            unshare,
+            "-m",
+            "sh",
+            "-c",
+            'mount --bind "$0" /sys/devices/system/cpu/online && exec "$1" -c 0 "$2" "$3" "$4"',
+            str(online),
+            taskset,
+            sys.executable,
+            str(script),
+            URL,
+        ],
+        cwd=HERE,
+        env={**ENV, "PYTHONPATH": HERE},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    first = out.stdout.splitlines()[:1]
+    if first != ["1 1"]:
+        pytest.skip(f"cannot show a process one core here: {out.stdout!r} {out.stderr[-300:]!r}")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[1] == "1", out.stdout
+
+
 @pytest.mark.parametrize(
     "body, expect",
     [
@@ -437,6 +533,29 @@ def test_the_logger_survives_dictconfig_at_app_import(r, spawn):
     )
     log = worker.log()
     assert "started" in log and "Traceback" in log
+
+
+@slow
+def test_a_task_printing_non_latin_text_under_a_latin_1_locale_returns(r, spawn):
+    env = {k: v for k, v in ENV.items() if not k.startswith("LC_")}
+    env.update(PYTHONIOENCODING="latin-1", LANG="C")
+    w = Proc(["worker", "tests.test_ops:app"], spawn.folder, env)
+    spawn.append(w)
+    prints_unicode.delay()
+    wait_for(
+        lambda: runs(r, "printed") or re.search(r"prints_unicode.*(raised|done)", w.log()),
+        "the task to end",
+        diag=w.log,
+    )
+    log = w.log()
+    assert "UnicodeEncodeError" not in log, log[-3000:]
+    assert runs(r, "printed") == [["returned"]], log[-3000:]
+    wait_for(
+        lambda: "日本語 ✓" in w.log() or "\\u65e5\\u672c\\u8a9e \\u2713" in w.log(),
+        "the printed line in the log (escaped or not)",
+        5,
+        diag=w.log,
+    )
 
 
 # ===================================================================== settings
