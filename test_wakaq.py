@@ -504,11 +504,6 @@ def test_delay_many_with_kwargs_that_are_not_a_dict_raises_type_error_and_enqueu
     assert r.keys("{wakaq}:*") == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="wakaq.py bug: Task.delay_many's TypeError for non-dict kwargs names the item's "
-    "args (`got {args!r}`), not the bad kwargs value",
-)
 def test_delay_many_type_error_names_the_kwargs_value_that_is_not_a_dict(r):
     with pytest.raises(TypeError, match=re.escape(repr("b=2"))):
         add.delay_many([{"args": [1], "kwargs": "b=2"}])
