@@ -569,8 +569,8 @@ return n
 
 # The hot path: release the field's previous attempt, then claim the next task for it.
 # KEYS: our in-flight hash, the served set. ARGV: new token, promote ('p': move due delayed
-# tasks and look at broadcasts first), a queue to try first ('' none), then the release of
-# the field's previous attempt (13 values, see release; its field is the one claimed).
+# tasks and look at broadcasts first), a queue to try first ('' none), then the field and
+# the release of its finished attempt (an ack: 7 values, see release; or the field and '').
 # -> the payload; or, nothing to claim, ms to the next due task (-1: none).
 _CLAIM = _Script(
     """
@@ -669,7 +669,7 @@ return payload
     allow_oom=True,
 )
 
-# An attempt's release outside a claim. KEYS: our in-flight hash. ARGV: the release (13).
+# An attempt's release outside a claim. KEYS: our in-flight hash. ARGV: the release (7 or 13).
 _RELEASE = _Script(
     """
 local P = string.match(KEYS[1], '^(.-):inflight:')
