@@ -15,9 +15,9 @@ list, as wakaq's enqueue does):
                 BLPOP is served (a blocked client's next command waits in its buffer), so
                 both replies come back together
 
-After each task the consumer makes one more claim (it returns nothing: the queue is empty),
-as a wakaq child does (its ack rides on it), then waits again; for `queue` that claim is an
-LPOP. Latency = time.time() in the consumer when it has the task - time.time() before the
+After each task the consumer makes one more claim (it acks; it returns nothing unless the next
+task is already there), as a wakaq child does, then waits again; for `queue` that claim is an
+LPOP. A stale wake-up (its task taken by that claim) costs one empty wait+claim. Latency = time.time() in the consumer when it has the task - time.time() before the
 producer's EVALSHA (same clock). Nearest-rank p50 / p99 / mean in ms. The claim script here
 only LPOPs; wakaq's does more work inside Redis (tens of us), not more round trips.
 Pinning as bench.py: redis-server on the first CPU, the producer (this process) on the last,
@@ -44,37 +44,38 @@ CLAIM = "return redis.call('LPOP', KEYS[1])"
 def consumer(shape, port, count):
     """Runs in its own process: take `count` tasks, print their latencies (JSON)."""
     import redis
-    r = redis.Redis(host="127.0.0.1", port=port)
+    r = redis.Redis(host="127.0.0.1", port=port, socket_timeout=30)
     sha = r.script_load(CLAIM)
     c = r.connection_pool.get_connection()
-    out, wait = [], 5
+    out, wait, task = [], 2, None
 
     def claim():
         c.send_command("EVALSHA", sha, 1, "q")
         return c.read_response()
     print("ready", flush=True)
     while len(out) < count:
-        if shape == "queue":
-            c.send_command("BLPOP", "q", wait)
-            got = c.read_response()
-            task = got and got[1]
-        elif shape == "wake,claim":
-            c.send_command("BLPOP", "wake", wait)
-            c.read_response()
-            task = claim()
-        else:
-            c.send_packed_command(c.pack_commands([("BLPOP", "wake", wait),
-                                                   ("EVALSHA", sha, 1, "q")]))
-            c.read_response()
+        if task is None:                             # idle: wait
+            if shape == "queue":
+                c.send_command("BLPOP", "q", wait)
+                got = c.read_response()
+                task = got and got[1]
+            elif shape == "wake,claim":
+                c.send_command("BLPOP", "wake", wait)
+                c.read_response()
+                task = claim()
+            else:
+                c.send_packed_command(c.pack_commands([("BLPOP", "wake", wait),
+                                                       ("EVALSHA", sha, 1, "q")]))
+                c.read_response()
+                task = c.read_response()
+            if task is None:
+                continue
+        out.append(time.time() - float(task))        # "runs" it
+        if shape == "queue":                         # the next one (the floor has no ack;
+            c.send_command("LPOP", "q")              # kept alike): usually empty
             task = c.read_response()
-        if task is None:
-            continue
-        out.append(time.time() - float(task))
-        if shape == "queue":
-            c.send_command("LPOP", "q")              # the floor's shape has no ack; kept alike
-            c.read_response()
         else:
-            claim()                                  # the next claim (acks this one): empty
+            task = claim()                           # the next claim (acks this one)
     print(json.dumps(out), flush=True)
 
 
@@ -109,18 +110,27 @@ def main():
                     for shape in (SHAPES if rep % 2 == 0 else SHAPES[::-1]):
                         r.delete("q", "wake")
                         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-                        p = subprocess.Popen([sys.executable, __file__, "--consumer", shape,
-                                              str(proxy.port), str(a.count)], env=env,
-                                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+                        errf = os.path.join(scratch, f"consumer-{rep}-{d}-{shape}.err")
+                        with open(errf, "wb") as err:
+                            p = subprocess.Popen([sys.executable, __file__, "--consumer", shape,
+                                                  str(proxy.port), str(a.count)], env=env,
+                                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                                 stderr=err)
                         try:
-                            assert p.stdout.readline().strip() == b"ready"
+                            if p.stdout.readline().strip() != b"ready":
+                                raise RuntimeError(f"consumer {shape}: {open(errf).read()[-2000:]}")
                             time.sleep(0.2)
                             nxt = time.perf_counter()
                             for _ in range(a.count):
                                 push(keys=["q", "wake"], args=[repr(time.time())])
                                 nxt += a.interval
                                 time.sleep(max(0.0, nxt - time.perf_counter()))
-                            lat = sorted(x * 1e3 for x in json.loads(p.stdout.readline()))
+                            line = p.stdout.readline()
+                            if not line.strip():
+                                p.wait(10)
+                                raise RuntimeError(f"consumer {shape} (+{d} ms) exited "
+                                                   f"{p.returncode}: {open(errf).read()[-2000:]}")
+                            lat = sorted(x * 1e3 for x in json.loads(line))
                             p.wait(10)
                         finally:
                             if p.poll() is None:
