@@ -85,6 +85,29 @@ while True:
 """
 )
 
+# The floor with a prefetch of one (rtt case, optional variant "raw-prefetch"): the LPOP of
+# the next task is sent before the current one runs and its reply read after, so the fetch's
+# round trip overlaps the task's own (redis-py's send_command / read_response on the same kind
+# of connection the floor uses). An empty queue: BLPOP, as the floor.
+RAW_PREFETCH_CONSUMER = (
+    RAW_CONSUMER.split("r = redis.Redis(host=HOST, port=PORT)\nwhile")[0]
+    + """
+c = redis.Redis(host=HOST, port=PORT).connection_pool.get_connection()
+cur = None
+while True:
+    if cur is None:
+        c.send_command("BLPOP", KEY, 1)
+        item = c.read_response()
+        if item is None:
+            continue
+        cur = item[1]
+    c.send_command("LPOP", KEY)          # the next one, fetched while this one runs
+    msg = json.loads(cur)
+    TASKS[msg["fn"]](*msg["args"])
+    cur = c.read_response()              # None: the queue was empty -> BLPOP
+"""
+)
+
 RAW_PRODUCER = (
     RAW_COMMON
     + """
@@ -416,6 +439,8 @@ def worker_argvs(kind, workers=1):
     "wakaq_q200", ...): `workers` x `python wakaq.py worker bench_app:KIND`."""
     if kind == "raw":
         return [[PY, "-c", RAW_CONSUMER] for _ in range(2)]
+    if kind == "raw-prefetch":
+        return [[PY, "-c", RAW_PREFETCH_CONSUMER] for _ in range(2)]
     return [[PY, WAKAQ_PY, "worker", f"bench_app:{kind}"] for _ in range(workers)]
 
 
@@ -485,11 +510,25 @@ def _alive(pid, st):
 # ------------------------------------------------------------------ phases
 
 
-def drain(server, kind, n, scratch, tag, sample_interval=0.05, timeout=300, partial=False):
+def drain(
+    server,
+    kind,
+    n,
+    scratch,
+    tag,
+    sample_interval=0.05,
+    timeout=300,
+    partial=False,
+    worker_port=None,
+    on_first=None,
+    on_done=None,
+):
     """Start the workers with `n` tasks queued; poll the counter every 5 ms. The workers keep
     running (for the latency phase); returns (figures, popens, sampler). With `partial`, a
     drain that does not finish within `timeout` returns its figures (done < n) instead of
-    raising."""
+    raising. `worker_port`: the port the workers are given (a delay proxy's; default the
+    server's; the driver always polls the server directly). on_first(v, popens) /
+    on_done(v, popens): called when the counter is first seen >= 1 and >= n."""
     r = server.r
     cs0 = stats(server, "commandstats")
     st0 = stats(server)
@@ -498,7 +537,10 @@ def drain(server, kind, n, scratch, tag, sample_interval=0.05, timeout=300, part
     polls = 0
     t0 = perf_counter()
     popens = start(
-        worker_argvs(kind), server.port, os.path.join(scratch, f"{tag}.log"), server.cluster
+        worker_argvs(kind),
+        worker_port or server.port,
+        os.path.join(scratch, f"{tag}.log"),
+        server.cluster,
     )
     sampler = TreeSampler([p.pid for p in popens], sample_interval)
     sampler.start()
@@ -509,8 +551,10 @@ def drain(server, kind, n, scratch, tag, sample_interval=0.05, timeout=300, part
         now = perf_counter()
         if t_first is None and v >= 1:
             t_first, v_first = now, v
+            on_first and on_first(v, popens)
         if v >= n:
             t_done = now
+            on_done and on_done(v, popens)
             break
         if now - t0 > timeout or any(p.poll() is not None for p in popens):
             break
@@ -551,6 +595,7 @@ def drain(server, kind, n, scratch, tag, sample_interval=0.05, timeout=300, part
         "done": v,
         "seconds": t_done - t0,
         "rate": n / (t_done - t0),
+        "worker_cpu_s": wcpu,
         "t_done_wall": time.time() - (perf_counter() - t_done),
         "startup_s": t_first - t0,
         "rate_excl_startup": (n - v_first) / (t_done - t_first) if t_done > t_first else None,
@@ -916,6 +961,14 @@ class Live:
                 return note
         return ""
 
+    def close_one(self, obj):
+        """Stop one server (or proxy) added with server() now."""
+        for i, (kind, x) in enumerate(self.items):
+            if kind == "server" and x is obj:
+                del self.items[i]
+                x.stop()
+                return
+
     def close(self):
         while self.items:
             kind, x = self.items.pop()
@@ -1247,6 +1300,266 @@ def run_bytes(args, rep, scratch):
     return res
 
 
+# ------------------------------------------------------------------ rtt: a remote Redis (--rtt-ms)
+
+PROXY_PY = os.path.join(HERE, "delay_proxy.py")
+
+
+class DelayProxy:
+    """bench/delay_proxy.py on a free loopback port, forwarding to `target_port` with
+    `delay_ms` added per round trip (half each way); counters on demand (SIGUSR1 -> one JSON
+    line appended to its --stats file)."""
+
+    def __init__(self, target_port, delay_ms, scratch, tag):
+        import select
+
+        self.port, self.lines = free_port(), 0
+        self.stats_path = os.path.join(scratch, f"{tag}.proxy.jsonl")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+        with open(os.path.join(scratch, f"{tag}.proxy.log"), "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    PY,
+                    PROXY_PY,
+                    "--listen",
+                    str(self.port),
+                    "--target",
+                    str(target_port),
+                    "--delay-ms",
+                    str(delay_ms),
+                    "--stats",
+                    self.stats_path,
+                    "--ready",
+                ],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
+        self.pid = self.proc.pid
+        ready = select.select([self.proc.stdout], [], [], 10)[0]
+        line = self.proc.stdout.readline() if ready else b""
+        if not line.startswith(b"ready"):
+            self.stop()
+            raise RuntimeError(f"delay proxy did not start (see {scratch}/{tag}.proxy.log)")
+
+    def snapshot(self):
+        """{connections, up_chunks, up_bytes, down_chunks, down_bytes, t, cpu_s} now."""
+        cpu = cpu_seconds(self.pid)
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 5
+        while True:
+            raw = _read(self.stats_path) or b""
+            rows = raw.splitlines()
+            if raw.endswith(b"\n") and len(rows) > self.lines:
+                self.lines = len(rows)
+                out = json.loads(rows[-1])
+                out["cpu_s"] = cpu
+                return out
+            if time.monotonic() > deadline:
+                raise RuntimeError("delay proxy: no counters after SIGUSR1")
+            time.sleep(0.0005)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stdout.close()
+
+
+def ping_ms(port, count=300):
+    """PING round trips on one connection (after 30 unmeasured): (p50, p99) in ms."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    out = []
+    try:
+        for i in range(count + 30):
+            t = perf_counter()
+            s.sendall(b"*1\r\n$4\r\nPING\r\n")
+            buf = b""
+            while not buf.endswith(b"\r\n"):
+                chunk = s.recv(64)
+                if not chunk:
+                    raise RuntimeError("PING: connection closed")
+                buf += chunk
+            if i >= 30:
+                out.append((perf_counter() - t) * 1e3)
+    finally:
+        s.close()
+    out.sort()
+    return pct(out, 50), pct(out, 99)
+
+
+def rtt_n(args, d):
+    """Tasks per drain at added RTT d (ms): --rtt-n, or about 4 s of the floor's rate."""
+    if args.rtt_n:
+        return args.rtt_n
+    if d in ("direct", "0") or float(d) == 0:
+        return 10000
+    return int(min(10000, max(1000, round(4000 / float(d), -2))))
+
+
+def machine_jiffies():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7], sum(v[:8])
+
+
+def cpu_mark(server, proxy, popens):
+    """CPU seconds of what this run started (redis, proxy, workers, the driver and its reaped
+    children) and the machine's busy/total jiffies, for foreign_cpu()."""
+    t = os.times()
+    ours = (
+        sum(cpu_seconds(p) for p in server.pids)
+        + cpu_seconds(proxy.pid)
+        + sum(cpu_seconds(p) for p in tree([p.pid for p in popens]))
+        + t.user
+        + t.system
+        + t.children_user
+        + t.children_system
+    )
+    return {"ours_s": ours, "jiffies": machine_jiffies(), "t": perf_counter()}
+
+
+def foreign_cpu(a, b):
+    """CPU % (100 = one core) of the machine, of this run's processes, and of the others
+    (machine - ours) between two cpu_mark()s."""
+    dt = b["t"] - a["t"]
+    machine = 100 * (b["jiffies"][0] - a["jiffies"][0]) / CLK_TCK / dt
+    ours = 100 * (b["ours_s"] - a["ours_s"]) / dt
+    return {
+        "machine_cpu_pct": machine,
+        "ours_cpu_pct": ours,
+        "foreign_cpu_pct": max(0.0, machine - ours),
+    }
+
+
+def _window(a, b, tasks):
+    """Proxy counters between two snapshots, per task: round trips (= chunks client -> redis,
+    one per request written: no client here pipelines), chunks back, proxy CPU."""
+    dt = b["t"] - a["t"]
+    return {
+        "tasks": tasks,
+        "seconds": dt,
+        "round_trips_per_task": (b["up_chunks"] - a["up_chunks"]) / tasks,
+        "down_chunks_per_task": (b["down_chunks"] - a["down_chunks"]) / tasks,
+        "up_bytes_per_task": (b["up_bytes"] - a["up_bytes"]) / tasks,
+        "new_connections": b["connections"] - a["connections"],
+        "proxy_cpu_pct": 100 * (b["cpu_s"] - a["cpu_s"]) / dt if dt > 0 else None,
+    }
+
+
+def rtt_variant(live, server, kind, d, n, args, scratch, tag):
+    """One variant at one added RTT: N tasks queued directly, the workers (through a fresh
+    delay proxy unless d == "direct") drain them, then pickup on the idle workers (producer
+    direct). Returns the drain figures with "pickup", "proxy" (steady-state window of the
+    drain) and "proxy_pickup" (the pickup phase, per lat task)."""
+    server.flushall()
+    if kind.startswith("raw"):
+        run_producer(raw_producer("pipe", n), server.port)
+    else:
+        _, noop = driver_app(server.port, kind)
+        noop.delay_many([(i,) for i in range(n)])
+    proxy = None if d == "direct" else live.server(DelayProxy(server.port, float(d), scratch, tag))
+    snaps = {}
+
+    def mark(event):
+        def f(v, popens):
+            snaps[event] = (v, proxy.snapshot(), cpu_mark(server, proxy, popens))
+
+        return f if proxy else None
+
+    out, popens, sampler = drain(
+        server,
+        kind,
+        n,
+        scratch,
+        tag,
+        worker_port=proxy and proxy.port,
+        on_first=mark("first"),
+        on_done=mark("done"),
+    )
+    live.add(popens, sampler)
+    if proxy:
+        (v0, a, ca), (v1, b, cb) = snaps["first"], snaps["done"]
+        out["proxy"] = _window(a, b, v1 - v0)
+        out.update(foreign_cpu(ca, cb))
+    if args.latency_count:
+        before = proxy and proxy.snapshot()
+        out["pickup"] = pickup(
+            server,
+            "wakaq" if kind.startswith("wakaq") else "raw",
+            args.latency_count,
+            args.latency_interval,
+        )
+        if proxy:
+            time.sleep(0.3)  # the last claim / BLPOP goes out
+            out["proxy_pickup"] = _window(before, proxy.snapshot(), args.latency_count + 1)
+    live.stop(popens, tag, **({"timeout": 3} if kind.startswith("raw") else {}))
+    check_count(server.r, n, f"{tag} drain")
+    if proxy:
+        live.close_one(proxy)
+    return out
+
+
+def wait_quiet(limit_s, busy=15.0):
+    """Wait up to limit_s for the machine to be under `busy` % (of all cores); -> last %."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        b = busy_pct(0.3)
+        if b < busy or time.monotonic() > deadline:
+            return b
+
+
+def run_rtt(args, rep, scratch):
+    """The drain (and pickup) with the workers' Redis connections (queue and task body alike)
+    going through bench/delay_proxy.py at each --rtt-ms; the floor (2 BLPOP consumers) and
+    wakaq (1 worker, concurrency=2) each get a fresh proxy with the same settings, one
+    redis-server per repeat. Producer and the driver's polls go to redis-server directly."""
+    res, live = new_res(rep), Live()
+    kinds = args.rtt_variants
+    try:
+        server = live.server(RedisServer(scratch))
+        res["rtt"] = {}
+        for d in args.rtt_ms:
+            n = rtt_n(args, d)
+            row = {"n": n}
+            if d != "direct":
+                p = live.server(DelayProxy(server.port, float(d), scratch, f"t{rep}-{d}-ping"))
+                row["ping_p50_ms"], row["ping_p99_ms"] = ping_ms(p.port)
+                live.close_one(p)
+            order = kinds if rep % 2 else kinds[::-1]  # alternate the order by repeat
+            for kind in order:
+                for attempt in range(3):  # redone (twice at most) if others used the CPU
+                    busy = wait_quiet(args.rtt_quiet_wait)
+                    row[kind] = rtt_variant(
+                        live, server, kind, d, n, args, scratch, f"t{rep}-{d}-{kind}-{attempt}"
+                    )
+                    row[kind]["busy_before_pct"] = busy
+                    f = row[kind].get("foreign_cpu_pct")
+                    if f is None or f <= args.rtt_max_foreign:
+                        break
+                    res["notes"].append(
+                        f"+{d} ms {kind}: {f:.0f} % foreign CPU"
+                        + (", redone" if attempt < 2 else ", kept (3rd try)")
+                    )
+            for kind in kinds:
+                if kind != "raw" and "raw" in row:
+                    row[kind]["vs_raw"] = row[kind]["rate"] / row["raw"]["rate"]
+                    row[kind]["vs_raw_excl_startup"] = (
+                        row[kind]["rate_excl_startup"] / row["raw"]["rate_excl_startup"]
+                    )
+            res["rtt"][d] = row
+    finally:
+        live.close()
+        res["notes"] += live.notes
+    return res
+
+
 # ------------------------------------------------------------------ report
 
 
@@ -1420,6 +1733,65 @@ def _report_bytes(R, a, P):
     return targets
 
 
+def _rtt_rows(R, d):
+    """The runs' rows of the rtt case at added RTT d."""
+    return [run["rtt"][d] for run in R if d in run.get("rtt", {})]
+
+
+def _rtt_table(R, a, P):
+    """Drain rates, ratio to the floor and pickup per added RTT, one line per RTT."""
+    kinds = a["rtt_variants"]
+    P(
+        "  drain tasks/s from worker start (excl. start-up); x floor = median of per-run "
+        "ratios; pickup p50/p99 ms; RT = requests through the proxy per task (drain) and per "
+        "lat task (pickup phase)"
+    )
+    P(
+        f"  {'RTT':<7}{'PING p50':>9}{'N':>7}  "
+        + "".join(f"{k + ' /s':>22}" + ("" if k == "raw" else f"{'x floor':>8}") for k in kinds)
+        + "".join(f"{k + ' pickup':>22}" for k in kinds)
+    )
+    for d in a["rtt_ms"]:
+        rows = _rtt_rows(R, d)
+        if not rows:
+            continue
+        ping, n = fmt(med(rows, "ping_p50_ms"), 2), fmt(med(rows, "n"))
+        line = f"  {'+' + d + ' ms':<7}{ping:>9}{n:>7}  "
+        for k in kinds:
+            rate = f"{fmt(med(rows, f'{k}.rate'))} ({fmt(med(rows, f'{k}.rate_excl_startup'))})"
+            line += f"{rate:>22}"
+            if k != "raw":
+                line += f"{fmt(med(rows, f'{k}.vs_raw'), 3):>8}"
+        for k in kinds:
+            p50, p99 = med(rows, f"{k}.pickup.p50_ms"), med(rows, f"{k}.pickup.p99_ms")
+            line += f"{fmt(p50, 2) + ' / ' + fmt(p99, 2):>22}"
+        P(line)
+
+
+def _rtt_per_task(R, a, P):
+    """Round trips, proxy / worker / foreign CPU and redis commands per task and RTT."""
+    P(
+        "  per task (medians): RT drain / RT pickup, proxy CPU % (drain), worker CPU us/task, "
+        "redis commands/task (run 1)"
+    )
+    for d in a["rtt_ms"]:
+        rows = _rtt_rows(R, d)
+        for k in a["rtt_variants"] if rows else ():
+            P(
+                f"    +{d:<5} {k:<13} RT {fmt(med(rows, f'{k}.proxy.round_trips_per_task'), 2)}"
+                f" / {fmt(med(rows, f'{k}.proxy_pickup.round_trips_per_task'), 2)}, proxy CPU "
+                f"{fmt(med(rows, f'{k}.proxy.proxy_cpu_pct'), 1)} %, worker CPU "
+                f"{fmt(med(rows, f'{k}.worker_cpu_us_per_task'))} us, foreign CPU "
+                f"{fmt(med(rows, f'{k}.foreign_cpu_pct'), 1)} %; " + cmd_split(rows[0][k], 6)
+            )
+
+
+def _report_rtt(R, a, P):
+    _rtt_table(R, a, P)
+    _rtt_per_task(R, a, P)
+    return []
+
+
 # (case, its title from the arguments, its section): the order of the report
 _CASE_REPORTS = (
     (
@@ -1459,6 +1831,14 @@ _CASE_REPORTS = (
             f"{a['bytes_size']:,}-byte argument (enqueue + run + ack)"
         ),
         _report_bytes,
+    ),
+    (
+        "rtt",
+        lambda a: (
+            "a remote Redis: every worker connection (queue and task body) through "
+            "bench/delay_proxy.py adding RTT ms; producer and polls direct"
+        ),
+        _report_rtt,
     ),
 )
 
@@ -1681,8 +2061,8 @@ def git_rev():
         return None
 
 
-CASES = ("main", "async", "idle", "cluster", "loglevel", "queues", "bytes", "scale")
-DEFAULT_CASES = CASES[:-1]
+CASES = ("main", "async", "idle", "cluster", "loglevel", "queues", "bytes", "scale", "rtt")
+DEFAULT_CASES = CASES[:-2]
 
 
 def summary(case, res):
@@ -1729,7 +2109,22 @@ def summary(case, res):
             f"wakaq {res['wakaq']['ratio_to_arg']:.3f} x the argument, raw "
             f"{res['raw']['ratio_to_arg']:.3f} x"
         )
+    if case == "rtt":
+        return _summary_rtt(res)
     return ""
+
+
+def _summary_rtt(res):
+    """The rtt case's progress line: each variant's drain rate (and pickup p50) per RTT."""
+
+    def one(k, v):
+        p = v.get("pickup")
+        return f"{k} {v['rate']:,.0f}/s" + (f" (p50 {p['p50_ms']:.2f} ms)" if p else "")
+
+    return "; ".join(
+        f"+{d} ms: " + ", ".join(one(k, v) for k, v in row.items() if isinstance(v, dict))
+        for d, row in res["rtt"].items()
+    )
 
 
 def _where(e):
@@ -1753,9 +2148,10 @@ def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--case",
-        default=",".join(DEFAULT_CASES),
+        default=None,
         help=f"comma-separated cases to run, of {','.join(CASES)}; 'all' = every "
-        f"case but scale (default: %(default)s)",
+        f"case but scale and rtt (default: {','.join(DEFAULT_CASES)}; with "
+        f"--rtt-ms alone: rtt)",
     )
     ap.add_argument("--n", type=int, default=20000, help="tasks per drain/enqueue (default 20000)")
     ap.add_argument("--bulk-n", type=int, default=100000, help="tasks in the delay_many() run")
@@ -1800,6 +2196,39 @@ def parse_args():
         default=20,
         help="bytes case: at most this many sent and not yet done",
     )
+    ap.add_argument(
+        "--rtt-ms",
+        help="rtt case (a remote Redis): comma-separated round-trip "
+        "times in ms added by bench/delay_proxy.py between the workers and Redis "
+        "('0': through the proxy, nothing added; 'direct': no proxy); given alone, "
+        "only the rtt case runs (default with --case rtt: 0,0.5,1,2)",
+    )
+    ap.add_argument(
+        "--rtt-n",
+        type=int,
+        help="rtt case: tasks per drain (default: 10000 at "
+        "0 ms, else 4000 / RTT ms rounded, 1000..10000)",
+    )
+    ap.add_argument(
+        "--rtt-variants",
+        default="raw,wakaq",
+        help="rtt case: what drains, of raw (the floor), wakaq, raw-prefetch (the "
+        "floor fetching the next task while one runs) (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--rtt-max-foreign",
+        type=float,
+        default=20.0,
+        help="rtt case: redo a drain (twice at most) when processes outside the run "
+        "used more than this CPU %% during it (100 = one core; default 20)",
+    )
+    ap.add_argument(
+        "--rtt-quiet-wait",
+        type=float,
+        default=30.0,
+        help="rtt case: before each drain, wait up to this many s for the machine "
+        "to be < 15%% busy",
+    )
     ap.add_argument("--no-pin", action="store_true")
     ap.add_argument("--keep-logs", action="store_true", help="keep the scratch dir (worker logs)")
     ap.add_argument("--out", help="JSON path (default bench/results/bench-<date>-<time>.json)")
@@ -1810,11 +2239,22 @@ def parse_args():
         args.eta_count, args.due_count = min(args.eta_count, 100_000), min(args.due_count, 20_000)
         args.async_timeout = min(args.async_timeout, 15.0)
     args.repeat = args.repeat or 3
+    if args.case is None:
+        args.case = "rtt" if args.rtt_ms else ",".join(DEFAULT_CASES)
     wanted = (
         list(DEFAULT_CASES)
         if args.case == "all"
         else [c.strip() for c in args.case.split(",") if c.strip()]
     )
+    if args.rtt_ms and "rtt" not in wanted:
+        wanted.append("rtt")
+    args.rtt_ms = [x.strip() for x in (args.rtt_ms or "0,0.5,1,2").split(",") if x.strip()]
+    for x in args.rtt_ms:
+        if x != "direct":
+            float(x)
+    args.rtt_variants = [x.strip() for x in args.rtt_variants.split(",") if x.strip()]
+    if [x for x in args.rtt_variants if x not in ("raw", "wakaq", "raw-prefetch")]:
+        ap.error("--rtt-variants: raw, wakaq, raw-prefetch")
     bad = [c for c in wanted if c not in CASES]
     if bad:
         ap.error(f"unknown case(s) {bad}; cases: {', '.join(CASES)}")
@@ -1866,6 +2306,7 @@ def main():
         "loglevel": run_loglevel,
         "queues": run_queues,
         "bytes": run_bytes,
+        "rtt": run_rtt,
     }
     cases = {c: {"runs": [], "error": None, "seconds": 0.0} for c in wanted}
     t_start = perf_counter()
