@@ -742,8 +742,8 @@ end
 return #recent
 """)
 
-# KEYS: workers. ARGV: id, the app's queue names... -> 'running', 'delayed', 'pending' or
-# false. A queued task is dropped when claimed; a running one is interrupted by its worker
+# KEYS: workers. ARGV: id, the app's queue names... -> 'running', 'delayed', 'pending',
+# 'dead' or false. A queued task is dropped when claimed; a running one is interrupted by its worker
 # (which polls its cancel set) and dropped at its release.
 _CANCEL = _Script("""
 local P = string.match(KEYS[1], '^(.-):workers$')
@@ -767,6 +767,14 @@ for i = 2, #ARGV do
     redis.call('HDEL', P .. ':ids:' .. ARGV[i], id)
     redis.call('HSET', P .. ':cancelled', id, t)
     return tonumber(ready_at) > t and 'delayed' or 'pending'
+  end
+end
+-- A dead letter (there are at most max_dead): removed.
+local prefix = '{"id": "' .. id .. '"'
+for _, entry in ipairs(redis.call('LRANGE', P .. ':dead', 0, -1)) do
+  if string.sub(entry, 1, #prefix) == prefix then
+    redis.call('LREM', P .. ':dead', 1, entry)
+    return 'dead'
   end
 end
 return false
@@ -1323,12 +1331,7 @@ class WakaQ:
         if not isinstance(task_id, str) or not task_id:
             raise TypeError(f"a task id is a non-empty str, got {task_id!r}")
         found = _CANCEL(self.redis, [self.workers_key], [task_id, *self._queues])
-        if found:
-            return found.decode()
-        for raw in self.redis.lrange(self.dead_key, 0, -1):
-            if json.loads(raw).get("id") == task_id and self.redis.lrem(self.dead_key, 1, raw):
-                return "dead"
-        return None
+        return found.decode() if found else None
 
 
 def _eta(eta):
