@@ -150,6 +150,15 @@ retry_app.task(raise_it, name="picky_raiser", retry_on=(TypeError,))
 
 dead_app = WakaQ(queues=["default"], url=URL, concurrency=1, max_dead=3)
 
+# A schedule every second, for the scheduler's own tests.
+CRON_APP = "tests.test_operations:cron_app"
+cron_app = WakaQ(queues=["default"], url=URL, schedules=[CronTask("* * * * * *", "tick")])
+
+
+@cron_app.task
+def tick():
+    pass
+
 
 @dead_app.task
 def numbered(n):
@@ -844,14 +853,37 @@ def test_worker_loglevel_warning_hides_the_per_attempt_info_lines(r, spawn):
 
 
 @slow
-def test_scheduler_accepts_loglevel_debug_and_refuses_an_unknown_level(r, spawn):
-    s = spawn("scheduler", APP, "--loglevel", "DEBUG")
-    wait_for(lambda: "scheduler started with 1 schedule(s)" in s.log(), "the start line")
+@pytest.mark.parametrize("level", ["DEBUG", "WARNING"])
+def test_scheduler_loglevel_sets_what_it_logs(r, spawn, level):
+    s = spawn("scheduler", CRON_APP, "--loglevel", level)
+    wait_for(lambda: r.llen("{wakaq}:q:default") >= 2, "two ticks enqueued", diag=s.log)
     code, _ = sigterm_and_time(s)
     assert code == 0, s.log()
-    out = cli("scheduler", APP, "--loglevel", "LOUD")
+    enqueued = re.findall(rf"^{_STAMP} INFO wakaq pid=\d+: enqueued tick for ", s.log(), re.M)
+    assert len(enqueued) == (r.llen("{wakaq}:q:default") if level == "DEBUG" else 0), s.log()
+
+
+def test_scheduler_refuses_an_unknown_loglevel_in_one_line():
+    out = cli("scheduler", CRON_APP, "--loglevel", "LOUD")
     assert out.returncode == 2 and "LOUD" in out.stderr, out
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@slow
+@needs_private
+def test_a_scheduler_started_while_redis_is_down_waits_for_it_then_enqueues(r, spawn, redis_server):
+    redis_server.stop()
+    try:
+        s = spawn("scheduler", CRON_APP)
+        wait_for(
+            lambda: not s.alive() or "lost Redis" in s.log(),
+            "the scheduler to find Redis down",
+            diag=s.log,
+        )
+        assert s.alive(), f"the scheduler exited {s.popen.returncode}:\n{s.log()}"
+    finally:
+        redis_server.start()
+    wait_for(lambda: r.llen("{wakaq}:q:default"), "a tick once Redis is back", diag=s.log)
 
 
 @slow
@@ -891,36 +923,53 @@ def test_info_lists_each_worker_and_warns_about_a_queue_no_live_worker_serves(r,
         go(r, "info")
 
 
+def watch_screens(watch):
+    return re.split(r"^queue +priority", watch.log(), flags=re.M)[1:]
+
+
+def watch_rates(watch, queue):
+    """[(enqueued/s, done/s)] of `queue` on every screen that shows rates."""
+    rate = r"enqueued (\d+\.\d)/s +done (\d+\.\d)/s"
+    return [
+        tuple(map(float, m))
+        for screen in watch_screens(watch)
+        for m in re.findall(rf"^{queue} .*{rate}$", screen, re.M)
+    ]
+
+
 @slow
 def test_info_watch_redraws_with_per_queue_enqueued_and_done_rates(r, spawn):
     spawn("worker", APP, "--exclude-queues", "idle")
+    note.delay("warm-up")  # both queues have counts before the watch starts
+    note.delay("stays", queue="idle")
+    wait_for(lambda: totals(app_metrics()).get(("note", "done")), "the first count")
     watch = spawn("info", APP, "--watch", "0.5")
-
-    def screens():
-        return re.split(r"^queue +priority", watch.log(), flags=re.M)[1:]
-
-    wait_for(lambda: screens(), "the first screen", diag=watch.log)
+    wait_for(lambda: watch_screens(watch), "the first screen", diag=watch.log)
     note.delay_many([(f"w{i}",) for i in range(4)])
     note.delay_many([("stays",)] * 3, queue="idle")
-    rate = r"enqueued (\d+\.\d)/s +done (\d+\.\d)/s"
-
-    def rates(queue):
-        return [
-            tuple(map(float, m))
-            for screen in screens()
-            for m in re.findall(rf"^{queue} .*{rate}$", screen, re.M)
-        ]
-
     wait_for(
         lambda: (
-            any(e > 0 and d > 0 for e, d in rates("default"))
-            and any(e > 0 for e, _ in rates("idle"))
+            any(e > 0 and d > 0 for e, d in watch_rates(watch, "default"))
+            and any(e > 0 for e, _ in watch_rates(watch, "idle"))
         ),
         "a screen with enqueued and done rates",
         diag=watch.log,
     )
-    assert all(d == 0 for _, d in rates("idle")), rates("idle")
-    assert len(screens()) >= 2
+    assert all(d == 0 for _, d in watch_rates(watch, "idle")), watch_rates(watch, "idle")
+    assert len(watch_screens(watch)) >= 2
     os.kill(watch.pid, signal.SIGINT)  # Ctrl-C
     assert watch.wait_exit(5, diag=watch.log) == 0
     assert "Traceback" not in watch.log(), watch.log()
+
+
+@slow
+def test_info_watch_counts_the_first_tasks_a_queue_ever_gets(r, spawn):
+    watch = spawn("info", APP, "--watch", "0.5")
+    wait_for(lambda: watch_screens(watch), "the first screen", diag=watch.log)
+    note.delay_many([("first",)] * 3, queue="idle")
+    wait_for(
+        lambda: any(e > 0 for e, _ in watch_rates(watch, "idle")),
+        "a screen with idle's enqueued rate",
+        5,
+        diag=watch.log,
+    )
