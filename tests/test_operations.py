@@ -775,20 +775,30 @@ def test_sigterm_to_an_idle_worker_exits_0_within_a_second_while_redis_does_not_
 
 @slow
 @needs_private
-def test_wait_replicas_returns_once_a_replica_has_the_task_and_raises_naming_ids_without(
+def test_wait_replicas_delay_returns_once_a_replica_has_the_task_else_raises_naming_the_ids(
     r, redis_server, tmp_path
 ):
     port = _free_port()
     replica = RedisServer(
         port, str(tmp_path / "replica"), "--replicaof", "127.0.0.1", str(redis_server.port)
     )
+    delay = r.config_get("repl-diskless-sync-delay")["repl-diskless-sync-delay"]
+    r.config_set("repl-diskless-sync-delay", 0)  # the first sync at once, not after 5 s
     replica.start()
     try:
         rc = replica.client()
         wait_for(
-            lambda: rc.info("replication").get("master_link_status") == "up",
-            "the replica to sync",
-            diag=lambda: rc.info("replication"),
+            lambda: (
+                rc.info("replication").get("master_link_status") == "up"
+                and r.info("replication").get("slave0", {}).get("state") == "online"
+            ),
+            "the replica to sync and the master to count it online",
+            diag=lambda: (rc.info("replication"), r.info("replication")),
+        )
+        wait_for(
+            lambda: r.set("test:probe", 1) and r.wait(1, 200) == 1,
+            "the replica to acknowledge a write",
+            diag=lambda: (rc.info("replication"), r.info("replication")),
         )
         task_id = stored.delay("kept")
         assert isinstance(task_id, str)
@@ -797,6 +807,7 @@ def test_wait_replicas_returns_once_a_replica_has_the_task_and_raises_naming_ids
         rc.close()
     finally:
         replica.stop()
+        r.config_set("repl-diskless-sync-delay", delay)
     t0 = time.monotonic()
     with pytest.raises(WakaQError) as e:
         stored.delay("unacknowledged")
