@@ -458,7 +458,8 @@ end
 
 -- Was task `id` cancelled? Then forget the cancel (it is carried out now).
 local function cancelled(P, id)
-  return redis.call('EXISTS', P .. ':cancelled') == 1 and redis.call('HDEL', P .. ':cancelled', id) == 1
+  local key = P .. ':cancelled'
+  return redis.call('EXISTS', key) == 1 and redis.call('HDEL', key, id) == 1
 end
 
 -- Count an outcome for `metrics`: with a duration, in its histogram bucket (1 = the first
@@ -495,7 +496,8 @@ local function release(P, inflight, i, t)
   local field, token, id, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local queue, task, seconds = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
   local where, value, rank = ARGV[i + 7] or '', ARGV[i + 8], ARGV[i + 9]
-  local delay, bcast, max_dead = tonumber(ARGV[i + 10] or 0), ARGV[i + 11] or '', tonumber(ARGV[i + 12] or 0)
+  local delay, bcast = tonumber(ARGV[i + 10] or 0), ARGV[i + 11] or ''
+  local max_dead = tonumber(ARGV[i + 12] or 0)
   -- Still ours? Then forget it, and count how it ended.
   if token ~= '' and redis.call('HGET', inflight, field .. ':t') ~= token then return {0, 0} end
   if redis.call('HDEL', inflight, field, field .. ':t', field .. ':s') == 0 then return {0, 0} end
@@ -838,7 +840,7 @@ class _Conn:
     whose reply was lost is never resent, so a write is not applied twice."""
 
     def __init__(self, app, resend=False):
-        self.app, self.resend, self.conn, self.heads = app, resend, None, {}
+        self.app, self.resend, self.conn, self.heads, self.sent = app, resend, None, {}, False
 
     def execute_command(self, *args, meanwhile=None):
         """Send, run meanwhile() while Redis works, read the reply."""
@@ -868,6 +870,7 @@ class _Conn:
                 raise
 
     def _send(self, data):
+        self.sent = False  # True once the whole command is on its way to Redis
         if self.conn is None:
             client = self.app._client(retries=0, blocking=not self.resend)
             self.conn = client.connection_pool.make_connection()
@@ -875,6 +878,7 @@ class _Conn:
         elif self.resend and self.conn.can_read(timeout=0):  # closed by Redis meanwhile
             raise redis.ConnectionError("the connection was closed")
         self.conn.send_packed_command([data])
+        self.sent = True
 
     def reset(self):
         if self.conn is not None:
@@ -1784,7 +1788,7 @@ class _Worker:
         self.connected_since = self.retry_at = self.next_beat = self.next_mem = 0.0
         self.next_cancel_poll = 0.0
         self.mem_high = self.full = False
-        self.next_deadline, self.busy = float("inf"), False
+        self.next_deadline, self.busy, self.in_redis = float("inf"), False, False
         self.health = _health_glob(app).replace("*", str(os.getpid()))
 
     def run(self):
@@ -1807,7 +1811,10 @@ class _Worker:
         finally:
             with contextlib.suppress(OSError):
                 os.remove(self.health)
-        self.deregister()
+        # Half a second at most: a Redis that does not answer must not hold the stop up.
+        leaving = threading.Thread(target=self.deregister, daemon=True)
+        leaving.start()
+        leaving.join(0.5)
         log.info("worker %s stopped", self.wid)
         return 0
 
@@ -1822,8 +1829,11 @@ class _Worker:
             signal.signal(sig, self.on_signal)
 
     def on_signal(self, signum, frame):
-        if signum != signal.SIGCHLD:
-            self.signals.append(signum)
+        if signum == signal.SIGCHLD:
+            return
+        self.signals.append(signum)
+        if self.in_redis:  # a stop must not wait for a Redis that does not answer
+            raise _Stop()
 
     def sleep(self):
         """Until the next tick or deadline, a signal, or a child's new short soft deadline."""
@@ -1949,21 +1959,18 @@ class _Worker:
         if self.outage.delay and now < self.retry_at:
             return  # backing off
         try:
+            self.in_redis = True
             if self.r is None:
                 self.r, self.connected_since = self.app._client(retries=0), now
-            worked = self.release_dead_children()
-            if self.busy and now >= self.next_cancel_poll:  # only running tasks are cancelled
-                self.poll_cancels(now)
-                worked = True
-            if now >= self.next_beat:
-                self.beat(now)
-                worked = True
-            if worked:
+            if self.release_dead_children() | self.poll_cancels(now) | self.beat(now):
                 self.outage.ok()
-        except redis.RedisError as e:
-            if isinstance(e, _RECONNECT):
+        except (redis.RedisError, _Stop) as e:
+            if isinstance(e, (*_RECONNECT, _Stop)):
                 self.r, self.connected_since = None, 0.0
-            self.retry_at = now + self.outage.failed(e)
+            error = redis.TimeoutError("a stop came while waiting") if isinstance(e, _Stop) else e
+            self.retry_at = now + self.outage.failed(error)
+        finally:
+            self.in_redis = False
 
     def release_dead_children(self):
         released = bool(self.unreleased)
@@ -1992,6 +1999,8 @@ class _Worker:
 
     def beat(self, now):
         """Heartbeat; adopt silent workers' tasks and release them as died; watch Redis."""
+        if now < self.next_beat:
+            return False
         app, hb = self.app, self.app.heartbeat_timeout
         may_adopt = int(now - self.connected_since >= hb)
         keys = [app.workers_key, self.inflight_key, self.served_key]
@@ -2008,12 +2017,17 @@ class _Worker:
                 self.release(field.decode(), token, raw, died)
         self.check_redis_memory()
         self.next_beat = now + min(hb / 4, BEAT)
+        return True
 
     def poll_cancels(self, now):
-        """Running attempts of ours that wakaq.cancel() asked to stop: tell their children."""
+        """Running attempts of ours that wakaq.cancel() asked to stop: tell their children.
+        Only while a child holds a task (an idle worker costs Redis nothing for this)."""
+        if not self.busy or now < self.next_cancel_poll:
+            return False
         for member in self.r.spop(self.app._k("cancel", self.wid), 100) or ():
             self.cancel(*member.decode().split())
         self.next_cancel_poll = now + CANCEL_POLL
+        return True
 
     def cancel(self, field, token):
         """Ask the child running `field` to cancel the attempt with this token."""
@@ -2071,9 +2085,10 @@ class _Worker:
 
     def deregister(self):
         """Leave the registry, unless a task is still in flight (a live worker adopts it)."""
-        app = self.app
+        app, r = self.app, self.r
+        if r is None:  # Redis is away: the registration ages out (nothing is in flight)
+            return log.info("worker %s leaves without deregistering (Redis is away)", self.wid)
         try:
-            r = self.r or app._client(retries=0)
             if self.unreleased or r.hlen(self.inflight_key):
                 return
             r.zrem(app.workers_key, self.wid)  # first: no new broadcasts for us
@@ -2250,10 +2265,18 @@ class _Child:
         if now >= self.next_promote:
             self.next_promote, promote = now + PROMOTE, "p"
         index = self.index[field]
-        self.table.set(index, "held", claim)
+        self.table.set(index, "held", claim)  # from here the field may hold it
         ack = self.acks.get(field) or (field, "")
         args = (f"{self.pid}-{claim}", promote, self.top, *ack)
-        payload = _CLAIM(self.r, self.claim_keys, args, meanwhile=self.lines and self.write_lines)
+        try:
+            payload = _CLAIM(
+                self.r, self.claim_keys, args, meanwhile=self.lines and self.write_lines
+            )
+        except redis.RedisError:
+            if not self.r.sent:  # it never reached Redis: the field holds what it held
+                finished = self.table.read(index).finished
+                self.table.set(index, "held", finished if ack[1] else 0.0)
+            raise
         self.acks.pop(field, None)
         if type(payload) is int:
             self.table.set(index, "held", 0.0)
@@ -2411,10 +2434,11 @@ def _cmd_scheduler(app, args):
     schedules = _schedules(app)
     if not schedules:
         return log.warning("the app has no schedules; the scheduler exits")
-    r, outage = app._client(retries=0), _Outage("scheduler")
+    r, outage = None, _Outage("scheduler")
     log.info("scheduler started with %d schedule(s)", len(schedules))
     while not stopped:
         try:
+            r = r or app._client(retries=0)  # (it asks Redis whether it is a Cluster)
             pause = _tick(app, r, schedules)
             outage.ok()
         except redis.RedisError as e:
