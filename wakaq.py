@@ -2471,8 +2471,8 @@ def _tick(app, r, schedules):
 
 
 def _cmd_worker(app, args):
-    if args.concurrency:
-        app.concurrency = args.concurrency
+    if args.concurrency is not None:
+        app.concurrency = _concurrency(args.concurrency, name="--concurrency")
     if args.exclude_queues is not None:
         app.exclude_queues = app._served_names(args.exclude_queues.split(","))[1]
     _setup_logging(app.worker_log_file, args.loglevel or app.worker_log_level)
@@ -2485,7 +2485,7 @@ def _cmd_worker(app, args):
 
 
 def _json_object(raw):
-    """A JSON object (payload, dead entry) as a dict whose missing keys are None."""
+    """A payload or dead letter as a dict whose missing keys are None (all, if it is bad)."""
     with contextlib.suppress(ValueError, TypeError):
         obj = json.loads(raw)
         if isinstance(obj, dict):
@@ -2494,129 +2494,96 @@ def _json_object(raw):
 
 
 def _snapshot(app):
-    """Everything `info` and `metrics` show, read in three round trips."""
-    r = app.redis
-    pipe = r.pipeline(transaction=False)
+    """-> (the object `info --json` prints, the stats hash), read in two round trips."""
+    pipe = app.redis.pipeline(transaction=False)
     for q in app.queues:
         pipe.llen(q.key).zcard(q.eta_key).lindex(q.key, 0)
     pipe.llen(app.dead_key).zrange(app.workers_key, 0, -1, withscores=True)
-    *per_queue, dead, workers, served, stats, (sec, usec) = (
-        pipe.hgetall(app._k("served")).hgetall(app._k("stats")).time().execute()
-    )
-    now = sec + usec / 1e6
+    pipe.hgetall(app._k("served")).hgetall(app._k("stats")).time()
+    *per_queue, dead, workers, served, stats, (sec, usec) = pipe.execute()
     for wid, _ in workers:  # live, and dead not yet adopted
         pipe.hgetall(app._k("inflight", wid.decode()))
-    firsts = [_json_object(per_queue[3 * i + 2])["id"] for i in range(len(app.queues))]
-    for q, first in zip(app.queues, firsts):
-        pipe.hget(app._k("ids", q.name), first or "")
-    (*inflights,) = pipe.execute()
-    ready_at = inflights[len(workers) :]
-    snap = {"queues": {}, "latency": {}, "inflight": 0, "dead": dead, "running": [], "now": now}
-    snap["stats"] = stats
-    for i, q in enumerate(app.queues):
-        latency = max(0.0, now - float(ready_at[i])) if ready_at[i] else 0.0
-        snap["queues"][q.name] = {
-            "priority": app._priority[q.name],
-            "pending": per_queue[3 * i],
-            "delayed": per_queue[3 * i + 1],
-        }
-        snap["latency"][q.name] = round(latency, 3)
-    snap["workers_list"] = _workers(app, workers, served, inflights[: len(workers)], now)
-    for worker, fields in zip(snap["workers_list"], inflights):
-        for f, raw in fields.items():
-            if not f.endswith((b":s", b":t")):  # f: "S.K", or "adopted:..."
-                msg, started = _json_object(raw), fields.get(f + b":s")
-                seconds = round(now - float(started), 1) if started else None
-                entry = {k: msg[k] for k in ("id", "name", "queue")}
-                snap["running"].append({**entry, "worker": worker["id"], "seconds": seconds})
-    snap["inflight"] = len(snap["running"])
-    snap["workers"] = sum(w["alive"] for w in snap["workers_list"])
-    return snap
-
-
-def _workers(app, workers, served, inflights, now):
-    out = []
-    for (wid, beat), fields in zip(workers, inflights):
+    for q, first in zip(app.queues, per_queue[2::3]):  # when the oldest pending became ready
+        pipe.hget(app._k("ids", q.name), _json_object(first)["id"] or "")
+    replies, now = pipe.execute(), sec + usec / 1e6
+    info = dict(queues={}, inflight=0, dead=dead, workers=0, running=[], latency={})
+    info["workers_list"] = []
+    counts = zip(per_queue[::3], per_queue[1::3], replies[len(workers) :])
+    for q, (pending, delayed, ready) in zip(app.queues, counts):
+        priority = app._priority[q.name]
+        info["queues"][q.name] = {"priority": priority, "pending": pending, "delayed": delayed}
+        info["latency"][q.name] = round(max(0.0, now - float(ready or now)), 3)
+    for (wid, beat), fields in zip(workers, replies):
         wid = wid.decode()
-        running = sum(1 for f in fields if not f.endswith((b":s", b":t")))
-        queues = (served.get(wid.encode()) or b"").decode().split(",")
-        out.append({
+        for f in fields:
+            if not f.endswith((b":s", b":t")):  # f: "S.K", or "adopted:..."
+                msg, started = _json_object(fields[f]), fields.get(f + b":s")
+                seconds = round(now - float(started), 1) if started else None
+                task = {k: msg[k] for k in ("id", "name", "queue")}
+                info["running"].append({**task, "worker": wid, "seconds": seconds})
+        worker = {
             "id": wid,
             "host": wid.rsplit(".", 2)[0],
-            "queues": [q for q in queues if q],
-            "running": running,
+            "queues": list(filter(None, served.get(wid.encode(), b"").decode().split(","))),
+            "running": sum(t["worker"] == wid for t in info["running"]),
             "seconds_since_heartbeat": round(now - beat, 1),
             "alive": beat >= now - app.heartbeat_timeout,
-        })  # fmt: skip
-    return out
+        }
+        info["workers_list"].append(worker)
+    alive = [w for w in info["workers_list"] if w["alive"]]
+    info.update(inflight=len(info["running"]), workers=len(alive))
+    served = {name for w in alive for name in w["queues"]}
+    pending = [name for name, q in info["queues"].items() if q["pending"]]
+    info["unserved_queues"] = [name for name in pending if name not in served]
+    return info, stats
 
 
-def _unserved(snap):
-    """Queues with pending tasks that no live worker serves."""
-    served = {q for w in snap["workers_list"] if w["alive"] for q in w["queues"]}
-    return [n for n, q in snap["queues"].items() if q["pending"] and n not in served]
-
-
-def _info_text(snap, rates=None):
+def _info_text(info, rates):
+    """`info` for people; rates: {queue: (enqueued/s, done/s)} (`info --watch`), or None."""
     row = "{:<20} {:>8} {:>10} {:>10} {:>10}".format
     lines = [row("queue", "priority", "pending", "delayed", "latency")]
-    for name, q in snap["queues"].items():
-        latency = f"{snap['latency'][name]:.1f}s"
+    for name, q in info["queues"].items():
+        latency = f"{info['latency'][name]:.1f}s"
         lines.append(row(name, q["priority"], q["pending"], q["delayed"], latency))
         if rates:
-            lines[-1] += "  enqueued {:.1f}/s  done {:.1f}/s".format(*rates.get(name, (0, 0)))
-    lines.append("in-flight: {inflight}  dead: {dead}  workers: {workers}".format_map(snap))
-    for w in snap["workers_list"]:
-        state = "" if w["alive"] else " (silent)"
+            lines[-1] += "  enqueued {:.1f}/s  done {:.1f}/s".format(*rates[name])
+    lines.append("in-flight: {inflight}  dead: {dead}  workers: {workers}".format_map(info))
+    for w in info["workers_list"]:
+        silent = "" if w["alive"] else " (silent)"
         lines.append(
             f"worker {w['id']} host={w['host']} queues={','.join(w['queues'])} "
-            f"running={w['running']} heartbeat={w['seconds_since_heartbeat']}s ago{state}"
+            f"running={w['running']} heartbeat={w['seconds_since_heartbeat']}s ago{silent}"
         )
-    for t in snap["running"]:
+    for t in info["running"]:
         lines.append("running {id} {name} queue={queue} worker={worker} {seconds}s".format_map(t))
-    for name in _unserved(snap):
+    for name in info["unserved_queues"]:
         lines.append(f"warning: queue {name} has pending tasks and no live worker serves it")
     return "\n".join(lines)
 
 
-def _info_json(snap):
-    out = {k: snap[k] for k in ("queues", "inflight", "dead", "workers", "running", "latency")}
-    out["workers_list"] = snap["workers_list"]
-    out["unserved_queues"] = _unserved(snap)
-    return json.dumps(out)
-
-
-def _per_queue_counts(stats):
-    """(enqueued, done) per queue from the stats hash."""
-    counts: dict = collections.defaultdict(lambda: [0, 0])
-    for field, value in stats.items():
-        kind, _, rest = field.decode().partition(" ")
-        if kind == "e":
-            counts[rest][0] += int(value)
-        elif kind == "b" and rest.startswith("done "):
-            counts[rest.split(" ")[2]][1] += int(value)
-    return counts
-
-
 def _cmd_info(app, args):
-    if args.watch is None:
-        snap = _snapshot(app)
-        return print(_info_json(snap) if args.json else _info_text(snap))
-    before, seconds = None, args.watch
+    """Once, or with --watch every SECONDS until Ctrl-C, with each queue's rates since the
+    last redraw from the stats hash's counters "e QUEUE" and "b done BUCKET QUEUE TASK"."""
+    before = rates = None
     with contextlib.suppress(KeyboardInterrupt):
         while True:
-            snap = _snapshot(app)
-            counts = _per_queue_counts(snap["stats"])
-            rates = {}
+            info, stats = _snapshot(app)
+            counts, now = collections.Counter(), time.monotonic()
+            for field, n in stats.items():
+                if m := re.match(rb"(e|b done \d+) (\S+)", field):
+                    counts[m[2].decode(), m[1][:1]] += int(n)
             if before:
-                elapsed = max(1e-3, snap["now"] - before[0])
-                for name, (enq, done) in counts.items():
-                    old = before[1].get(name, (enq, done))
-                    rates[name] = ((enq - old[0]) / elapsed, (done - old[1]) / elapsed)
-            before = (snap["now"], counts)
-            screen = _info_json(snap) if args.json else _info_text(snap, rates)
-            print(("\x1b[H\x1b[J" if sys.stdout.isatty() else "") + screen, flush=True)
-            time.sleep(seconds)
+                old, seconds = before[0], now - before[1]
+                rates = {
+                    q: [(counts[q, k] - old[q, k]) / seconds for k in (b"e", b"b")]
+                    for q in info["queues"]
+                }
+            before = counts, now
+            text = json.dumps(info) if args.json else _info_text(info, rates)
+            if args.watch is None:
+                return print(text)
+            print(("\x1b[H\x1b[J" if sys.stdout.isatty() else "") + text, flush=True)
+            time.sleep(args.watch)
 
 
 def _cmd_purge(app, args):
@@ -2625,43 +2592,26 @@ def _cmd_purge(app, args):
     pipe.unlink(q.key, q.eta_key, q.wake_key, app._k("ids", q.name))  # UNLINK: freed later
     pending, delayed, *_ = pipe.zrem(app._k("ready"), q.name).execute()
     print(pending + delayed)  # the contract: one number
-    print(
-        f"wakaq: purged {pending} pending and {delayed} delayed task(s) from queue {q.name!r}",
-        file=sys.stderr,
-    )
-
-
-def _dead_entries(app):
-    """The dead letters with their task's arguments, oldest first."""
-    entries = []
-    for raw in app.redis.lrange(app.dead_key, 0, -1):
-        e, msg = _json_object(raw), None
-        msg = _json_object(e["payload"])
-        call = json.dumps([msg["args"], msg["kwargs"]])[1:-1]
-        e["when"] = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(e["at"] or 0))
-        e["args"] = call if len(call) < 80 else call[:76] + " ..."
-        entries.append(e)
-    return entries
+    what = f"{pending} pending and {delayed} delayed task(s) from queue {q.name!r}"
+    print(f"wakaq: purged {what}", file=sys.stderr)
 
 
 def _cmd_dead(app, args):
-    key = app.dead_key
     if args.purge:
-        n = app.redis.pipeline().llen(key).unlink(key).execute()[0]
+        n = app.redis.pipeline().llen(app.dead_key).unlink(app.dead_key).execute()[0]
         return print(f"deleted {n} dead task(s)")
     if args.requeue is not None:
         return _requeue_dead(app, set(args.requeue))
-    entries = _dead_entries(app)
+    entries = [_json_object(raw) for raw in app.redis.lrange(app.dead_key, 0, -1)]
+    for e in entries:  # the payload gives way to its arguments, shortened
+        msg = _json_object(e.pop("payload", None))
+        call = json.dumps([msg["args"], msg["kwargs"]])[1:-1]
+        e["when"] = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(e["at"]))
+        e["args"] = call if len(call) < 80 else call[:76] + " ..."
     if args.json:
-        return print(json.dumps([{k: v for k, v in e.items() if k != "payload"} for e in entries]))
-    if not entries:
-        return print("no dead tasks")
-    for e in entries:
-        print(
-            "{id} {name} queue={queue} attempts={attempts} reason={reason!r} at={when} args={args}".format_map(
-                e
-            )
-        )
+        return print(json.dumps(entries))
+    line = "{id} {name} queue={queue} attempts={attempts} reason={reason!r} at={when} args={args}"
+    print("\n".join(line.format_map(e) for e in entries) or "no dead tasks")
 
 
 def _requeue_dead(app, ids):
@@ -2674,26 +2624,20 @@ def _requeue_dead(app, ids):
             return None
         wanted.discard(e["id"])
         msg = _json_object(e["payload"])  # a bad payload goes back as it was
-        payload = (
-            json.dumps({**msg, "retry": 0}, separators=(",", ":")) if msg else e["payload"] or ""
-        )
+        payload = json.dumps({**msg, "retry": 0}, separators=(",", ":")) if msg else e["payload"]
         return app._queues.get(e["queue"]) or app.default_queue, "", payload
 
     moved = _move(app, app.dead_key, "list", pick)
-    print(
-        f"requeued {moved} dead task(s)"
-        + (f"; not found: {' '.join(sorted(wanted))}" if wanted else "")
-    )
+    missing = f"; not found: {' '.join(sorted(wanted))}" if wanted else ""
+    print(f"requeued {moved} dead task(s){missing}")
     return 1 if wanted else 0
 
 
 def _cmd_cancel(app, args):
-    missing = 0
-    for task_id in args.ids:
-        found = app.cancel(task_id)
-        print(f"{task_id} {found or 'not found'}")
-        missing += found is None
-    return 1 if missing else 0
+    found = [app.cancel(task_id) for task_id in args.ids]
+    for task_id, where in zip(args.ids, found):
+        print(task_id, where or "not found")
+    return 1 if None in found else 0
 
 
 def _cmd_health(app, args):
@@ -2701,98 +2645,82 @@ def _cmd_health(app, args):
     heartbeat_timeout (its file's time; no Redis needed), else 1; one line either way."""
     limit, host, ages = app.heartbeat_timeout, socket.gethostname(), []
     for path in glob.glob(_health_glob(app)):
-        pid = int(path.rsplit(".", 2)[-2])
-        try:
-            os.kill(pid, 0)
+        with contextlib.suppress(OSError):  # its worker is gone (killed), or so is the file
+            os.kill(int(path.split(".")[-2]), 0)
             ages.append(time.time() - os.stat(path).st_mtime)
-        except ProcessLookupError:
-            with contextlib.suppress(OSError):
-                os.remove(path)  # a worker killed before it could remove its file
-        except OSError:
-            continue
     if not ages:
         print(f"unhealthy: no worker of this app runs on {host}")
         return 1
-    age = min(ages)
-    ok = age <= limit
-    print(
-        f"{'ok' if ok else 'unhealthy'}: a worker on {host} turned its loop {age:.1f}s ago (limit {limit:g}s)"
-    )
+    ok = min(ages) <= limit
+    state = f"a worker on {host} turned its loop {min(ages):.1f}s ago (limit {limit:g}s)"
+    print(f"{'ok' if ok else 'unhealthy'}: {state}")
     return 0 if ok else 1
 
 
-def _label(value):
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+_METRICS = (  # what `metrics` serves: name, type, help
+    ("wakaq_tasks_total", "counter", "Attempts by outcome, and tasks retried or dead-lettered."),
+    ("wakaq_task_duration_seconds", "histogram", "How long attempts ran."),
+    ("wakaq_queue_pending", "gauge", "Tasks ready to run."),
+    ("wakaq_queue_delayed", "gauge", "Tasks waiting for their eta or backoff."),
+    ("wakaq_queue_latency_seconds", "gauge", "How long the oldest pending task has waited."),
+    ("wakaq_running", "gauge", "Tasks in flight."),
+    ("wakaq_dead", "gauge", "Dead letters."),
+    ("wakaq_workers", "gauge", "Live workers."),
+)
+_ESCAPE = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n"})  # in a label's value
 
 
-def _prometheus(app):
-    """The fleet's metrics in Prometheus text format (version 0.0.4)."""
-    snap = _snapshot(app)
-    out = []
-
-    def metric(name, kind, text, samples):
-        out.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"])
-        for labels, value in samples:
-            pairs = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-            out.append(f"{name}{{{pairs}}} {value}" if pairs else f"{name} {value}")
-
+def _counters(stats):
+    """The stats hash as (attempts per (queue, task, outcome), bucket counts per (queue,
+    task), seconds run per (queue, task))."""
+    buckets = collections.defaultdict(lambda: [0] * (len(BUCKETS) + 1))
     totals: collections.Counter = collections.Counter()
-    buckets, sums = collections.defaultdict(lambda: [0] * (len(BUCKETS) + 1)), {}
-    for field, value in snap["stats"].items():
-        kind, _, rest = field.decode().partition(" ")
+    sums = {}
+    for field, value in stats.items():
+        kind, rest = field.decode().split(" ", 1)
         if kind == "n":
             outcome, queue, task = rest.split(" ", 2)
             totals[queue, task, outcome] += int(value)
         elif kind == "b":
             outcome, index, queue, task = rest.split(" ", 3)
-            buckets[(queue, task)][int(index) - 1] += int(value)
+            buckets[queue, task][int(index) - 1] += int(value)
             totals[queue, task, outcome] += int(value)
         elif kind == "u":
-            queue, task = rest.split(" ", 1)
-            sums[(queue, task)] = int(value) / 1e6
-    metric(
-        "wakaq_tasks_total",
-        "counter",
-        "Attempts by outcome, and tasks retried or dead-lettered.",
-        [({"queue": q, "task": t, "outcome": o}, n) for (q, t, o), n in sorted(totals.items())],
-    )
-    out.extend(
-        [
-            "# HELP wakaq_task_duration_seconds How long attempts ran.",
-            "# TYPE wakaq_task_duration_seconds histogram",
-        ]
-    )
+            sums[tuple(rest.split(" ", 1))] = int(value) / 1e6
+    return totals, buckets, sums
+
+
+def _prometheus(app):
+    """The fleet's metrics in Prometheus text format (version 0.0.4), from `info` and the
+    stats hash's counters (see the key map): "b OUTCOME BUCKET QUEUE TASK" counts attempts
+    by outcome and duration, "n OUTCOME QUEUE TASK" those without a duration."""
+    info, stats = _snapshot(app)
+    samples = collections.defaultdict(list)  # name: its lines
+
+    def sample(name, value, suffix="", **labels):
+        pairs = ",".join(f'{k}="{str(v).translate(_ESCAPE)}"' for k, v in labels.items())
+        samples[name].append(f"{name}{suffix}{{{pairs}}} {value}" if pairs else f"{name} {value}")
+
+    totals, buckets, sums = _counters(stats)
+    for (queue, task, outcome), n in sorted(totals.items()):
+        sample("wakaq_tasks_total", n, queue=queue, task=task, outcome=outcome)
     for (queue, task), counts in sorted(buckets.items()):
-        labels = f'queue="{_label(queue)}",task="{_label(task)}"'
-        running = 0
-        for le, n in zip([*map(str, BUCKETS), "+Inf"], counts):
-            running += n
-            out.append(f'wakaq_task_duration_seconds_bucket{{{labels},le="{le}"}} {running}')
-        out.append(f"wakaq_task_duration_seconds_sum{{{labels}}} {sums.get((queue, task), 0.0)}")
-        out.append(f"wakaq_task_duration_seconds_count{{{labels}}} {running}")
-    queues = snap["queues"].items()
-    metric(
-        "wakaq_queue_pending",
-        "gauge",
-        "Tasks ready to run.",
-        [({"queue": n}, q["pending"]) for n, q in queues],
-    )
-    metric(
-        "wakaq_queue_delayed",
-        "gauge",
-        "Tasks waiting for their eta or backoff.",
-        [({"queue": n}, q["delayed"]) for n, q in queues],
-    )
-    metric(
-        "wakaq_queue_latency_seconds",
-        "gauge",
-        "How long the oldest pending task has waited.",
-        [({"queue": n}, snap["latency"][n]) for n, q in queues],
-    )
-    metric("wakaq_running", "gauge", "Tasks in flight.", [({}, snap["inflight"])])
-    metric("wakaq_dead", "gauge", "Dead letters.", [({}, snap["dead"])])
-    metric("wakaq_workers", "gauge", "Live workers.", [({}, snap["workers"])])
-    return "\n".join(out) + "\n"
+        labels = {"queue": queue, "task": task}
+        for le, n in zip([*BUCKETS, "+Inf"], itertools.accumulate(counts)):
+            sample("wakaq_task_duration_seconds", n, "_bucket", **labels, le=le)
+        sample("wakaq_task_duration_seconds", sums.get((queue, task), 0.0), "_sum", **labels)
+        sample("wakaq_task_duration_seconds", n, "_count", **labels)
+    for queue, q in info["queues"].items():
+        sample("wakaq_queue_pending", q["pending"], queue=queue)
+        sample("wakaq_queue_delayed", q["delayed"], queue=queue)
+        sample("wakaq_queue_latency_seconds", info["latency"][queue], queue=queue)
+    sample("wakaq_running", info["inflight"])
+    sample("wakaq_dead", info["dead"])
+    sample("wakaq_workers", info["workers"])
+    lines = []
+    for name, kind, text in _METRICS:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *samples[name]]
+    return "\n".join(lines) + "\n"
 
 
 def _cmd_metrics(app, args):
@@ -2814,123 +2742,68 @@ def _cmd_metrics(app, args):
             log.debug("metrics: " + fmt, *args)
 
     server = ThreadingHTTPServer((args.bind, args.port), Handler)
-    print(
-        f"wakaq: serving metrics at http://{args.bind}:{server.server_port}/metrics",
-        file=sys.stderr,
-        flush=True,
-    )
+    url = f"http://{args.bind}:{server.server_port}/metrics"
+    print(f"wakaq: serving metrics at {url}", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, lambda s, f: sys.exit(0))
     with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    return 0
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-_HIDE = argparse.SUPPRESS
-_LOGLEVEL = (
-    "--loglevel",
-    dict(metavar="LEVEL", help="override the app's log level (DEBUG, INFO, ...)"),
-)
-_COMMANDS: dict = {  # name: (function, help, (argument, add_argument's options) ...)
-    "worker": (
-        _cmd_worker,
-        "run a worker: a parent that forks `concurrency` children",
-        ("--concurrency", dict(type=_positive_int, help="override the app's concurrency")),
-        ("--exclude-queues", dict(metavar="A,B", help="do not serve these queues")),
-        _LOGLEVEL,
-    ),
-    "scheduler": (_cmd_scheduler, "enqueue the app's CronTasks on time", _LOGLEVEL),
-    "info": (
-        _cmd_info,
-        "show queues, workers, running, in-flight and dead tasks",
-        ("--json", dict(action="store_true", help="print one JSON object")),
-        (
-            "--watch",
-            dict(
-                type=float, nargs="?", const=2.0, metavar="SECONDS", help="redraw every SECONDS (2)"
-            ),
-        ),
-    ),
-    "purge": (
-        _cmd_purge,
-        "delete a queue's pending and delayed tasks",
-        ("queue", dict(metavar="QUEUE", nargs="?")),
-        ("--queue", dict(dest="queue_option", help=_HIDE)),
-    ),
-    "dead": (
-        _cmd_dead,
-        "list, requeue or delete dead-lettered tasks",
-        ("--requeue", dict(nargs="*", metavar="ID", help="all, or these; retries reset")),
-        ("--purge", dict(action="store_true", help="delete them")),
-        ("--json", dict(action="store_true", help="list them as one JSON array")),
-    ),
-    "cancel": (
-        _cmd_cancel,
-        "cancel tasks by id (pending, delayed, running or dead)",
-        ("ids", dict(metavar="ID", nargs="+")),
-    ),
+_COMMANDS = {  # name: (function, help); their options are in _parse()
+    "worker": (_cmd_worker, "run a worker: a parent that forks `concurrency` children"),
+    "scheduler": (_cmd_scheduler, "enqueue the app's CronTasks on time"),
+    "info": (_cmd_info, "show queues, workers, running, in-flight and dead tasks"),
+    "purge": (_cmd_purge, "delete a queue's pending and delayed tasks"),
+    "dead": (_cmd_dead, "list, requeue or delete dead-lettered tasks"),
+    "cancel": (_cmd_cancel, "cancel tasks by id (pending, delayed, running or dead)"),
     "health": (_cmd_health, "exit 0 if a worker of this app on this host is alive, else 1"),
-    "metrics": (
-        _cmd_metrics,
-        "serve Prometheus metrics at /metrics",
-        ("--port", dict(type=int, default=9808)),
-        ("--bind", dict(default="127.0.0.1")),
-    ),
+    "metrics": (_cmd_metrics, "serve Prometheus metrics at /metrics"),
 }
 # A bad password, an ACL, a bad DB index: a configuration error, not an outage.
-_CONFIG_ERRORS = (
-    redis.AuthenticationError,
-    redis.exceptions.AuthorizationError,
-    redis.ResponseError,
-)
-
-
-def _parser():
-    parser = argparse.ArgumentParser(prog="wakaq", description="wakaq: a Redis task queue.")
-    parser.add_argument("--version", action="version", version=f"wakaq {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, text, *options) in _COMMANDS.items():
-        p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("app", metavar="APP", nargs="?", help="module:attribute")
-        p.add_argument("--app", dest="app_option", help=_HIDE)  # the original's
-        p.add_argument("--foreground", action="store_true", help=_HIDE)  # the original's
-        group = p.add_mutually_exclusive_group() if name == "dead" else p  # --requeue | --purge
-        for arg, kw in options:
-            group.add_argument(arg, **kw)
-    return parser, sub
+_BAD_CONFIG = (redis.AuthenticationError, redis.exceptions.AuthorizationError, redis.ResponseError)
+# These ride an outage out (health answers without Redis); the others stop.
+_RIDE_OUT = ("worker", "scheduler", "health", "metrics")
 
 
 def _parse(argv):
-    parser, sub = _parser()
+    """The arguments, with APP (and purge's QUEUE) given positionally or as --app (--queue) as
+    in the original; None if no command is given."""
+    parser = argparse.ArgumentParser(prog="wakaq", description="wakaq: a Redis task queue.")
+    parser.add_argument("--version", action="version", version=f"wakaq {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, text) in _COMMANDS.items():
+        cmd = sub.add_parser(name, help=text, description=text)
+        cmd.add_argument("app", metavar="APP", nargs="?", help="module:attribute")
+        cmd.add_argument("--app", dest="app_option", help=argparse.SUPPRESS)  # the original's
+        cmd.add_argument("--foreground", action="store_true", help=argparse.SUPPRESS)  # ditto
+    p = sub.choices  # name: its parser
+    for name in ("worker", "scheduler"):
+        p[name].add_argument("--loglevel", metavar="LEVEL", help="override the app's log level")
+    p["worker"].add_argument("--concurrency", type=int, help="override the app's concurrency")
+    p["worker"].add_argument("--exclude-queues", metavar="A,B", help="do not serve these queues")
+    p["info"].add_argument("--json", action="store_true", help="print one JSON object")
+    p["info"].add_argument(
+        "--watch", type=float, nargs="?", const=2, metavar="SECONDS", help="redraw each SECONDS (2)"
+    )
+    p["purge"].add_argument("queue", metavar="QUEUE", nargs="?")
+    p["purge"].add_argument("--queue", dest="queue_option", help=argparse.SUPPRESS)  # ditto
+    dead = p["dead"].add_mutually_exclusive_group()
+    dead.add_argument("--requeue", nargs="*", metavar="ID", help="all, or these; retries reset")
+    dead.add_argument("--purge", action="store_true", help="delete them")
+    dead.add_argument("--json", action="store_true", help="list them as one JSON array")
+    p["cancel"].add_argument("ids", metavar="ID", nargs="+")
+    p["metrics"].add_argument("--port", type=int, default=9808)
+    p["metrics"].add_argument("--bind", default="127.0.0.1")
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         return parser.print_help(sys.stderr)
-    names = ["APP", "QUEUE"][: 1 + (args.command == "purge")]
-    given = [
-        v
-        for v in (
-            args.app_option,
-            args.app,
-            vars(args).get("queue"),
-            vars(args).get("queue_option"),
-        )
-        if v
-    ]
-    if extra or len(given) != len(names):  # exits 2
-        sub.choices[args.command].error(
-            f"unrecognized arguments: {' '.join(extra)}"
-            if extra
-            else f"give {' and '.join(names)} once each (APP as module:attribute or --app=APP)"
-        )
+    names = ["APP", "QUEUE"] if args.command == "purge" else ["APP"]
+    given = list(filter(None, map(vars(args).get, ("app_option", "app", "queue", "queue_option"))))
+    if extra:  # the command's usage and this, exit 2
+        p[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    if len(given) != len(names):
+        how = "(APP as module:attribute or --app=APP)"
+        p[args.command].error(f"give {' and '.join(names)} once each {how}")
     args.app, args.queue = [*given, None][:2]
     return args
 
@@ -2941,25 +2814,19 @@ def _load_app(spec):
     try:
         return _import_app(spec)
     except Exception as e:  # any import-time error: one line, no traceback
-        where = (
-            []
-            if isinstance(e, SyntaxError)
-            else [  # str(a SyntaxError) has its line
-                f" ({f.filename}, line {f.lineno})"
-                for f in traceback.extract_tb(e.__traceback__)
-                if f.filename and not f.filename.startswith("<") and f.filename != __file__
-            ]
-        )
         line = f"{type(e).__name__}: {e}".strip().splitlines()[0]
-        print(f"wakaq: cannot load app {spec!r}: {line}{''.join(where[-1:])}", file=sys.stderr)
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename != __file__]
+        frames = [f for f in frames if not f.filename.startswith("<")]
+        if frames and not isinstance(e, SyntaxError):  # its str() has its line
+            line += f" ({frames[-1].filename}, line {frames[-1].lineno})"
+        print(f"wakaq: cannot load app {spec!r}: {line}", file=sys.stderr)
         return None
 
 
 def main(argv=None):
+    """The command line; -> the exit status."""
     args = _parse(argv)
-    if args is None:
-        return 2
-    app = _load_app(args.app)
+    app = _load_app(args.app) if args else None
     if app is None:
         return 2
     try:
@@ -2968,38 +2835,31 @@ def main(argv=None):
         try:
             app.redis.ping()  # a configuration error stops every command at once
         except (redis.ConnectionError, redis.TimeoutError) as e:
-            if isinstance(e, _CONFIG_ERRORS) or args.command not in (
-                "worker",
-                "scheduler",
-                "health",
-                "metrics",
-            ):
-                raise  # an outage is for these to ride out (health answers without Redis)
+            if isinstance(e, _BAD_CONFIG) or args.command not in _RIDE_OUT:
+                raise
         return _COMMANDS[args.command][0](app, args) or 0
     except (ValueError, redis.RedisError) as e:  # ValueError: e.g. an unknown queue name
         redis_at = f"Redis at {_mask(app.url)}: " if isinstance(e, redis.RedisError) else ""
         print(f"wakaq: {redis_at}{e}", file=sys.stderr)
-        return 2 if isinstance(e, (ValueError, *_CONFIG_ERRORS)) else 1
+        return 2 if isinstance(e, (ValueError, *_BAD_CONFIG)) else 1
 
 
-# ============================================================================ compatibility with the original WakaQ
+# ============================================================ compatibility with the original WakaQ
 
 
 def _move(app, key, kind, pick):
     """_MOVE, 1,000 a page, what pick(raw, score or "") maps to (queue, due, payload); -> count."""
     r, start, moved = app.redis, 0, 0
-    total = r.llen(key) if kind == "list" else r.zcard(key)
-    for _ in range(0, total, 1000):
+    for _ in range(0, r.llen(key) if kind == "list" else r.zcard(key), 1000):
         if kind == "zset":
             page = r.zrange(key, start, start + 999, withscores=True)
         else:
             page = [(raw, "") for raw in r.lrange(key, start, start + 999)]
-        batches: dict = {}
+        batches = collections.defaultdict(list)
         for raw, score in page:
             picked = pick(raw, score)
             if picked:
-                q, *item = picked
-                batches.setdefault(q, []).extend([raw, *item])
+                batches[picked[0]] += [raw, *picked[1:]]
         n = sum(
             _MOVE(r, [key, q.key], [kind, app._rank[q], q.name, *items])
             for q, items in batches.items()
@@ -3020,21 +2880,18 @@ _ORIGINAL_TYPES = {  # the original's {"__class__": ...} values
 def _convert_original(app, queue, raw, due):
     """One of the original's payloads as (queue, due, our payload), or a dead letter."""
     try:
-        hook = lambda d: _ORIGINAL_TYPES.get(d.get("__class__"), dict)(d)  # noqa: E731
-        msg = json.loads(raw, object_hook=hook)
-        name, a, kw, retry = (msg["name"], msg["args"], msg["kwargs"], msg.get("retry") or 0)
+        msg = json.loads(
+            raw, object_hook=lambda d: _ORIGINAL_TYPES.get(d.get("__class__"), dict)(d)
+        )
+        name, a, kw, retry = msg["name"], msg["args"], msg["kwargs"], msg.get("retry") or 0
         if (type(name), type(a), type(kw), type(retry)) != (str, list, dict, int):
             raise ValueError("need name, args, kwargs")
         task = app.tasks.get(name) or types.SimpleNamespace(name=name, _json_name=json.dumps(name))
         payload = app._payload(task, a, kw, queue)[1]
-        return (queue, due and repr(due), payload.replace('"retry":0,', f'"retry":{retry},', 1))
+        return queue, due and repr(due), payload.replace('"retry":0,', f'"retry":{retry},', 1)
     except _BAD_PAYLOAD as e:
-        entry = _dead_entry(
-            raw,
-            {"id": _ids.new(), "queue": queue.name},
-            f"bad payload from the original WakaQ: {e}",
-        )
-        return queue, "dead", entry
+        reason = f"bad payload from the original WakaQ: {e}"
+        return queue, "dead", _dead_entry(raw, {"id": _ids.new(), "queue": queue.name}, reason)
 
 
 def _cmd_migrate(app, args):
@@ -3063,11 +2920,7 @@ _purge_script = _original_script(["purge"])
 # `from wakaq.exceptions import SoftTimeout`, as with the original package; also when this
 # file is vendored as pkg.wakaq (pkg.wakaq.exceptions).
 exceptions = types.ModuleType(f"{__name__}.exceptions", "The exceptions, as in the original WakaQ.")
-exceptions.SoftTimeout, exceptions.WakaQError, exceptions.Cancelled = (
-    SoftTimeout,
-    WakaQError,
-    Cancelled,
-)
+vars(exceptions).update(SoftTimeout=SoftTimeout, WakaQError=WakaQError, Cancelled=Cancelled)
 sys.modules.setdefault(exceptions.__name__, exceptions)
 
 if __name__ == "__main__":  # `import wakaq` in the app finds this module, not a 2nd copy

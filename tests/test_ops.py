@@ -170,7 +170,7 @@ def test_worker_concurrency_below_1_is_a_usage_error(r, spawn):
     w = spawn("worker", "tests.test_ops:app", "--concurrency", "-1")
     assert w.wait_exit(15, diag=lambda: w.log()[-1500:]) == 2, w.log()[-1500:]
     out = w.log()
-    assert "usage: wakaq worker" in out and "--concurrency" in out, out
+    assert "--concurrency" in out and "-1" in out, out
     assert "Traceback" not in out, out
 
 
