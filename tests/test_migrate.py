@@ -215,6 +215,46 @@ def test_a_task_keeps_its_functions_name_qualname_module_and_doc():
     assert mytask.__wrapped__ is mytask.fn and inspect.iscoroutinefunction(an_io_intensive_task.fn)
 
 
+@pytest.mark.parametrize(
+    "code",
+    [
+        "from wakaq.exceptions import SoftTimeout, WakaQError\nimport wakaq",
+        "import wakaq\nfrom wakaq.exceptions import SoftTimeout, WakaQError",
+    ],
+    ids=["exceptions-first", "wakaq-first"],
+)
+def test_the_originals_exceptions_module_imports_in_either_order(code):
+    check = "\nassert SoftTimeout is wakaq.SoftTimeout and WakaQError is wakaq.WakaQError"
+    out = subprocess.run([sys.executable, "-c", code + check], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_the_exceptions_module_imports_from_a_vendored_copy(tmp_path):
+    package = tmp_path / "myapp" / "vendor"
+    package.mkdir(parents=True)
+    for folder in (package, package.parent):
+        (folder / "__init__.py").write_text("")
+    (package / "wakaq.py").write_text(open(wakaq_file()).read())
+    code = (
+        "from myapp.vendor.wakaq.exceptions import SoftTimeout\n"
+        "from myapp.vendor import wakaq\n"
+        "assert SoftTimeout is wakaq.SoftTimeout"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+
+
+def wakaq_file():
+    import wakaq
+
+    return wakaq.__file__
+
+
+def test_broker_is_the_apps_redis_client_as_in_the_original(r):
+    app = WakaQ(url=URL)
+    assert app.broker is app.redis and app.broker.ping()
+
+
 # ===================================================================== the README's app runs
 
 
