@@ -457,9 +457,10 @@ local function push(P, queue, rank, payload, where, due)
 end
 
 -- Was task `id` cancelled? Then forget the cancel (it is carried out now).
+local any_cancelled = nil  -- whether any task is cancelled at all: asked once per call
 local function cancelled(P, id)
-  local key = P .. ':cancelled'
-  return redis.call('EXISTS', key) == 1 and redis.call('HDEL', key, id) == 1
+  if any_cancelled == nil then any_cancelled = redis.call('EXISTS', P .. ':cancelled') == 1 end
+  return any_cancelled and redis.call('HDEL', P .. ':cancelled', id) == 1
 end
 
 -- Count an outcome for `metrics`: with a duration, in its histogram bucket (1 = the first
@@ -491,16 +492,19 @@ end
 -- 'back' or 'delay' queue `value` again (a broadcast goes back to worker `bcast`'s list),
 -- 'dead' append the dead letter `value`, 'drop' nothing. A task cancelled meanwhile is
 -- dropped, whatever `where` says. ARGV[i...] as named below; an ack stops after `seconds`.
+-- `held`: the claim checked the token already and overwrites or deletes the fields itself.
 -- -> {released, dead letters dropped}.
-local function release(P, inflight, i, t)
+local function release(P, inflight, i, t, held)
   local field, token, id, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local queue, task, seconds = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
   local where, value, rank = ARGV[i + 7] or '', ARGV[i + 8], ARGV[i + 9]
   local delay, bcast = tonumber(ARGV[i + 10] or 0), ARGV[i + 11] or ''
   local max_dead = tonumber(ARGV[i + 12] or 0)
   -- Still ours? Then forget it, and count how it ended.
-  if token ~= '' and redis.call('HGET', inflight, field .. ':t') ~= token then return {0, 0} end
-  if redis.call('HDEL', inflight, field, field .. ':t', field .. ':s') == 0 then return {0, 0} end
+  if not held then
+    if token ~= '' and redis.call('HGET', inflight, field .. ':t') ~= token then return {0, 0} end
+    if redis.call('HDEL', inflight, field, field .. ':t', field .. ':s') == 0 then return {0, 0} end
+  end
   if outcome ~= '' then count(P, outcome, queue, task, seconds) end
   -- Cancelled while in flight: nothing more runs.
   if cancelled(P, id) and where ~= '' then
@@ -595,12 +599,16 @@ if held and held ~= done_token then
   redis.call('HDEL', inflight, field, field .. ':t', field .. ':s')
   payload = false
 elseif held then
-  -- 2. The previous attempt ended: release it as the child decided (an ack, counted).
-  release(P, inflight, 4, t)
+  -- 2. The previous attempt ended: release it as the child decided (an ack, counted);
+  --    its fields are overwritten by the next claim, or deleted at 6.
+  release(P, inflight, 4, t, true)
 end
 
 -- 3. An adopted (unregistered) worker claims nothing.
-if not redis.call('ZSCORE', P .. ':workers', wid) then return -1 end
+if not redis.call('ZSCORE', P .. ':workers', wid) then
+  if held then redis.call('HDEL', inflight, field, field .. ':t', field .. ':s') end
+  return -1
+end
 
 -- 4. Every PROMOTE seconds: move due delayed tasks of up to 10 queues to their lists.
 if promote then
@@ -652,8 +660,9 @@ while not payload do
 end
 payload = payload or redis.call('LPOP', P .. ':bcast:' .. wid)
 
--- 6. Nothing: drop stale wake-ups, say when the next delayed task comes due.
+-- 6. Nothing: empty the field, drop stale wake-ups, say when the next delayed task is due.
 if not payload then
+  if held then redis.call('HDEL', inflight, field, field .. ':t', field .. ':s') end
   local lists = {P .. ':wake:' .. wid}
   for _, queue in ipairs(redis.call('SMEMBERS', served)) do
     lists[#lists + 1] = P .. ':wake:' .. queue
@@ -1548,9 +1557,10 @@ def _release_args(app, field, token, raw, outcome, seconds, own_bcast, msg=None)
     """The release of one attempt as _RELEASE's (and _CLAIM's) arguments: 7 for an ack, 13
     otherwise (see release in _LUA_LIB). msg: the decoded payload, enough for an ack; for
     anything else raw is read again, its tagged values kept as they are."""
+    if msg is not None and outcome.kind == "done":  # an ack: no next step to decide
+        return [field, token, msg["id"], "done", msg["queue"], msg["name"], f"{seconds:.6f}"]
     try:
-        if msg is None or outcome.kind != "done":
-            msg = _loads_msg(raw, decode=False)
+        msg = _loads_msg(raw, decode=False)
     except _BAD_PAYLOAD as e:
         msg, outcome = None, outcome._replace(reason=f"{outcome.reason}; bad payload: {e}")
     where, value, delay, queue = _next_step(app, raw, msg, outcome, own_bcast)
