@@ -1445,7 +1445,7 @@ class _Attempt:
     def __init__(self, task, msg, field, token, raw, queue, limits=None, index=0, claim=0):
         self.task, self.msg, self.field, self.token, self.raw = task, msg, field, token, raw
         self.queue, self.limits, self.index, self.claim = queue, limits, index, claim
-        self.start, self.future, self.interrupt = time.monotonic(), None, None
+        self.start, self.future, self.interrupt, self.ended = time.monotonic(), None, None, False
 
 
 def _call_task(fn, *args, **kwargs):
@@ -1524,7 +1524,7 @@ async def _after_hooks(app):
     for hook in app._hooks["after_task_finished"]:
         try:
             await _settle(hook())
-        except Exception:
+        except (Exception, asyncio.CancelledError):  # (a cancel that came as the task ended)
             log.exception("after_task_finished hook %r raised", hook)
 
 
@@ -1913,7 +1913,7 @@ class _Worker:
             if not pid:
                 continue
             self.children[slot], code = None, os.waitstatus_to_exitcode(status)
-            ends = [self.dead_child_end(child, slot, k) for k in range(self.k)]
+            ends = [self.dead_child_end(child, slot, k, code) for k in range(self.k)]
             if any(ends):
                 self.unreleased[slot] = (pid, ends)
             if code != 0 or child.hard_k is not None:
@@ -1927,7 +1927,7 @@ class _Worker:
                 log.warning("child %d exited with %s (%s)", pid, code, why)
             self.fork_at[slot] = child.born + (1.0 if code else 0.0)  # no crash loop
 
-    def dead_child_end(self, child, slot, k):
+    def dead_child_end(self, child, slot, k, code):
         """(claim finished, claim running, outcome of the running one) of a dead child's
         sub-slot, or None if its field holds nothing."""
         rec = self.table.read(slot * self.k + k)
@@ -1935,8 +1935,8 @@ class _Worker:
             return None
         if child.hard_k == k:
             outcome = _Outcome("hard_timeout", "hard timeout", True)
-        elif child.hard_k is not None or child.killed:
-            outcome = _Outcome("interrupted", "interrupted")
+        elif child.hard_k is not None or child.killed or (child.stopped and code == 0):
+            outcome = _Outcome("interrupted", "interrupted")  # we cut it, or it left on our stop
         else:
             outcome = _Outcome("worker_died", "worker died", True)
         return int(rec.finished), int(rec.running), outcome
@@ -2154,6 +2154,7 @@ class _Child:
         self.lines: list = []  # INFO lines of finished attempts, written while Redis works
         self.stopping = self.waiting = False
         self.done, self.next_promote, self.top = 0, 0.0, ""
+        self.reached = 0  # the last claim number that reached Redis without its reply
         self.wakes = [app._k("wake", q) for q in (worker.wid, *worker.served)]
         self.claim_keys = [worker.inflight_key, worker.served_key]
         self.limits = functools.lru_cache(None)(functools.partial(_limits_for, app))
@@ -2223,10 +2224,15 @@ class _Child:
                 raise error
             attempt.interrupt = error
             if landing == "async":
-                self.loop.call_soon_threadsafe(attempt.future.cancel)
+                self.loop.call_soon_threadsafe(self.cancel_async, attempt)
             else:
                 landing.f_trace = functools.partial(self.raise_on_return, attempt)
                 sys.settrace(_no_trace)  # frame traces run only while tracing is on
+
+    def cancel_async(self, attempt):
+        """On the event loop: cancel an async task, unless it has ended meanwhile."""
+        if not attempt.ended:
+            attempt.future.cancel()
 
     def raise_on_return(self, attempt, frame, event, arg):
         """The f_trace of a guard frame: as it returns into the task, raise the held error."""
@@ -2283,7 +2289,9 @@ class _Child:
                 self.r, self.claim_keys, args, meanwhile=self.lines and self.write_lines
             )
         except redis.RedisError:
-            if not self.r.sent:  # it never reached Redis: the field holds what it held
+            if self.r.sent:
+                self.reached = claim
+            elif self.reached != claim:  # it never reached Redis: the field holds what it held
                 finished = self.table.read(index).finished
                 self.table.set(index, "held", finished if ack[1] else 0.0)
             raise
@@ -2361,6 +2369,7 @@ class _Child:
 
     def attempt_ended(self, attempt):
         """Before the after hooks: no soft timeout, hard timeout or cancel from now on."""
+        attempt.ended = True
         self.table.write(attempt.index, 0.0, 0.0, attempt.claim, attempt.claim, 0.0)
 
     def free(self, attempt):
