@@ -1432,13 +1432,6 @@ class _Outcome(NamedTuple):
 _DONE = _Outcome("done")
 
 
-def _raised(e, limits):
-    first_line = (str(e).strip().splitlines() or [""])[0]
-    reason = f"raised {type(e).__name__}: {first_line}".rstrip(": ")
-    retry = limits is not None and isinstance(e, limits.retry_on)
-    return _Outcome("raised", reason, retry, e)
-
-
 class _Attempt:
     """One claimed payload on its way through _run_attempt; `future` for an async one."""
 
@@ -1504,7 +1497,7 @@ async def _run_attempt(app, attempt, child):
         if hooks["after_task_finished"]:
             await _after_hooks(app)
         if child:
-            child.free(attempt)
+            del child.attempts[attempt.field]
         _current.reset(context)
     return outcome
 
@@ -1517,7 +1510,10 @@ def _outcome_of(error, attempt):
         return _Outcome("soft_timeout", "soft timeout", True, error)
     if isinstance(error, Cancelled):
         return _Outcome("cancelled", "cancelled", False, error)
-    return _raised(error, attempt.limits)
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    reason = f"raised {type(error).__name__}: {first_line}".rstrip(": ")
+    retry = attempt.limits is not None and isinstance(error, attempt.limits.retry_on)
+    return _Outcome("raised", reason, retry, error)
 
 
 async def _after_hooks(app):
@@ -2358,11 +2354,9 @@ class _Child:
         if task.is_async:
             attempt.future = self.loop.create_task(self.run_async(coro, attempt))
         else:
-            self.ended(attempt, self.run_sync(coro))
-
-    def run_sync(self, coro):
-        """A sync task's attempt: by hand (no event-loop turn per task) unless a hook awaits."""
-        return self.loop.run_until_complete(coro) if self.async_hooks else _by_hand(coro)
+            # By hand (no event-loop turn per task) unless a hook or the wrapper awaits.
+            run = self.loop.run_until_complete if self.async_hooks else _by_hand
+            self.ended(attempt, run(coro))
 
     async def run_async(self, coro, attempt):
         self.ended(attempt, await coro)
@@ -2371,9 +2365,6 @@ class _Child:
         """Before the after hooks: no soft timeout, hard timeout or cancel from now on."""
         attempt.ended = True
         self.table.write(attempt.index, 0.0, 0.0, attempt.claim, attempt.claim, 0.0)
-
-    def free(self, attempt):
-        del self.attempts[attempt.field]
 
     def ended(self, attempt, outcome):
         """Log the attempt; release it now, or (done) with the field's next claim."""
