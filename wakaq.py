@@ -2424,15 +2424,9 @@ def _due(cron, tz, last, now):
     return fire, t.timestamp()
 
 
-class _Schedule(NamedTuple):
-    cron: CronTask
-    task: Task
-    queue: Queue
-    record: str  # {p}:cron:{digest}: the last tick enqueued
-
-
 def _schedules(app):
-    out = []
+    """{p}:cron:{digest} (the last tick enqueued) -> (CronTask, Task, Queue), per schedule."""
+    out = {}
     for cron in app.schedules:
         if cron.task_name not in app.tasks:
             raise ValueError(f"schedule {cron.schedule!r} names unknown task {cron.task_name!r}")
@@ -2440,31 +2434,29 @@ def _schedules(app):
         q = app._queue(cron.queue) if cron.queue else task.queue or app.default_queue
         ident = [cron.schedule, cron.task_name, q.name, cron.args, cron.kwargs]
         digest = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
-        out.append(_Schedule(cron, task, q, app._k("cron", digest)))
+        out[app._k("cron", digest)] = cron, task, q
     return out
 
 
 def _cmd_scheduler(app, args):
-    """Each tick once, across schedulers and restarts; now: Redis TIME."""
+    """Each tick once, across schedulers and restarts; now: Redis TIME. SIGTERM stops it as
+    Ctrl-C does, at once (one script writes a tick's task and its record)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     _setup_logging(app.scheduler_log_file, args.loglevel or app.scheduler_log_level)
-    stopped: list = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda s, f: stopped.append(s))
     schedules = _schedules(app)
     if not schedules:
         return log.warning("the app has no schedules; the scheduler exits")
     r, outage = None, _Outage("scheduler")
     log.info("scheduler started with %d schedule(s)", len(schedules))
-    while not stopped:
-        try:
-            r = r or app._client(retries=0)  # (it asks Redis whether it is a Cluster)
-            pause = _tick(app, r, schedules)
-            outage.ok()
-        except redis.RedisError as e:
-            pause = outage.failed(e)
-        end = time.monotonic() + max(pause, 0.01)
-        while not stopped and time.monotonic() < end:
-            time.sleep(min(0.1, max(0.0, end - time.monotonic())))
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            try:
+                r = r or app._client(retries=0)  # (it asks Redis whether it is a Cluster)
+                pause = _tick(app, r, schedules)
+                outage.ok()
+            except redis.RedisError as e:
+                pause = outage.failed(e)
+            time.sleep(pause)
     log.info("scheduler stopped")
 
 
@@ -2472,17 +2464,16 @@ def _tick(app, r, schedules):
     """Enqueue each schedule's due tick; -> seconds until the next tick (at most 1)."""
     sec, usec = r.time()
     now, pause = sec + usec / 1e6, 1.0  # Redis's clock
-    for s, last in zip(schedules, r.mget([s.record for s in schedules])):
+    for (record, (cron, task, q)), last in zip(schedules.items(), r.mget(list(schedules))):
         if last is None:  # a new schedule starts from now
-            r.set(s.record, int(now), nx=True)
+            r.set(record, int(now), nx=True)
             continue
-        fire, next_tick = _due(s.cron, app.tz, float(last), now)
+        fire, next_tick = _due(cron, app.tz, float(last), now)
         pause = min(pause, next_tick - now)
-        payload = app._payload(s.task, s.cron.args, s.cron.kwargs, s.queue)[1]
-        args = [app._rank[s.queue], s.queue.name, "cron", fire, payload]
-        if fire and _ENQUEUE(r, [s.queue.key, s.record], args):
+        payload = app._payload(task, cron.args, cron.kwargs, q)[1]
+        if fire and _ENQUEUE(r, [q.key, record], [app._rank[q], q.name, "cron", fire, payload]):
             when = datetime.fromtimestamp(fire, app.tz).isoformat()
-            log.info("enqueued %s for %s", s.cron.task_name, when)
+            log.info("enqueued %s for %s", cron.task_name, when)
     return pause
 
 
