@@ -2415,15 +2415,9 @@ def _due(cron, tz, last, now):
     return fire, t.timestamp()
 
 
-class _Schedule(NamedTuple):
-    cron: CronTask
-    task: Task
-    queue: Queue
-    record: str  # {p}:cron:{digest}: the last tick enqueued
-
-
 def _schedules(app):
-    out = []
+    """{p}:cron:{digest} (the last tick enqueued) -> (CronTask, Task, Queue), per schedule."""
+    out = {}
     for cron in app.schedules:
         if cron.task_name not in app.tasks:
             raise ValueError(f"schedule {cron.schedule!r} names unknown task {cron.task_name!r}")
@@ -2431,31 +2425,29 @@ def _schedules(app):
         q = app._queue(cron.queue) if cron.queue else task.queue or app.default_queue
         ident = [cron.schedule, cron.task_name, q.name, cron.args, cron.kwargs]
         digest = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
-        out.append(_Schedule(cron, task, q, app._k("cron", digest)))
+        out[app._k("cron", digest)] = cron, task, q
     return out
 
 
 def _cmd_scheduler(app, args):
-    """Each tick once, across schedulers and restarts; now: Redis TIME."""
+    """Each tick once, across schedulers and restarts; now: Redis TIME. SIGTERM stops it as
+    Ctrl-C does, at once (one script writes a tick's task and its record)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     _setup_logging(app.scheduler_log_file, args.loglevel or app.scheduler_log_level)
-    stopped: list = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda s, f: stopped.append(s))
     schedules = _schedules(app)
     if not schedules:
         return log.warning("the app has no schedules; the scheduler exits")
     r, outage = None, _Outage("scheduler")
     log.info("scheduler started with %d schedule(s)", len(schedules))
-    while not stopped:
-        try:
-            r = r or app._client(retries=0)  # (it asks Redis whether it is a Cluster)
-            pause = _tick(app, r, schedules)
-            outage.ok()
-        except redis.RedisError as e:
-            pause = outage.failed(e)
-        end = time.monotonic() + max(pause, 0.01)
-        while not stopped and time.monotonic() < end:
-            time.sleep(min(0.1, max(0.0, end - time.monotonic())))
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            try:
+                r = r or app._client(retries=0)  # (it asks Redis whether it is a Cluster)
+                pause = _tick(app, r, schedules)
+                outage.ok()
+            except redis.RedisError as e:
+                pause = outage.failed(e)
+            time.sleep(pause)
     log.info("scheduler stopped")
 
 
@@ -2463,17 +2455,16 @@ def _tick(app, r, schedules):
     """Enqueue each schedule's due tick; -> seconds until the next tick (at most 1)."""
     sec, usec = r.time()
     now, pause = sec + usec / 1e6, 1.0  # Redis's clock
-    for s, last in zip(schedules, r.mget([s.record for s in schedules])):
+    for (record, (cron, task, q)), last in zip(schedules.items(), r.mget(list(schedules))):
         if last is None:  # a new schedule starts from now
-            r.set(s.record, int(now), nx=True)
+            r.set(record, int(now), nx=True)
             continue
-        fire, next_tick = _due(s.cron, app.tz, float(last), now)
+        fire, next_tick = _due(cron, app.tz, float(last), now)
         pause = min(pause, next_tick - now)
-        payload = app._payload(s.task, s.cron.args, s.cron.kwargs, s.queue)[1]
-        args = [app._rank[s.queue], s.queue.name, "cron", fire, payload]
-        if fire and _ENQUEUE(r, [s.queue.key, s.record], args):
+        payload = app._payload(task, cron.args, cron.kwargs, q)[1]
+        if fire and _ENQUEUE(r, [q.key, record], [app._rank[q], q.name, "cron", fire, payload]):
             when = datetime.fromtimestamp(fire, app.tz).isoformat()
-            log.info("enqueued %s for %s", s.cron.task_name, when)
+            log.info("enqueued %s for %s", cron.task_name, when)
     return pause
 
 
@@ -2516,34 +2507,33 @@ def _snapshot(app):
     for q, first in zip(app.queues, per_queue[2::3]):  # when the oldest pending became ready
         pipe.hget(app._k("ids", q.name), _json_object(first)["id"] or "")
     replies, now = pipe.execute(), sec + usec / 1e6
-    info = dict(queues={}, inflight=0, dead=dead, workers=0, running=[], latency={})
-    info["workers_list"] = []
-    counts = zip(per_queue[::3], per_queue[1::3], replies[len(workers) :])
-    for q, (pending, delayed, ready) in zip(app.queues, counts):
+    info = dict(queues={}, latency={}, dead=dead, running=[], workers_list=[])
+    counts = zip(app.queues, per_queue[::3], per_queue[1::3], replies[len(workers) :])
+    for q, pending, delayed, ready in counts:
         priority = app._priority[q.name]
         info["queues"][q.name] = {"priority": priority, "pending": pending, "delayed": delayed}
         info["latency"][q.name] = round(max(0.0, now - float(ready or now)), 3)
     for (wid, beat), fields in zip(workers, replies):
         wid = wid.decode()
-        for f in fields:
-            if not f.endswith((b":s", b":t")):  # f: "S.K", or "adopted:..."
-                msg, started = _json_object(fields[f]), fields.get(f + b":s")
-                seconds = round(now - float(started), 1) if started else None
-                task = {k: msg[k] for k in ("id", "name", "queue")}
-                info["running"].append({**task, "worker": wid, "seconds": seconds})
+        tasks = [f for f in fields if not f.endswith((b":s", b":t"))]  # "S.K", or "adopted:..."
+        for f in tasks:
+            msg, started = _json_object(fields[f]), fields.get(f + b":s")
+            seconds = round(now - float(started), 1) if started else None
+            task = {k: msg[k] for k in ("id", "name", "queue")}
+            info["running"].append({**task, "worker": wid, "seconds": seconds})
         worker = {
             "id": wid,
             "host": wid.rsplit(".", 2)[0],
             "queues": list(filter(None, served.get(wid.encode(), b"").decode().split(","))),
-            "running": sum(t["worker"] == wid for t in info["running"]),
+            "running": len(tasks),
             "seconds_since_heartbeat": round(now - beat, 1),
             "alive": beat >= now - app.heartbeat_timeout,
         }
         info["workers_list"].append(worker)
     alive = [w for w in info["workers_list"] if w["alive"]]
-    info.update(inflight=len(info["running"]), workers=len(alive))
     served = {name for w in alive for name in w["queues"]}
     pending = [name for name, q in info["queues"].items() if q["pending"]]
+    info.update(inflight=len(info["running"]), workers=len(alive))
     info["unserved_queues"] = [name for name in pending if name not in served]
     return info, stats
 
@@ -2582,12 +2572,9 @@ def _cmd_info(app, args):
             for field, n in stats.items():
                 if m := re.match(rb"(e|b done \d+) (\S+)", field):
                     counts[m[2].decode(), m[1][:1]] += int(n)
-            if before:
-                old, seconds = before[0], now - before[1]
-                rates = {
-                    q: [(counts[q, k] - old[q, k]) / seconds for k in (b"e", b"b")]
-                    for q in info["queues"]
-                }
+            if before:  # (a counter that went down, e.g. deleted, shows 0)
+                seconds, diff = now - before[1], counts - before[0]
+                rates = {q: [diff[q, k] / seconds for k in (b"e", b"b")] for q in info["queues"]}
             before = counts, now
             text = json.dumps(info) if args.json else _info_text(info, rates)
             if args.watch is None:
@@ -2688,13 +2675,11 @@ def _counters(stats):
     sums = {}
     for field, value in stats.items():
         kind, rest = field.decode().split(" ", 1)
-        if kind == "n":
-            outcome, queue, task = rest.split(" ", 2)
+        if kind in "bn":  # "b OUTCOME BUCKET QUEUE TASK", "n OUTCOME QUEUE TASK"
+            outcome, *bucket, queue, task = rest.split(" ", 3 if kind == "b" else 2)
             totals[queue, task, outcome] += int(value)
-        elif kind == "b":
-            outcome, index, queue, task = rest.split(" ", 3)
-            buckets[queue, task][int(index) - 1] += int(value)
-            totals[queue, task, outcome] += int(value)
+            if bucket:
+                buckets[queue, task][int(bucket[0]) - 1] += int(value)
         elif kind == "u":
             sums[tuple(rest.split(" ", 1))] = int(value) / 1e6
     return totals, buckets, sums
@@ -2739,12 +2724,11 @@ def _cmd_metrics(app, args):
             if self.path.split("?")[0] != "/metrics":
                 return self.send_error(404, "the metrics are at /metrics")
             try:
-                body, status = _prometheus(app).encode(), 200
+                body = _prometheus(app).encode()
             except redis.RedisError as e:
-                body, status = f"wakaq: Redis at {_mask(app.url)}: {e}\n".encode(), 503
-            self.send_response(status)
+                return self.send_error(503, f"Redis at {_mask(app.url)}: {e}")
+            self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
 
@@ -2754,7 +2738,7 @@ def _cmd_metrics(app, args):
     server = ThreadingHTTPServer((args.bind, args.port), Handler)
     url = f"http://{args.bind}:{server.server_port}/metrics"
     print(f"wakaq: serving metrics at {url}", file=sys.stderr, flush=True)
-    signal.signal(signal.SIGTERM, lambda s, f: sys.exit(0))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stops it as Ctrl-C does
     with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
 
@@ -2807,13 +2791,11 @@ def _parse(argv):
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         return parser.print_help(sys.stderr)
-    names = ["APP", "QUEUE"] if args.command == "purge" else ["APP"]
     given = list(filter(None, map(vars(args).get, ("app_option", "app", "queue", "queue_option"))))
     if extra:  # the command's usage and this, exit 2
         p[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
-    if len(given) != len(names):
-        how = "(APP as module:attribute or --app=APP)"
-        p[args.command].error(f"give {' and '.join(names)} once each {how}")
+    if len(given) != 1 + (args.command == "purge"):  # APP, and purge's QUEUE
+        p[args.command].error("give APP (module:attribute) and purge's QUEUE once each")
     args.app, args.queue = [*given, None][:2]
     return args
 
