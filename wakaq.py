@@ -1476,7 +1476,7 @@ async def _run_attempt(app, attempt, child):
     and the task, then the after hooks; one exception rule (_outcome_of). `child` (None when
     eager) clears the deadlines before the after hooks and frees the field in `finally`."""
     task, msg, hooks = attempt.task, attempt.msg, app._hooks
-    context = _current.set(msg)
+    context, outcome = _current.set(msg), None
     try:
         for hook in hooks["before_task_started"]:
             await _settle(hook())
@@ -1493,7 +1493,7 @@ async def _run_attempt(app, attempt, child):
             log.error("task %s raised (id=%s)", msg["name"], msg["id"], exc_info=e)
     finally:
         if child:
-            child.attempt_ended(attempt)
+            child.attempt_ended(attempt, outcome is _DONE)
         if hooks["after_task_finished"]:
             await _after_hooks(app)
         if child:
@@ -2361,10 +2361,12 @@ class _Child:
     async def run_async(self, coro, attempt):
         self.ended(attempt, await coro)
 
-    def attempt_ended(self, attempt):
-        """Before the after hooks: no soft timeout, hard timeout or cancel from now on."""
+    def attempt_ended(self, attempt, done):
+        """Before the after hooks: no soft timeout, hard timeout or cancel from now on; a done
+        attempt is "finished" (its ack waits for the field's next claim)."""
         attempt.ended = True
-        self.table.write(attempt.index, 0.0, 0.0, attempt.claim, attempt.claim, 0.0)
+        finished = attempt.claim if done else 0.0
+        self.table.write(attempt.index, 0.0, 0.0, attempt.claim, attempt.claim, finished)
 
     def ended(self, attempt, outcome):
         """Log the attempt; release it now, or (done) with the field's next claim."""
@@ -2378,7 +2380,6 @@ class _Child:
         self.acks[field] = _release_args(
             self.app, field, attempt.token, "", _DONE, seconds, own, msg
         )
-        self.table.set(attempt.index, "finished", attempt.claim)
 
     def release_now(self, field, token, raw, outcome, seconds):
         args = _release_args(self.app, field, token, raw, outcome, seconds, self.worker.wid)
