@@ -1008,6 +1008,15 @@ def test_purge_prints_pending_plus_delayed_and_empties_both(r):
     assert r.llen("{wakaq}:q:high") == 1
 
 
+def test_purge_also_forgets_the_cancellations_of_the_tasks_it_removed(r):
+    """A cancelled pending task leaves a tombstone that its claim would drop; once purge has
+    removed the task, no claim will, so purge drops it (else every claim pays for it)."""
+    doomed, kept = add.delay(1, 1), add.delay(2, 2, queue="high")
+    assert (app.cancel(doomed), app.cancel(kept)) == ("pending", "pending")
+    assert cli("purge", "test_wakaq:app", "default").returncode == 0
+    assert r.hkeys("{wakaq}:cancelled") == [kept.encode()]
+
+
 def _make_dead(r, reason="soft timeout", retry=1, queue_name="default"):
     add.delay(5, 6, queue=queue_name)
     raw = r.lpop(f"{{wakaq}}:q:{queue_name}")

@@ -33,7 +33,8 @@ are built by WakaQ._k in Python and from the prefix P in the scripts.
   {p}:inflight:{wid}   HASH  "S.K" -> the payload child slot S runs in sub-slot K, "S.K:t" ->
                              its claim token "PID-N", "S.K:s" -> its start (Redis time);
                              "adopted:{wid}:S.K" -> a dead worker's payloads, until released.
-  {p}:cancelled        HASH  id -> when: cancelled, dropped when next claimed or released.
+  {p}:cancelled        HASH  id -> its queue ("" if in flight): cancelled, dropped when next
+                             claimed or released, or when `purge` empties its queue.
   {p}:cancel:{wid}     SET   "S.K TOKEN": a worker's running attempts to cancel (each beat).
   {p}:workers          ZSET  worker id (HOST.PID.RANDOM) -> last heartbeat.
   {p}:served           HASH  worker id -> the queue names it serves, comma-separated.
@@ -765,7 +766,7 @@ for _, w in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   for i = 1, #held, 2 do
     if id_of(held[i + 1]) == id and not string.find(held[i], ':') then
       local token = redis.call('HGET', P .. ':inflight:' .. w, held[i] .. ':t') or ''
-      redis.call('HSET', P .. ':cancelled', id, t)
+      redis.call('HSET', P .. ':cancelled', id, '')
       redis.call('SADD', P .. ':cancel:' .. w, held[i] .. ' ' .. token)
       return 'running'
     end
@@ -776,7 +777,7 @@ for i = 2, #ARGV do
   local ready_at = redis.call('HGET', P .. ':ids:' .. ARGV[i], id)
   if ready_at then
     redis.call('HDEL', P .. ':ids:' .. ARGV[i], id)
-    redis.call('HSET', P .. ':cancelled', id, t)
+    redis.call('HSET', P .. ':cancelled', id, ARGV[i])
     return tonumber(ready_at) > t and 'delayed' or 'pending'
   end
 end
@@ -2589,6 +2590,11 @@ def _cmd_purge(app, args):
     pipe = app.redis.pipeline().llen(q.key).zcard(q.eta_key)
     pipe.unlink(q.key, q.eta_key, q.wake_key, app._k("ids", q.name))  # UNLINK: freed later
     pending, delayed, *_ = pipe.zrem(app._k("ready"), q.name).execute()
+    # The cancel tombstones of purged tasks: no claim will meet (and drop) them now.
+    tombstones = app.redis.hgetall(app._k("cancelled"))
+    stale = [i for i, queue in tombstones.items() if queue == q.name.encode()]
+    if stale:
+        app.redis.hdel(app._k("cancelled"), *stale)
     print(pending + delayed)  # the contract: one number
     what = f"{pending} pending and {delayed} delayed task(s) from queue {q.name!r}"
     print(f"wakaq: purged {what}", file=sys.stderr)
