@@ -216,11 +216,13 @@ _count = functools.partial(_seconds, kind=int)
 
 def _exceptions(value, name):
     """retry_on: a tuple of exception classes (one class is fine); None stays None."""
-    value = (value,) if isinstance(value, type) else value
-    for cls in value or ():
+    if value is None:
+        return None
+    value = (value,) if isinstance(value, type) else tuple(value)
+    for cls in value:
         if not (isinstance(cls, type) and issubclass(cls, BaseException)):
             raise TypeError(f"{name} must be exception classes, got {cls!r}")
-    return None if value is None else tuple(value)
+    return value
 
 
 _LIMITS = {  # what a task, a queue and the app each may set: its check, in _Limits' order
@@ -286,9 +288,9 @@ def _import_app(spec):
         raise ValueError(f"{spec} is a module; name its WakaQ: {obj.__name__}:{names[0]}")
     if isinstance(obj, WakaQ):
         return obj
-    kind, other = type(obj).__name__, sys.modules.get(type(obj).__module__, sys)
-    if kind != "WakaQ":
-        raise TypeError(f"{spec} is a {kind}, not a WakaQ")
+    if type(obj).__name__ != "WakaQ":
+        raise TypeError(f"{spec} is a {type(obj).__name__}, not a WakaQ")
+    other = sys.modules.get(type(obj).__module__, sys)
     raise TypeError(
         f"{spec} is a WakaQ of another copy of wakaq ({other.__file__}), not of this one "
         f"({__file__}): run python -m {other.__name__}"
@@ -820,24 +822,26 @@ _RECONNECT = (redis.ConnectionError, redis.TimeoutError, *_REFUSED)
 
 
 def _pack(args):
-    """A command in RESP, as redis-py's packer writes it, at a third of its cost."""
+    """RESP bulk strings, as redis-py's packer writes them, at a third of its cost."""
     args = [a if type(a) is bytes else str(a).encode() for a in args]
-    return b"*%d\r\n%s" % (len(args), b"".join([b"$%d\r\n%s\r\n" % (len(a), a) for a in args]))
+    return b"".join([b"$%d\r\n%s\r\n" % (len(a), a) for a in args])
 
 
 class _Conn:
     """One connection outside redis-py's pool, for the child's claims and for .delay():
-    commands are packed here, replies read by redis-py's parser (hiredis when installed).
-    `resend`: a command Redis refused (READONLY, MOVED) or that could not be sent goes once
-    more on a new connection; one whose reply was lost is never resent, so a write is not
-    applied twice."""
+    commands are packed here (a script's name and keys once per connection), replies are
+    read by redis-py's parser (hiredis when installed). `resend`: a command Redis refused
+    (READONLY, MOVED) or that could not be sent goes once more on a new connection; one
+    whose reply was lost is never resent, so a write is not applied twice."""
 
     def __init__(self, app, resend=False):
-        self.app, self.resend, self.conn, self.sent = app, resend, None, False
+        self.app, self.resend, self.conn, self.heads, self.sent = app, resend, None, {}, False
 
     def execute_command(self, *args, meanwhile=None):
         """Send, run meanwhile() while Redis works, read the reply."""
-        data = _pack(args)
+        n = 3 + args[2] if args[0] == "EVALSHA" else 0
+        head = self.heads.get(args[:n]) or self.heads.setdefault(args[:n], _pack(args[:n]))
+        data = b"*%d\r\n%s%s" % (len(args), head, _pack(args[n:]))
         try:
             return self._round_trip(data, meanwhile)
         except (redis.ConnectionError, *_REFUSED) as e:
@@ -959,9 +963,11 @@ class Queue:
 def _coerce_queue(q):
     if isinstance(q, (tuple, list)) and len(q) == 2:  # the original's (name, priority) too
         return Queue(*q) if isinstance(q[0], str) else Queue(q[1], priority=q[0])
-    if not isinstance(q, (str, Queue)):
+    if isinstance(q, str):
+        return Queue(q)
+    if not isinstance(q, Queue):
         raise TypeError(f"a queue is a Queue, a (priority, name) tuple or a name, got {q!r}")
-    return Queue(q) if isinstance(q, str) else q
+    return q
 
 
 class CronTask:
@@ -1134,16 +1140,14 @@ class WakaQ:
         return served, excluded
 
     def _set_schedules(self, schedules):
-        self.schedules = [
-            CronTask(*c[:2], None, *c[2:])  # the original's tuples
-            if isinstance(c, (tuple, list)) and len(c) in (2, 4)
-            else c
-            for c in schedules
-        ]
-        for cron in self.schedules:
+        self.schedules = []
+        for cron in schedules:
+            if isinstance(cron, (tuple, list)) and len(cron) in (2, 4):  # the original's tuples
+                cron = CronTask(*cron[:2], None, *cron[2:])
             if not isinstance(cron, CronTask):
                 raise TypeError(f"schedules holds CronTask objects or tuples, got {cron!r}")
             self._queue(self.default_queue if cron.queue is None else cron.queue)
+            self.schedules.append(cron)
 
     def _set_redis(self, url, host, port, db, username, password):
         if url and (host, port, db) != (None, None, None):
@@ -1252,9 +1256,7 @@ class WakaQ:
             _check_keys([args, kwargs])
             args, kwargs = _dumps(args), _dumps(kwargs) if kwargs else "{}"
         except RecursionError:
-            raise TypeError(
-                f"the arguments of {task.name} are circular or nested too deeply"
-            ) from None
+            raise TypeError(f"{task.name}: its arguments are circular or too deep") from None
         msg_id, tail = _ids.new(), ',"bcast":1}' if bcast else "}"
         return msg_id, (
             f'{{"id":"{msg_id}","name":{task._json_name},"queue":"{queue.name}",'
