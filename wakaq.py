@@ -835,22 +835,28 @@ class _Conn:
     whose reply was lost is never resent, so a write is not applied twice."""
 
     def __init__(self, app, resend=False):
-        self.app, self.resend, self.conn, self.heads, self.sent = app, resend, None, {}, False
+        self.app = app
+        self.resend = resend
+        self.conn = None  # made on first use, and again after a reset()
+        self.heads = {}  # a script's packed name and keys, per (EVALSHA, sha, n, *keys)
+        self.sent = False  # did the last command reach Redis whole?
 
     def execute_command(self, *args, meanwhile=None):
         """Send, run meanwhile() while Redis works, read the reply."""
         n = 3 + args[2] if args[0] == "EVALSHA" else 0
-        head = self.heads.get(args[:n]) or self.heads.setdefault(args[:n], _pack(args[:n]))
+        head = self.heads.get(args[:n])
+        if head is None:
+            head = self.heads[args[:n]] = _pack(args[:n])
         data = b"*%d\r\n%s%s" % (len(args), head, _pack(args[n:]))
         try:
             return self._round_trip(data, meanwhile)
-        except (redis.ConnectionError, *_REFUSED) as e:
+        except (redis.ConnectionError, *_REFUSED) as e:  # not a timeout: it may have waited long
             if not self.resend or (self.sent and not isinstance(e, _REFUSED)):
                 raise
         return self._round_trip(data, meanwhile)
 
     def _round_trip(self, data, meanwhile):
-        self.sent = False  # True once the whole command is on its way to Redis
+        self.sent = False
         try:
             if self.conn is None:
                 client = self.app._client(retries=0, blocking=not self.resend)
@@ -863,9 +869,10 @@ class _Conn:
             if meanwhile:
                 meanwhile()
             return self.conn.read_response()
-        except redis.ResponseError as e:
-            if isinstance(e, _REFUSED):
-                self.reset()
+        except _REFUSED:
+            self.reset()
+            raise
+        except redis.ResponseError:
             raise  # any other error reply was read whole: the connection is still in step
         except BaseException:
             self.reset()  # cut off midway, or lost: never read a stale reply later
@@ -1016,11 +1023,6 @@ class Task(Generic[P, R]):
             (c.get("args", ()), c.get("kwargs", {})) if isinstance(c, dict) else (c, {})
             for c in calls
         ]
-        for args, kwargs in items:
-            if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
-                raise TypeError(
-                    f"delay_many(): want args a list, kwargs a dict: {args!r}, {kwargs!r}"
-                )
         return self.app._enqueue(self, items, queue, eta)
 
     def broadcast(self, *args: P.args, **kwargs: P.kwargs) -> int:
@@ -1121,11 +1123,11 @@ class WakaQ:
         self._queues = {q.name: q for q in qs}
         if len(self._queues) != len(qs):
             raise ValueError(f"duplicate queue names in {[q.name for q in qs]!r}")
-        ranked = sorted((q for q in qs if q.priority is not None), key=lambda q: q.priority)
-        plain = [q for q in qs if q.priority is None]  # rank below all others, in order
-        self.queues, lowest = ranked + plain, ranked[-1].priority if ranked else -1
-        self._priority = {q.name: q.priority for q in ranked}
-        self._priority.update((q.name, lowest + 1 + i) for i, q in enumerate(plain))
+        # Plain names rank below all numbered queues, in their order (the sort is stable).
+        self.queues = sorted(qs, key=lambda q: (q.priority is None, q.priority or 0))
+        self._priority, last = {}, -1
+        for q in self.queues:  # a plain name's priority: one more than the one before it
+            last = self._priority[q.name] = last + 1 if q.priority is None else q.priority
         self._rank = {q: i for i, q in enumerate(self.queues)}  # 0 is served first
         self.default_queue = self.queues[-1]
         excluded = [exclude_queues] if isinstance(exclude_queues, str) else exclude_queues
@@ -1172,7 +1174,7 @@ class WakaQ:
         soft_timeout=..., hard_timeout=..., retry_backoff=..., retry_on=...)."""
         unknown = set(limits) - set(_LIMITS)
         if unknown:
-            raise TypeError(f"unknown task option(s) {sorted(unknown)}; options are {_LIMITS}")
+            raise TypeError(f"unknown task option(s) {sorted(unknown)}; options: {list(_LIMITS)}")
 
         def register(fn):
             task = Task(self, fn, name or fn.__name__, queue, **limits)
@@ -1252,6 +1254,8 @@ class WakaQ:
 
     def _payload(self, task, args, kwargs, queue, bcast=False):
         """(id, payload): the JSON built by hand around the arguments (twice as fast)."""
+        if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
+            raise TypeError(f"{task.name}: want args a list, kwargs a dict: {args!r}, {kwargs!r}")
         try:
             _check_keys([args, kwargs])
             args, kwargs = _dumps(args), _dumps(kwargs) if kwargs else "{}"
@@ -1313,7 +1317,7 @@ class WakaQ:
 def _eta(eta):
     """-> ("", 0): now, ("in", seconds from now by Redis's clock), ("at", unix time; naive UTC)."""
     if isinstance(eta, datetime):
-        return "at", (eta.replace(tzinfo=timezone.utc) if eta.tzinfo is None else eta).timestamp()
+        return "at", _naive_utc(eta).replace(tzinfo=timezone.utc).timestamp()
     if eta is None:
         return "", 0
     seconds = _seconds(eta, "eta (seconds, timedelta, datetime)", -float("inf"))
