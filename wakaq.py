@@ -1124,7 +1124,8 @@ class WakaQ:
         self.queues = sorted(qs, key=lambda q: (q.priority is None, q.priority or 0))
         self._priority, last = {}, -1
         for q in self.queues:  # a plain name's priority: one more than the one before it
-            last = self._priority[q.name] = last + 1 if q.priority is None else q.priority
+            last = last + 1 if q.priority is None else q.priority
+            self._priority[q.name] = last
         self._rank = {q: i for i, q in enumerate(self.queues)}  # 0 is served first
         self.default_queue = self.queues[-1]
         excluded = [exclude_queues] if isinstance(exclude_queues, str) else exclude_queues
