@@ -197,27 +197,22 @@ _Limits = collections.namedtuple("_Limits", "soft hard retries backoff retry_on"
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9_.\-]+\Z")  # \Z: "$" would let "q\n" through
 
 
-def _seconds(value, name):
-    """A duration as float seconds (int, float or timedelta); None stays None (unset)."""
-    if isinstance(value, timedelta):
+def _seconds(value, name, minimum=0, kind=float):
+    """A duration as float seconds (int, float or timedelta), or with kind=int a count; None
+    stays None (unset)."""
+    if isinstance(value, timedelta) and kind is float:
         value = value.total_seconds()
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be seconds or a timedelta, got {value!r}")
-    if not 0 <= value < float("inf"):  # also refuses nan
-        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, (kind, int)):
+        what = "seconds or a timedelta" if kind is float else "an int"
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    if not minimum <= value < float("inf"):  # also refuses nan
+        raise ValueError(f"{name} must be finite and at least {minimum}, got {value!r}")
+    return kind(value)
 
 
-def _count(value, name, minimum=0):
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
-    return value
+_count = functools.partial(_seconds, kind=int)
 
 
 def _exceptions(value, name):
@@ -231,26 +226,7 @@ def _exceptions(value, name):
     return value
 
 
-def _set_limits(obj, where, **limits):
-    """The settings a task, a queue and the app each may set (task, then queue, then app)."""
-    for name, check in _LIMITS.items():
-        setattr(obj, name, check(limits.get(name), f"{name} of {where}"))
-
-
-def _limits_for(app, task, queue):
-    """Per setting, the first one set of the task's, the queue's and the app's."""
-
-    def first(name):
-        return next(
-            (getattr(x, name) for x in (task, queue, app) if getattr(x, name, None) is not None),
-            None,
-        )
-
-    soft, hard, retries, backoff, retry_on = map(first, _LIMITS)  # in _Limits' order
-    return _Limits(soft, hard, retries or 0, backoff or 0.0, retry_on or ())
-
-
-_LIMITS = {  # name: its check, in _Limits' order
+_LIMITS = {  # what a task, a queue and the app each may set: its check, in _Limits' order
     "soft_timeout": _seconds,
     "hard_timeout": _seconds,
     "max_retries": _count,
@@ -259,20 +235,34 @@ _LIMITS = {  # name: its check, in _Limits' order
 }
 
 
-def _check_timeouts(limits, where):
-    if limits.soft is not None and limits.hard is not None and limits.hard <= limits.soft:
-        raise ValueError(
-            f"{where}: hard_timeout ({limits.hard:g}s) must be greater than "
-            f"soft_timeout ({limits.soft:g}s)"
+def _set_limits(obj, where, limits):
+    """Check and set obj's limits, taken by name from limits (its locals())."""
+    for name, check in _LIMITS.items():
+        setattr(obj, name, check(limits.get(name), f"{name} of {where}"))
+
+
+def _limits_for(app, task, queue, where=None):
+    """Per setting, the first one set of the task's, the queue's and the app's. where: check
+    that the hard timeout comes after the soft one, naming where."""
+
+    def first(name):
+        return next(
+            (getattr(x, name) for x in (task, queue, app) if getattr(x, name, None) is not None),
+            None,
         )
+
+    soft, hard, retries, backoff, retry_on = map(first, _LIMITS)
+    if where and soft is not None and hard is not None and hard <= soft:
+        raise ValueError(
+            f"{where}: hard_timeout ({hard:g}s) must be greater than soft_timeout ({soft:g}s)"
+        )
+    return _Limits(soft, hard, retries or 0, backoff or 0.0, retry_on or ())
 
 
 def _concurrency(value, cores=None, name="concurrency"):
     """An int (at least 1), or arithmetic of `cores` such as "cores*2" or "cores - 1" (then at
     least 1, so that "cores - 1" on a one-core host is one child, not an error)."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise TypeError(f"{name} must be an int or an expression of cores, got {value!r}")
-    if isinstance(value, int):
+    if not isinstance(value, str):
         return _count(value, name, 1)
     try:  # eval of this alphabet (no names but cores, no "**") is safe
         if not re.fullmatch(r"(cores\b|[\d.]+|[-+*/ ()])+", value) or "**" in value:
@@ -299,9 +289,9 @@ def _import_app(spec):
         raise ValueError(f"{spec} is a module; name its WakaQ: {obj.__name__}:{names[0]}")
     if isinstance(obj, WakaQ):
         return obj
-    kind, other = type(obj).__name__, sys.modules.get(type(obj).__module__, sys)
-    if kind != "WakaQ":
-        raise TypeError(f"{spec} is a {kind}, not a WakaQ")
+    if type(obj).__name__ != "WakaQ":
+        raise TypeError(f"{spec} is a {type(obj).__name__}, not a WakaQ")
+    other = sys.modules.get(type(obj).__module__, sys)
     raise TypeError(
         f"{spec} is a WakaQ of another copy of wakaq ({other.__file__}), not of this one "
         f"({__file__}): run python -m {other.__name__}"
@@ -367,12 +357,9 @@ def _loads(raw):
     return json.loads(raw, object_hook=_decode if _TAG in raw else None)
 
 
-_SHAPE = {"id": str, "name": str, "queue": str, "retry": int, "args": list, "kwargs": dict}
-
-
 def _loads_msg(raw, decode=True):
-    """A task payload, checked for shape (_SHAPE), or one of _BAD_PAYLOAD; decode=False: keep
-    tags. The checks are written out: a loop over _SHAPE costs a child a tenth more per task."""
+    """A task payload, checked for shape, or one of _BAD_PAYLOAD; decode=False: keep tags. The
+    checks are written out: a loop over a table of them costs a child a tenth more per task."""
     msg = _loads(raw) if decode else json.loads(raw)
     if not (
         type(msg) is dict
@@ -383,7 +370,7 @@ def _loads_msg(raw, decode=True):
         and type(msg.get("args")) is list
         and type(msg.get("kwargs")) is dict
     ):
-        raise ValueError(f"not a wakaq payload (need {', '.join(_SHAPE)})")
+        raise ValueError("not a wakaq payload (need id, name, queue, retry, args, kwargs)")
     return msg
 
 
@@ -826,14 +813,10 @@ return n
 # ============================================================================ Redis connections
 
 # Errors after which a connection is dropped and made anew: an outage, or a topology change
-# (a failover demoted the master: READONLY; a Cluster slot moved: MOVED).
-_RECONNECT = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.MovedError,
-)
-_REFUSED = (redis.exceptions.ReadOnlyError, redis.exceptions.MovedError)  # not applied
+# (a failover demoted the master: READONLY; a Cluster slot moved: MOVED), which Redis refused
+# before applying the command.
+_REFUSED = (redis.exceptions.ReadOnlyError, redis.exceptions.MovedError)
+_RECONNECT = (redis.ConnectionError, redis.TimeoutError, *_REFUSED)
 
 
 def _pack(args):
@@ -850,51 +833,55 @@ class _Conn:
     whose reply was lost is never resent, so a write is not applied twice."""
 
     def __init__(self, app, resend=False):
-        self.app, self.resend, self.conn, self.heads, self.sent = app, resend, None, {}, False
+        self.app = app
+        self.resend = resend
+        self.conn = None  # made on first use, and again after a reset()
+        self.heads = {}  # a script's packed name and keys, per (EVALSHA, sha, n, *keys)
+        self.sent = False  # did the last command reach Redis whole?
 
     def execute_command(self, *args, meanwhile=None):
         """Send, run meanwhile() while Redis works, read the reply."""
         n = 3 + args[2] if args[0] == "EVALSHA" else 0
-        head = self.heads.get(args[:n]) or self.heads.setdefault(args[:n], _pack(args[:n]))
+        head = self.heads.get(args[:n])
+        if head is None:
+            head = self.heads[args[:n]] = _pack(args[:n])
         data = b"*%d\r\n%s%s" % (len(args), head, _pack(args[n:]))
-        for attempt in range(2 if self.resend else 1):
-            try:
-                self._send(data)
-            except (redis.ConnectionError, *_REFUSED):
-                self.reset()
-                if attempt or not self.resend:
-                    raise
-                continue
-            try:
-                if meanwhile:
-                    meanwhile()
-                return self.conn.read_response()
-            except _REFUSED:
-                self.reset()
-                if attempt or not self.resend:
-                    raise
-            except redis.ResponseError:
-                raise  # an error reply, read whole: the connection is still in step
-            except BaseException:
-                self.reset()  # cut off midway, or lost: never read a stale reply later
+        try:
+            return self._round_trip(data, meanwhile)
+        except (redis.ConnectionError, *_REFUSED) as e:  # not a timeout: it may have waited long
+            if not self.resend or (self.sent and not isinstance(e, _REFUSED)):
                 raise
+        return self._round_trip(data, meanwhile)
 
-    def _send(self, data):
-        self.sent = False  # True once the whole command is on its way to Redis
-        if self.conn is None:
-            client = self.app._client(retries=0, blocking=not self.resend)
-            self.conn = client.connection_pool.make_connection()
-            self.conn.connect()  # a Sentinel's connection asks for the master here
-        elif self.resend and self.conn.can_read(timeout=0):  # closed by Redis meanwhile
-            raise redis.ConnectionError("the connection was closed")
-        self.conn.send_packed_command([data])
-        self.sent = True
+    def _round_trip(self, data, meanwhile):
+        self.sent = False
+        try:
+            if self.conn is None:
+                client = self.app._client(retries=0, blocking=not self.resend)
+                self.conn = client.connection_pool.make_connection()
+                self.conn.connect()  # a Sentinel's connection asks for the master here
+            elif self.resend and self.conn.can_read(timeout=0):  # closed by Redis meanwhile
+                raise redis.ConnectionError("the connection was closed")
+            self.conn.send_packed_command([data])
+            self.sent = True
+            if meanwhile:
+                meanwhile()
+            return self.conn.read_response()
+        except _REFUSED:
+            self.reset()
+            raise
+        except redis.ResponseError:
+            raise  # any other error reply was read whole: the connection is still in step
+        except BaseException:
+            self.reset()  # cut off midway, or lost: never read a stale reply later
+            raise
 
     def reset(self):
         if self.conn is not None:
             self.conn.disconnect()
         self.conn = None
-        self.app._drop_client()  # a Cluster slot may have moved
+        if self.app._cluster:  # a slot may have moved: ask the topology anew
+            self.app._redis = None
 
 
 class _Outage:
@@ -912,10 +899,8 @@ class _Outage:
         kind = "lost" if lost else type(e).__name__
         if kind not in self.seen:
             self.seen.add(kind)
-            if lost:
-                log.warning("%s lost Redis (%s); retrying with backoff", self.who, e)
-            else:
-                log.warning("%s: Redis refused (%s: %s); retrying with backoff", self.who, kind, e)
+            text = "%s lost Redis (%s)" if lost else f"%s: Redis refused ({kind}: %s)"
+            log.warning(text + "; retrying with backoff", self.who, e)
         self.delay = min(max(self.delay * 2, 0.1), self.cap)
         return self.delay
 
@@ -977,8 +962,7 @@ class Queue:
         self.name, self.priority = (name, _count(priority, f"priority of queue {name!r}", -(2**31)))
         # The original WakaQ's key prefix of this queue: where `migrate` looks.
         self.prefix = re.sub(r"[^A-Za-z0-9_.\-]", "", prefix or "wakaq")
-        where = f"queue {name!r}"
-        _set_limits(self, where, **{k: v for k, v in locals().items() if k in _LIMITS})
+        _set_limits(self, f"queue {name!r}", locals())
 
 
 def _coerce_queue(q):
@@ -996,9 +980,8 @@ class CronTask:
     or 6 with seconds LAST ("* * * * * */10": every 10 s). Time zones, missed ticks: _due."""
 
     def __init__(self, schedule, task_name, queue=None, args=None, kwargs=None):
-        if not isinstance(schedule, str) or len(schedule.split()) not in (5, 6):
-            raise ValueError(f"bad cron expression {schedule!r} (5 fields, or 6 with seconds)")
-        if not croniter.is_valid(schedule):
+        fields = len(schedule.split()) if isinstance(schedule, str) else 0
+        if fields not in (5, 6) or not croniter.is_valid(schedule):
             raise ValueError(f"bad cron expression {schedule!r} (5 fields, or 6 with seconds)")
         if not isinstance(task_name, str):
             raise TypeError(f"CronTask task_name must be a str, got {task_name!r}")
@@ -1015,8 +998,8 @@ class Task(Generic[P, R]):
         functools.update_wrapper(self, fn)  # __name__, __qualname__, __module__, __doc__
         self.app, self.fn, self.name, self._json_name = app, fn, name, json.dumps(name)
         self.queue = app._queue(queue) if queue is not None else None
-        _set_limits(self, f"task {name!r}", **limits)
-        _check_timeouts(_limits_for(app, self, self.queue or app.default_queue), f"task {name!r}")
+        _set_limits(self, f"task {name!r}", limits)
+        _limits_for(app, self, self.queue or app.default_queue, f"task {name!r}")
         self.is_async = inspect.iscoroutinefunction(fn)
         #: What wakaq (or a wrapper) calls: fn under the _call_task frame, fn's name and doc.
         # (an async one as it is: its soft timeout cancels its asyncio task instead).
@@ -1038,11 +1021,6 @@ class Task(Generic[P, R]):
             (c.get("args", ()), c.get("kwargs", {})) if isinstance(c, dict) else (c, {})
             for c in calls
         ]
-        for args, kwargs in items:
-            if not isinstance(args, (tuple, list)):
-                raise TypeError(f"delay_many(): args must be a tuple or list, got {args!r}")
-            if not isinstance(kwargs, dict):
-                raise TypeError(f"delay_many(): kwargs must be a dict, got {kwargs!r}")
         return self.app._enqueue(self, items, queue, eta)
 
     def broadcast(self, *args: P.args, **kwargs: P.kwargs) -> int:
@@ -1095,9 +1073,9 @@ class WakaQ:
         self.concurrency = _concurrency(concurrency)
         # async_concurrency 0 (the original's "no limit"): 10, so one child cannot hoard a queue.
         self.async_concurrency = _concurrency(async_concurrency or 10, name="async_concurrency")
-        _set_limits(self, "WakaQ", **{k: v for k, v in locals().items() if k in _LIMITS})
+        _set_limits(self, "WakaQ", locals())
         for q in [None, *self.queues]:
-            _check_timeouts(_limits_for(self, None, q), f"queue {q.name!r}" if q else "WakaQ")
+            _limits_for(self, None, q, f"queue {q.name!r}" if q else "WakaQ")
         self.max_tasks_per_worker = _count(max_tasks_per_worker, "max_tasks_per_worker", 1)
         self.max_dead = _count(max_dead, "max_dead", 1)
         self.wait_replicas = _count(wait_replicas, "wait_replicas")
@@ -1143,11 +1121,12 @@ class WakaQ:
         self._queues = {q.name: q for q in qs}
         if len(self._queues) != len(qs):
             raise ValueError(f"duplicate queue names in {[q.name for q in qs]!r}")
-        ranked = sorted((q for q in qs if q.priority is not None), key=lambda q: q.priority)
-        plain = [q for q in qs if q.priority is None]  # rank below all others, in order
-        self.queues, lowest = ranked + plain, ranked[-1].priority if ranked else -1
-        self._priority = {q.name: q.priority for q in ranked}
-        self._priority.update((q.name, lowest + 1 + i) for i, q in enumerate(plain))
+        # Plain names rank below all numbered queues, in their order (the sort is stable).
+        self.queues = sorted(qs, key=lambda q: (q.priority is None, q.priority or 0))
+        self._priority, last = {}, -1
+        for q in self.queues:  # a plain name's priority: one more than the one before it
+            last = last + 1 if q.priority is None else q.priority
+            self._priority[q.name] = last
         self._rank = {q: i for i, q in enumerate(self.queues)}  # 0 is served first
         self.default_queue = self.queues[-1]
         excluded = [exclude_queues] if isinstance(exclude_queues, str) else exclude_queues
@@ -1162,30 +1141,24 @@ class WakaQ:
         return served, excluded
 
     def _set_schedules(self, schedules):
-        self.schedules = [
-            CronTask(*c[:2], None, *c[2:])  # the original's tuples
-            if isinstance(c, (tuple, list)) and len(c) in (2, 4)
-            else c
-            for c in schedules
-        ]
-        for cron in self.schedules:
+        self.schedules = []
+        for cron in schedules:
+            if isinstance(cron, (tuple, list)) and len(cron) in (2, 4):  # the original's tuples
+                cron = CronTask(*cron[:2], None, *cron[2:])
             if not isinstance(cron, CronTask):
                 raise TypeError(f"schedules holds CronTask objects or tuples, got {cron!r}")
             self._queue(self.default_queue if cron.queue is None else cron.queue)
+            self.schedules.append(cron)
 
     def _set_redis(self, url, host, port, db, username, password):
         if url and (host, port, db) != (None, None, None):
             raise TypeError(f"give url={_mask(url)!r} or host/port/db={(host, port, db)!r}")
         if url and not re.match(r"(redis|rediss|unix|redis\+sentinel)://", str(url)):
             raise ValueError(f"url {_mask(url)!r}: use redis, rediss, unix or redis+sentinel")
-        # username=/password= with url=: used unless the URL has its own.
-        auth = {k: v for k, v in (("username", username), ("password", password)) if v}
-        if url:
-            self._redis_args = dict(url=url, **auth)
-        else:
-            host, port, db = host or "localhost", port or 6379, db or 0
-            self._redis_args = dict(host=host, port=port, db=db, **auth)
-        self.url = url or f"redis://{host}:{port}/{db}"
+        host = f"[{host}]" if host and ":" in host else host or "localhost"  # IPv6
+        self.url = url or f"redis://{host}:{port or 6379}/{db or 0}"
+        # username=/password=: used unless the URL has its own.
+        self._auth = {k: v for k, v in (("username", username), ("password", password)) if v}
 
     @overload
     def task(self, fn: Callable[P, R]) -> Task[P, R]: ...
@@ -1200,7 +1173,7 @@ class WakaQ:
         soft_timeout=..., hard_timeout=..., retry_backoff=..., retry_on=...)."""
         unknown = set(limits) - set(_LIMITS)
         if unknown:
-            raise TypeError(f"unknown task option(s) {sorted(unknown)}; options are {_LIMITS}")
+            raise TypeError(f"unknown task option(s) {sorted(unknown)}; options: {list(_LIMITS)}")
 
         def register(fn):
             task = Task(self, fn, name or fn.__name__, queue, **limits)
@@ -1237,7 +1210,7 @@ class WakaQ:
     def _client(self, retries=2, blocking=True):
         """A new client on the node with the app's keys (a blocking one outlasts an idle BLPOP)."""
         kw = dict(
-            self._redis_args,
+            self._auth,
             socket_connect_timeout=self.socket_connect_timeout,
             retry=redis.retry.Retry(redis.backoff.ExponentialBackoff(0.5, 0.05), retries),
             socket_timeout=max(self.socket_timeout, self.wait_timeout + 5)
@@ -1245,30 +1218,22 @@ class WakaQ:
             else self.socket_timeout,
             health_check_interval=self.health_check_interval,
         )
-        url = kw.pop("url", None)
-        if url and url.startswith("redis+sentinel://"):
-            return _sentinel_master(url, kw)
-        client = redis.Redis.from_url(url, **kw) if url else redis.Redis(**kw)
+        if self.url.startswith("redis+sentinel://"):
+            return _sentinel_master(self.url, kw)
+        client = redis.Redis.from_url(self.url, **kw)
         if self._cluster is None:
             self._cluster = client.info("cluster").get("cluster_enabled") == 1
         if self._cluster:
             client.close()
-            client = self._cluster_node(url, kw)
+            client = self._cluster_node(kw)
         return client
 
-    def _cluster_node(self, url, kw):
-        if kw.pop("db", 0):
-            raise ValueError("a Redis Cluster has only db 0")
+    def _cluster_node(self, kw):
         kw.pop("health_check_interval")
         kw["startup_nodes"] = [redis.cluster.ClusterNode(*n) for n in self._nodes]
-        cluster = redis.RedisCluster.from_url(url, **kw) if url else redis.RedisCluster(**kw)
+        cluster = redis.RedisCluster.from_url(self.url, **kw)  # (db 0 only: it says so)
         self._nodes = [(n.host, n.port) for n in cluster.get_nodes()]
         return cluster.get_node_from_key(self._k("q")).redis_connection
-
-    def _drop_client(self):
-        """After a lost connection: in a Cluster, ask the topology anew."""
-        if self._cluster:
-            self._redis = None
 
     @property
     def _conn(self):
@@ -1288,13 +1253,13 @@ class WakaQ:
 
     def _payload(self, task, args, kwargs, queue, bcast=False):
         """(id, payload): the JSON built by hand around the arguments (twice as fast)."""
+        if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
+            raise TypeError(f"{task.name}: want args a list, kwargs a dict: {args!r}, {kwargs!r}")
         try:
             _check_keys([args, kwargs])
             args, kwargs = _dumps(args), _dumps(kwargs) if kwargs else "{}"
         except RecursionError:
-            raise TypeError(
-                f"the arguments of {task.name} are circular or nested too deeply"
-            ) from None
+            raise TypeError(f"{task.name}: its arguments are circular or too deep") from None
         msg_id, tail = _ids.new(), ',"bcast":1}' if bcast else "}"
         return msg_id, (
             f'{{"id":"{msg_id}","name":{task._json_name},"queue":"{queue.name}",'
@@ -1304,7 +1269,7 @@ class WakaQ:
     def _enqueue(self, task, calls, queue, eta):
         q = (task.queue or self.default_queue) if queue is None else self._queue(queue)
         if queue is not None:
-            _check_timeouts(_limits_for(self, task, q), f"task {task.name!r} on queue {q.name!r}")
+            _limits_for(self, task, q, f"task {task.name!r} on queue {q.name!r}")
         built = [self._payload(task, a, k, q) for a, k in calls]  # TypeError before any push
         ids = [i for i, _ in built]
         if self.eager:  # the same serializer round trip and current_task() as in a worker
@@ -1351,12 +1316,11 @@ class WakaQ:
 def _eta(eta):
     """-> ("", 0): now, ("in", seconds from now by Redis's clock), ("at", unix time; naive UTC)."""
     if isinstance(eta, datetime):
-        return "at", (eta.replace(tzinfo=timezone.utc) if eta.tzinfo is None else eta).timestamp()
-    if isinstance(eta, timedelta):
-        eta = eta.total_seconds()
-    if type(eta) in (int, float):
-        eta = max(eta, 0)  # in the past: now
-    return ("", 0) if eta is None else ("in", _seconds(eta, "eta (seconds, timedelta, datetime)"))
+        return "at", _naive_utc(eta).replace(tzinfo=timezone.utc).timestamp()
+    if eta is None:
+        return "", 0
+    seconds = _seconds(eta, "eta (seconds, timedelta, datetime)", -float("inf"))
+    return "in", max(seconds, 0.0)  # in the past: now
 
 
 def _log_level(value, name):
