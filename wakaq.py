@@ -1780,6 +1780,8 @@ class _Worker:
         self.children = [0] * app.concurrency
         #: Child slot -> monotonic time it may fork again (a crash loop forks once a second).
         self.fork_at = [0.0] * app.concurrency
+        #: Children sent SIGTERM (a stop, the memory guard): exit status 0 is leaving on it.
+        self.stopped: set = set()
         #: Child slot -> its dead child's fields to release (release's arguments each).
         self.unreleased: dict = {}
         self.signals: list = []  # stop signals, appended by the handler
@@ -1856,6 +1858,7 @@ class _Worker:
             log.log(level, "worker %s stopping on %s: %s", self.wid, name, how)
             for pid in filter(None, self.children):
                 _kill(pid, signal.SIGKILL if kill else signal.SIGTERM, group=kill)
+                self.stopped.add(pid)
         if not self.stops or any(self.children):
             return False
         if self.unreleased and self.stops > 2:
@@ -1886,8 +1889,8 @@ class _Worker:
     def reap_children(self):
         """A dead child's sub-slots that may hold a claim -> unreleased, each with how its
         running attempt ended: past its hard deadline, a hard timeout (which cuts the child's
-        other attempts: interrupted); killed by our stop, or left with exit status 0 (on a
-        SIGTERM), interrupted; else the child died."""
+        other attempts: interrupted); killed by our stop, or left with exit status 0 on our
+        SIGTERM, interrupted; else the child died."""
         now = time.monotonic()
         for slot, pid in enumerate(self.children):
             done, status = os.waitpid(pid, os.WNOHANG) if pid else (0, 0)
@@ -1899,7 +1902,9 @@ class _Worker:
             else:
                 self.fork_at[slot] = 0.0
             recs = [self.table.read(slot * self.k + k) for k in range(self.k)]
-            cut = code == 0 or self.stops > 1 or any(0 < rec.hard <= now for rec in recs)
+            left = code == 0 and pid in self.stopped
+            self.stopped.discard(pid)
+            cut = left or self.stops > 1 or any(0 < rec.hard <= now for rec in recs)
             ends = []
             for k, rec in enumerate(recs):
                 if 0 < rec.hard <= now:
@@ -2038,11 +2043,13 @@ class _Worker:
             return log.warning("cannot read memory use (%s); checking again in a minute", e)
         if self.mem_high == (pct >= limit):
             return
-        self.mem_high, live = pct >= limit, list(filter(None, self.children))
+        self.mem_high = pct >= limit
+        live = [pid for pid in self.children if pid and pid not in self.stopped]
         what = "forking paused" if self.mem_high else "forking resumed"
         if self.mem_high and live:
             biggest = max(live, key=_rss)
             _kill(biggest, signal.SIGTERM)
+            self.stopped.add(biggest)
             what = f"stopping child {biggest}; {what}"
         log.warning("memory at %.0f%% (max_mem_percent=%s): %s", pct, limit, what)
 
