@@ -2025,9 +2025,7 @@ class _Worker:
         used, limit = mem.get("used_memory", 0), mem.get("maxmemory", 0)
         if self.full != (0 < limit <= used):
             self.full = not self.full
-            state = (
-                "is full: new tasks are refused; workers drain" if self.full else "has room again"
-            )
+            state = "is full: new tasks are refused" if self.full else "has room again"
             log.warning("Redis %s (used_memory %s, maxmemory %s)", state, used, limit)
 
     def check_memory(self):
