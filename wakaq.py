@@ -1657,8 +1657,7 @@ class _PrintToLog:
 
     def flush(self):
         if self.partial:
-            self.logger.info("%s", self.partial)
-            self.partial = ""
+            self.write("\n")
 
     def isatty(self):
         return False
