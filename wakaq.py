@@ -1639,7 +1639,7 @@ def _setup_logging(path, level):
     )
     logging.root.handlers[0].addFilter(_task_filter)
     log.disabled = False  # an app's dictConfig() at import (disable_existing_loggers)
-    _PrintToLog.logger.setLevel(logging.INFO)
+    logging.getLogger("wakaq.print").setLevel(logging.INFO)
 
 
 class _PrintToLog:
@@ -1647,7 +1647,9 @@ class _PrintToLog:
     "wakaq.print", with the time, pid and task like every log line."""
 
     encoding, errors = "utf-8", "backslashreplace"
-    partial, logger = "", logging.getLogger("wakaq.print")  # the line so far, per instance
+
+    def __init__(self):  # (not at import: an app's dictConfig() would disable the logger)
+        self.partial, self.logger = "", logging.getLogger("wakaq.print")
 
     def write(self, text):
         *lines, self.partial = (self.partial + text).split("\n")
