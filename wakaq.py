@@ -1609,7 +1609,7 @@ class _PrintToLog:
 
     encoding, errors = "utf-8", "backslashreplace"
 
-    def __init__(self):
+    def __init__(self):  # (not at import: an app's dictConfig() would disable the logger)
         self.partial, self.logger = "", logging.getLogger("wakaq.print")
 
     def write(self, text):
@@ -1620,8 +1620,7 @@ class _PrintToLog:
 
     def flush(self):
         if self.partial:
-            self.logger.info("%s", self.partial)
-            self.partial = ""
+            self.write("\n")
 
     def isatty(self):
         return False
@@ -1641,40 +1640,33 @@ def _parse_cgroup(max_text, current_text, stat_text="", cache_key="inactive_file
     return 100.0 * max(0, int(current_text) - int(cache[1] if cache else 0)) / int(max_text)
 
 
-def _cgroup_percent(root, controllers, path):
-    """Our cgroup's, or its nearest limited ancestor's, percent in use (v2, or v1's memory)."""
-    v1 = "memory" in controllers.split(",")
-    if controllers and not v1:
-        return None
-    names = "limit_in_bytes usage_in_bytes stat" if v1 else "max current stat"
-    cache = "total_inactive_file" if v1 else "inactive_file"
-    parts = [root + "/memory" * v1] + [p for p in path.strip().split("/") if p]
-    for n in range(len(parts), 0, -1):
-        base = "/".join(parts[:n])
-        try:
-            texts = [Path(f"{base}/memory.{name}").read_text() for name in names.split()]
-            pct = _parse_cgroup(*texts, cache)
-        except (OSError, ValueError):
-            continue  # not mounted here, or no such file at this level
-        if pct is not None:
-            return pct
-    return None
-
-
 def _mem_percent(root="/sys/fs/cgroup", proc="/proc/self"):
-    """Percent used of our container's memory limit, else of the machine's RAM."""
+    """Percent in use of our cgroup's memory limit, or of its nearest limited ancestor's (v2,
+    or v1's memory controller); with no limit anywhere, of the machine's RAM."""
     for line in Path(f"{proc}/cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)
-        pct = _cgroup_percent(root, controllers, path)
-        if pct is not None:
-            return pct
+        v1 = "memory" in controllers.split(",")
+        if controllers and not v1:
+            continue  # a v1 hierarchy without the memory controller
+        names = "limit_in_bytes usage_in_bytes stat" if v1 else "max current stat"
+        cache = "total_inactive_file" if v1 else "inactive_file"
+        parts = [root + "/memory" * v1, *filter(None, path.strip().split("/"))]
+        for n in range(len(parts), 0, -1):
+            base = "/".join(parts[:n])
+            try:
+                texts = [Path(f"{base}/memory.{name}").read_text() for name in names.split()]
+                pct = _parse_cgroup(*texts, cache)
+            except (OSError, ValueError):
+                continue  # not mounted here, or no such file at this level
+            if pct is not None:
+                return pct
     kb = {k: int(v) for k, v in re.findall(r"(\w+):\s*(\d+)", Path("/proc/meminfo").read_text())}
     return 100.0 * (kb["MemTotal"] - kb["MemAvailable"]) / kb["MemTotal"]
 
 
 def _rss(pid):
     """Resident set size in bytes (0 if the process is gone)."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
+    with contextlib.suppress(OSError):
         return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return 0
 
@@ -1708,7 +1700,6 @@ class _Table:
     """The shared memory between a worker parent and its children, made before fork()."""
 
     RECORD = struct.Struct("6d")
-    OFFSET = {name: 8 * i for i, name in enumerate(_Slot._fields)}
 
     def __init__(self, n):
         self.mem = mmap.mmap(-1, self.RECORD.size * n)
@@ -1721,7 +1712,8 @@ class _Table:
         self.RECORD.pack_into(self.mem, i * self.RECORD.size, *record)
 
     def set(self, i, name, value):
-        struct.pack_into("d", self.mem, i * self.RECORD.size + self.OFFSET[name], value)
+        offset = i * self.RECORD.size + 8 * _Slot._fields.index(name)
+        struct.pack_into("d", self.mem, offset, value)
 
 
 # ============================================================================ worker parent
@@ -1745,21 +1737,24 @@ class _Worker:
         self.served_key = app._k("serve", hashlib.sha1(" ".join(self.served).encode()).hexdigest())
         #: Sub-slots per child: async tasks run up to async_concurrency at once in a child.
         self.k = app.async_concurrency if any(t.is_async for t in app.tasks.values()) else 1
-        #: Child slot -> its process record, or None while the slot waits to fork.
-        self.children: list = [None] * app.concurrency
-        #: Child slot -> monotonic time it may fork again (no crash loop).
-        self.fork_at = [0.0] * app.concurrency
-        #: Child slot -> what a dead child left per sub-slot, until released in Redis.
-        self.unreleased: dict = {}
         self.table = _Table(app.concurrency * self.k)
+        #: Child slot -> its pid, or 0 while the slot waits to fork.
+        self.children = [0] * app.concurrency
+        #: Child slot -> monotonic time it may fork again (a crash loop forks once a second).
+        self.fork_at = [0.0] * app.concurrency
+        #: Children sent SIGTERM (a stop, the memory guard): exit status 0 is leaving on it.
+        self.stopped: set = set()
+        #: Child slot -> its dead child's fields to release (release's arguments each).
+        self.unreleased: dict = {}
         self.signals: list = []  # stop signals, appended by the handler
         self.stops = 0  # stop signals acted on
         self.outage = _Outage("worker", min(5.0, app.heartbeat_timeout / 4))
         self.r = None  # our client, None after a lost connection
-        self.connected_since = self.retry_at = self.next_beat = self.next_mem = 0.0
-        self.next_cancel_poll = 0.0
-        self.mem_high = self.full = False
-        self.next_deadline, self.busy, self.in_redis = float("inf"), False, False
+        self.connected_since = self.retry_at = 0.0
+        #: Monotonic times the periodic duties are due next.
+        self.next_beat = self.next_cancels = self.next_mem = 0.0
+        self.mem_high = self.full = self.busy = self.in_redis = False
+        self.next_deadline = float("inf")  # the earliest soft or hard deadline ahead
         self.health = _health_glob(app).replace("*", str(os.getpid()))
 
     def run(self):
@@ -1770,14 +1765,15 @@ class _Worker:
             text, self.wid, self.app.concurrency, k, ",".join(self.served), _mask(self.app.url)
         )
         try:
-            while not self.may_leave():
+            while not self.leaving():
                 self.reap_children()
                 self.enforce_deadlines()
                 self.redis_duties()
                 if not self.stops:
                     self.check_memory()
                     self.fork_missing_children()
-                self.mark_alive()
+                with contextlib.suppress(OSError):  # no file: `health` finds no worker
+                    Path(self.health).touch()  # the local evidence `health` reads
                 self.sleep()
         finally:
             with contextlib.suppress(OSError):
@@ -1790,12 +1786,11 @@ class _Worker:
         return 0
 
     def install_signals(self):
-        """Handlers only record the signal; the loop acts on it (may_leave). SIGCHLD and each
-        signal also wake the loop's select() through the wake-up pipe."""
-        self.wakeup_r, wakeup_w = os.pipe()
-        os.set_blocking(wakeup_w, False)
-        signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
-        self.pipe = (self.wakeup_r, wakeup_w)
+        """Handlers only record the signal; the loop acts on it (leaving). Every signal,
+        SIGCHLD too, also wakes the loop's select() through the wake-up pipe."""
+        self.pipe = os.pipe()
+        os.set_blocking(self.pipe[1], False)
+        signal.set_wakeup_fd(self.pipe[1], warn_on_full_buffer=False)
         for sig in _PARENT_SIGNALS:
             signal.signal(sig, self.on_signal)
 
@@ -1809,116 +1804,98 @@ class _Worker:
     def sleep(self):
         """Until the next tick or deadline, a signal, or a child's new short soft deadline."""
         timeout = min(TICK, max(0.0, self.next_deadline - time.monotonic()))
-        if select.select([self.wakeup_r], [], [], timeout)[0]:
-            os.read(self.wakeup_r, 4096)  # signal numbers and children's bytes: just a wake-up
+        if select.select([self.pipe[0]], [], [], timeout)[0]:
+            os.read(self.pipe[0], 4096)  # signal numbers and children's bytes: just a wake-up
 
-    def may_leave(self):
+    def leaving(self):
         """On each stop signal: the 1st lets children finish their tasks (SIGTERM), the 2nd
         kills them (their tasks go back to the front, once Redis takes them), the 3rd leaves
         what is still unreleased to be adopted. Leave once no child is left and nothing is
         unreleased (an idle worker leaves at once, Redis reachable or not)."""
-        while self.stops < len(self.signals):
+        for signum in self.signals[self.stops :]:
             self.stops += 1
-            self.stop_children(signal.Signals(self.signals[self.stops - 1]).name)
+            kill = self.stops > 1
+            how = "now" if kill else "letting running tasks finish"
+            level, name = logging.WARNING if kill else logging.INFO, signal.Signals(signum).name
+            log.log(level, "worker %s stopping on %s: %s", self.wid, name, how)
+            for pid in filter(None, self.children):
+                _kill(pid, signal.SIGKILL if kill else signal.SIGTERM, group=kill)
+                self.stopped.add(pid)
         if not self.stops or any(self.children):
             return False
         if self.unreleased and self.stops > 2:
-            log.warning(
-                "worker %s leaves %d child slot(s) for adoption", self.wid, len(self.unreleased)
-            )
+            text = "worker %s leaves %d child slot(s) for adoption"
+            log.warning(text, self.wid, len(self.unreleased))
         return not self.unreleased or self.stops > 2
-
-    def stop_children(self, signame):
-        level = logging.INFO if self.stops == 1 else logging.WARNING
-        how = "letting running tasks finish" if self.stops == 1 else "now"
-        log.log(level, "worker %s stopping on %s: %s", self.wid, signame, how)
-        for child in filter(None, self.children):
-            child.stopped, child.killed = True, self.stops > 1
-            _kill(child.pid, signal.SIGKILL if child.killed else signal.SIGTERM, child.killed)
-
-    def mark_alive(self):
-        """The local evidence `health` reads: this file's time, touched every loop turn."""
-        try:
-            Path(self.health).touch()
-        except OSError as e:
-            log.warning("cannot touch the health file %s: %s", self.health, e)
 
     def fork_missing_children(self):
         now = time.monotonic()
-        for slot, child in enumerate(self.children):
-            if child is None and slot not in self.unreleased and not self.mem_high:
-                if now >= self.fork_at[slot]:
-                    self.spawn(slot)
+        for slot, pid in enumerate(self.children):
+            if not (pid or slot in self.unreleased or self.mem_high or now < self.fork_at[slot]):
+                self.spawn(slot)
 
     def spawn(self, slot):
         for k in range(self.k):
             self.table.write(slot * self.k + k, 0.0, 0.0, 0.0, 0.0, 0.0)
+        self.fork_at[slot] = time.monotonic() + 1.0  # one that exits 0 may fork again at once
         signal.pthread_sigmask(signal.SIG_BLOCK, _PARENT_SIGNALS)  # until the child has its own
         try:
-            pid = os.fork()
+            self.children[slot] = os.fork()
+            if not self.children[slot]:
+                _child_main(self, slot)  # never returns
         except OSError as e:
             log.error("cannot fork a child (%s); trying again in a second", e)
-            self.fork_at[slot], pid = time.monotonic() + 1, -1
-        if pid == 0:
-            _child_main(self, slot)  # never returns
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)
-        if pid > 0:
-            child = types.SimpleNamespace(pid=pid, born=time.monotonic(), hard_k=None)
-            child.stopped = child.killed = False  # SIGTERM sent; SIGKILL sent for a stop
-            self.children[slot] = child
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)
 
     def reap_children(self):
-        """A dead child's sub-slots that may hold a claim -> unreleased, with how it ended."""
-        for slot, child in enumerate(self.children):
-            pid, status = os.waitpid(child.pid, os.WNOHANG) if child else (0, 0)
-            if not pid:
+        """A dead child's sub-slots that may hold a claim -> unreleased, each with how its
+        running attempt ended: past its hard deadline, a hard timeout (which cuts the child's
+        other attempts: interrupted); killed by our stop, or left with exit status 0 on our
+        SIGTERM, interrupted; else the child died."""
+        now = time.monotonic()
+        for slot, pid in enumerate(self.children):
+            done, status = os.waitpid(pid, os.WNOHANG) if pid else (0, 0)
+            if not done:
                 continue
-            self.children[slot], code = None, os.waitstatus_to_exitcode(status)
-            ends = [self.dead_child_end(child, slot, k, code) for k in range(self.k)]
-            if any(ends):
-                self.unreleased[slot] = (pid, ends)
-            if code != 0 or child.hard_k is not None:
-                why = (
-                    "hard timeout"
-                    if child.hard_k is not None
-                    else "killed"
-                    if child.killed
-                    else "died"
-                )
-                log.warning("child %d exited with %s (%s)", pid, code, why)
-            self.fork_at[slot] = child.born + (1.0 if code else 0.0)  # no crash loop
-
-    def dead_child_end(self, child, slot, k, code):
-        """(claim finished, claim running, outcome of the running one) of a dead child's
-        sub-slot, or None if its field holds nothing."""
-        rec = self.table.read(slot * self.k + k)
-        if not rec.held:
-            return None
-        if child.hard_k == k:
-            outcome = _Outcome("hard_timeout", "hard timeout", True)
-        elif child.hard_k is not None or child.killed or (child.stopped and code == 0):
-            outcome = _Outcome("interrupted", "interrupted")  # we cut it, or it left on our stop
-        else:
-            outcome = _Outcome("worker_died", "worker died", True)
-        return int(rec.finished), int(rec.running), outcome
+            self.children[slot], code = 0, os.waitstatus_to_exitcode(status)
+            if code:
+                log.warning("child %d exited with %s", pid, code)
+            else:
+                self.fork_at[slot] = 0.0
+            recs = [self.table.read(slot * self.k + k) for k in range(self.k)]
+            left = code == 0 and pid in self.stopped
+            self.stopped.discard(pid)
+            cut = left or self.stops > 1 or any(0 < rec.hard <= now for rec in recs)
+            ends = []
+            for k, rec in enumerate(recs):
+                if 0 < rec.hard <= now:
+                    outcome = _Outcome("hard_timeout", "hard timeout", True)
+                elif cut:
+                    outcome = _Outcome("interrupted", "interrupted")
+                else:
+                    outcome = _Outcome("worker_died", "worker died", True)
+                if rec.held:
+                    ends.append((f"{slot}.{k}", outcome, pid, rec.finished, rec.running))
+            if ends:
+                self.unreleased[slot] = ends
 
     def enforce_deadlines(self):
         """Kill a child (and its process group) past a hard deadline; signal one past a soft
         deadline or asked to cancel, every tick until it delivers (it clears the record).
-        Sets self.next_deadline, the earliest deadline still ahead (the loop sleeps till it)."""
+        Sets next_deadline (the loop sleeps till it) and busy (a child holds a task)."""
         now, self.next_deadline, self.busy = time.monotonic(), float("inf"), False
-        for slot, child in enumerate(self.children):
-            if child is None or child.hard_k is not None:
+        for slot, pid in enumerate(self.children):
+            if not pid:
                 continue
             for k in range(self.k):
                 rec = self.table.read(slot * self.k + k)
                 self.busy = self.busy or bool(rec.held)
                 if rec.hard and now >= rec.hard:
-                    child.hard_k = k
-                    _kill(child.pid, signal.SIGKILL, group=True)
+                    _kill(pid, signal.SIGKILL, group=True)
                     break
                 if (rec.soft and now >= rec.soft) or (rec.cancel and rec.cancel == rec.running):
-                    _kill(child.pid, signal.SIGUSR1)
+                    _kill(pid, signal.SIGUSR1)
                     break
                 ahead = [d for d in (rec.soft, rec.hard) if d]
                 self.next_deadline = min([self.next_deadline, *ahead])
@@ -1936,34 +1913,32 @@ class _Worker:
             if self.release_dead_children() | self.poll_cancels(now) | self.beat(now):
                 self.outage.ok()
         except (redis.RedisError, _Stop) as e:
-            if isinstance(e, (*_RECONNECT, _Stop)):
-                self.r, self.connected_since = None, 0.0
-            error = redis.TimeoutError("a stop came while waiting") if isinstance(e, _Stop) else e
-            self.retry_at = now + self.outage.failed(error)
+            if isinstance(e, (*_RECONNECT, _Stop)):  # (a stop may cut a command midway)
+                self.r = None
+            if isinstance(e, redis.RedisError):
+                self.retry_at = now + self.outage.failed(e)
         finally:
             self.in_redis = False
 
     def release_dead_children(self):
         released = bool(self.unreleased)
-        for slot, (pid, ends) in list(self.unreleased.items()):
-            for k, end in enumerate(ends):
-                if end:
-                    self.release_dead_field(f"{slot}.{k}", pid, *end)
+        for slot, ends in list(self.unreleased.items()):
+            for end in ends:
+                self.release(*end)
             del self.unreleased[slot]
         return released
 
-    def release_dead_field(self, field, pid, finished, running, outcome):
+    def release(self, field, outcome, pid=0, finished=0.0, running=0.0):
+        """Release one field of ours as `outcome`; a dead child's (pid) by its record: its
+        token "PID-N" with N == finished is an ack; N == running, `outcome`; else the
+        attempt never started (interrupted)."""
         raw, token = self.r.hmget(self.inflight_key, field, field + ":t")
         if raw is None:
             return
-        claim = int(token.rpartition(b"-")[2]) if token.startswith(b"%d-" % pid) else -1
-        if claim == finished:
-            outcome = _DONE  # done; its ack was waiting for the next claim
-        elif claim != running:
-            outcome = _Outcome("interrupted", "interrupted")  # it never started
-        self.release(field, token, raw, outcome)
-
-    def release(self, field, token, raw, outcome):
+        if pid and token == b"%d-%d" % (pid, finished):
+            outcome = _DONE  # its ack was waiting for the next claim
+        elif pid and token != b"%d-%d" % (pid, running):
+            outcome = _Outcome("interrupted", "interrupted")
         own = "" if field.startswith("adopted:") else self.wid
         args = _release_args(self.app, field, token or "", raw, outcome, None, own)
         _release(self.app, self.r, self.inflight_key, args)
@@ -1981,11 +1956,8 @@ class _Worker:
             log.warning(text, wid.decode(), hb, count)
         if cleared:
             log.info("cleared %d silent worker registration(s) that held no task", cleared)
-        died = _Outcome("worker_died", "worker died", True)
         for field in waiting:
-            raw, token = self.r.hmget(self.inflight_key, field, field + b":t")
-            if raw is not None:
-                self.release(field.decode(), token, raw, died)
+            self.release(field.decode(), _Outcome("worker_died", "worker died", True))
         self.check_redis_memory()
         self.next_beat = now + min(hb / 4, BEAT)
         return True
@@ -1993,20 +1965,14 @@ class _Worker:
     def poll_cancels(self, now):
         """Running attempts of ours that wakaq.cancel() asked to stop: tell their children.
         Only while a child holds a task (an idle worker costs Redis nothing for this)."""
-        if not self.busy or now < self.next_cancel_poll:
+        if not self.busy or now < self.next_cancels:
             return False
         for member in self.r.spop(self.app._k("cancel", self.wid), 100) or ():
-            self.cancel(*member.decode().split())
-        self.next_cancel_poll = now + CANCEL_POLL
+            slot, k, pid, claim = map(int, re.split(r"[. -]", member.decode()))  # "S.K PID-N"
+            if self.children[slot] == pid:  # not a child forked since
+                self.table.set(slot * self.k + k, "cancel", claim)
+        self.next_cancels = now + CANCEL_POLL
         return True
-
-    def cancel(self, field, token):
-        """Ask the child running `field` to cancel the attempt with this token."""
-        slot, k = map(int, field.split("."))
-        child = self.children[slot] if slot < len(self.children) else None
-        pid, _, claim = token.partition("-")
-        if child and str(child.pid) == pid and k < self.k:
-            self.table.set(slot * self.k + k, "cancel", float(claim))
 
     def check_redis_memory(self):
         try:
@@ -2021,51 +1987,43 @@ class _Worker:
         used, limit = mem.get("used_memory", 0), mem.get("maxmemory", 0)
         if self.full != (0 < limit <= used):
             self.full = not self.full
-            if self.full:
-                text = "Redis is full (used_memory %s, maxmemory %s): new tasks are refused"
-                log.warning(text + "; workers drain", used, limit)
-            else:
-                log.warning("Redis has room again (used_memory %s, maxmemory %s)", used, limit)
+            state = "is full: new tasks are refused" if self.full else "has room again"
+            log.warning("Redis %s (used_memory %s, maxmemory %s)", state, used, limit)
 
     def check_memory(self):
-        """Once a second: over max_mem_percent, fork nothing and stop the biggest child, one
-        at a time; forking resumes once memory is under the limit again."""
+        """Once a second: over max_mem_percent, fork nothing and stop the biggest child (one
+        per episode: one at a time); forking resumes once memory is under the limit again."""
         limit, now = self.app.max_mem_percent, time.monotonic()
         if not limit or now < self.next_mem:
             return
         try:
             pct, self.next_mem = _mem_percent(), now + 1.0
         except (OSError, ValueError, KeyError, ZeroDivisionError) as e:
-            log.warning("cannot read memory use (%s); checking again in a minute", e)
             self.next_mem = now + 60.0
+            return log.warning("cannot read memory use (%s); checking again in a minute", e)
+        if self.mem_high == (pct >= limit):
             return
-        if self.mem_high != (pct >= limit):
-            self.mem_high = pct >= limit
-            state = "over" if self.mem_high else "under"
-            what = "paused" if self.mem_high else "resumed"
-            log.warning(
-                "memory use %.0f%% is %s max_mem_percent=%s: forking %s", pct, state, limit, what
-            )
-            live = [c for c in self.children if c and not c.stopped]
-            if self.mem_high and live:
-                biggest = max(live, key=lambda c: _rss(c.pid))
-                text = "memory at %.0f%% (max_mem_percent=%s): stopping child %d"
-                log.warning(text, pct, limit, biggest.pid)
-                biggest.stopped = True
-                _kill(biggest.pid, signal.SIGTERM)
+        self.mem_high = pct >= limit
+        live = [pid for pid in self.children if pid and pid not in self.stopped]
+        what = "forking paused" if self.mem_high else "forking resumed"
+        if self.mem_high and live:
+            biggest = max(live, key=_rss)
+            _kill(biggest, signal.SIGTERM)
+            self.stopped.add(biggest)
+            what = f"stopping child {biggest}; {what}"
+        log.warning("memory at %.0f%% (max_mem_percent=%s): %s", pct, limit, what)
 
     def deregister(self):
-        """Leave the registry, unless a task is still in flight (a live worker adopts it)."""
+        """Leave the registry, unless a task is still in flight (a live worker adopts it) or
+        Redis is away (the registration ages out). Broadcasts that waited: dead letters."""
         app, r = self.app, self.r
-        if r is None:  # Redis is away: the registration ages out (nothing is in flight)
-            return log.info("worker %s leaves without deregistering (Redis is away)", self.wid)
         try:
-            if self.unreleased or r.hlen(self.inflight_key):
+            if r is None or self.unreleased or r.hlen(self.inflight_key):
                 return
             r.zrem(app.workers_key, self.wid)  # first: no new broadcasts for us
             r.hdel(app._k("served"), self.wid)
             bcast_key = app._k("bcast", self.wid)
-            for raw in r.lrange(bcast_key, 0, -1):  # broadcasts that waited for us
+            for raw in r.lrange(bcast_key, 0, -1):
                 r.rpush(app.dead_key, _dead_entry(raw, None, "worker stopped"))
             r.delete(bcast_key, app._k("wake", self.wid), app._k("cancel", self.wid))
         except redis.RedisError as e:
