@@ -55,9 +55,11 @@ THE WORKER. A parent runs no task code; it forks `concurrency` children and watc
           check memory, fork missing children, touch its health file.
           SIGTERM/SIGINT/SIGHUP: stop (1st: children finish their tasks; 2nd: kill them,
           their tasks go back to the front; 3rd: leave what Redis could not take back yet).
-  child   claim -> run -> ack with the next claim; idle: BLPOP the wake-up lists. SIGTERM:
-          finish the running tasks and exit 0 (at once if idle). SIGUSR1: a soft timeout or
-          a cancel is due. A child whose parent is gone claims nothing more.
+  child   claim -> run -> ack with the next claim; idle: its next claim is written right
+          after a BLPOP of the wake-up lists, and Redis runs it the moment the BLPOP returns
+          (one round trip). SIGTERM: finish the running tasks and exit 0 (at once if idle).
+          SIGUSR1: a soft timeout or a cancel is due. A child whose parent is gone claims
+          nothing more (on Linux the kernel sends it SIGTERM then: PR_SET_PDEATHSIG).
 Shared memory (mmap before fork; _Table): per sub-slot six doubles: soft and hard deadline
 (monotonic; 0 none), "held" (the claim number N of token "PID-N" the field may hold in
 Redis; 0 empty), "running" (N of the attempt started last), "finished" (N of a done attempt
@@ -103,6 +105,7 @@ import collections
 import concurrent.futures
 import contextlib
 import contextvars
+import ctypes
 import decimal
 import functools
 import gc
@@ -524,7 +527,7 @@ class _Script:
         self.source = ("#!lua flags=allow-oom\n" if allow_oom else "") + _LUA_LIB + source
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
-    def __call__(self, r, keys, args, **kw):  # kw: for a _Conn
+    def __call__(self, r, keys, args, **kw):  # kw: meanwhile=, first= (a _Conn's)
         try:
             return r.execute_command("EVALSHA", self.sha, len(keys), *keys, *args, **kw)
         except redis.exceptions.NoScriptError:
@@ -839,21 +842,25 @@ class _Conn:
         self.heads = {}  # a script's packed name and keys, per (EVALSHA, sha, n, *keys)
         self.sent = False  # did the last command reach Redis whole?
 
-    def execute_command(self, *args, meanwhile=None):
-        """Send, run meanwhile() while Redis works, read the reply."""
+    def execute_command(self, *args, meanwhile=None, first=None):
+        """Send, run meanwhile() while Redis works, read the reply. first: a blocking command
+        sent ahead in the same write (Redis runs ours when it returns); its reply is dropped,
+        and .sent says True only once it has come."""
         n = 3 + args[2] if args[0] == "EVALSHA" else 0
         head = self.heads.get(args[:n])
         if head is None:
             head = self.heads[args[:n]] = _pack(args[:n])
         data = b"*%d\r\n%s%s" % (len(args), head, _pack(args[n:]))
+        if first:
+            data = b"*%d\r\n%s%s" % (len(first), _pack(first), data)
         try:
-            return self._round_trip(data, meanwhile)
+            return self._round_trip(data, meanwhile, first)
         except (redis.ConnectionError, *_REFUSED) as e:  # not a timeout: it may have waited long
             if not self.resend or (self.sent and not isinstance(e, _REFUSED)):
                 raise
-        return self._round_trip(data, meanwhile)
+        return self._round_trip(data, meanwhile, first)
 
-    def _round_trip(self, data, meanwhile):
+    def _round_trip(self, data, meanwhile, first):
         self.sent = False
         try:
             if self.conn is None:
@@ -863,15 +870,20 @@ class _Conn:
             elif self.resend and self.conn.can_read(timeout=0):  # closed by Redis meanwhile
                 raise redis.ConnectionError("the connection was closed")
             self.conn.send_packed_command([data])
-            self.sent = True
+            self.sent = not first
             if meanwhile:
                 meanwhile()
+            if first:  # a blocking command went ahead: ours runs in Redis once it returns
+                self.conn.read_response()
+                self.sent = True
             return self.conn.read_response()
         except _REFUSED:
             self.reset()
             raise
-        except redis.ResponseError:
-            raise  # any other error reply was read whole: the connection is still in step
+        except redis.ResponseError:  # any other error reply was read whole
+            if not self.sent:  # first's: our reply is still to come, never read it later
+                self.reset()
+            raise
         except BaseException:
             self.reset()  # cut off midway, or lost: never read a stale reply later
             raise
@@ -1883,14 +1895,14 @@ class _Worker:
     def enforce_deadlines(self):
         """Kill a child (and its process group) past a hard deadline; signal one past a soft
         deadline or asked to cancel, every tick until it delivers (it clears the record).
-        Sets next_deadline (the loop sleeps till it) and busy (a child holds a task)."""
+        Sets next_deadline (the loop sleeps till it) and busy (a child runs a task)."""
         now, self.next_deadline, self.busy = time.monotonic(), float("inf"), False
         for slot, pid in enumerate(self.children):
             if not pid:
                 continue
             for k in range(self.k):
                 rec = self.table.read(slot * self.k + k)
-                self.busy = self.busy or bool(rec.held)
+                self.busy = self.busy or bool(rec.held) and rec.held == rec.running
                 if rec.hard and now >= rec.hard:
                     _kill(pid, signal.SIGKILL, group=True)
                     break
@@ -2088,16 +2100,18 @@ class _Child:
         for hook in self.app._hooks["after_worker_started"]:
             self.loop.run_until_complete(_settle(hook()))
         limit = self.app.max_tasks_per_worker or float("inf")
+        wait = 0.0  # how long the next claim first waits for a wake-up
         while not self.stopping and self.done < limit and os.getppid() == self.ppid:
             field = self.free_field()
             if field is None:
                 self.drive(None)
                 continue
             claim = next(self.claims)
-            payload = self.redis_step(self.claim, field, claim)
+            payload = self.redis_step(self.claim, field, claim, wait)
             if type(payload) is int:  # nothing to claim: ms to the next due task
-                self.idle(payload)
+                wait = self.idle(payload)
             else:
+                wait = 0.0
                 self.begin(field, claim, payload)
         while self.attempts:
             self.drive(None)
@@ -2115,6 +2129,10 @@ class _Child:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)  # blocked by spawn()
+        # On Linux the kernel sends us SIGTERM when the parent dies, so that a wait for a
+        # wake-up ends at once and no claim follows it (elsewhere: getppid() before claims).
+        with contextlib.suppress(AttributeError, OSError):
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
     def on_term(self, signum, frame):
         self.stopping = True
@@ -2183,31 +2201,39 @@ class _Child:
                 raise _Stop()
             self.wait(time.sleep, delay)
 
-    def wait(self, fn, *args):
-        """fn(*args), during which a SIGTERM leaves at once (_Stop)."""
+    def wait(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs), during which a SIGTERM leaves at once (_Stop)."""
         self.waiting = True
         try:
-            if not self.stopping:
-                fn(*args)
+            if self.stopping:
+                raise _Stop()
+            return fn(*args, **kwargs)
         finally:
             self.waiting = False
 
-    def claim(self, field, claim):
+    def claim(self, field, claim, wait):
         """The hot path: release the field's last attempt and claim the next under token
-        "PID-claim"; "p" (move due tasks, broadcasts first) every PROMOTE seconds; the INFO
-        lines of finished attempts are written while Redis works."""
+        "PID-claim"; "p" (move due tasks, broadcasts first) every PROMOTE seconds and after a
+        wait. wait > 0: first BLPOP the wake-up lists that long, in the same write, so that the
+        claim runs in Redis the moment a push wakes us (one round trip, not two); a SIGTERM
+        ends the wait. The INFO lines of finished attempts are written while Redis works."""
         now, promote = time.monotonic(), ""
-        if now >= self.next_promote:
+        if now >= self.next_promote or wait:
             self.next_promote, promote = now + PROMOTE, "p"
         index = self.index[field]
         self.table.set(index, "held", claim)  # from here the field may hold it
         ack = self.acks.get(field) or (field, "")
         args = (f"{self.pid}-{claim}", promote, self.top, *ack)
+        meanwhile = self.lines and self.write_lines
         try:
-            payload = _CLAIM(
-                self.r, self.claim_keys, args, meanwhile=self.lines and self.write_lines
-            )
-        except redis.RedisError:
+            if wait:
+                first = ("BLPOP", *self.wakes, f"{wait:.3f}")
+                payload = self.wait(
+                    _CLAIM, self.r, self.claim_keys, args, meanwhile=meanwhile, first=first
+                )
+            else:
+                payload = _CLAIM(self.r, self.claim_keys, args, meanwhile=meanwhile)
+        except (redis.RedisError, _Stop):
             if self.r.sent:
                 self.reached = claim
             elif self.reached != claim:  # it never reached Redis: the field holds what it held
@@ -2220,17 +2246,15 @@ class _Child:
         return payload
 
     def idle(self, due_ms):
-        """Nothing to claim: ack what is finished; run async tasks, or BLPOP the wake-up
-        lists until a push, the next due task or wait_timeout."""
+        """Nothing to claim: ack what is finished; -> how long the next claim first waits for
+        a wake-up: until the next due task or wait_timeout (0 while async tasks run: they
+        run meanwhile, for PROMOTE seconds at most)."""
         self.redis_step(self.flush_acks)
         if self.attempts:
-            return self.drive(PROMOTE)
+            self.drive(PROMOTE)
+            return 0.0
         due = due_ms / 1e3 if due_ms >= 0 else float("inf")
-        timeout = min(self.app.wait_timeout, max(0.01, due))
-        self.redis_step(
-            lambda: self.wait(self.r.execute_command, "BLPOP", *self.wakes, f"{timeout:.3f}")
-        )
-        self.next_promote = 0.0
+        return min(self.app.wait_timeout, max(0.01, due))
 
     def flush_acks(self):
         self.write_lines()
