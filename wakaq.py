@@ -67,8 +67,10 @@ whose ack waits for the next claim), "cancel" (N the parent asks to cancel). The
 SIGKILLs the child's process group at the hard deadline, sends SIGUSR1 every tick past the
 soft one (or a cancel) until the child clears it, and is woken by the child through a pipe
 when a soft deadline is nearer than a tick. A dead child's fields are released by that
-record: token N == finished: ack; == running: died (or hard timeout, or killed by a stop:
-interrupted); else it never started: interrupted.
+record: token N == finished: ack; == running: died (past its hard deadline: hard timeout;
+cut by another's hard timeout or a 2nd stop, or exit 0 after our SIGTERM: interrupted);
+else it never started: interrupted. "held" is set before a claim is sent and cleared when one is known
+not to have reached Redis, so that a field's fate is always decidable from Redis alone.
 
 CLOCKS. Anything compared across processes or hosts (heartbeats, due times, start times) uses
 Redis's TIME; deadlines inside one worker use time.monotonic(). The one exception: an eta
@@ -91,9 +93,15 @@ frame sits between, as the outermost of those returns (a frame trace); outside t
 (hooks, wakaq) not at all: the parent signals again next tick. An async task's asyncio task
 is cancelled instead. Nothing is delivered once the attempt has ended (its record cleared).
 
+THE SCRIPTS (section "Redis scripts"; each one atomic, on the node that holds {p}) and who
+runs them: _ENQUEUE .delay(), .delay_many(), the scheduler's ticks; _CLAIM a child, for each
+task (it also acks the field's last one); _RELEASE a child for any other outcome, the parent
+for a dead child's or an adopted worker's fields; _BEAT the parent's heartbeat and adoption;
+_BROADCAST .broadcast(); _CANCEL wakaq.cancel(); _MOVE `dead --requeue` and `migrate`.
+
 Sections: errors and settings - serializer - Redis scripts - Redis connections - Queue,
-CronTask, Task - the app - logging - OS helpers - worker parent - worker child - scheduler -
-command line - compatibility with the original WakaQ.
+CronTask, Task - the app - attempts - logging - OS helpers - worker parent - worker child -
+scheduler - command line - compatibility with the original WakaQ.
 """
 
 from __future__ import annotations
@@ -2071,7 +2079,7 @@ class _Child:
 
     def __init__(self, worker, slot):
         app = self.app = worker.app
-        self.worker, self.slot, self.k, self.table = (worker, slot, worker.k, worker.table)
+        self.worker, self.k, self.table = worker, worker.k, worker.table
         self.ppid, self.pid, self.claims = os.getppid(), os.getpid(), itertools.count(1)
         self.r = _Conn(app)
         self.outage = _Outage(f"child {slot}", worker.outage.cap)
@@ -2189,8 +2197,7 @@ class _Child:
         while True:
             try:
                 result = step(*args)
-                if self.outage.delay:
-                    self.outage.ok()
+                self.outage.ok()
                 return result
             except redis.RedisError as e:
                 if isinstance(e, _RECONNECT):
