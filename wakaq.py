@@ -69,8 +69,8 @@ soft one (or a cancel) until the child clears it, and is woken by the child thro
 when a soft deadline is nearer than a tick. A dead child's fields are released by that
 record: token N == finished: ack; == running: died (past its hard deadline: hard timeout;
 cut by another's hard timeout or a 2nd stop, or exit 0 after our SIGTERM: interrupted);
-else it never started: interrupted. "held" is set before a claim is sent and cleared when one is known
-not to have reached Redis, so that a field's fate is always decidable from Redis alone.
+else it never started: interrupted. "held" is set before a claim is sent and cleared when
+one is known not to have reached Redis, so a field's fate is always decidable from Redis.
 
 CLOCKS. Anything compared across processes or hosts (heartbeats, due times, start times) uses
 Redis's TIME; deadlines inside one worker use time.monotonic(). The one exception: an eta
@@ -397,23 +397,6 @@ def _check_keys(o):
             _check_keys(v)
 
 
-class _Ids:
-    """Task ids: a random prefix per process and a counter (no system call per id)."""
-
-    def __init__(self):
-        self.reset()
-        os.register_at_fork(after_in_child=self.reset)
-
-    def reset(self):
-        self.prefix, self.counter = os.urandom(8).hex(), itertools.count()
-
-    def new(self):
-        return f"{self.prefix}{next(self.counter):x}"
-
-
-_ids = _Ids()
-
-
 # ============================================================================ Redis scripts
 
 # Shared by every script. P is the app's key prefix "{prefix}"; every key is P .. ':...'.
@@ -603,13 +586,15 @@ elseif held then
   release(P, inflight, 4, t, true)
 end
 
--- 3. An adopted (unregistered) worker claims nothing.
+-- 3. An adopted (unregistered) worker claims nothing: a live worker took its in-flight hash
+--    over, so a task claimed into it now would be nobody's.
 if not redis.call('ZSCORE', P .. ':workers', wid) then
   if held then redis.call('HDEL', inflight, field, field .. ':t', field .. ':s') end
   return -1
 end
 
--- 4. Every PROMOTE seconds: move due delayed tasks of up to 10 queues to their lists.
+-- 4. Every PROMOTE seconds: move due delayed tasks of up to 10 queues to their lists (so a
+--    claim stays short however many queues are due; later claims move the rest).
 if promote then
   for _, member in ipairs(redis.call('ZRANGEBYSCORE', P .. ':due', '-inf', t, 'LIMIT', 0, 10)) do
     local rank, queue = string.match(member, '^(%%d+):(.*)$')
@@ -642,7 +627,11 @@ local function pop(queue)
     count(P, 'cancelled', queue, string.match(p, '"name":"([^"]*)"') or '?', '')
   end
 end
+-- `top`: the child's last task came from the best-ranked queue it serves. Trying that queue
+-- first skips the scan below while a backlog drains, and no served queue ranks above it.
 if not payload and top ~= '' then payload = pop(top) end
+-- Non-empty queues in rank order, 16 at a time. A served one found empty leaves the ready
+-- set (the next push puts it back), so that later claims do not look at it again.
 local start = 0
 while not payload do
   local names = redis.call('ZRANGE', P .. ':ready', start, start + 15)
@@ -1280,7 +1269,7 @@ class WakaQ:
             args, kwargs = _dumps(args), _dumps(kwargs) if kwargs else "{}"
         except RecursionError:
             raise TypeError(f"{task.name}: its arguments are circular or too deep") from None
-        msg_id, tail = _ids.new(), ',"bcast":1}' if bcast else "}"
+        msg_id, tail = os.urandom(12).hex(), ',"bcast":1}' if bcast else "}"  # 96 random bits
         return msg_id, (
             f'{{"id":"{msg_id}","name":{task._json_name},"queue":"{queue.name}",'
             f'"retry":0,"args":{args},"kwargs":{kwargs}{tail}'
@@ -2842,8 +2831,8 @@ def _convert_original(app, queue, raw, due):
         payload = app._payload(task, a, kw, queue)[1]
         return queue, due and repr(due), payload.replace('"retry":0,', f'"retry":{retry},', 1)
     except _BAD_PAYLOAD as e:
-        reason = f"bad payload from the original WakaQ: {e}"
-        return queue, "dead", _dead_entry(raw, {"id": _ids.new(), "queue": queue.name}, reason)
+        msg = {"id": os.urandom(12).hex(), "queue": queue.name}
+        return queue, "dead", _dead_entry(raw, msg, f"bad payload from the original WakaQ: {e}")
 
 
 def _cmd_migrate(app, args):
