@@ -572,6 +572,37 @@ def test_a_delayed_task_runs_in_a_worker_child(r, spawn):
 
 
 @slow
+def test_an_idle_worker_picks_a_task_up_at_once_after_redis_lost_its_scripts(r, spawn):
+    """An idle child's claim waits in Redis behind its BLPOP. If Redis has lost the claim
+    script meanwhile (a restart, a failover), the claim goes again as EVAL without a second
+    BLPOP (the wake-up was spent): the task runs at once, not after wait_timeout (5 s)."""
+    w = spawn("worker")
+    workers_ready(r, [w], app)
+    wait_for(lambda: any(c["cmd"] == "blpop" for c in r.client_list()), "the child to wait")
+    r.script_flush()
+    started = time.monotonic()
+    add.delay(4, 5)
+    wait_for(lambda: runs(r, "add"), "add to run", 10)
+    assert time.monotonic() - started < 2.0
+
+
+@slow
+def test_a_stopping_worker_puts_back_a_claim_that_no_child_of_its_will_run(r, spawn):
+    """A stop can cut an idle child's wait just as Redis runs the claim written behind its
+    BLPOP: the task is then in the worker's in-flight hash, and no child will run it. Once
+    its children are gone, the worker puts it back at the front: it never started."""
+    w = spawn("worker")
+    workers_ready(r, [w], app)
+    [wid] = [m for m in r.zrange("{wakaq}:workers", 0, -1) if f".{w.pid}.".encode() in m]
+    task_id, raw = app._payload(add, [7, 8], {}, app.default_queue)
+    r.hset(b"{wakaq}:inflight:" + wid, mapping={"5.0": raw, "5.0:t": "999999-1"})
+    os.kill(w.pid, signal.SIGTERM)
+    w.popen.wait(10)
+    assert r.lrange("{wakaq}:q:default", 0, -1) == [raw.encode()]
+    assert r.zscore("{wakaq}:workers", wid) is None
+
+
+@slow
 def test_a_due_eta_task_runs_and_a_future_one_waits(r, spawn):
     add.delay(1, 1, eta=0.3)
     add.delay(9, 9, eta=3600)
@@ -1006,6 +1037,11 @@ def test_purge_prints_pending_plus_delayed_and_empties_both(r):
     assert (out.returncode, out.stdout.strip()) == (0, "3")
     assert r.llen("{wakaq}:q:default") == 0 and r.zcard("{wakaq}:eta:default") == 0
     assert r.llen("{wakaq}:q:high") == 1
+
+
+def test_concurrency_none_is_refused_when_the_app_is_defined():
+    with pytest.raises(TypeError, match="concurrency"):
+        WakaQ(url=URL, concurrency=None)
 
 
 def test_purge_also_forgets_the_cancellations_of_the_tasks_it_removed(r):

@@ -69,8 +69,9 @@ soft one (or a cancel) until the child clears it, and is woken by the child thro
 when a soft deadline is nearer than a tick. A dead child's fields are released by that
 record: token N == finished: ack; == running: died (past its hard deadline: hard timeout;
 cut by another's hard timeout or a 2nd stop, or exit 0 after our SIGTERM: interrupted);
-else it never started: interrupted. "held" is set before a claim is sent and cleared when
-one is known not to have reached Redis, so a field's fate is always decidable from Redis.
+else it never started: interrupted. "held" is set before a claim is sent, and cleared when
+the claim did not run, or may only have run in Redis after the child stopped waiting behind
+its BLPOP; the worker puts such a claim back at the front when it deregisters.
 
 CLOCKS. Anything compared across processes or hosts (heartbeats, due times, start times) uses
 Redis's TIME; deadlines inside one worker use time.monotonic(). The one exception: an eta
@@ -95,8 +96,9 @@ is cancelled instead. Nothing is delivered once the attempt has ended (its recor
 
 THE SCRIPTS (section "Redis scripts"; each one atomic, on the node that holds {p}) and who
 runs them: _ENQUEUE .delay(), .delay_many(), the scheduler's ticks; _CLAIM a child, for each
-task (it also acks the field's last one); _RELEASE a child for any other outcome, the parent
-for a dead child's or an adopted worker's fields; _BEAT the parent's heartbeat and adoption;
+task (it also acks the field's last one); _RELEASE a child for any other outcome and for acks
+when it idles or exits, the parent for a dead child's, an adopted worker's or a leftover
+field; _BEAT the parent's heartbeat and adoption;
 _BROADCAST .broadcast(); _CANCEL wakaq.cancel(); _MOVE `dead --requeue` and `migrate`.
 
 Sections: errors and settings - serializer - Redis scripts - Redis connections - Queue,
@@ -273,6 +275,8 @@ def _limits_for(app, task, queue, where=None):
 def _concurrency(value, cores=None, name="concurrency"):
     """An int (at least 1), or arithmetic of `cores` such as "cores*2" or "cores - 1" (then at
     least 1, so that "cores - 1" on a one-core host is one child, not an error)."""
+    if value is None:
+        raise TypeError(f"{name} must be an int or an expression of cores, got None")
     if not isinstance(value, str):
         return _count(value, name, 1)
     try:  # eval of this alphabet (no names but cores, no "**") is safe
@@ -521,7 +525,8 @@ class _Script:
     def __call__(self, r, keys, args, **kw):  # kw: meanwhile=, first= (a _Conn's)
         try:
             return r.execute_command("EVALSHA", self.sha, len(keys), *keys, *args, **kw)
-        except redis.exceptions.NoScriptError:
+        except redis.exceptions.NoScriptError:  # (a BLPOP sent first has returned: not again)
+            kw.pop("first", None)
             return r.execute_command("EVAL", self.source, len(keys), *keys, *args, **kw)
 
 
@@ -936,8 +941,10 @@ def _sentinel_master(url, kw):
     sentinel = redis.Sentinel(
         hosts, sentinel_kwargs={"socket_timeout": kw["socket_connect_timeout"]}, **kw
     )
-    username, password = unquote(parts.username or ""), unquote(parts.password or "")
-    return sentinel.master_for(service, db=int(db or 0), username=username, password=password)
+    auth = {
+        k: unquote(v) for k, v in (("username", parts.username), ("password", parts.password)) if v
+    }
+    return sentinel.master_for(service, db=int(db or 0), **auth)  # else WakaQ's own, if any
 
 
 def _mask(url):
@@ -1238,9 +1245,11 @@ class WakaQ:
         return client
 
     def _cluster_node(self, kw):
+        if redis.connection.parse_url(self.url).get("db"):
+            raise ValueError(f"a Redis Cluster has only db 0, not that of {_mask(self.url)}")
         kw.pop("health_check_interval")
         kw["startup_nodes"] = [redis.cluster.ClusterNode(*n) for n in self._nodes]
-        cluster = redis.RedisCluster.from_url(self.url, **kw)  # (db 0 only: it says so)
+        cluster = redis.RedisCluster.from_url(self.url, **kw)
         self._nodes = [(n.host, n.port) for n in cluster.get_nodes()]
         return cluster.get_node_from_key(self._k("q")).redis_connection
 
@@ -1765,6 +1774,7 @@ class _Worker:
         self.mem_high = self.full = self.busy = self.in_redis = False
         self.next_deadline = float("inf")  # the earliest soft or hard deadline ahead
         self.health = _health_glob(app).replace("*", str(os.getpid()))
+        self.health_failed = False
 
     def run(self):
         self.install_signals()
@@ -1781,8 +1791,12 @@ class _Worker:
                 if not self.stops:
                     self.check_memory()
                     self.fork_missing_children()
-                with contextlib.suppress(OSError):  # no file: `health` finds no worker
+                try:
                     Path(self.health).touch()  # the local evidence `health` reads
+                except OSError as e:  # `health` then finds no worker; said once
+                    if not self.health_failed:
+                        log.warning("cannot touch the health file %s (%s)", self.health, e)
+                    self.health_failed = True
                 self.sleep()
         finally:
             with contextlib.suppress(OSError):
@@ -1897,24 +1911,27 @@ class _Worker:
         for slot, pid in enumerate(self.children):
             if not pid:
                 continue
+            due = False  # a soft deadline passed, or a cancel of a running attempt came
             for k in range(self.k):
                 rec = self.table.read(slot * self.k + k)
-                self.busy = self.busy or bool(rec.held) and rec.held == rec.running
+                runs = rec.held and rec.held == rec.running != rec.finished
+                self.busy = self.busy or bool(runs)
                 if rec.hard and now >= rec.hard:
                     _kill(pid, signal.SIGKILL, group=True)
                     break
-                if (rec.soft and now >= rec.soft) or (rec.cancel and rec.cancel == rec.running):
-                    _kill(pid, signal.SIGUSR1)
-                    break
-                ahead = [d for d in (rec.soft, rec.hard) if d]
+                due = due or (rec.soft and now >= rec.soft) or (runs and rec.cancel == rec.running)
+                ahead = [d for d in (rec.soft, rec.hard) if d > now]  # (passed: signalled)
                 self.next_deadline = min([self.next_deadline, *ahead])
+            else:
+                if due:
+                    _kill(pid, signal.SIGUSR1)
 
     def redis_duties(self):
         """Release dead children's tasks, pass cancels on, heartbeat: each when due; an
         outage follows the one rule (it ends when one of these succeeds)."""
         now = time.monotonic()
-        if self.outage.delay and now < self.retry_at:
-            return  # backing off
+        if now < self.retry_at or (self.stops and not self.busy and not self.unreleased):
+            return  # backing off, or leaving: an idle worker's stop needs no Redis
         try:
             self.in_redis = True
             if self.r is None:
@@ -1926,6 +1943,8 @@ class _Worker:
                 self.r = None
             if isinstance(e, redis.RedisError):
                 self.retry_at = now + self.outage.failed(e)
+            else:  # a stop cut a call short: no Redis for a second, so that it cannot hold us
+                self.retry_at = now + 1.0
         finally:
             self.in_redis = False
 
@@ -2023,11 +2042,19 @@ class _Worker:
         log.warning("memory at %.0f%% (max_mem_percent=%s): %s", pct, limit, what)
 
     def deregister(self):
-        """Leave the registry, unless a task is still in flight (a live worker adopts it) or
-        Redis is away (the registration ages out). Broadcasts that waited: dead letters."""
+        """Leave the registry once nothing is in flight. With every child gone and released,
+        a field of ours still filled holds a claim that Redis ran after its child had
+        stopped waiting for the reply: it never started, so it goes back to the front. If
+        something is left (Redis away, a third stop), a live worker adopts it and the
+        registration ages out. Broadcasts that waited for us: dead letters."""
         app, r = self.app, self.r
         try:
-            if r is None or self.unreleased or r.hlen(self.inflight_key):
+            if r is None or self.unreleased:
+                return
+            for field in r.hkeys(self.inflight_key):
+                if b":" not in field:  # "S.K", not "S.K:t", "S.K:s" or "adopted:..."
+                    self.release(field.decode(), _Outcome("interrupted", "interrupted"))
+            if r.hlen(self.inflight_key):
                 return
             r.zrem(app.workers_key, self.wid)  # first: no new broadcasts for us
             r.hdel(app._k("served"), self.wid)
@@ -2083,6 +2110,8 @@ class _Child:
         self.stopping = self.waiting = False
         self.done, self.next_promote, self.top = 0, 0.0, ""
         self.reached = 0  # the last claim number that reached Redis without its reply
+        self.wait_next = 0.0  # seconds the next claim first waits for a wake-up (BLPOP)
+        self.orphan_signal = False  # will the kernel SIGTERM us when the parent dies?
         self.wakes = [app._k("wake", q) for q in (worker.wid, *worker.served)]
         self.claim_keys = [worker.inflight_key, worker.served_key]
         self.limits = functools.lru_cache(None)(functools.partial(_limits_for, app))
@@ -2097,18 +2126,16 @@ class _Child:
         for hook in self.app._hooks["after_worker_started"]:
             self.loop.run_until_complete(_settle(hook()))
         limit = self.app.max_tasks_per_worker or float("inf")
-        wait = 0.0  # how long the next claim first waits for a wake-up
         while not self.stopping and self.done < limit and os.getppid() == self.ppid:
             field = self.free_field()
             if field is None:
                 self.drive(None)
                 continue
             claim = next(self.claims)
-            payload = self.redis_step(self.claim, field, claim, wait)
+            payload = self.redis_step(self.claim, field, claim)
             if type(payload) is int:  # nothing to claim: ms to the next due task
-                wait = self.idle(payload)
+                self.wait_next = self.idle(payload)
             else:
-                wait = 0.0
                 self.begin(field, claim, payload)
         while self.attempts:
             self.drive(None)
@@ -2129,7 +2156,7 @@ class _Child:
         # On Linux the kernel sends us SIGTERM when the parent dies, so that a wait for a
         # wake-up ends at once and no claim follows it (elsewhere: getppid() before claims).
         with contextlib.suppress(AttributeError, OSError):
-            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+            self.orphan_signal = ctypes.CDLL(None).prctl(1, signal.SIGTERM) == 0  # 1: SET_PDEATHSIG
 
     def on_term(self, signum, frame):
         self.stopping = True
@@ -2207,23 +2234,32 @@ class _Child:
         finally:
             self.waiting = False
 
-    def claim(self, field, claim, wait):
+    def claim(self, field, claim):
         """The hot path: release the field's last attempt and claim the next under token
         "PID-claim"; "p" (move due tasks, broadcasts first) every PROMOTE seconds and after a
-        wait. wait > 0: first BLPOP the wake-up lists that long, in the same write, so that the
-        claim runs in Redis the moment a push wakes us (one round trip, not two); a SIGTERM
-        ends the wait. The INFO lines of finished attempts are written while Redis works."""
+        wait. After idle(), first BLPOP the wake-up lists (a retry after an error does not),
+        in the same write, so that the claim runs in Redis the moment a push wakes us (one
+        round trip, not two); a SIGTERM ends the wait. Without PR_SET_PDEATHSIG the BLPOP goes
+        alone, and the claim only if the parent is still there. The INFO lines of finished
+        attempts are written while Redis works."""
+        wait, self.wait_next = self.wait_next, 0.0
         now, promote = time.monotonic(), ""
         if now >= self.next_promote or wait:
             self.next_promote, promote = now + PROMOTE, "p"
+        first = ("BLPOP", *self.wakes, f"{wait:.3f}") if wait else None
+        if first and not self.orphan_signal:
+            self.wait(self.r.execute_command, *first)
+            first = None
+            if os.getppid() != self.ppid:
+                raise _Stop()
         index = self.index[field]
         self.table.set(index, "held", claim)  # from here the field may hold it
         ack = self.acks.get(field) or (field, "")
         args = (f"{self.pid}-{claim}", promote, self.top, *ack)
         meanwhile = self.lines and self.write_lines
+        self.r.sent = False  # (a stop may come before anything is sent)
         try:
-            if wait:
-                first = ("BLPOP", *self.wakes, f"{wait:.3f}")
+            if first:
                 payload = self.wait(
                     _CLAIM, self.r, self.claim_keys, args, meanwhile=meanwhile, first=first
                 )
@@ -2390,6 +2426,8 @@ def _cmd_scheduler(app, args):
                 pause = _tick(app, r, schedules)
                 outage.ok()
             except redis.RedisError as e:
+                if isinstance(e, _RECONNECT):  # (READONLY: a failover demoted the master)
+                    r = None
                 pause = outage.failed(e)
             time.sleep(pause)
     log.info("scheduler stopped")
@@ -2529,11 +2567,10 @@ def _cmd_info(app, args):
 
 def _cmd_purge(app, args):
     q = app._queue(args.queue)
-    pipe = app.redis.pipeline().llen(q.key).zcard(q.eta_key)
+    pipe = app.redis.pipeline().llen(q.key).zcard(q.eta_key).hgetall(app._k("cancelled"))
     pipe.unlink(q.key, q.eta_key, q.wake_key, app._k("ids", q.name))  # UNLINK: freed later
-    pending, delayed, *_ = pipe.zrem(app._k("ready"), q.name).execute()
+    pending, delayed, tombstones, *_ = pipe.zrem(app._k("ready"), q.name).execute()
     # The cancel tombstones of purged tasks: no claim will meet (and drop) them now.
-    tombstones = app.redis.hgetall(app._k("cancelled"))
     stale = [i for i, queue in tombstones.items() if queue == q.name.encode()]
     if stale:
         app.redis.hdel(app._k("cancelled"), *stale)
