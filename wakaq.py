@@ -55,11 +55,9 @@ THE WORKER. A parent runs no task code; it forks `concurrency` children and watc
           check memory, fork missing children, touch its health file.
           SIGTERM/SIGINT/SIGHUP: stop (1st: children finish their tasks; 2nd: kill them,
           their tasks go back to the front; 3rd: leave what Redis could not take back yet).
-  child   claim -> run -> ack with the next claim; idle: its next claim is written right
-          after a BLPOP of the wake-up lists, and Redis runs it the moment the BLPOP returns
-          (one round trip). SIGTERM: finish the running tasks and exit 0 (at once if idle).
-          SIGUSR1: a soft timeout or a cancel is due. A child whose parent is gone claims
-          nothing more (on Linux the kernel sends it SIGTERM then: PR_SET_PDEATHSIG).
+  child   claim -> run -> ack with the next claim; idle: BLPOP the wake-up lists, then
+          claim. SIGTERM: finish the running tasks and exit 0 (at once if idle). SIGUSR1: a
+          soft timeout or a cancel is due. A child whose parent is gone claims nothing more.
 Shared memory (mmap before fork; _Table): per sub-slot six doubles: soft and hard deadline
 (monotonic; 0 none), "held" (the claim number N of token "PID-N" the field may hold in
 Redis; 0 empty), "running" (N of the attempt started last), "finished" (N of a done attempt
@@ -69,9 +67,9 @@ soft one (or a cancel) until the child clears it, and is woken by the child thro
 when a soft deadline is nearer than a tick. A dead child's fields are released by that
 record: token N == finished: ack; == running: died (past its hard deadline: hard timeout;
 cut by another's hard timeout or a 2nd stop, or exit 0 after our SIGTERM: interrupted);
-else it never started: interrupted. "held" is set before a claim is sent, and cleared when
-the claim did not run, or may only have run in Redis after the child stopped waiting behind
-its BLPOP; the worker puts such a claim back at the front when it deregisters.
+else it never started: interrupted. "held" is set before a claim is sent and cleared once
+the claim is known not to have reached Redis; a field of ours still filled when the worker
+deregisters (all children gone and released) never started, and goes back to the front.
 
 CLOCKS. Anything compared across processes or hosts (heartbeats, due times, start times) uses
 Redis's TIME; deadlines inside one worker use time.monotonic(). The one exception: an eta
@@ -115,7 +113,6 @@ import collections
 import concurrent.futures
 import contextlib
 import contextvars
-import ctypes
 import decimal
 import functools
 import gc
@@ -522,11 +519,10 @@ class _Script:
         self.source = ("#!lua flags=allow-oom\n" if allow_oom else "") + _LUA_LIB + source
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
-    def __call__(self, r, keys, args, **kw):  # kw: meanwhile=, first= (a _Conn's)
+    def __call__(self, r, keys, args, **kw):  # kw: meanwhile= (a _Conn's)
         try:
             return r.execute_command("EVALSHA", self.sha, len(keys), *keys, *args, **kw)
-        except redis.exceptions.NoScriptError:  # (a BLPOP sent first has returned: not again)
-            kw.pop("first", None)
+        except redis.exceptions.NoScriptError:
             return r.execute_command("EVAL", self.source, len(keys), *keys, *args, **kw)
 
 
@@ -844,25 +840,21 @@ class _Conn:
         self.heads = {}  # a script's packed name and keys, per (EVALSHA, sha, n, *keys)
         self.sent = False  # did the last command reach Redis whole?
 
-    def execute_command(self, *args, meanwhile=None, first=None):
-        """Send, run meanwhile() while Redis works, read the reply. first: a blocking command
-        sent ahead in the same write (Redis runs ours when it returns); its reply is dropped,
-        and .sent says True only once it has come."""
+    def execute_command(self, *args, meanwhile=None):
+        """Send, run meanwhile() while Redis works, read the reply."""
         n = 3 + args[2] if args[0] == "EVALSHA" else 0
         head = self.heads.get(args[:n])
         if head is None:
             head = self.heads[args[:n]] = _pack(args[:n])
         data = b"*%d\r\n%s%s" % (len(args), head, _pack(args[n:]))
-        if first:
-            data = b"*%d\r\n%s%s" % (len(first), _pack(first), data)
         try:
-            return self._round_trip(data, meanwhile, first)
+            return self._round_trip(data, meanwhile)
         except (redis.ConnectionError, *_REFUSED) as e:  # not a timeout: it may have waited long
             if not self.resend or (self.sent and not isinstance(e, _REFUSED)):
                 raise
-        return self._round_trip(data, meanwhile, first)
+        return self._round_trip(data, meanwhile)
 
-    def _round_trip(self, data, meanwhile, first):
+    def _round_trip(self, data, meanwhile):
         self.sent = False
         try:
             if self.conn is None:
@@ -872,20 +864,15 @@ class _Conn:
             elif self.resend and self.conn.can_read(timeout=0):  # closed by Redis meanwhile
                 raise redis.ConnectionError("the connection was closed")
             self.conn.send_packed_command([data])
-            self.sent = not first
+            self.sent = True
             if meanwhile:
                 meanwhile()
-            if first:  # a blocking command went ahead: ours runs in Redis once it returns
-                self.conn.read_response()
-                self.sent = True
             return self.conn.read_response()
         except _REFUSED:
             self.reset()
             raise
-        except redis.ResponseError:  # any other error reply was read whole
-            if not self.sent:  # first's: our reply is still to come, never read it later
-                self.reset()
-            raise
+        except redis.ResponseError:
+            raise  # any other error reply was read whole: the connection is still in step
         except BaseException:
             self.reset()  # cut off midway, or lost: never read a stale reply later
             raise
@@ -2111,7 +2098,6 @@ class _Child:
         self.done, self.next_promote, self.top = 0, 0.0, ""
         self.reached = 0  # the last claim number that reached Redis without its reply
         self.wait_next = 0.0  # seconds the next claim first waits for a wake-up (BLPOP)
-        self.orphan_signal = False  # will the kernel SIGTERM us when the parent dies?
         self.wakes = [app._k("wake", q) for q in (worker.wid, *worker.served)]
         self.claim_keys = [worker.inflight_key, worker.served_key]
         self.limits = functools.lru_cache(None)(functools.partial(_limits_for, app))
@@ -2153,10 +2139,6 @@ class _Child:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)  # blocked by spawn()
-        # On Linux the kernel sends us SIGTERM when the parent dies, so that a wait for a
-        # wake-up ends at once and no claim follows it (elsewhere: getppid() before claims).
-        with contextlib.suppress(AttributeError, OSError):
-            self.orphan_signal = ctypes.CDLL(None).prctl(1, signal.SIGTERM) == 0  # 1: SET_PDEATHSIG
 
     def on_term(self, signum, frame):
         self.stopping = True
@@ -2238,33 +2220,25 @@ class _Child:
         """The hot path: release the field's last attempt and claim the next under token
         "PID-claim"; "p" (move due tasks, broadcasts first) every PROMOTE seconds and after a
         wait. After idle(), first BLPOP the wake-up lists (a retry after an error does not),
-        in the same write, so that the claim runs in Redis the moment a push wakes us (one
-        round trip, not two); a SIGTERM ends the wait. Without PR_SET_PDEATHSIG the BLPOP goes
-        alone, and the claim only if the parent is still there. The INFO lines of finished
-        attempts are written while Redis works."""
+        and claim only if the parent is still there; a SIGTERM ends the wait. The INFO lines
+        of finished attempts are written while Redis works."""
         wait, self.wait_next = self.wait_next, 0.0
         now, promote = time.monotonic(), ""
         if now >= self.next_promote or wait:
             self.next_promote, promote = now + PROMOTE, "p"
-        first = ("BLPOP", *self.wakes, f"{wait:.3f}") if wait else None
-        if first and not self.orphan_signal:
-            self.wait(self.r.execute_command, *first)
-            first = None
+        if wait:
+            self.wait(self.r.execute_command, "BLPOP", *self.wakes, f"{wait:.3f}")
             if os.getppid() != self.ppid:
                 raise _Stop()
         index = self.index[field]
         self.table.set(index, "held", claim)  # from here the field may hold it
         ack = self.acks.get(field) or (field, "")
         args = (f"{self.pid}-{claim}", promote, self.top, *ack)
-        meanwhile = self.lines and self.write_lines
         self.r.sent = False  # (a stop may come before anything is sent)
         try:
-            if first:
-                payload = self.wait(
-                    _CLAIM, self.r, self.claim_keys, args, meanwhile=meanwhile, first=first
-                )
-            else:
-                payload = _CLAIM(self.r, self.claim_keys, args, meanwhile=meanwhile)
+            payload = _CLAIM(
+                self.r, self.claim_keys, args, meanwhile=self.lines and self.write_lines
+            )
         except (redis.RedisError, _Stop):
             if self.r.sent:
                 self.reached = claim
