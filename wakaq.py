@@ -1705,6 +1705,8 @@ class _Table:
     """The shared memory between a worker parent and its children, made before fork()."""
 
     RECORD = struct.Struct("6d")
+    #: Byte offset of each field in a record (set() runs on every claim: no search there).
+    OFFSET = {name: 8 * i for i, name in enumerate(_Slot._fields)}
 
     def __init__(self, n):
         self.mem = mmap.mmap(-1, self.RECORD.size * n)
@@ -1717,8 +1719,7 @@ class _Table:
         self.RECORD.pack_into(self.mem, i * self.RECORD.size, *record)
 
     def set(self, i, name, value):
-        offset = i * self.RECORD.size + 8 * _Slot._fields.index(name)
-        struct.pack_into("d", self.mem, offset, value)
+        struct.pack_into("d", self.mem, i * self.RECORD.size + self.OFFSET[name], value)
 
 
 # ============================================================================ worker parent
@@ -2097,7 +2098,6 @@ class _Child:
         self.stopping = self.waiting = False
         self.done, self.next_promote, self.top = 0, 0.0, ""
         self.reached = 0  # the last claim number that reached Redis without its reply
-        self.wait_next = 0.0  # seconds the next claim first waits for a wake-up (BLPOP)
         self.wakes = [app._k("wake", q) for q in (worker.wid, *worker.served)]
         self.claim_keys = [worker.inflight_key, worker.served_key]
         self.limits = functools.lru_cache(None)(functools.partial(_limits_for, app))
@@ -2120,7 +2120,7 @@ class _Child:
             claim = next(self.claims)
             payload = self.redis_step(self.claim, field, claim)
             if type(payload) is int:  # nothing to claim: ms to the next due task
-                self.wait_next = self.idle(payload)
+                self.idle(payload)
             else:
                 self.begin(field, claim, payload)
         while self.attempts:
@@ -2206,40 +2206,31 @@ class _Child:
                 raise _Stop()
             self.wait(time.sleep, delay)
 
-    def wait(self, fn, *args, **kwargs):
-        """fn(*args, **kwargs), during which a SIGTERM leaves at once (_Stop)."""
+    def wait(self, fn, *args):
+        """fn(*args), during which a SIGTERM leaves at once (_Stop)."""
         self.waiting = True
         try:
-            if self.stopping:
-                raise _Stop()
-            return fn(*args, **kwargs)
+            if not self.stopping:
+                fn(*args)
         finally:
             self.waiting = False
 
     def claim(self, field, claim):
         """The hot path: release the field's last attempt and claim the next under token
-        "PID-claim"; "p" (move due tasks, broadcasts first) every PROMOTE seconds and after a
-        wait. After idle(), first BLPOP the wake-up lists (a retry after an error does not),
-        and claim only if the parent is still there; a SIGTERM ends the wait. The INFO lines
-        of finished attempts are written while Redis works."""
-        wait, self.wait_next = self.wait_next, 0.0
+        "PID-claim"; "p" (move due tasks, broadcasts first) every PROMOTE seconds; the INFO
+        lines of finished attempts are written while Redis works."""
         now, promote = time.monotonic(), ""
-        if now >= self.next_promote or wait:
+        if now >= self.next_promote:
             self.next_promote, promote = now + PROMOTE, "p"
-        if wait:
-            self.wait(self.r.execute_command, "BLPOP", *self.wakes, f"{wait:.3f}")
-            if os.getppid() != self.ppid:
-                raise _Stop()
         index = self.index[field]
         self.table.set(index, "held", claim)  # from here the field may hold it
         ack = self.acks.get(field) or (field, "")
         args = (f"{self.pid}-{claim}", promote, self.top, *ack)
-        self.r.sent = False  # (a stop may come before anything is sent)
         try:
             payload = _CLAIM(
                 self.r, self.claim_keys, args, meanwhile=self.lines and self.write_lines
             )
-        except (redis.RedisError, _Stop):
+        except redis.RedisError:
             if self.r.sent:
                 self.reached = claim
             elif self.reached != claim:  # it never reached Redis: the field holds what it held
@@ -2252,15 +2243,18 @@ class _Child:
         return payload
 
     def idle(self, due_ms):
-        """Nothing to claim: ack what is finished; -> how long the next claim first waits for
-        a wake-up: until the next due task or wait_timeout (0 while async tasks run: they
-        run meanwhile, for PROMOTE seconds at most)."""
+        """Nothing to claim: ack what is finished; run async tasks, or BLPOP the wake-up
+        lists until a push, the next due task or wait_timeout."""
         self.redis_step(self.flush_acks)
         if self.attempts:
-            self.drive(PROMOTE)
-            return 0.0
+            return self.drive(PROMOTE)
         due = due_ms / 1e3 if due_ms >= 0 else float("inf")
-        return min(self.app.wait_timeout, max(0.01, due))
+        timeout = min(self.app.wait_timeout, max(0.01, due))
+        self.redis_step(
+            lambda: self.wait(self.r.execute_command, "BLPOP", *self.wakes, f"{timeout:.3f}")
+        )
+        # The wait may have ended at a due time: the next claim moves due tasks first.
+        self.next_promote = 0.0
 
     def flush_acks(self):
         self.write_lines()
