@@ -1725,8 +1725,9 @@ class _Table:
         return _Slot._make(self.RECORD.unpack_from(self.mem, i * self.RECORD.size))
 
     def write(self, i, soft, hard, held, running, finished, cancel=0.0):
-        record = (soft, hard, held, running, finished, cancel)
-        self.RECORD.pack_into(self.mem, i * self.RECORD.size, *record)
+        self.RECORD.pack_into(
+            self.mem, i * self.RECORD.size, soft, hard, held, running, finished, cancel
+        )
 
     def set(self, i, name, value):
         struct.pack_into("d", self.mem, i * self.RECORD.size + self.OFFSET[name], value)
@@ -1778,11 +1779,9 @@ class _Worker:
 
     def run(self):
         self.install_signals()
-        k = f" async_concurrency={self.k}" if self.k > 1 else ""
-        text = "worker %s started: concurrency=%d%s queues=%s redis=%s"
-        log.info(
-            text, self.wid, self.app.concurrency, k, ",".join(self.served), _mask(self.app.url)
-        )
+        text = "worker %s started: concurrency=%d (%d task(s) at once per child) queues=%s redis=%s"
+        app = self.app
+        log.info(text, self.wid, app.concurrency, self.k, ",".join(self.served), _mask(app.url))
         try:
             while not self.leaving():
                 self.reap_children()
@@ -1891,11 +1890,11 @@ class _Worker:
                 self.fork_at[slot] = 0.0
             elif killed != "hard timeout":  # (that one is logged at the release: its task)
                 _log_exit(pid, code, killed)
-            recs = [self.table.read(slot * self.k + k) for k in range(self.k)]
             hard = killed == "hard timeout"
             cut = (code == 0 and sent) or self.stops > 1 or hard
             ends = []
-            for k, rec in enumerate(recs):
+            for k in range(self.k):
+                rec = self.table.read(slot * self.k + k)
                 if hard and 0 < rec.hard <= now:
                     outcome = _Outcome("hard_timeout", "hard timeout", True)
                 elif cut:
@@ -1943,13 +1942,13 @@ class _Worker:
                 self.r, self.connected_since = self.app._client(retries=0), now
             if self.release_dead_children() | self.poll_cancels(now) | self.beat(now):
                 self.outage.ok()
-        except (redis.RedisError, _Stop) as e:
-            if isinstance(e, (*_RECONNECT, _Stop)):  # (a stop may cut a command midway)
+        except _Stop:  # a stop cut a call short, maybe midway: no Redis for a second
+            self.r = None
+            self.retry_at = now + 1.0
+        except redis.RedisError as e:
+            if isinstance(e, _RECONNECT):
                 self.r = None
-            if isinstance(e, redis.RedisError):
-                self.retry_at = now + self.outage.failed(e)
-            else:  # a stop cut a call short: no Redis for a second, so that it cannot hold us
-                self.retry_at = now + 1.0
+            self.retry_at = now + self.outage.failed(e)
         finally:
             self.in_redis = False
 
