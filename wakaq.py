@@ -65,8 +65,9 @@ whose ack waits for the next claim), "cancel" (N the parent asks to cancel). The
 SIGKILLs the child's process group at the hard deadline, sends SIGUSR1 every tick past the
 soft one (or a cancel) until the child clears it, and is woken by the child through a pipe
 when a soft deadline is nearer than a tick. A dead child's fields are released by that
-record: token N == finished: ack; == running: died (past its hard deadline: hard timeout;
-cut by another's hard timeout or a 2nd stop, or exit 0 after our SIGTERM: interrupted);
+record: token N == finished: ack; == running: died (killed by us past its hard deadline:
+hard timeout; cut by another's hard timeout or a 2nd stop, or exit 0 after our SIGTERM:
+interrupted; a child that ends itself past a deadline: died);
 else it never started: interrupted. "held" is set before a claim is sent and cleared once
 the claim is known not to have reached Redis; a field of ours still filled when the worker
 deregisters (all children gone and released) never started, and goes back to the front.
@@ -1688,6 +1689,15 @@ def _kill(pid, sig, group=False):
             os.kill(target, sig)
 
 
+def _log_exit(pid, code, killed_for=None):
+    """One line: how a child ended (a signal by its name), and what for if we killed it."""
+    how = f"exited with status {code}"
+    if code < 0:
+        with contextlib.suppress(ValueError):  # (a real-time signal has no name)
+            how = f"killed by {signal.Signals(-code).name}"
+    log.warning("child %d %s%s", pid, how, f" for {killed_for}" if killed_for else "")
+
+
 def _health_glob(app):
     """Where a worker of this app on this host says it is alive: one file per worker parent,
     touched every loop turn (`health` reads them, Redis reachable or not)."""
@@ -1720,8 +1730,9 @@ class _Table:
         return _Slot._make(self.RECORD.unpack_from(self.mem, i * self.RECORD.size))
 
     def write(self, i, soft, hard, held, running, finished, cancel=0.0):
-        record = (soft, hard, held, running, finished, cancel)
-        self.RECORD.pack_into(self.mem, i * self.RECORD.size, *record)
+        self.RECORD.pack_into(
+            self.mem, i * self.RECORD.size, soft, hard, held, running, finished, cancel
+        )
 
     def set(self, i, name, value):
         struct.pack_into("d", self.mem, i * self.RECORD.size + self.OFFSET[name], value)
@@ -1753,8 +1764,10 @@ class _Worker:
         self.children = [0] * app.concurrency
         #: Child slot -> monotonic time it may fork again (a crash loop forks once a second).
         self.fork_at = [0.0] * app.concurrency
-        #: Children sent SIGTERM (a stop, the memory guard): exit status 0 is leaving on it.
-        self.stopped: set = set()
+        #: Child pid -> what we signalled it for: "stop" (SIGTERM: a stop or the memory
+        #: guard; exit status 0 is leaving on it), "the second stop" or "hard timeout"
+        #: (SIGKILL: how reap_children tells our kill from the child's own death).
+        self.signalled: dict = {}
         #: Child slot -> its dead child's fields to release (release's arguments each).
         self.unreleased: dict = {}
         self.signals: list = []  # stop signals, appended by the handler
@@ -1771,11 +1784,9 @@ class _Worker:
 
     def run(self):
         self.install_signals()
-        k = f" async_concurrency={self.k}" if self.k > 1 else ""
-        text = "worker %s started: concurrency=%d%s queues=%s redis=%s"
-        log.info(
-            text, self.wid, self.app.concurrency, k, ",".join(self.served), _mask(self.app.url)
-        )
+        text = "worker %s started: concurrency=%d (%d task(s) at once per child) queues=%s redis=%s"
+        app = self.app
+        log.info(text, self.wid, app.concurrency, self.k, ",".join(self.served), _mask(app.url))
         try:
             while not self.leaving():
                 self.reap_children()
@@ -1836,7 +1847,7 @@ class _Worker:
             log.log(level, "worker %s stopping on %s: %s", self.wid, name, how)
             for pid in filter(None, self.children):
                 _kill(pid, signal.SIGKILL if kill else signal.SIGTERM, group=kill)
-                self.stopped.add(pid)
+                self.signalled[pid] = "the second stop" if kill else "stop"
         if not self.stops or any(self.children):
             return False
         if self.unreleased and self.stops > 2:
@@ -1866,26 +1877,30 @@ class _Worker:
 
     def reap_children(self):
         """A dead child's sub-slots that may hold a claim -> unreleased, each with how its
-        running attempt ended: past its hard deadline, a hard timeout (which cuts the child's
-        other attempts: interrupted); killed by our stop, or left with exit status 0 on our
-        SIGTERM, interrupted; else the child died."""
+        running attempt ended. Killed by us at a hard deadline: a hard timeout for the
+        sub-slots past it (its other attempts were cut: interrupted); killed by our second
+        stop, or left with exit status 0 on our SIGTERM: interrupted; else the child died,
+        even past a deadline (it ended before we killed it). Its end is logged here, or
+        (our hard timeout) with the task's name at the release."""
         now = time.monotonic()
         for slot, pid in enumerate(self.children):
             done, status = os.waitpid(pid, os.WNOHANG) if pid else (0, 0)
             if not done:
                 continue
             self.children[slot], code = 0, os.waitstatus_to_exitcode(status)
-            if code:
-                log.warning("child %d exited with %s", pid, code)
-            else:
+            sent = self.signalled.pop(pid, None)
+            # Our SIGKILL ("the second stop", "hard timeout"), not the child's own end:
+            killed = sent if code == -signal.SIGKILL and sent != "stop" else None
+            if code == 0:
                 self.fork_at[slot] = 0.0
-            recs = [self.table.read(slot * self.k + k) for k in range(self.k)]
-            left = code == 0 and pid in self.stopped
-            self.stopped.discard(pid)
-            cut = left or self.stops > 1 or any(0 < rec.hard <= now for rec in recs)
+            elif killed != "hard timeout":  # (that one is logged at the release: its task)
+                _log_exit(pid, code, killed)
+            hard = killed == "hard timeout"
+            cut = (code == 0 and sent) or self.stops > 1 or hard
             ends = []
-            for k, rec in enumerate(recs):
-                if 0 < rec.hard <= now:
+            for k in range(self.k):
+                rec = self.table.read(slot * self.k + k)
+                if hard and 0 < rec.hard <= now:
                     outcome = _Outcome("hard_timeout", "hard timeout", True)
                 elif cut:
                     outcome = _Outcome("interrupted", "interrupted")
@@ -1911,6 +1926,7 @@ class _Worker:
                 self.busy = self.busy or bool(runs)
                 if rec.hard and now >= rec.hard:
                     _kill(pid, signal.SIGKILL, group=True)
+                    self.signalled[pid] = "hard timeout"
                     break
                 due = due or (rec.soft and now >= rec.soft) or (runs and rec.cancel == rec.running)
                 ahead = [d for d in (rec.soft, rec.hard) if d > now]  # (passed: signalled)
@@ -1931,13 +1947,13 @@ class _Worker:
                 self.r, self.connected_since = self.app._client(retries=0), now
             if self.release_dead_children() | self.poll_cancels(now) | self.beat(now):
                 self.outage.ok()
-        except (redis.RedisError, _Stop) as e:
-            if isinstance(e, (*_RECONNECT, _Stop)):  # (a stop may cut a command midway)
+        except _Stop:  # a stop cut a call short, maybe midway: no Redis for a second
+            self.r = None
+            self.retry_at = now + 1.0
+        except redis.RedisError as e:
+            if isinstance(e, _RECONNECT):
                 self.r = None
-            if isinstance(e, redis.RedisError):
-                self.retry_at = now + self.outage.failed(e)
-            else:  # a stop cut a call short: no Redis for a second, so that it cannot hold us
-                self.retry_at = now + 1.0
+            self.retry_at = now + self.outage.failed(e)
         finally:
             self.in_redis = False
 
@@ -1960,6 +1976,11 @@ class _Worker:
             outcome = _DONE  # its ack was waiting for the next claim
         elif pid and token != b"%d-%d" % (pid, running):
             outcome = _Outcome("interrupted", "interrupted")
+        elif outcome.kind == "hard_timeout":  # it started: its payload decoded in the child
+            msg = json.loads(raw)
+            _log_exit(
+                pid, -signal.SIGKILL, f"the hard timeout of task {msg['name']} id={msg['id']}"
+            )
         own = "" if field.startswith("adopted:") else self.wid
         args = _release_args(self.app, field, token or "", raw, outcome, None, own)
         _release(self.app, self.r, self.inflight_key, args)
@@ -1990,7 +2011,10 @@ class _Worker:
             return False
         for member in self.r.spop(self.app._k("cancel", self.wid), 100) or ():
             slot, k, pid, claim = map(int, re.split(r"[. -]", member.decode()))  # "S.K PID-N"
-            if self.children[slot] == pid:  # not a child forked since
+            rec = self.table.read(slot * self.k + k)
+            # Only the attempt the field runs now, in the child that runs it; a member for an
+            # older claim (or a child since gone) would overwrite a live cancel: dropped.
+            if self.children[slot] == pid and rec.held == rec.running == claim:
                 self.table.set(slot * self.k + k, "cancel", claim)
         self.next_cancels = now + CANCEL_POLL
         return True
@@ -2025,12 +2049,12 @@ class _Worker:
         if self.mem_high == (pct >= limit):
             return
         self.mem_high = pct >= limit
-        live = [pid for pid in self.children if pid and pid not in self.stopped]
+        live = [pid for pid in self.children if pid and pid not in self.signalled]
         what = "forking paused" if self.mem_high else "forking resumed"
         if self.mem_high and live:
             biggest = max(live, key=_rss)
             _kill(biggest, signal.SIGTERM)
-            self.stopped.add(biggest)
+            self.signalled[biggest] = "stop"
             what = f"stopping child {biggest}; {what}"
         log.warning("memory at %.0f%% (max_mem_percent=%s): %s", pct, limit, what)
 

@@ -281,6 +281,21 @@ def lost_reply(n):
     pass
 
 
+@app.task(hard_timeout=1)
+def dies_late(seconds):
+    """Outlives its hard timeout (while the test has frozen the parent), then ends its own
+    process with exit status 3."""
+    rec("dies_late", os.getpid())
+    time.sleep(seconds)
+    os._exit(3)
+
+
+@app.task(hard_timeout=1)
+def overruns(tag):
+    rec("overruns", tag, os.getpid())
+    time.sleep(30)
+
+
 # The chaos run's app: the core suite's chaos settings, here with a skewed worker.
 chaos_app = WakaQ(url=URL, **CHAOS_SETTINGS)
 chaos_job = chaos_app.task(sleep_then_record, name="chaos_job")
@@ -558,6 +573,57 @@ def test_a_hard_timeout_kills_the_subprocesses_of_the_task(r, spawn):
                         os.kill(sleep_pid, signal.SIGKILL)
             except OSError:
                 pass
+
+
+@slow
+def test_a_child_that_dies_on_its_own_past_its_hard_deadline_is_worker_died_not_hard_timeout(
+    r, spawn
+):
+    """The parent is frozen (SIGSTOP) while the task outlives its hard timeout and then
+    exits with status 3: nobody killed it, so the attempt died; the deadline that had passed
+    does not make it a hard timeout."""
+    w = spawn("worker", "tests.test_delivery:app")
+    workers_ready(r, [w], app, spawn.tails)
+    os.kill(w.pid, signal.SIGSTOP)
+    try:
+        task_id = dies_late.delay(1.5)
+        [[child]] = wait_for(lambda: runs(r, "dies_late"), "the task to start", diag=spawn.tails)
+        wait_for(lambda: not pid_alive(child), "the child to end itself", 10, diag=spawn.tails)
+    finally:
+        os.kill(w.pid, signal.SIGCONT)
+    [entry] = wait_for(lambda: dead(r), "the dead letter", 10, diag=spawn.tails)
+    assert (entry["id"], entry["attempts"], entry["reason"]) == (task_id, 1, "worker died"), entry
+    assert re.search(rf"child {child} exited with status 3\n", w.log()), w.log()
+    assert "hard timeout" not in w.log(), w.log()
+    assert w.alive()
+
+
+@slow
+def test_the_parent_says_in_one_line_why_a_child_ended_and_what_for_if_it_killed_it(r, spawn):
+    """A child the parent killed at a hard deadline: the signal and the task; one killed by
+    someone else: the signal's name; one killed by the second stop: that stop."""
+    w = spawn("worker", "tests.test_delivery:app")
+    workers_ready(r, [w], app, spawn.tails)
+    task_id = overruns.delay("hard")
+    [[_, first]] = wait_for(lambda: runs(r, "overruns"), "the task to start", diag=spawn.tails)
+    line = rf"child {first} killed by SIGKILL for the hard timeout of task overruns id={task_id}\n"
+    wait_for(lambda: re.search(line, w.log()), "the hard timeout's line", 10, diag=spawn.tails)
+
+    [second] = wait_for(lambda: children(w.pid), "a new child", diag=spawn.tails)
+    os.kill(second, signal.SIGUSR2)  # not handled: it ends the child
+    line = rf"child {second} killed by SIGUSR2\n"
+    wait_for(lambda: re.search(line, w.log()), "the SIGUSR2 line", 10, diag=spawn.tails)
+
+    wait_for(lambda: children(w.pid), "a third child", diag=spawn.tails)
+    sleeper.delay("stop", 30)
+    [[_, _, third, _]] = wait_for(lambda: runs(r, "started"), "a task", diag=spawn.tails)
+    os.kill(w.pid, signal.SIGTERM)
+    time.sleep(0.3)
+    os.kill(w.pid, signal.SIGINT)
+    assert w.wait_exit(10, diag=spawn.tails) == 0
+    assert re.search(rf"child {third} killed by SIGKILL for the second stop\n", w.log()), w.log()
+    lines = [x for x in w.log().splitlines() if re.match(r".*child \d+ (killed|exited)", x)]
+    assert len(lines) == 3, lines
 
 
 # ===================================================================== lost reply

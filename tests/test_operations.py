@@ -452,6 +452,29 @@ def test_a_running_task_gets_cancelled_in_its_code_within_2s_and_is_not_retried_
 
 
 @slow
+def test_a_running_task_is_cancelled_even_among_stale_cancels_of_its_child_older_claims(r, spawn):
+    """Cancel members for the same field and child but an older claim (token "PID-N") come
+    in the same batch as the live one: they are dropped and do not undo the live cancel."""
+    w = spawn("worker", APP)
+    workers_ready(r, [w], app, spawn.tails)
+    noop.delay_many([(i,) for i in range(60)])  # claims 1..60 and more of the one child
+    task_id = cancellable.delay("stale")
+    wait_for(lambda: runs(r, "started"), "the task to start", diag=spawn.tails)
+    [wid] = [x.decode() for x in r.zrange("{wakaq}:workers", 0, -1)]
+    pid, claim = map(int, r.hget(f"{{wakaq}}:inflight:{wid}", "0.0:t").split(b"-"))
+    assert claim > 60, claim
+    os.kill(w.pid, signal.SIGSTOP)  # the stale members and the cancel reach one poll
+    try:
+        r.sadd(f"{{wakaq}}:cancel:{wid}", *(f"0.0 {pid}-{n}" for n in range(1, claim)))
+        assert app.cancel(task_id) == "running"
+    finally:
+        os.kill(w.pid, signal.SIGCONT)
+    wait_for(lambda: runs(r, "caught"), "Cancelled in the task", 5, diag=spawn.tails)
+    assert runs(r, "caught") == [["stale", 1, "Cancelled", True]]
+    assert len(runs(r, "started")) == 1 and dead(r) == [] and w.alive()
+
+
+@slow
 def test_a_pending_task_cancelled_before_a_worker_restart_never_runs_after_it(r, spawn):
     w1 = spawn("worker", APP)
     hold.delay("restart")
