@@ -1211,7 +1211,7 @@ class WakaQ:
             raise ValueError(f"unknown queue {name!r}; the app has {list(self._queues)!r}")
         return self._queues[name]
 
-    def _client(self, retries=2, blocking=True):
+    def _client(self, retries=2, blocking=False):
         """A new client on the node with the app's keys (a blocking one outlasts an idle BLPOP)."""
         kw = dict(
             self._auth,
@@ -1942,20 +1942,22 @@ class _Worker:
         if now < self.retry_at or (self.stops and not self.busy and not self.unreleased):
             return  # backing off, or leaving: an idle worker's stop needs no Redis
         try:
-            self.in_redis = True
-            if self.r is None:
-                self.r, self.connected_since = self.app._client(retries=0), now
-            if self.release_dead_children() | self.poll_cancels(now) | self.beat(now):
-                self.outage.ok()
+            try:  # only while in here may a stop signal raise _Stop (on_signal)
+                self.in_redis = True
+                if self.r is None:
+                    self.r, self.connected_since = self.app._client(retries=0), now
+                done = self.release_dead_children() | self.poll_cancels(now) | self.beat(now)
+            finally:
+                self.in_redis = False
         except _Stop:  # a stop cut a call short, maybe midway: no Redis for a second
-            self.r = None
-            self.retry_at = now + 1.0
+            self.r, self.retry_at = None, now + 1.0
         except redis.RedisError as e:
             if isinstance(e, _RECONNECT):
                 self.r = None
             self.retry_at = now + self.outage.failed(e)
-        finally:
-            self.in_redis = False
+        else:
+            if done:
+                self.outage.ok()
 
     def release_dead_children(self):
         released = bool(self.unreleased)
