@@ -44,7 +44,8 @@ are built by WakaQ._k in Python and from the prefix P in the scripts.
                              attempts, reason, at, payload}.
   {p}:stats            HASH  counters for `metrics`: "b OUTCOME BUCKET QUEUE TASK" (attempts
                              with a duration), "n OUTCOME QUEUE TASK" (without), "u QUEUE
-                             TASK" (microseconds run), "e QUEUE" (enqueued).
+                             TASK" (microseconds run), "e QUEUE" (enqueued). A child
+                             sends its done attempts' counts every 0.05 s (_COUNT).
   {p}:cron:{digest}    STRING the last tick enqueued for one schedule (unix seconds).
 Payload: JSON {"id", "name", "queue", "retry", "args", "kwargs"} (+ "bcast": 1), "id" first;
 retry = failed attempts so far. Values beyond JSON travel as {"__wakaq__": TYPE, "v": ...}.
@@ -97,8 +98,8 @@ THE SCRIPTS (section "Redis scripts"; each one atomic, on the node that holds {p
 runs them: _ENQUEUE .delay(), .delay_many(), the scheduler's ticks; _CLAIM a child, for each
 task (it also acks the field's last one); _RELEASE a child for any other outcome and for acks
 when it idles or exits, the parent for a dead child's, an adopted worker's or a leftover
-field; _BEAT the parent's heartbeat and adoption;
-_BROADCAST .broadcast(); _CANCEL wakaq.cancel(); _MOVE `dead --requeue` and `migrate`.
+field; _COUNT a child's counts of its done attempts; _BEAT the parent's heartbeat and
+adoption; _BROADCAST .broadcast(); _CANCEL wakaq.cancel(); _MOVE `dead --requeue` and `migrate`.
 
 Sections: errors and settings - serializer - Redis scripts - Redis connections - Queue,
 CronTask, Task - the app - attempts - logging - OS helpers - worker parent - worker child -
@@ -110,6 +111,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
 import collections
 import concurrent.futures
 import contextlib
@@ -475,20 +477,18 @@ end
 -- `token` (a late or repeated release changes nothing), then by `where`: '' ack, 'front',
 -- 'back' or 'delay' queue `value` again (a broadcast goes back to worker `bcast`'s list),
 -- 'dead' append the dead letter `value`, 'drop' nothing. A task cancelled meanwhile is
--- dropped, whatever `where` says. ARGV[i...] as named below; an ack stops after `seconds`.
--- `held`: the claim checked the token already and overwrites or deletes the fields itself.
+-- dropped, whatever `where` says. ARGV[i...] as named below; an ack stops after `seconds`
+-- (or after `outcome` = '', a child's: counted by the child, _COUNT).
 -- -> {released, dead letters dropped}.
-local function release(P, inflight, i, t, held)
+local function release(P, inflight, i, t)
   local field, token, id, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local queue, task, seconds = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
   local where, value, rank = ARGV[i + 7] or '', ARGV[i + 8], ARGV[i + 9]
   local delay, bcast = tonumber(ARGV[i + 10] or 0), ARGV[i + 11] or ''
   local max_dead = tonumber(ARGV[i + 12] or 0)
   -- Still ours? Then forget it, and count how it ended.
-  if not held then
-    if token ~= '' and redis.call('HGET', inflight, field .. ':t') ~= token then return {0, 0} end
-    if redis.call('HDEL', inflight, field, field .. ':t', field .. ':s') == 0 then return {0, 0} end
-  end
+  if token ~= '' and redis.call('HGET', inflight, field .. ':t') ~= token then return {0, 0} end
+  if redis.call('HDEL', inflight, field, field .. ':t', field .. ':s') == 0 then return {0, 0} end
   if outcome ~= '' then count(P, outcome, queue, task, seconds) end
   -- Cancelled while in flight: nothing more runs.
   if cancelled(P, id) and where ~= '' then
@@ -557,17 +557,17 @@ redis.call('HINCRBY', P .. ':stats', 'e ' .. queue, n)
 return n
 """)
 
-# The hot path: release the field's previous attempt, then claim the next task for it.
+# The hot path: ack the field's previous attempt, then claim the next task for it.
 # KEYS: our in-flight hash, the served set. ARGV: new token, promote ('p': move due delayed
-# tasks and look at broadcasts first), a queue to try first ('' none), then the field and
-# the release of its finished attempt (an ack: 7 values, see release; or the field and '').
+# tasks and look at broadcasts first), a queue to try first ('' none), the field, and the
+# token and id of its attempt that ended done ('' if none; the child counts it, _COUNT).
 # -> the payload; or, nothing to claim, ms to the next due task (-1: none).
 _CLAIM = _Script(
     """
 local inflight, served = KEYS[1], KEYS[2]
 local P, wid = string.match(inflight, '^(.-):inflight:(.*)$')
 local new_token, promote, top = ARGV[1], ARGV[2] == 'p', ARGV[3]
-local field, done_token = ARGV[4], ARGV[5]
+local field, done_token, done_id = ARGV[4], ARGV[5], ARGV[6]
 local t = now()
 local payload = false
 
@@ -583,9 +583,9 @@ if held and held ~= done_token then
   redis.call('HDEL', inflight, field, field .. ':t', field .. ':s')
   payload = false
 elseif held then
-  -- 2. The previous attempt ended: release it as the child decided (an ack, counted);
-  --    its fields are overwritten by the next claim, or deleted at 6.
-  release(P, inflight, 4, t, true)
+  -- 2. The previous attempt ended done: its fields are overwritten by the next claim, or
+  --    deleted at 6; a cancel that came too late for it is forgotten.
+  cancelled(P, done_id)
 end
 
 -- 3. An adopted (unregistered) worker claims nothing: a live worker took its in-flight hash
@@ -670,11 +670,20 @@ return payload
     allow_oom=True,
 )
 
-# An attempt's release outside a claim. KEYS: our in-flight hash. ARGV: the release (7 or 13).
+# An attempt's release outside a claim. KEYS: our in-flight hash. ARGV: the release (4 to 13).
 _RELEASE = _Script(
     """
 local P = string.match(KEYS[1], '^(.-):inflight:')
 return release(P, KEYS[1], 1, now())
+""",
+    allow_oom=True,
+)
+
+# A child's counts of its attempts that ended done, for `metrics` (sent every PROMOTE s).
+# KEYS: the stats hash. ARGV: field, increment, field, increment...
+_COUNT = _Script(
+    """
+for i = 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
 """,
     allow_oom=True,
 )
@@ -1520,12 +1529,9 @@ def _next_step(app, raw, msg, outcome, own_bcast):
     return "delay", retried, delay, queue
 
 
-def _release_args(app, field, token, raw, outcome, seconds, own_bcast, msg=None):
-    """The release of one attempt as _RELEASE's (and _CLAIM's) arguments: 7 for an ack, 13
-    otherwise (see release in _LUA_LIB). msg: the decoded payload, enough for an ack; for
-    anything else raw is read again, its tagged values kept as they are."""
-    if msg is not None and outcome.kind == "done":  # an ack: no next step to decide
-        return [field, token, msg["id"], "done", msg["queue"], msg["name"], f"{seconds:.6f}"]
+def _release_args(app, field, token, raw, outcome, seconds, own_bcast):
+    """The release of one attempt as _RELEASE's arguments: 7 for an ack, 13 otherwise (see
+    release in _LUA_LIB). raw is read again, its tagged values kept as they are."""
     try:
         msg = _loads_msg(raw, decode=False)
     except _BAD_PAYLOAD as e:
@@ -2121,8 +2127,10 @@ class _Child:
         self.fields = [f"{slot}.{k}" for k in range(self.k)]
         #: Field -> its running attempt.
         self.attempts: dict = {}
-        #: Field -> the release of its finished attempt, sent with the field's next claim.
+        #: Field -> (field, token, id) of its attempt that ended done, acked by its next claim.
         self.acks: dict = {}
+        #: Stats-hash field -> increment, for done attempts: sent every PROMOTE seconds.
+        self.counts: collections.Counter = collections.Counter()
         #: Field -> its record in the shared table.
         self.index = {f: slot * self.k + k for k, f in enumerate(self.fields)}
         self.lines: list = []  # INFO lines of finished attempts, written while Redis works
@@ -2253,9 +2261,10 @@ class _Child:
         now, promote = time.monotonic(), ""
         if now >= self.next_promote:
             self.next_promote, promote = now + PROMOTE, "p"
+            self.send_counts()
         index = self.index[field]
         self.table.set(index, "held", claim)  # from here the field may hold it
-        ack = self.acks.get(field) or (field, "")
+        ack = self.acks.get(field) or (field, "", "")
         args = (f"{self.pid}-{claim}", promote, self.top, *ack)
         try:
             payload = _CLAIM(
@@ -2289,10 +2298,18 @@ class _Child:
 
     def flush_acks(self):
         self.write_lines()
-        for field, args in list(self.acks.items()):
-            _release(self.app, self.r, self.worker.inflight_key, list(args))
+        self.send_counts()
+        for field, ack in list(self.acks.items()):
+            _release(self.app, self.r, self.worker.inflight_key, [*ack, ""])  # "": counted
             del self.acks[field]
             self.table.set(self.index[field], "held", 0.0)
+
+    def send_counts(self):
+        """Done attempts' counts for `metrics`, taken first: a reply lost in an outage loses
+        them rather than count them twice."""
+        counts, self.counts = self.counts, collections.Counter()
+        if counts:
+            _COUNT(self.r, [self.app._k("stats")], [*itertools.chain(*counts.items())])
 
     def drive(self, timeout):
         """Run the event loop until an async task ends (or `timeout` seconds pass)."""
@@ -2354,10 +2371,10 @@ class _Child:
             self.lines.append((msg, (msg["name"], msg["id"], msg["retry"] + 1, what, seconds)))
         if outcome.kind != "done":
             return self.release_now(attempt.field, attempt.token, attempt.raw, outcome, seconds)
-        own, field = self.worker.wid, attempt.field
-        self.acks[field] = _release_args(
-            self.app, field, attempt.token, "", _DONE, seconds, own, msg
-        )
+        self.acks[attempt.field] = (attempt.field, attempt.token, msg["id"])
+        names = f"{msg['queue']} {msg['name']}"  # as _LUA_LIB's count() writes them
+        self.counts[f"b done {bisect.bisect_left(BUCKETS, seconds) + 1} {names}"] += 1
+        self.counts[f"u {names}"] += int(seconds * 1e6)
 
     def release_now(self, field, token, raw, outcome, seconds):
         args = _release_args(self.app, field, token, raw, outcome, seconds, self.worker.wid)
