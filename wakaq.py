@@ -1448,7 +1448,7 @@ def _no_trace(frame, event, arg):
 
 
 async def _settle(value):
-    return await value if inspect.isawaitable(value) else value
+    return await value if hasattr(value, "__await__") else value  # (as `await` asks)
 
 
 async def _run_attempt(app, attempt, child):
@@ -1464,7 +1464,7 @@ async def _run_attempt(app, attempt, child):
             result = hooks["wrap_tasks_with"][0](task.call, msg["args"], msg["kwargs"])
         else:
             result = task.call(*msg["args"], **msg["kwargs"])
-        if inspect.isawaitable(result):
+        if hasattr(result, "__await__"):
             await result
         outcome = _DONE
     except (Exception, asyncio.CancelledError) as e:
