@@ -2530,9 +2530,8 @@ def _snapshot(app):
         info["workers_list"].append(worker)
     alive = [w for w in info["workers_list"] if w["alive"]]
     served = {name for w in alive for name in w["queues"]}
-    pending = [name for name, q in info["queues"].items() if q["pending"]]
-    info.update(inflight=len(info["running"]), workers=len(alive))
-    info["unserved_queues"] = [name for name in pending if name not in served]
+    unserved = [name for name, q in info["queues"].items() if q["pending"] and name not in served]
+    info.update(inflight=len(info["running"]), workers=len(alive), unserved_queues=unserved)
     return info, stats
 
 
