@@ -231,6 +231,15 @@ eager_app = WakaQ(url=URL, eager=True)
 eager_add = eager_app.task(lambda a, b: rec("eager", a + b, os.getpid()), name="eager_add")
 
 
+class _AttrDict(dict):
+    """A result that answers any attribute from its keys (a KeyError for others)."""
+
+    __getattr__ = dict.__getitem__
+
+
+eager_attrs = eager_app.task(lambda: _AttrDict(a=1), name="eager_attrs")
+
+
 # The chaos, deploy and bad-input tasks record each finished run with record_run().
 chaos_app = WakaQ(url=URL, **CHAOS_SETTINGS)
 chaos_job = chaos_app.task(sleep_then_record, name="chaos_job")
@@ -537,6 +546,11 @@ def test_eager_delay_runs_the_task_inline_and_touches_no_queue(r):
     assert runs(r, "eager") == [[5, os.getpid()]]
     assert eager_add.broadcast(1, 1) == 1
     assert r.keys("{wakaq}:*") == []
+
+
+def test_a_task_may_return_an_object_whose_attributes_are_its_keys():
+    eager_attrs.delay()  # is it awaitable? asked of its type, not of the object
+    assert eager_attrs() == {"a": 1}
 
 
 def test_broadcast_with_no_live_workers_returns_zero(r):

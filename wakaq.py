@@ -44,8 +44,7 @@ are built by WakaQ._k in Python and from the prefix P in the scripts.
                              attempts, reason, at, payload}.
   {p}:stats            HASH  counters for `metrics`: "b OUTCOME BUCKET QUEUE TASK" (attempts
                              with a duration), "n OUTCOME QUEUE TASK" (without), "u QUEUE
-                             TASK" (microseconds run), "e QUEUE" (enqueued). A child
-                             sends its done attempts' counts every 0.05 s (_COUNT).
+                             TASK" (microseconds run), "e QUEUE" (enqueued).
   {p}:cron:{digest}    STRING the last tick enqueued for one schedule (unix seconds).
 Payload: JSON {"id", "name", "queue", "retry", "args", "kwargs"} (+ "bcast": 1), "id" first;
 retry = failed attempts so far. Values beyond JSON travel as {"__wakaq__": TYPE, "v": ...}.
@@ -98,8 +97,8 @@ THE SCRIPTS (section "Redis scripts"; each one atomic, on the node that holds {p
 runs them: _ENQUEUE .delay(), .delay_many(), the scheduler's ticks; _CLAIM a child, for each
 task (it also acks the field's last one); _RELEASE a child for any other outcome and for acks
 when it idles or exits, the parent for a dead child's, an adopted worker's or a leftover
-field; _COUNT a child's counts of its done attempts; _BEAT the parent's heartbeat and
-adoption; _BROADCAST .broadcast(); _CANCEL wakaq.cancel(); _MOVE `dead --requeue` and `migrate`.
+field; _BEAT the parent's heartbeat and adoption;
+_BROADCAST .broadcast(); _CANCEL wakaq.cancel(); _MOVE `dead --requeue` and `migrate`.
 
 Sections: errors and settings - serializer - Redis scripts - Redis connections - Queue,
 CronTask, Task - the app - attempts - logging - OS helpers - worker parent - worker child -
@@ -111,7 +110,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import bisect
 import collections
 import concurrent.futures
 import contextlib
@@ -477,8 +475,7 @@ end
 -- `token` (a late or repeated release changes nothing), then by `where`: '' ack, 'front',
 -- 'back' or 'delay' queue `value` again (a broadcast goes back to worker `bcast`'s list),
 -- 'dead' append the dead letter `value`, 'drop' nothing. A task cancelled meanwhile is
--- dropped, whatever `where` says. ARGV[i...] as named below; an ack stops after `seconds`
--- (or after `outcome` = '', a child's: counted by the child, _COUNT).
+-- dropped, whatever `where` says. ARGV[i...] as named below; an ack stops after `seconds`.
 -- -> {released, dead letters dropped}.
 local function release(P, inflight, i, t)
   local field, token, id, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
@@ -559,8 +556,8 @@ return n
 
 # The hot path: ack the field's previous attempt, then claim the next task for it.
 # KEYS: our in-flight hash, the served set. ARGV: new token, promote ('p': move due delayed
-# tasks and look at broadcasts first), a queue to try first ('' none), the field, and the
-# token and id of its attempt that ended done ('' if none; the child counts it, _COUNT).
+# tasks and look at broadcasts first), a queue to try first ('' none), then the field and
+# the ack of its attempt that ended done (7 values, as release's; or the field and '' '').
 # -> the payload; or, nothing to claim, ms to the next due task (-1: none).
 _CLAIM = _Script(
     """
@@ -583,8 +580,10 @@ if held and held ~= done_token then
   redis.call('HDEL', inflight, field, field .. ':t', field .. ':s')
   payload = false
 elseif held then
-  -- 2. The previous attempt ended done: its fields are overwritten by the next claim, or
-  --    deleted at 6; a cancel that came too late for it is forgotten.
+  -- 2. The previous attempt ended done: count it (in the same script as its ack, so that
+  --    no count is lost or made twice), and forget a cancel that came too late for it; its
+  --    fields are overwritten by the next claim, or deleted at 6.
+  count(P, 'done', ARGV[8], ARGV[9], ARGV[10])
   cancelled(P, done_id)
 end
 
@@ -670,20 +669,11 @@ return payload
     allow_oom=True,
 )
 
-# An attempt's release outside a claim. KEYS: our in-flight hash. ARGV: the release (4 to 13).
+# An attempt's release outside a claim. KEYS: our in-flight hash. ARGV: the release (7 or 13).
 _RELEASE = _Script(
     """
 local P = string.match(KEYS[1], '^(.-):inflight:')
 return release(P, KEYS[1], 1, now())
-""",
-    allow_oom=True,
-)
-
-# A child's counts of its attempts that ended done, for `metrics` (sent every PROMOTE s).
-# KEYS: the stats hash. ARGV: field, increment, field, increment...
-_COUNT = _Script(
-    """
-for i = 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
 """,
     allow_oom=True,
 )
@@ -1448,7 +1438,7 @@ def _no_trace(frame, event, arg):
 
 
 async def _settle(value):
-    return await value if hasattr(value, "__await__") else value  # (as `await` asks)
+    return await value if inspect.isawaitable(value) else value
 
 
 async def _run_attempt(app, attempt, child):
@@ -1464,7 +1454,7 @@ async def _run_attempt(app, attempt, child):
             result = hooks["wrap_tasks_with"][0](task.call, msg["args"], msg["kwargs"])
         else:
             result = task.call(*msg["args"], **msg["kwargs"])
-        if hasattr(result, "__await__"):
+        if inspect.isawaitable(result):
             await result
         outcome = _DONE
     except (Exception, asyncio.CancelledError) as e:
@@ -1852,8 +1842,9 @@ class _Worker:
             level, name = logging.WARNING if kill else logging.INFO, signal.Signals(signum).name
             log.log(level, "worker %s stopping on %s: %s", self.wid, name, how)
             for pid in filter(None, self.children):
-                _kill(pid, signal.SIGKILL if kill else signal.SIGTERM, group=kill)
-                self.signalled[pid] = "the second stop" if kill else "stop"
+                if self.signalled.get(pid) != "hard timeout":  # (dying already, for that)
+                    _kill(pid, signal.SIGKILL if kill else signal.SIGTERM, group=kill)
+                    self.signalled[pid] = "the second stop" if kill else "stop"
         if not self.stops or any(self.children):
             return False
         if self.unreleased and self.stops > 2:
@@ -2127,10 +2118,9 @@ class _Child:
         self.fields = [f"{slot}.{k}" for k in range(self.k)]
         #: Field -> its running attempt.
         self.attempts: dict = {}
-        #: Field -> (field, token, id) of its attempt that ended done, acked by its next claim.
+        #: Field -> the ack of its attempt that ended done (release's arguments), sent with
+        #: the field's next claim.
         self.acks: dict = {}
-        #: Stats-hash field -> increment, for done attempts: sent every PROMOTE seconds.
-        self.counts: collections.Counter = collections.Counter()
         #: Field -> its record in the shared table.
         self.index = {f: slot * self.k + k for k, f in enumerate(self.fields)}
         self.lines: list = []  # INFO lines of finished attempts, written while Redis works
@@ -2261,7 +2251,6 @@ class _Child:
         now, promote = time.monotonic(), ""
         if now >= self.next_promote:
             self.next_promote, promote = now + PROMOTE, "p"
-            self.send_counts()
         index = self.index[field]
         self.table.set(index, "held", claim)  # from here the field may hold it
         ack = self.acks.get(field) or (field, "", "")
@@ -2298,18 +2287,10 @@ class _Child:
 
     def flush_acks(self):
         self.write_lines()
-        self.send_counts()
         for field, ack in list(self.acks.items()):
-            _release(self.app, self.r, self.worker.inflight_key, [*ack, ""])  # "": counted
+            _release(self.app, self.r, self.worker.inflight_key, list(ack))
             del self.acks[field]
             self.table.set(self.index[field], "held", 0.0)
-
-    def send_counts(self):
-        """Done attempts' counts for `metrics`, taken first: a reply lost in an outage loses
-        them rather than count them twice."""
-        counts, self.counts = self.counts, collections.Counter()
-        if counts:
-            _COUNT(self.r, [self.app._k("stats")], [*itertools.chain(*counts.items())])
 
     def drive(self, timeout):
         """Run the event loop until an async task ends (or `timeout` seconds pass)."""
@@ -2371,10 +2352,8 @@ class _Child:
             self.lines.append((msg, (msg["name"], msg["id"], msg["retry"] + 1, what, seconds)))
         if outcome.kind != "done":
             return self.release_now(attempt.field, attempt.token, attempt.raw, outcome, seconds)
-        self.acks[attempt.field] = (attempt.field, attempt.token, msg["id"])
-        names = f"{msg['queue']} {msg['name']}"  # as _LUA_LIB's count() writes them
-        self.counts[f"b done {bisect.bisect_left(BUCKETS, seconds) + 1} {names}"] += 1
-        self.counts[f"u {names}"] += int(seconds * 1e6)
+        done = ("done", msg["queue"], msg["name"], f"{seconds:.6f}")  # counted by the claim
+        self.acks[attempt.field] = (attempt.field, attempt.token, msg["id"], *done)
 
     def release_now(self, field, token, raw, outcome, seconds):
         args = _release_args(self.app, field, token, raw, outcome, seconds, self.worker.wid)

@@ -10,6 +10,7 @@ redis-server as a replica. Metrics are read over HTTP from the `metrics` command
 cancel tests read the same text from the function that command serves.
 """
 
+import asyncio
 import json
 import os
 import re
@@ -173,6 +174,39 @@ replicated = WakaQ(queues=["default"], url=URL, wait_replicas=1, socket_timeout=
 @replicated.task
 def stored(tag):
     pass
+
+
+# Counted exactly: a done attempt is counted by the script that acks it.
+count_app = WakaQ(queues=["default"], url=URL, concurrency=1, heartbeat_timeout=2)
+
+
+@count_app.task(hard_timeout=1)
+def quick_or_long(seconds):
+    rec("quick_or_long", seconds)
+    time.sleep(seconds)
+
+
+pair_app = WakaQ(queues=["default"], url=URL, concurrency=1, async_concurrency=2)
+_released = None
+
+
+@pair_app.task
+async def pair(role):
+    """ "b" waits for "a": both end in the same turn of the child's event loop."""
+    global _released
+    _released = _released or asyncio.Event()
+    rec("pair", role)
+    if role == "b":
+        await _released.wait()
+    else:
+        await asyncio.sleep(0.2)
+        _released.set()
+
+
+@pair_app.task(hard_timeout=1)
+def overrun():
+    rec("overrun")
+    time.sleep(30)
 
 
 # ===================================================================== helpers
@@ -1007,3 +1041,40 @@ def test_info_watch_counts_the_first_tasks_a_queue_ever_gets(r, spawn):
         5,
         diag=watch.log,
     )
+
+
+def outcome_counts(the_app):
+    """{(queue, task, outcome): attempts} from the stats hash, as `metrics` reads it."""
+    return wakaq._counters(the_app.redis.hgetall(the_app._k("stats")))[0]
+
+
+@slow
+def test_a_done_attempt_is_counted_by_its_ack_while_the_next_runs_and_after_that_is_killed(
+    r, spawn
+):
+    quick_or_long.delay_many([(0,), (30,)])
+    spawn("worker", "tests.test_operations:count_app")
+    wait_for(lambda: len(runs(r, "quick_or_long")) == 2, "both to start", diag=spawn.tails)
+    done = ("default", "quick_or_long", "done")
+    assert outcome_counts(count_app).get(done) == 1  # acked and counted by the 2nd claim
+    wait_for(
+        lambda: ("default", "quick_or_long", "hard_timeout") in outcome_counts(count_app),
+        "the long one's hard timeout",
+        diag=spawn.tails,
+    )
+    assert outcome_counts(count_app).get(done) == 1
+
+
+@slow
+def test_attempts_that_end_together_are_counted_once_when_their_child_is_killed(r, spawn):
+    pair.delay("b")
+    pair.delay("a")
+    overrun.delay()  # claimed after one of the pair's acks; its hard timeout kills the child
+    spawn("worker", "tests.test_operations:pair_app")
+    wait_for(
+        lambda: ("default", "overrun", "hard_timeout") in outcome_counts(pair_app),
+        "the hard timeout",
+        diag=spawn.tails,
+    )
+    wait_for(lambda: not leftovers(r, pair_app), "every field released", diag=spawn.tails)
+    assert outcome_counts(pair_app).get(("default", "pair", "done")) == 2
