@@ -51,7 +51,8 @@ retry = failed attempts so far. Values beyond JSON travel as {"__wakaq__": TYPE,
 
 THE WORKER. A parent runs no task code; it forks `concurrency` children and watches them:
   parent  loop every 0.1 s (or sooner, at a deadline): reap children, enforce deadlines,
-          Redis duties (release a dead child's tasks, pass cancels on, heartbeat and adopt),
+          Redis duties (release a dead child's tasks, pass cancels on, heartbeat and adopt;
+          each call at most 1 s, so a Redis that does not answer holds no deadline up),
           check memory, fork missing children, touch its health file.
           SIGTERM/SIGINT/SIGHUP: stop (1st: children finish their tasks; 2nd: kill them,
           their tasks go back to the front; 3rd: leave what Redis could not take back yet).
@@ -170,6 +171,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 TICK = 0.1  # seconds: the worker parent's loop period
+PARENT_TIMEOUT = 1.0  # seconds: a parent's Redis call at most (its loop enforces deadlines)
 IDLE_WAIT = 5.0  # seconds: default wait_timeout, an idle child's longest BLPOP
 PROMOTE = 0.05  # seconds: a busy child moves due delayed tasks at most this often
 BEAT = 5.0  # seconds: heartbeat period at most
@@ -858,7 +860,8 @@ class _Conn:
         self.sent = False
         try:
             if self.conn is None:
-                client = self.app._client(retries=0, blocking=not self.resend)
+                blocking = max(self.app.socket_timeout, self.app.wait_timeout + 5)  # BLPOP
+                client = self.app._client(retries=0, timeout=None if self.resend else blocking)
                 self.conn = client.connection_pool.make_connection()
                 self.conn.connect()  # a Sentinel's connection asks for the master here
             elif self.resend and self.conn.can_read(timeout=0):  # closed by Redis meanwhile
@@ -1210,15 +1213,14 @@ class WakaQ:
             raise ValueError(f"unknown queue {name!r}; the app has {list(self._queues)!r}")
         return self._queues[name]
 
-    def _client(self, retries=2, blocking=False):
-        """A new client on the node with the app's keys (a blocking one outlasts an idle BLPOP)."""
+    def _client(self, retries=2, timeout=None):
+        """A new client on the node with the app's keys; timeout: its socket timeout (default:
+        socket_timeout)."""
         kw = dict(
             self._auth,
             socket_connect_timeout=self.socket_connect_timeout,
             retry=redis.retry.Retry(redis.backoff.ExponentialBackoff(0.5, 0.05), retries),
-            socket_timeout=max(self.socket_timeout, self.wait_timeout + 5)
-            if blocking
-            else self.socket_timeout,
+            socket_timeout=timeout or self.socket_timeout,
             health_check_interval=self.health_check_interval,
         )
         if self.url.startswith("redis+sentinel://"):
@@ -1942,7 +1944,8 @@ class _Worker:
             try:  # only while in here may a stop signal raise _Stop (on_signal)
                 self.in_redis = True
                 if self.r is None:
-                    self.r, self.connected_since = self.app._client(retries=0), now
+                    timeout = min(self.app.socket_timeout, PARENT_TIMEOUT)
+                    self.r, self.connected_since = self.app._client(0, timeout), now
                 done = self.release_dead_children() | self.poll_cancels(now) | self.beat(now)
             finally:
                 self.in_redis = False

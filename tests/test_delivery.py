@@ -599,6 +599,27 @@ def test_a_child_that_dies_on_its_own_past_its_hard_deadline_is_worker_died_not_
 
 
 @slow
+@needs_private
+def test_a_hard_timeout_is_enforced_on_time_while_redis_does_not_answer(r, spawn, redis_server):
+    """Redis SIGSTOPped as the task starts (connections open, no answer, as in a partition):
+    the parent's heartbeat waits for Redis at most a second, then its loop kills the child at
+    the task's hard deadline (1 s), not after a whole socket_timeout (10 s)."""
+    w = spawn("worker", "tests.test_delivery:app")
+    workers_ready(r, [w], app, spawn.tails)
+    overruns.delay("stalled")
+    [[_, child]] = wait_for(lambda: runs(r, "overruns"), "the task to start", diag=spawn.tails)
+    started = time.monotonic()
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: not pid_alive(child), "the hard timeout's kill", 10, diag=spawn.tails)
+        seconds = time.monotonic() - started
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    assert seconds < 3.5, f"killed {seconds:.1f}s after the task started (hard_timeout=1)"
+    assert w.alive()
+
+
+@slow
 def test_the_parent_says_in_one_line_why_a_child_ended_and_what_for_if_it_killed_it(r, spawn):
     """A child the parent killed at a hard deadline: the signal and the task; one killed by
     someone else: the signal's name; one killed by the second stop: that stop."""
