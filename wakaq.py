@@ -2355,7 +2355,7 @@ class _Child:
             self.lines.append((msg, (msg["name"], msg["id"], msg["retry"] + 1, what, seconds)))
         if outcome.kind != "done":
             return self.release_now(attempt.field, attempt.token, attempt.raw, outcome, seconds)
-        done = ("done", msg["queue"], msg["name"], f"{seconds:.6f}")  # counted by the claim
+        done = ("done", msg["queue"], msg["name"], f"{seconds:.6f}")  # counted with the ack
         self.acks[attempt.field] = (attempt.field, attempt.token, msg["id"], *done)
 
     def release_now(self, field, token, raw, outcome, seconds):
