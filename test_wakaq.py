@@ -1515,7 +1515,7 @@ def test_an_ack_after_the_task_was_released_and_claimed_again_does_not_ack_the_n
     task.delay()
 
     def claim(ack, token):  # an ack of token `ack` (done), then a claim under `token`
-        return wakaq._CLAIM(r, keys, [token, "", "", "0.0", ack])
+        return wakaq._CLAIM(r, keys, [token, "", "", "", "0.0", ack])
 
     def release(token, payload, outcome):
         args = wakaq._release_args(app_, "0.0", token, payload, outcome, None, wid)

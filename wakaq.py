@@ -30,8 +30,9 @@ are built by WakaQ._k in Python and from the prefix P in the scripts.
   {p}:due              ZSET  "RANK:NAME" -> the queue's earliest due time; claims move due tasks.
   {p}:wake:{queue}     LIST  wake-up tokens (at most 1,000) that idle children BLPOP; every
   {p}:wake:{wid}       LIST  push adds some; a worker's own list wakes it for broadcasts.
-  {p}:inflight:{wid}   HASH  "S.K" -> the payload child slot S runs in sub-slot K, "S.K:t" ->
-                             its claim token "PID-N", "S.K:s" -> its start (Redis time);
+  {p}:inflight:{wid}   HASH  "S.K" -> the payload child slot S runs in field K, "S.K:t" ->
+                             its claim token "PID-N", "S.K:s" -> its start (Redis time; ""
+                             claimed ahead, not begun);
                              "adopted:{wid}:S.K" -> a dead worker's payloads, until released.
   {p}:cancelled        HASH  id -> its queue ("" if in flight): cancelled, dropped when next
                              claimed or released, or when `purge` empties its queue.
@@ -56,22 +57,30 @@ THE WORKER. A parent runs no task code; it forks `concurrency` children and watc
           check memory, fork missing children, touch its health file.
           SIGTERM/SIGINT/SIGHUP: stop (1st: children finish their tasks; 2nd: kill them,
           their tasks go back to the front; 3rd: leave what Redis could not take back yet).
-  child   claim -> run -> ack with the next claim; idle: BLPOP the wake-up lists, then
-          claim. SIGTERM: finish the running tasks and exit 0 (at once if idle). SIGUSR1: a
-          soft timeout or a cancel is due. A child whose parent is gone claims nothing more.
-Shared memory (mmap before fork; _Table): per sub-slot six doubles: soft and hard deadline
+  child   claim -> run -> ack with the field's next claim. A sync app's child has two fields
+          and claims "ahead": the claim of its next task (into the other field) is sent
+          before a task runs and read after it, so it costs no round trip of its own; the
+          parent gives a claim held ahead back to the front after HOLD_AHEAD s. Idle: the
+          claim goes behind a BLPOP of the wake-up lists on the same connection, so Redis
+          runs it as soon as a push wakes it. SIGTERM: finish the running tasks and exit 0
+          (at once if idle). SIGUSR1: a soft timeout or a cancel is due. A child whose
+          parent is gone claims nothing more.
+Shared memory (mmap before fork; _Table): per field seven doubles: soft and hard deadline
 (monotonic; 0 none), "held" (the claim number N of token "PID-N" the field may hold in
 Redis; 0 empty), "running" (N of the attempt started last), "finished" (N of a done attempt
-whose ack waits for the next claim), "cancel" (N the parent asks to cancel). The parent
-SIGKILLs the child's process group at the hard deadline, sends SIGUSR1 every tick past the
-soft one (or a cancel) until the child clears it, and is woken by the child through a pipe
-when a soft deadline is nearer than a tick. A dead child's fields are released by that
-record: token N == finished: ack; == running: died (killed by us past its hard deadline:
-hard timeout; cut by another's hard timeout or a 2nd stop, or exit 0 after our SIGTERM:
-interrupted; a child that ends itself past a deadline: died);
-else it never started: interrupted. "held" is set before a claim is sent and cleared once
-the claim is known not to have reached Redis; a field of ours still filled when the worker
-deregisters (all children gone and released) never started, and goes back to the front.
+whose ack waits for the next claim), "cancel" (N the parent asks to cancel), "give_back"
+(held ahead: when the parent gives it back; -N: it gave claim N back). A lock per record
+(lockf on a temp file) orders the child's claim and start against the parent's give-back and
+cancel. The parent SIGKILLs the child's process group at the hard deadline, sends SIGUSR1
+every tick past the soft one (or a cancel) until the child clears it, and is woken by the
+child through a pipe when a soft deadline is nearer than a tick. A dead child's fields are
+released by that record: token N == finished: ack; == running: died (killed by us past its
+hard deadline: hard timeout; cut by another's hard timeout or a 2nd stop, or exit 0 after
+our SIGTERM: interrupted; a child that ends itself past a deadline: died); else it never
+started (held ahead, or the reply was lost): interrupted. "held" is set before a claim is
+sent and cleared once the claim is known not to have reached Redis; a field of ours still
+filled when the worker deregisters (all children gone and released) never started, and goes
+back to the front; so does an adopted field whose start time is "" (claimed ahead).
 
 CLOCKS. Anything compared across processes or hosts (heartbeats, due times, start times) uses
 Redis's TIME; deadlines inside one worker use time.monotonic(). The one exception: an eta
@@ -116,6 +125,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import decimal
+import fcntl
 import functools
 import gc
 import glob
@@ -174,6 +184,7 @@ TICK = 0.1  # seconds: the worker parent's loop period
 PARENT_TIMEOUT = 1.0  # seconds: a parent's Redis call at most (its loop enforces deadlines)
 IDLE_WAIT = 5.0  # seconds: default wait_timeout, an idle child's longest BLPOP
 PROMOTE = 0.05  # seconds: a busy child moves due delayed tasks at most this often
+HOLD_AHEAD = 0.2  # seconds: a task claimed ahead waits at most this (+ a tick) behind another
 BEAT = 5.0  # seconds: heartbeat period at most
 CANCEL_POLL = 1.0  # seconds: how often a worker looks for cancels of its running tasks
 WAKE_TOKENS = 1000  # wake-up tokens kept per list at most
@@ -519,11 +530,11 @@ class _Script:
         self.source = ("#!lua flags=allow-oom\n" if allow_oom else "") + _LUA_LIB + source
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
-    def __call__(self, r, keys, args, **kw):  # kw: meanwhile= (a _Conn's)
+    def __call__(self, r, keys, args, **kw):  # kw: a _Conn's meanwhile=, after=
         try:
             return r.execute_command("EVALSHA", self.sha, len(keys), *keys, *args, **kw)
-        except redis.exceptions.NoScriptError:
-            return r.execute_command("EVAL", self.source, len(keys), *keys, *args, **kw)
+        except redis.exceptions.NoScriptError:  # meanwhile ran and after returned: not again
+            return r.execute_command("EVAL", self.source, len(keys), *keys, *args)
 
 
 # New tasks, and cron ticks (once per tick across schedulers).
@@ -558,17 +569,27 @@ return n
 
 # The hot path: ack the field's previous attempt, then claim the next task for it.
 # KEYS: our in-flight hash, the served set. ARGV: new token, promote ('p': move due delayed
-# tasks and look at broadcasts first), a queue to try first ('' none), then the field and
+# tasks and look at broadcasts first), a queue to try first ('' none), ahead ('' or "FIELD
+# TOKEN": this claim is made ahead, as the task claimed in FIELD begins), then the field and
 # the ack of its attempt that ended done (7 values, as release's; or the field and '' '').
 # -> the payload; or, nothing to claim, ms to the next due task (-1: none).
 _CLAIM = _Script(
     """
 local inflight, served = KEYS[1], KEYS[2]
 local P, wid = string.match(inflight, '^(.-):inflight:(.*)$')
-local new_token, promote, top = ARGV[1], ARGV[2] == 'p', ARGV[3]
-local field, done_token, done_id = ARGV[4], ARGV[5], ARGV[6]
+local new_token, promote, top, ahead = ARGV[1], ARGV[2] == 'p', ARGV[3], ARGV[4]
+local field, done_token, done_id = ARGV[5], ARGV[6], ARGV[7]
 local t = now()
 local payload = false
+
+-- 0. Made ahead: the task claimed before this one begins now; its start time says so (a
+--    task claimed ahead has none until then: `info` does not list it as running).
+if ahead ~= '' then
+  local begins, token = string.match(ahead, '^(%%S+) (.*)$')
+  if redis.call('HGET', inflight, begins .. ':t') == token then
+    redis.call('HSET', inflight, begins .. ':s', t)
+  end
+end
 
 -- 1. The field holds a claim that is not the one the child finished (its reply was lost,
 --    or a dead child claimed late): hand it out again under the new token, unless cancelled.
@@ -585,7 +606,7 @@ elseif held then
   -- 2. The previous attempt ended done: count it (in the same script as its ack, so that
   --    no count is lost or made twice), and forget a cancel that came too late for it; its
   --    fields are overwritten by the next claim, or deleted at 6.
-  count(P, 'done', ARGV[8], ARGV[9], ARGV[10])
+  count(P, 'done', ARGV[9], ARGV[10], ARGV[11])
   cancelled(P, done_id)
 end
 
@@ -663,8 +684,9 @@ if not payload then
   return first_due and math.max(0, (tonumber(first_due) - t) * 1000) or -1
 end
 
--- 7. In flight under the new token.
-redis.call('HSET', inflight, field, payload, field .. ':t', new_token, field .. ':s', t)
+-- 7. In flight under the new token, begun now (or, claimed ahead, not yet: '').
+local start = ahead == '' and t or ''
+redis.call('HSET', inflight, field, payload, field .. ':t', new_token, field .. ':s', start)
 return payload
 """
     % {"batch": DUE_BATCH},
@@ -842,21 +864,24 @@ class _Conn:
         self.heads = {}  # a script's packed name and keys, per (EVALSHA, sha, n, *keys)
         self.sent = False  # did the last command reach Redis whole?
 
-    def execute_command(self, *args, meanwhile=None):
-        """Send, run meanwhile() while Redis works, read the reply."""
+    def execute_command(self, *args, meanwhile=None, after=()):
+        """Send, run meanwhile() while Redis works, read the reply. after: a command sent
+        first, whose reply is read and dropped: Redis runs ours once it returns (a BLPOP)."""
         n = 3 + args[2] if args[0] == "EVALSHA" else 0
         head = self.heads.get(args[:n])
         if head is None:
             head = self.heads[args[:n]] = _pack(args[:n])
         data = b"*%d\r\n%s%s" % (len(args), head, _pack(args[n:]))
+        if after:
+            data = b"*%d\r\n%s%s" % (len(after), _pack(after), data)
         try:
-            return self._round_trip(data, meanwhile)
+            return self._round_trip(data, meanwhile, after)
         except (redis.ConnectionError, *_REFUSED) as e:  # not a timeout: it may have waited long
             if not self.resend or (self.sent and not isinstance(e, _REFUSED)):
                 raise
-        return self._round_trip(data, meanwhile)
+        return self._round_trip(data, meanwhile, after)
 
-    def _round_trip(self, data, meanwhile):
+    def _round_trip(self, data, meanwhile, after):
         self.sent = False
         try:
             if self.conn is None:
@@ -868,6 +893,8 @@ class _Conn:
                 raise redis.ConnectionError("the connection was closed")
             self.conn.send_packed_command([data])
             self.sent = True
+            if after:
+                self.conn.read_response()
             if meanwhile:
                 meanwhile()
             return self.conn.read_response()
@@ -1712,28 +1739,40 @@ class _Slot(NamedTuple):
     running: float  # claim number of the attempt started last
     finished: float  # claim number of the last attempt done, acked with the next claim
     cancel: float  # claim number the parent asks to cancel (0: none)
+    give_back: float  # held claimed ahead: the parent gives it back from then (0: no; -N: did)
 
 
 class _Table:
-    """The shared memory between a worker parent and its children, made before fork()."""
+    """The shared memory between a worker parent and its children, made before fork(); a
+    record's lock (a byte-range lock on a file: the kernel drops it with a killed holder)
+    makes "start the claim held ahead" and "give it back" exclude each other."""
 
-    RECORD = struct.Struct("6d")
+    RECORD = struct.Struct("7d")
+    ATTEMPT = struct.Struct("6d")  # soft ... cancel: all but give_back
     #: Byte offset of each field in a record (set() runs on every claim: no search there).
     OFFSET = {name: 8 * i for i, name in enumerate(_Slot._fields)}
 
     def __init__(self, n):
         self.mem = mmap.mmap(-1, self.RECORD.size * n)
+        self.locks = tempfile.TemporaryFile()
 
     def read(self, i):
         return _Slot._make(self.RECORD.unpack_from(self.mem, i * self.RECORD.size))
 
     def write(self, i, soft, hard, held, running, finished, cancel=0.0):
-        self.RECORD.pack_into(
+        self.ATTEMPT.pack_into(
             self.mem, i * self.RECORD.size, soft, hard, held, running, finished, cancel
         )
 
     def set(self, i, name, value):
         struct.pack_into("d", self.mem, i * self.RECORD.size + self.OFFSET[name], value)
+
+    def lock(self, i):
+        """Lock record i until unlock(i)."""
+        fcntl.lockf(self.locks, fcntl.LOCK_EX, self.RECORD.size, i * self.RECORD.size)
+
+    def unlock(self, i):
+        fcntl.lockf(self.locks, fcntl.LOCK_UN, self.RECORD.size, i * self.RECORD.size)
 
 
 # ============================================================================ worker parent
@@ -1755,8 +1794,10 @@ class _Worker:
         self.inflight_key = app._k("inflight", self.wid)
         self.served = app._served_names(app.exclude_queues)[0]
         self.served_key = app._k("serve", hashlib.sha1(" ".join(self.served).encode()).hexdigest())
-        #: Sub-slots per child: async tasks run up to async_concurrency at once in a child.
-        self.k = app.async_concurrency if any(t.is_async for t in app.tasks.values()) else 1
+        #: Fields per child: an async app's child runs up to async_concurrency tasks at once;
+        #: a sync one runs one and claims the next into its second field meanwhile ("ahead").
+        self.ahead = not any(t.is_async for t in app.tasks.values())
+        self.k = 2 if self.ahead else app.async_concurrency
         self.table = _Table(app.concurrency * self.k)
         #: Child slot -> its pid, or 0 while the slot waits to fork.
         self.children = [0] * app.concurrency
@@ -1768,6 +1809,8 @@ class _Worker:
         self.signalled: dict = {}
         #: Child slot -> its dead child's fields to release (release's arguments each).
         self.unreleased: dict = {}
+        #: (field, token) of claims held ahead too long, to give back (take_back).
+        self.give_backs: list = []
         self.signals: list = []  # stop signals, appended by the handler
         self.stops = 0  # stop signals acted on
         self.outage = _Outage("worker", min(5.0, app.heartbeat_timeout / 4))
@@ -1784,7 +1827,8 @@ class _Worker:
         self.install_signals()
         text = "worker %s started: concurrency=%d (%d task(s) at once per child) queues=%s redis=%s"
         app = self.app
-        log.info(text, self.wid, app.concurrency, self.k, ",".join(self.served), _mask(app.url))
+        at_once = 1 if self.ahead else self.k
+        log.info(text, self.wid, app.concurrency, at_once, ",".join(self.served), _mask(app.url))
         try:
             while not self.leaving():
                 self.reap_children()
@@ -1863,6 +1907,7 @@ class _Worker:
     def spawn(self, slot):
         for k in range(self.k):
             self.table.write(slot * self.k + k, 0.0, 0.0, 0.0, 0.0, 0.0)
+            self.table.set(slot * self.k + k, "give_back", 0.0)
         self.fork_at[slot] = time.monotonic() + 1.0  # one that exits 0 may fork again at once
         signal.pthread_sigmask(signal.SIG_BLOCK, _PARENT_SIGNALS)  # until the child has its own
         try:
@@ -1928,11 +1973,27 @@ class _Worker:
                     self.signalled[pid] = "hard timeout"
                     break
                 due = due or (rec.soft and now >= rec.soft) or (runs and rec.cancel == rec.running)
-                ahead = [d for d in (rec.soft, rec.hard) if d > now]  # (passed: signalled)
+                if rec.held != rec.running and 0 < rec.give_back <= now:  # held ahead too long
+                    self.take_back(slot * self.k + k, pid, now)
+                ahead = [
+                    d for d in (rec.soft, rec.hard, rec.give_back) if d > now
+                ]  # (passed: done)
                 self.next_deadline = min([self.next_deadline, *ahead])
             else:
                 if due:
                     _kill(pid, signal.SIGUSR1)
+
+    def take_back(self, i, pid, now):
+        """Give back the claim record i holds ahead, unless its child began it meanwhile."""
+        self.table.lock(i)
+        try:
+            rec = self.table.read(i)
+            if not rec.held or rec.held == rec.running or not 0 < rec.give_back <= now:
+                return
+            self.table.set(i, "give_back", -rec.held)
+        finally:
+            self.table.unlock(i)
+        self.give_backs.append((f"{i // self.k}.{i % self.k}", b"%d-%d" % (pid, rec.held)))
 
     def redis_duties(self):
         """Release dead children's tasks, pass cancels on, heartbeat: each when due; an
@@ -1946,7 +2007,8 @@ class _Worker:
                 if self.r is None:
                     timeout = min(self.app.socket_timeout, PARENT_TIMEOUT)
                     self.r, self.connected_since = self.app._client(0, timeout), now
-                done = self.release_dead_children() | self.poll_cancels(now) | self.beat(now)
+                done = self.release_dead_children() | self.give_back() | self.poll_cancels(now)
+                done = self.beat(now) | done
             finally:
                 self.in_redis = False
         except _Stop:  # a stop cut a call short, maybe midway: no Redis for a second
@@ -1967,17 +2029,26 @@ class _Worker:
             del self.unreleased[slot]
         return released
 
-    def release(self, field, outcome, pid=0, finished=0.0, running=0.0):
-        """Release one field of ours as `outcome`; a dead child's (pid) by its record: its
-        token "PID-N" with N == finished is an ack; N == running, `outcome`; else the
-        attempt never started (interrupted)."""
-        raw, token = self.r.hmget(self.inflight_key, field, field + ":t")
-        if raw is None:
+    def give_back(self):
+        """Claims held ahead too long (take_back) go back to the front, if still held so."""
+        given = bool(self.give_backs)
+        while self.give_backs:
+            field, token = self.give_backs[0]
+            self.release(field, _Outcome("interrupted", "interrupted"), only=token)
+            del self.give_backs[0]
+        return given
+
+    def release(self, field, outcome, pid=0, finished=0.0, running=0.0, only=None):
+        """Release one field of ours as `outcome` (only if it holds token `only`, if given);
+        a dead child's (pid) by its record: its token "PID-N" with N == finished is an ack;
+        N == running, `outcome`; else the attempt never started (interrupted)."""
+        raw, token, start = self.r.hmget(self.inflight_key, field, field + ":t", field + ":s")
+        if raw is None or (only and token != only):
             return
         if pid and token == b"%d-%d" % (pid, finished):
             outcome = _DONE  # its ack was waiting for the next claim
-        elif pid and token != b"%d-%d" % (pid, running):
-            outcome = _Outcome("interrupted", "interrupted")
+        elif (pid and token != b"%d-%d" % (pid, running)) or (not pid and start == b""):
+            outcome = _Outcome("interrupted", "interrupted")  # never began (held ahead)
         elif outcome.kind == "hard_timeout":  # it started: its payload decoded in the child
             msg = json.loads(raw)
             _log_exit(
@@ -2013,11 +2084,14 @@ class _Worker:
             return False
         for member in self.r.spop(self.app._k("cancel", self.wid), 100) or ():
             slot, k, pid, claim = map(int, re.split(r"[. -]", member.decode()))  # "S.K PID-N"
-            rec = self.table.read(slot * self.k + k)
-            # Only the attempt the field runs now, in the child that runs it; a member for an
-            # older claim (or a child since gone) would overwrite a live cancel: dropped.
-            if self.children[slot] == pid and rec.held == rec.running == claim:
-                self.table.set(slot * self.k + k, "cancel", claim)
+            # Only the claim the field holds now (running, or not begun: begin() looks), in
+            # the child that holds it; a member for an older claim (or a child since gone)
+            # would overwrite a live cancel: dropped. Locked: begin() writes the record.
+            i = slot * self.k + k
+            self.table.lock(i)
+            if self.table.read(i).held == claim and self.children[slot] == pid:
+                self.table.set(i, "cancel", claim)
+            self.table.unlock(i)
         self.next_cancels = now + CANCEL_POLL
         return True
 
@@ -2127,6 +2201,10 @@ class _Child:
         #: Field -> its record in the shared table.
         self.index = {f: slot * self.k + k for k, f in enumerate(self.fields)}
         self.lines: list = []  # INFO lines of finished attempts, written while Redis works
+        #: (field, release's arguments) of attempts that did not end done, sent by the loop:
+        #: never while the reply of a claim made ahead is on its way.
+        self.releases: list = []
+        self.limit = app.max_tasks_per_worker or float("inf")
         self.stopping = self.waiting = False
         self.done, self.next_promote, self.top = 0, 0.0, ""
         self.reached = 0  # the last claim number that reached Redis without its reply
@@ -2143,18 +2221,26 @@ class _Child:
         asyncio.set_event_loop(self.loop)
         for hook in self.app._hooks["after_worker_started"]:
             self.loop.run_until_complete(_settle(hook()))
-        limit = self.app.max_tasks_per_worker or float("inf")
-        while not self.stopping and self.done < limit and os.getppid() == self.ppid:
+        claimed, wait = None, None  # (field, claim, payload) to begin; the next claim's wait
+        while not self.stopping and self.done < self.limit and os.getppid() == self.ppid:
+            if self.releases:
+                self.redis_step(self.flush_releases)
+            if claimed:
+                claimed = self.run_claimed(*claimed)
+                continue
             field = self.free_field()
             if field is None:
                 self.drive(None)
                 continue
             claim = next(self.claims)
-            payload = self.redis_step(self.claim, field, claim)
+            payload = self.redis_step(self.claim, field, claim, wait)
             if type(payload) is int:  # nothing to claim: ms to the next due task
-                self.idle(payload)
+                wait = self.idle(payload)
             else:
-                self.begin(field, claim, payload)
+                wait, claimed = None, (field, claim, payload)
+        if claimed:  # held ahead and not begun: back to the front
+            field, claim, raw = claimed
+            self.release(field, f"{self.pid}-{claim}", raw, _Outcome("interrupted"), None)
         while self.attempts:
             self.drive(None)
         self.redis_step(self.flush_acks)
@@ -2238,30 +2324,70 @@ class _Child:
                 raise _Stop()
             self.wait(time.sleep, delay)
 
-    def wait(self, fn, *args):
-        """fn(*args), during which a SIGTERM leaves at once (_Stop)."""
+    def wait(self, fn, *args, **kw):
+        """fn(*args, **kw), during which a SIGTERM leaves at once (_Stop)."""
         self.waiting = True
         try:
-            if not self.stopping:
-                fn(*args)
+            if self.stopping:
+                raise _Stop()
+            return fn(*args, **kw)
         finally:
             self.waiting = False
 
-    def claim(self, field, claim):
+    def run_claimed(self, field, claim, raw):
+        """Begin a claimed payload. A sync child sends its next claim, into its other field,
+        before the task runs and reads it after: the claim costs no round trip of its own,
+        and is held ahead (the parent gives it back if the task runs long). -> that claim
+        (field, claim, payload), or None."""
+        if not self.worker.ahead or self.stopping or self.done + 1 >= self.limit:
+            return self.begin(field, claim, raw)
+        began = False
+
+        def run():
+            nonlocal began
+            began = True
+            self.begin(field, claim, raw)
+            self.write_lines()
+
+        other = self.fields[1] if field == self.fields[0] else self.fields[0]
+        claim_ahead, ahead = next(self.claims), None
+        try:
+            begins = f"{field} {self.pid}-{claim}"
+            payload = self.claim(other, claim_ahead, begins=begins, meanwhile=run)
+            self.outage.ok()
+            if type(payload) is not int:
+                ahead = (other, claim_ahead, payload)
+        except redis.RedisError as e:  # the loop's next claim retries, by the outage rule
+            if isinstance(e, _RECONNECT):
+                self.r.reset()
+            self.outage.failed(e)
+        if not began:
+            run()
+        return ahead
+
+    def claim(self, field, claim, wait=None, begins="", meanwhile=None):
         """The hot path: release the field's last attempt and claim the next under token
-        "PID-claim"; "p" (move due tasks, broadcasts first) every PROMOTE seconds; the INFO
-        lines of finished attempts are written while Redis works."""
+        "PID-claim"; "p" (move due tasks, broadcasts first) every PROMOTE seconds. wait: an
+        idle child's BLPOP of the wake-up lists, sent first: the claim runs once a push wakes
+        it. begins: "FIELD TOKEN" of the task that meanwhile() begins while Redis works (this
+        claim is made ahead: run_claimed); else the INFO lines are written meanwhile."""
         now, promote = time.monotonic(), ""
-        if now >= self.next_promote:
+        if now >= self.next_promote or wait:
             self.next_promote, promote = now + PROMOTE, "p"
         index = self.index[field]
+        self.table.lock(index)  # the parent's take_back reads these two together
+        self.table.set(index, "give_back", now + HOLD_AHEAD if begins else 0.0)
         self.table.set(index, "held", claim)  # from here the field may hold it
+        self.table.unlock(index)
         ack = self.acks.get(field) or (field, "", "")
-        args = (f"{self.pid}-{claim}", promote, self.top, *ack)
+        args = (f"{self.pid}-{claim}", promote, self.top, begins, *ack)
         try:
-            payload = _CLAIM(
-                self.r, self.claim_keys, args, meanwhile=self.lines and self.write_lines
-            )
+            if wait:
+                after = ("BLPOP", *self.wakes, f"{wait:.3f}")
+                payload = self.wait(_CLAIM, self.r, self.claim_keys, args, after=after)
+            else:
+                meanwhile = meanwhile or (self.lines and self.write_lines)
+                payload = _CLAIM(self.r, self.claim_keys, args, meanwhile=meanwhile)
         except redis.RedisError:
             if self.r.sent:
                 self.reached = claim
@@ -2272,24 +2398,28 @@ class _Child:
         self.acks.pop(field, None)
         if type(payload) is int:
             self.table.set(index, "held", 0.0)
+            self.table.set(index, "give_back", 0.0)
         return payload
 
     def idle(self, due_ms):
-        """Nothing to claim: ack what is finished; run async tasks, or BLPOP the wake-up
-        lists until a push, the next due task or wait_timeout."""
+        """Nothing to claim: ack what is finished; run async tasks a while, or -> how long
+        the next claim waits for a push first (until the next due task, or wait_timeout)."""
         self.redis_step(self.flush_acks)
         if self.attempts:
             return self.drive(PROMOTE)
         due = due_ms / 1e3 if due_ms >= 0 else float("inf")
-        timeout = min(self.app.wait_timeout, max(0.01, due))
-        self.redis_step(
-            lambda: self.wait(self.r.execute_command, "BLPOP", *self.wakes, f"{timeout:.3f}")
-        )
-        # The wait may have ended at a due time: the next claim moves due tasks first.
-        self.next_promote = 0.0
+        return min(self.app.wait_timeout, max(0.01, due))
+
+    def flush_releases(self):
+        self.write_lines()
+        while self.releases:
+            field, args = self.releases[0]
+            _release(self.app, self.r, self.worker.inflight_key, args)
+            del self.releases[0]
+            self.table.set(self.index[field], "held", 0.0)
 
     def flush_acks(self):
-        self.write_lines()
+        self.flush_releases()
         for field, ack in list(self.acks.items()):
             _release(self.app, self.r, self.worker.inflight_key, list(ack))
             del self.acks[field]
@@ -2304,7 +2434,41 @@ class _Child:
         )
 
     def begin(self, field, claim, raw):
-        """Start one claimed payload: sync tasks to their end, async ones on the event loop."""
+        """Start one claimed payload: sync tasks to their end, async ones on the event loop.
+        Its record is locked from the look at it to the start: the parent may give a claim
+        held ahead back (take_back) or ask to cancel it (poll_cancels) until then."""
+        index = self.index[field]
+        self.table.lock(index)
+        try:
+            rec = self.table.read(index)
+            if rec.give_back == -claim:
+                return  # the parent gave it back: not ours any more
+            attempt = self.attempt(field, claim, raw, rec.cancel == claim)
+            if attempt is None:
+                return
+            limits, start = attempt.limits, attempt.start
+            soft = start + limits.soft if limits.soft else 0.0
+            hard = start + limits.hard if limits.hard else 0.0
+            self.table.write(index, soft, hard, claim, claim, 0.0)
+            self.table.set(index, "give_back", 0.0)
+        finally:
+            self.table.unlock(index)
+        self.top = attempt.queue.name if attempt.queue.name == self.worker.served[0] else ""
+        if limits.soft is not None and limits.soft < TICK:  # sooner than the parent looks
+            with contextlib.suppress(OSError):
+                os.write(self.worker.pipe[1], b"d")
+        self.attempts[field] = attempt
+        coro = _run_attempt(self.app, attempt, self)
+        if attempt.task.is_async:
+            attempt.future = self.loop.create_task(self.run_async(coro, attempt))
+        else:
+            # By hand (no event-loop turn per task) unless a hook or the wrapper awaits.
+            run = self.loop.run_until_complete if self.async_hooks else _by_hand
+            self.ended(attempt, run(coro))
+
+    def attempt(self, field, claim, raw, cancelled):
+        """The attempt of a claimed payload; or None, and it is released: a bad payload, a
+        stop that came while claiming, a cancel that came before it began."""
         app, token = self.app, f"{self.pid}-{claim}"
         try:
             msg = _loads_msg(raw)
@@ -2314,28 +2478,15 @@ class _Child:
             msg, problem = None, f"bad payload: {e}"
         if problem:
             log.error("%s: %.200r", problem, raw)
-            return self.release_now(field, token, raw, _Outcome("raised", problem), None)
-        if self.stopping:  # a stop came while claiming: give it back untouched
-            return self.release_now(field, token, raw, _Outcome("interrupted"), None)
+            return self.release(field, token, raw, _Outcome("raised", problem), None)
+        if self.stopping:  # give it back untouched
+            return self.release(field, token, raw, _Outcome("interrupted"), None)
+        if cancelled:
+            log.info("task %s id=%s cancelled before it began", msg["name"], msg["id"])
+            return self.release(field, token, raw, _Outcome("cancelled", "cancelled"), None)
         self.done += 1
         limits = self.limits(task, queue)
-        attempt = _Attempt(task, msg, field, token, raw, queue, limits, self.index[field], claim)
-        self.top = queue.name if queue.name == self.worker.served[0] else ""
-        start = attempt.start
-        soft = start + limits.soft if limits.soft else 0.0
-        hard = start + limits.hard if limits.hard else 0.0
-        self.table.write(attempt.index, soft, hard, claim, claim, 0.0)
-        if limits.soft is not None and limits.soft < TICK:  # sooner than the parent looks
-            with contextlib.suppress(OSError):
-                os.write(self.worker.pipe[1], b"d")
-        self.attempts[field] = attempt
-        coro = _run_attempt(app, attempt, self)
-        if task.is_async:
-            attempt.future = self.loop.create_task(self.run_async(coro, attempt))
-        else:
-            # By hand (no event-loop turn per task) unless a hook or the wrapper awaits.
-            run = self.loop.run_until_complete if self.async_hooks else _by_hand
-            self.ended(attempt, run(coro))
+        return _Attempt(task, msg, field, token, raw, queue, limits, self.index[field], claim)
 
     async def run_async(self, coro, attempt):
         self.ended(attempt, await coro)
@@ -2354,15 +2505,15 @@ class _Child:
             what = outcome.kind.replace("_", " ")
             self.lines.append((msg, (msg["name"], msg["id"], msg["retry"] + 1, what, seconds)))
         if outcome.kind != "done":
-            return self.release_now(attempt.field, attempt.token, attempt.raw, outcome, seconds)
+            return self.release(attempt.field, attempt.token, attempt.raw, outcome, seconds)
         done = ("done", msg["queue"], msg["name"], f"{seconds:.6f}")  # counted with the ack
         self.acks[attempt.field] = (attempt.field, attempt.token, msg["id"], *done)
 
-    def release_now(self, field, token, raw, outcome, seconds):
+    def release(self, field, token, raw, outcome, seconds):
+        """An attempt that did not end done: its release waits for flush_releases."""
         args = _release_args(self.app, field, token, raw, outcome, seconds, self.worker.wid)
         self.write_lines()
-        self.redis_step(lambda: _release(self.app, self.r, self.worker.inflight_key, args))
-        self.table.set(self.index[field], "held", 0.0)
+        self.releases.append((field, args))
 
     def write_lines(self):
         """The attempts' INFO lines, as logging.info in the task, less the caller lookup."""
@@ -2495,7 +2646,8 @@ def _snapshot(app):
         info["latency"][q.name] = round(max(0.0, now - float(ready or now)), 3)
     for (wid, beat), fields in zip(workers, replies):
         wid = wid.decode()
-        tasks = [f for f in fields if not f.endswith((b":s", b":t"))]  # "S.K", or "adopted:..."
+        # "S.K" or "adopted:...", not "S.K:t" or "S.K:s"; not one claimed ahead (":s" empty)
+        tasks = [f for f in fields if not f.endswith((b":s", b":t")) and fields.get(f + b":s")]
         for f in tasks:
             msg, started = _json_object(fields[f]), fields.get(f + b":s")
             seconds = round(now - float(started), 1) if started else None

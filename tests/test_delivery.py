@@ -541,6 +541,72 @@ def test_sighup_is_logged_and_handled_and_no_child_outlives_the_parent(r, spawn)
         kill_pids(p for p in seen if pid_alive(p))
 
 
+# ===================================================================== claims held ahead
+
+
+@slow
+def test_a_task_claimed_ahead_of_a_long_one_goes_back_to_the_front_and_runs_once(r, spawn):
+    """A sync child claims its next task while a task runs. When that task runs long, the
+    parent gives the claim held ahead back to the front of its queue (no retry spent), so
+    that it does not wait behind the long one in a child that cannot run it."""
+    sleeper.delay("long", 3)
+    stamp.delay("next")
+    w = spawn("worker", "tests.test_delivery:app")
+    wait_for(lambda: runs(r, "started"), "the long task to start", diag=spawn.tails)
+    wait_for(
+        lambda: [json.loads(p)["args"] for p in r.lrange("{wakaq}:q:default", 0, -1)] == [["next"]],
+        "the task held ahead to be back in its queue",
+        1.5,
+        diag=lambda: f"in flight: {inflight(r)}\n{spawn.tails()}",
+    )
+    assert not runs(r, "finished"), "the long task ended before the check"
+    wait_for(lambda: runs(r, "stamp"), "the task given back to run", 10, diag=spawn.tails)
+    wait_for(lambda: not leftovers(r, app), "nothing left", 5, diag=spawn.tails)
+    assert runs(r, "stamp") == [["next"]] and not dead(r)
+    w.stop()
+
+
+@slow
+def test_a_task_claimed_ahead_of_a_long_one_runs_at_once_in_an_idle_child(r, spawn):
+    """Two children, a long task and a short one queued: the short one runs while the long
+    one runs, whichever child claimed it first."""
+    sleeper.delay("long", 4)
+    stamp.delay("next")
+    w = spawn("worker", "tests.test_delivery:app2")
+    wait_for(lambda: runs(r, "stamp"), "the short task to run", 2.5, diag=spawn.tails)
+    assert not runs(r, "finished"), "the short task waited for the long one"
+    w.stop()
+
+
+@slow
+def test_a_task_cancelled_while_held_ahead_never_runs(r, spawn):
+    sleeper.delay("long", 2)
+    task_id = taken_back.delay("cancelled")
+    w = spawn("worker", "tests.test_delivery:app")
+    wait_for(lambda: runs(r, "started"), "the long task to start", diag=spawn.tails)
+    assert app.cancel(task_id) in ("running", "pending")
+    wait_for(lambda: runs(r, "finished"), "the long task to finish", 10, diag=spawn.tails)
+    wait_for(lambda: not leftovers(r, app), "nothing left", 5, diag=spawn.tails)
+    stamp.delay("after")  # runs after anything the child still held
+    wait_for(lambda: runs(r, "stamp"), "a later task to run", 10, diag=spawn.tails)
+    assert not runs(r, "taken_back") and not dead(r)
+    w.stop()
+
+
+@slow
+def test_a_stop_gives_a_task_claimed_ahead_back_untouched(r, spawn):
+    sleeper.delay("long", 1)
+    task_id = stamp.delay("next")
+    w = spawn("worker", "tests.test_delivery:app")
+    wait_for(lambda: runs(r, "started"), "the long task to start", diag=spawn.tails)
+    os.kill(w.pid, signal.SIGTERM)
+    w.popen.wait(10)
+    assert runs(r, "finished") and not runs(r, "stamp"), spawn.tails()
+    [raw] = r.lrange("{wakaq}:q:default", 0, -1)
+    assert (json.loads(raw)["id"], json.loads(raw)["retry"]) == (task_id, 0)
+    assert not inflight(r) or not any(inflight(r).values())
+
+
 # ===================================================================== subprocesses
 
 
