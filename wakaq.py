@@ -1950,7 +1950,10 @@ class _Worker:
                     outcome = _Outcome("interrupted", "interrupted")
                 else:
                     outcome = _Outcome("worker_died", "worker died", True)
-                if rec.held:
+                # A child that left on our stop: a claim it never began (its idle claim or
+                # one held ahead) waits for deregister(), so no Redis is needed to leave.
+                unbegun = rec.held not in (rec.running, rec.finished)
+                if rec.held and not (code == 0 and sent and unbegun):
                     ends.append((f"{slot}.{k}", outcome, pid, rec.finished, rec.running))
             if ends:
                 self.unreleased[slot] = ends
@@ -2647,7 +2650,9 @@ def _snapshot(app):
     for (wid, beat), fields in zip(workers, replies):
         wid = wid.decode()
         # "S.K" or "adopted:...", not "S.K:t" or "S.K:s"; not one claimed ahead (":s" empty)
-        tasks = [f for f in fields if not f.endswith((b":s", b":t")) and fields.get(f + b":s")]
+        tasks = [
+            f for f in fields if not f.endswith((b":s", b":t")) and fields.get(f + b":s") != b""
+        ]
         for f in tasks:
             msg, started = _json_object(fields[f]), fields.get(f + b":s")
             seconds = round(now - float(started), 1) if started else None
