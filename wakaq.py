@@ -65,22 +65,24 @@ THE WORKER. A parent runs no task code; it forks `concurrency` children and watc
           runs it as soon as a push wakes it. SIGTERM: finish the running tasks and exit 0
           (at once if idle). SIGUSR1: a soft timeout or a cancel is due. A child whose
           parent is gone claims nothing more.
-Shared memory (mmap before fork; _Table): per field seven doubles: soft and hard deadline
+Shared memory (mmap before fork; _Table): per field eight doubles: soft and hard deadline
 (monotonic; 0 none), "held" (the claim number N of token "PID-N" the field may hold in
 Redis; 0 empty), "running" (N of the attempt started last), "finished" (N of a done attempt
 whose ack waits for the next claim), "cancel" (N the parent asks to cancel), "give_back"
-(held ahead: when the parent gives it back; -N: it gave claim N back). A lock per record
-(lockf on a temp file) orders the child's claim and start against the parent's give-back and
-cancel. The parent SIGKILLs the child's process group at the hard deadline, sends SIGUSR1
-every tick past the soft one (or a cancel) until the child clears it, and is woken by the
-child through a pipe when a soft deadline is nearer than a tick. A dead child's fields are
-released by that record: token N == finished: ack; == running: died (killed by us past its
-hard deadline: hard timeout; cut by another's hard timeout or a 2nd stop, or exit 0 after
-our SIGTERM: interrupted; a child that ends itself past a deadline: died); else it never
-started (held ahead, or the reply was lost): interrupted. "held" is set before a claim is
-sent and cleared once the claim is known not to have reached Redis; a field of ours still
-filled when the worker deregisters (all children gone and released) never started, and goes
-back to the front; so does an adopted field whose start time is "" (claimed ahead).
+(held ahead: when the parent gives it back), "given_back" (N the parent gave back; only it
+writes it). A lock per record (lockf on a temp file) makes the child's look at a claim and
+its start one step against the parent's give-back and cancel; the other writes need none (a
+stale read only releases a token Redis no longer holds). The parent SIGKILLs the child's
+process group at the hard deadline, sends SIGUSR1 every tick past the soft one (or a cancel)
+until the child clears it, and is woken by the child through a pipe when a soft deadline is
+nearer than a tick. A dead child's fields are released by that record: token N == finished:
+ack; == running: died (killed by us past its hard deadline: hard timeout; cut by another's
+hard timeout or a 2nd stop, or exit 0 after our SIGTERM: interrupted; a child that ends
+itself past a deadline: died); else it never started (held ahead, or the reply was lost):
+interrupted. "held" is set before a claim is sent and cleared once the claim is known not to
+have reached Redis; a field of ours still filled when the worker deregisters (all children
+gone and released) never started, and goes back to the front; so does an adopted field whose
+start time is "" (claimed ahead).
 
 CLOCKS. Anything compared across processes or hosts (heartbeats, due times, start times) uses
 Redis's TIME; deadlines inside one worker use time.monotonic(). The one exception: an eta
@@ -107,7 +109,7 @@ THE SCRIPTS (section "Redis scripts"; each one atomic, on the node that holds {p
 runs them: _ENQUEUE .delay(), .delay_many(), the scheduler's ticks; _CLAIM a child, for each
 task (it also acks the field's last one); _RELEASE a child for any other outcome and for acks
 when it idles or exits, the parent for a dead child's, an adopted worker's or a leftover
-field; _BEAT the parent's heartbeat and adoption;
+field and for a claim held ahead too long; _BEAT the parent's heartbeat and adoption;
 _BROADCAST .broadcast(); _CANCEL wakaq.cancel(); _MOVE `dead --requeue` and `migrate`.
 
 Sections: errors and settings - serializer - Redis scripts - Redis connections - Queue,
@@ -431,9 +433,12 @@ local function wake(key, n)
   if #tokens > 0 then redis.call('RPUSH', key, unpack(tokens)) end
 end
 
--- The id that starts every payload: {"id":"ID",...
+-- The id that starts every payload: {"id":"ID",...; its task's name.
 local function id_of(payload)
   return string.match(payload, '^{"id":"([^"]*)"') or ''
+end
+local function name_of(payload)
+  return string.match(payload, '"name":"([^"]*)"') or '?'
 end
 
 -- Queue `payload` on `queue` (of rank `rank`): at the 'back' or 'front' of its list, or
@@ -582,8 +587,9 @@ local field, done_token, done_id = ARGV[5], ARGV[6], ARGV[7]
 local t = now()
 local payload = false
 
--- 0. Made ahead: the task claimed before this one begins now; its start time says so (a
---    task claimed ahead has none until then: `info` does not list it as running).
+-- 0. Made ahead: it is sent as the task in field `begins` begins (or is released, unbegun:
+--    then its fields go). Its start time says so: a task claimed ahead has none ('') until
+--    then, and `info` does not list it as running.
 if ahead ~= '' then
   local begins, token = string.match(ahead, '^(%%S+) (.*)$')
   if redis.call('HGET', inflight, begins .. ':t') == token then
@@ -601,6 +607,7 @@ if held and held ~= done_token then
     return payload
   end
   redis.call('HDEL', inflight, field, field .. ':t', field .. ':s')
+  count(P, 'cancelled', string.match(payload, '"queue":"([^"]*)"') or '?', name_of(payload), '')
   payload = false
 elseif held then
   -- 2. The previous attempt ended done: count it (in the same script as its ack, so that
@@ -648,7 +655,7 @@ local function pop(queue)
     local id = id_of(p)
     redis.call('HDEL', P .. ':ids:' .. queue, id)
     if not cancelled(P, id) then return p end
-    count(P, 'cancelled', queue, string.match(p, '"name":"([^"]*)"') or '?', '')
+    count(P, 'cancelled', queue, name_of(p), '')
   end
 end
 -- `top`: the child's last task came from the best-ranked queue it serves. Trying that queue
@@ -894,7 +901,8 @@ class _Conn:
             self.conn.send_packed_command([data])
             self.sent = True
             if after:
-                self.conn.read_response()
+                with contextlib.suppress(redis.ResponseError):  # refused: ours ran at once
+                    self.conn.read_response()  # (and its own reply says if it was refused)
             if meanwhile:
                 meanwhile()
             return self.conn.read_response()
@@ -1739,16 +1747,19 @@ class _Slot(NamedTuple):
     running: float  # claim number of the attempt started last
     finished: float  # claim number of the last attempt done, acked with the next claim
     cancel: float  # claim number the parent asks to cancel (0: none)
-    give_back: float  # held claimed ahead: the parent gives it back from then (0: no; -N: did)
+    give_back: float  # the claim held is held ahead: the parent gives it back from then (0: no)
+    given_back: float  # claim number the parent gave back (only the parent writes it)
 
 
 class _Table:
     """The shared memory between a worker parent and its children, made before fork(); a
     record's lock (a byte-range lock on a file: the kernel drops it with a killed holder)
-    makes "start the claim held ahead" and "give it back" exclude each other."""
+    makes the child's start of a claim and the parent's give-back or cancel of it exclude
+    each other. Other writes are unlocked: a stale read makes the parent give back or
+    release a claim whose token has changed in Redis, which changes nothing there."""
 
-    RECORD = struct.Struct("7d")
-    ATTEMPT = struct.Struct("6d")  # soft ... cancel: all but give_back
+    RECORD = struct.Struct("8d")
+    ATTEMPT = struct.Struct("6d")  # soft ... cancel
     #: Byte offset of each field in a record (set() runs on every claim: no search there).
     OFFSET = {name: 8 * i for i, name in enumerate(_Slot._fields)}
 
@@ -1767,9 +1778,17 @@ class _Table:
     def set(self, i, name, value):
         struct.pack_into("d", self.mem, i * self.RECORD.size + self.OFFSET[name], value)
 
-    def lock(self, i):
-        """Lock record i until unlock(i)."""
-        fcntl.lockf(self.locks, fcntl.LOCK_EX, self.RECORD.size, i * self.RECORD.size)
+    def clear(self, i):
+        self.RECORD.pack_into(self.mem, i * self.RECORD.size, *[0.0] * len(_Slot._fields))
+
+    def lock(self, i, wait=True):
+        """Lock record i until unlock(i); -> False if not wait and another process holds it."""
+        how = fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB
+        try:
+            fcntl.lockf(self.locks, how, self.RECORD.size, i * self.RECORD.size)
+        except BlockingIOError:
+            return False
+        return True
 
     def unlock(self, i):
         fcntl.lockf(self.locks, fcntl.LOCK_UN, self.RECORD.size, i * self.RECORD.size)
@@ -1811,6 +1830,7 @@ class _Worker:
         self.unreleased: dict = {}
         #: (field, token) of claims held ahead too long, to give back (take_back).
         self.give_backs: list = []
+        self.cancels: list = []  # "S.K PID-N" members polled from our cancel set
         self.signals: list = []  # stop signals, appended by the handler
         self.stops = 0  # stop signals acted on
         self.outage = _Outage("worker", min(5.0, app.heartbeat_timeout / 4))
@@ -1906,8 +1926,7 @@ class _Worker:
 
     def spawn(self, slot):
         for k in range(self.k):
-            self.table.write(slot * self.k + k, 0.0, 0.0, 0.0, 0.0, 0.0)
-            self.table.set(slot * self.k + k, "give_back", 0.0)
+            self.table.clear(slot * self.k + k)
         self.fork_at[slot] = time.monotonic() + 1.0  # one that exits 0 may fork again at once
         signal.pthread_sigmask(signal.SIG_BLOCK, _PARENT_SIGNALS)  # until the child has its own
         try:
@@ -1976,8 +1995,8 @@ class _Worker:
                     self.signalled[pid] = "hard timeout"
                     break
                 due = due or (rec.soft and now >= rec.soft) or (runs and rec.cancel == rec.running)
-                if rec.held != rec.running and 0 < rec.give_back <= now:  # held ahead too long
-                    self.take_back(slot * self.k + k, pid, now)
+                if 0 < rec.give_back <= now and rec.given_back != rec.held != rec.running:
+                    self.take_back(slot * self.k + k, pid, now)  # held ahead too long
                 ahead = [
                     d for d in (rec.soft, rec.hard, rec.give_back) if d > now
                 ]  # (passed: done)
@@ -1987,13 +2006,15 @@ class _Worker:
                     _kill(pid, signal.SIGUSR1)
 
     def take_back(self, i, pid, now):
-        """Give back the claim record i holds ahead, unless its child began it meanwhile."""
-        self.table.lock(i)
+        """Give back the claim record i holds ahead, unless its child began it meanwhile (a
+        child in begin() holds the lock: next tick)."""
+        if not self.table.lock(i, wait=False):
+            return
         try:
             rec = self.table.read(i)
             if not rec.held or rec.held == rec.running or not 0 < rec.give_back <= now:
                 return
-            self.table.set(i, "give_back", -rec.held)
+            self.table.set(i, "given_back", rec.held)
         finally:
             self.table.unlock(i)
         self.give_backs.append((f"{i // self.k}.{i % self.k}", b"%d-%d" % (pid, rec.held)))
@@ -2014,6 +2035,7 @@ class _Worker:
                 done = self.beat(now) | done
             finally:
                 self.in_redis = False
+                self.apply_cancels()
         except _Stop:  # a stop cut a call short, maybe midway: no Redis for a second
             self.r, self.retry_at = None, now + 1.0
         except redis.RedisError as e:
@@ -2085,18 +2107,24 @@ class _Worker:
         Only while a child holds a task (an idle worker costs Redis nothing for this)."""
         if not self.busy or now < self.next_cancels:
             return False
-        for member in self.r.spop(self.app._k("cancel", self.wid), 100) or ():
+        self.cancels += self.r.spop(self.app._k("cancel", self.wid), 100) or ()
+        self.next_cancels = now + CANCEL_POLL
+        return True
+
+    def apply_cancels(self):
+        """The polled cancels, each to the claim its field holds now (running, or not begun:
+        begin() looks), in the child that holds it; a member for an older claim (or a child
+        since gone) would overwrite a live cancel: dropped. A child in begin() holds the
+        record's lock: that member waits for the next tick."""
+        for member in list(self.cancels):
             slot, k, pid, claim = map(int, re.split(r"[. -]", member.decode()))  # "S.K PID-N"
-            # Only the claim the field holds now (running, or not begun: begin() looks), in
-            # the child that holds it; a member for an older claim (or a child since gone)
-            # would overwrite a live cancel: dropped. Locked: begin() writes the record.
             i = slot * self.k + k
-            self.table.lock(i)
+            if not self.table.lock(i, wait=False):
+                continue
             if self.table.read(i).held == claim and self.children[slot] == pid:
                 self.table.set(i, "cancel", claim)
             self.table.unlock(i)
-        self.next_cancels = now + CANCEL_POLL
-        return True
+            self.cancels.remove(member)
 
     def check_redis_memory(self):
         try:
@@ -2342,7 +2370,7 @@ class _Child:
         before the task runs and reads it after: the claim costs no round trip of its own,
         and is held ahead (the parent gives it back if the task runs long). -> that claim
         (field, claim, payload), or None."""
-        if not self.worker.ahead or self.stopping or self.done + 1 >= self.limit:
+        if not self.worker.ahead or self.stopping:  # (past max_tasks_per_worker: given back)
             return self.begin(field, claim, raw)
         began = False
 
@@ -2378,14 +2406,12 @@ class _Child:
         if now >= self.next_promote or wait:
             self.next_promote, promote = now + PROMOTE, "p"
         index = self.index[field]
-        self.table.lock(index)  # the parent's take_back reads these two together
         self.table.set(index, "give_back", now + HOLD_AHEAD if begins else 0.0)
         self.table.set(index, "held", claim)  # from here the field may hold it
-        self.table.unlock(index)
         ack = self.acks.get(field) or (field, "", "")
         args = (f"{self.pid}-{claim}", promote, self.top, begins, *ack)
         try:
-            if wait:
+            if wait and self.reached != claim:  # (once it reached Redis, its wake-up is spent)
                 after = ("BLPOP", *self.wakes, f"{wait:.3f}")
                 payload = self.wait(_CLAIM, self.r, self.claim_keys, args, after=after)
             else:
@@ -2438,26 +2464,36 @@ class _Child:
 
     def begin(self, field, claim, raw):
         """Start one claimed payload: sync tasks to their end, async ones on the event loop.
-        Its record is locked from the look at it to the start: the parent may give a claim
-        held ahead back (take_back) or ask to cancel it (poll_cancels) until then."""
-        index = self.index[field]
-        self.table.lock(index)
-        try:
-            rec = self.table.read(index)
-            if rec.give_back == -claim:
-                return  # the parent gave it back: not ours any more
-            attempt = self.attempt(field, claim, raw, rec.cancel == claim)
-            if attempt is None:
-                return
-            limits, start = attempt.limits, attempt.start
-            soft = start + limits.soft if limits.soft else 0.0
-            hard = start + limits.hard if limits.hard else 0.0
-            self.table.write(index, soft, hard, claim, claim, 0.0)
-            self.table.set(index, "give_back", 0.0)
-        finally:
-            self.table.unlock(index)
+        The look at its record and the start are one step under the record's lock: until
+        then the parent may give a claim held ahead back (take_back) or cancel it."""
+        index, token = self.index[field], f"{self.pid}-{claim}"
+        attempt, unbegun = self.attempt(field, claim, raw), None
+        if isinstance(attempt, _Outcome):
+            attempt, unbegun = None, attempt
+        else:
+            self.table.lock(index)
+            try:
+                rec = self.table.read(index)
+                if rec.given_back == claim:  # (released here too: the parent's release
+                    unbegun = _Outcome("interrupted")  # may have come before the claim)
+                elif rec.cancel == claim:
+                    unbegun = _Outcome("cancelled", "cancelled")
+                else:
+                    limits, start = attempt.limits, attempt.start
+                    soft = start + limits.soft if limits.soft else 0.0
+                    hard = start + limits.hard if limits.hard else 0.0
+                    self.table.write(index, soft, hard, claim, claim, 0.0)
+                    self.table.set(index, "give_back", 0.0)
+            finally:
+                self.table.unlock(index)
+        if unbegun:
+            if unbegun.kind == "cancelled":
+                msg = attempt.msg
+                log.info("task %s id=%s cancelled before it began", msg["name"], msg["id"])
+            return self.release(field, token, raw, unbegun, None)
+        self.done += 1
         self.top = attempt.queue.name if attempt.queue.name == self.worker.served[0] else ""
-        if limits.soft is not None and limits.soft < TICK:  # sooner than the parent looks
+        if attempt.limits.soft is not None and attempt.limits.soft < TICK:  # sooner than a tick
             with contextlib.suppress(OSError):
                 os.write(self.worker.pipe[1], b"d")
         self.attempts[field] = attempt
@@ -2469,10 +2505,10 @@ class _Child:
             run = self.loop.run_until_complete if self.async_hooks else _by_hand
             self.ended(attempt, run(coro))
 
-    def attempt(self, field, claim, raw, cancelled):
-        """The attempt of a claimed payload; or None, and it is released: a bad payload, a
-        stop that came while claiming, a cancel that came before it began."""
-        app, token = self.app, f"{self.pid}-{claim}"
+    def attempt(self, field, claim, raw):
+        """The attempt of a claimed payload, or the _Outcome it ends with, unbegun: a bad
+        payload, or a stop that came while claiming (given back untouched)."""
+        app = self.app
         try:
             msg = _loads_msg(raw)
             task, queue = app.tasks.get(msg["name"]), app._queues.get(msg["queue"])
@@ -2481,14 +2517,10 @@ class _Child:
             msg, problem = None, f"bad payload: {e}"
         if problem:
             log.error("%s: %.200r", problem, raw)
-            return self.release(field, token, raw, _Outcome("raised", problem), None)
-        if self.stopping:  # give it back untouched
-            return self.release(field, token, raw, _Outcome("interrupted"), None)
-        if cancelled:
-            log.info("task %s id=%s cancelled before it began", msg["name"], msg["id"])
-            return self.release(field, token, raw, _Outcome("cancelled", "cancelled"), None)
-        self.done += 1
-        limits = self.limits(task, queue)
+            return _Outcome("raised", problem)
+        if self.stopping:
+            return _Outcome("interrupted")
+        token, limits = f"{self.pid}-{claim}", self.limits(task, queue)
         return _Attempt(task, msg, field, token, raw, queue, limits, self.index[field], claim)
 
     async def run_async(self, coro, attempt):

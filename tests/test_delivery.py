@@ -49,6 +49,7 @@ from conftest import (
     check_dead_letters,
     check_run_log,
     children,
+    cli,
     dead,
     dead_myid,
     done_ids,
@@ -288,6 +289,17 @@ def dies_late(seconds):
     rec("dies_late", os.getpid())
     time.sleep(seconds)
     os._exit(3)
+
+
+@app.task
+def flush_scripts():
+    """Empties Redis's script cache: the child's next claim meets NOSCRIPT."""
+    retrying(lambda c: c.script_flush())
+
+
+limited_app = WakaQ(queues=["default"], url=URL, concurrency=1, max_tasks_per_worker=2)
+limited_app.task(sleeper.fn)
+limited_app.task(stamp.fn)
 
 
 @app.task(hard_timeout=1)
@@ -605,6 +617,98 @@ def test_a_stop_gives_a_task_claimed_ahead_back_untouched(r, spawn):
     [raw] = r.lrange("{wakaq}:q:default", 0, -1)
     assert (json.loads(raw)["id"], json.loads(raw)["retry"]) == (task_id, 0)
     assert not inflight(r) or not any(inflight(r).values())
+
+
+@slow
+def test_a_claim_made_ahead_that_lands_after_its_give_back_is_not_left_in_flight(r, spawn):
+    """The claim sent ahead of the long task meets NOSCRIPT, so it goes again as EVAL only
+    after that task: Redis holds it after the parent's give-back looked for it (and found
+    nothing). The child then sees the claim was given back and releases it itself."""
+    stamp.delay("first")
+    flush_scripts.delay()  # the claim ahead of the next task is still an EVALSHA that works
+    sleeper.delay("long", 1.5)  # the claim ahead of it meets NOSCRIPT
+    stamp.delay("next")
+    w = spawn("worker", "tests.test_delivery:app")
+    wait_for(
+        lambda: ["next"] in runs(r, "stamp"),
+        "the task claimed ahead by the late EVAL to run",
+        10,
+        diag=lambda: f"in flight: {inflight(r)}\n{spawn.tails()}",
+    )
+    wait_for(lambda: not leftovers(r, app), "nothing left", 5, diag=spawn.tails)
+    assert runs(r, "stamp").count(["next"]) == 1
+    w.stop()
+
+
+def blocked_in_blpop(r):
+    return [c for c in r.client_list() if c.get("cmd") == "blpop" and c.get("flags") == "b"]
+
+
+@slow
+def test_an_error_reply_to_an_idle_childs_blpop_leaves_its_connection_in_step(r, spawn):
+    """CLIENT UNBLOCK ... ERROR answers the BLPOP with an error; the claim behind it runs at
+    once and its reply is read, not left for the next command to read."""
+    w = spawn("worker", "tests.test_delivery:app")
+    workers_ready(r, [w], app, spawn.tails)
+    for _ in range(3):
+        [client] = wait_for(lambda: blocked_in_blpop(r), "the idle child's BLPOP", 10)
+        r.execute_command("CLIENT", "UNBLOCK", client["id"], "ERROR")  # (unblocked at once)
+    stamp.delay("due", eta=1)
+    for i in range(5):
+        stamp.delay(f"t{i}")
+    [client] = wait_for(lambda: blocked_in_blpop(r), "the idle child's BLPOP", 10)
+    r.execute_command("CLIENT", "UNBLOCK", client["id"], "ERROR")
+    expected = sorted([["due"]] + [[f"t{i}"] for i in range(5)])
+    wait_for(
+        lambda: sorted(runs(r, "stamp")) == expected, "every task to run", 10, diag=spawn.tails
+    )
+    assert not dead(r) and "Traceback" not in w.log(), w.log()[-3000:]
+    w.stop()
+
+
+@slow
+def test_a_redis_refusing_writes_leaves_an_idle_childs_connection_in_step(r, spawn):
+    """NOREPLICAS refuses the BLPOP (a write command) and the claim behind it: two error
+    replies, both read."""
+    w = spawn("worker", "tests.test_delivery:app")
+    workers_ready(r, [w], app, spawn.tails)
+    [client] = wait_for(lambda: blocked_in_blpop(r), "the idle child's BLPOP", 10)
+    r.config_set("min-replicas-to-write", 1)
+    try:
+        errors = r.info("stats")["total_error_replies"]
+        r.execute_command("CLIENT", "UNBLOCK", client["id"])  # as if it timed out
+        wait_for(  # a few retries, each refused
+            lambda: r.info("stats")["total_error_replies"] >= errors + 5, "five refusals"
+        )
+    finally:
+        r.config_set("min-replicas-to-write", 0)
+    for i in range(3):
+        stamp.delay(f"t{i}")
+    wait_for(lambda: len(runs(r, "stamp")) == 3, "every task to run", 15, diag=spawn.tails)
+    assert sorted(runs(r, "stamp")) == [["t0"], ["t1"], ["t2"]]
+    assert "Traceback" not in w.log(), w.log()[-3000:]
+    w.stop()
+
+
+@slow
+def test_the_last_task_before_max_tasks_per_worker_is_listed_as_running(r, spawn):
+    """A task claimed ahead has no start time in Redis until it begins; the last one a child
+    runs (max_tasks_per_worker) is marked begun like the others."""
+    stamp.delay("a")
+    sleeper.delay("b", 3)
+    w = spawn("worker", "tests.test_delivery:limited_app")
+    wait_for(lambda: runs(r, "started"), "the second task to start", 10, diag=spawn.tails)
+    wait_for(
+        lambda: [t["name"] for t in info_running()] == ["sleeper"],
+        "info to list the running task",
+        2,
+        diag=lambda: f"{inflight(r)}",
+    )
+    w.stop()
+
+
+def info_running():
+    return json.loads(cli("info", "tests.test_delivery:limited_app", "--json").stdout)["running"]
 
 
 # ===================================================================== subprocesses
