@@ -1744,10 +1744,10 @@ class _Slot(NamedTuple):
     soft: float  # monotonic soft deadline of the running attempt (0: none, or delivered)
     hard: float  # monotonic hard deadline (0: none)
     held: float  # claim number N (token "PID-N") the field may hold in Redis (0: empty)
+    give_back: float  # the claim held is held ahead: the parent gives it back from then (0: no)
     running: float  # claim number of the attempt started last
     finished: float  # claim number of the last attempt done, acked with the next claim
     cancel: float  # claim number the parent asks to cancel (0: none)
-    give_back: float  # the claim held is held ahead: the parent gives it back from then (0: no)
     given_back: float  # claim number the parent gave back (only the parent writes it)
 
 
@@ -1759,7 +1759,9 @@ class _Table:
     release a claim whose token has changed in Redis, which changes nothing there."""
 
     RECORD = struct.Struct("8d")
-    ATTEMPT = struct.Struct("6d")  # soft ... cancel
+    ATTEMPT = struct.Struct("7d")  # soft ... cancel: all the child writes at once
+    CLAIM = struct.Struct("2d")  # held, give_back
+    ASKED = struct.Struct("2d")  # cancel, given_back: what the parent asks of a claim
     #: Byte offset of each field in a record (set() runs on every claim: no search there).
     OFFSET = {name: 8 * i for i, name in enumerate(_Slot._fields)}
 
@@ -1771,9 +1773,15 @@ class _Table:
         return _Slot._make(self.RECORD.unpack_from(self.mem, i * self.RECORD.size))
 
     def write(self, i, soft, hard, held, running, finished, cancel=0.0):
-        self.ATTEMPT.pack_into(
-            self.mem, i * self.RECORD.size, soft, hard, held, running, finished, cancel
-        )
+        """An attempt's numbers (give_back 0: not held ahead); given_back is the parent's."""
+        offset = i * self.RECORD.size
+        self.ATTEMPT.pack_into(self.mem, offset, soft, hard, held, 0.0, running, finished, cancel)
+
+    def asked(self, i):
+        return self.ASKED.unpack_from(self.mem, i * self.RECORD.size + 48)
+
+    def claim(self, i, held, give_back=0.0):
+        self.CLAIM.pack_into(self.mem, i * self.RECORD.size + 16, held, give_back)
 
     def set(self, i, name, value):
         struct.pack_into("d", self.mem, i * self.RECORD.size + self.OFFSET[name], value)
@@ -2385,7 +2393,8 @@ class _Child:
         try:
             begins = f"{field} {self.pid}-{claim}"
             payload = self.claim(other, claim_ahead, begins=begins, meanwhile=run)
-            self.outage.ok()
+            if self.outage.seen:
+                self.outage.ok()
             if type(payload) is not int:
                 ahead = (other, claim_ahead, payload)
         except redis.RedisError as e:  # the loop's next claim retries, by the outage rule
@@ -2406,8 +2415,7 @@ class _Child:
         if now >= self.next_promote or wait:
             self.next_promote, promote = now + PROMOTE, "p"
         index = self.index[field]
-        self.table.set(index, "give_back", now + HOLD_AHEAD if begins else 0.0)
-        self.table.set(index, "held", claim)  # from here the field may hold it
+        self.table.claim(index, claim, now + HOLD_AHEAD if begins else 0.0)  # may hold it now
         ack = self.acks.get(field) or (field, "", "")
         args = (f"{self.pid}-{claim}", promote, self.top, begins, *ack)
         try:
@@ -2426,8 +2434,7 @@ class _Child:
             raise
         self.acks.pop(field, None)
         if type(payload) is int:
-            self.table.set(index, "held", 0.0)
-            self.table.set(index, "give_back", 0.0)
+            self.table.claim(index, 0.0)
         return payload
 
     def idle(self, due_ms):
@@ -2473,17 +2480,16 @@ class _Child:
         else:
             self.table.lock(index)
             try:
-                rec = self.table.read(index)
-                if rec.given_back == claim:  # (released here too: the parent's release
+                cancel, given_back = self.table.asked(index)
+                if given_back == claim:  # (released here too: the parent's release
                     unbegun = _Outcome("interrupted")  # may have come before the claim)
-                elif rec.cancel == claim:
+                elif cancel == claim:
                     unbegun = _Outcome("cancelled", "cancelled")
                 else:
                     limits, start = attempt.limits, attempt.start
                     soft = start + limits.soft if limits.soft else 0.0
                     hard = start + limits.hard if limits.hard else 0.0
                     self.table.write(index, soft, hard, claim, claim, 0.0)
-                    self.table.set(index, "give_back", 0.0)
             finally:
                 self.table.unlock(index)
         if unbegun:

@@ -8,6 +8,7 @@ figure is (total(3000) - total(1000)) / 2000, which cancels the start-up. WAKAQ_
 another wakaq.py to measure (an old one); NO_HIREDIS=1 hides hiredis from redis-py.
 """
 
+import gc
 import importlib.util
 import logging
 import os
@@ -58,6 +59,7 @@ def run(port):
     app.redis.zadd(app.workers_key, {worker.wid: time.time() + 3600})
     app.redis.sadd(worker.served_key, *worker.served)
     child = (getattr(wakaq, "_Child", None) or wakaq._ChildProcess)(worker, 0)
+    gc.freeze()  # as _child_main does after fork: the collector skips what is there now
     child.run()
     left = app.redis.llen(app.default_queue.key)
     print(f"ran {N - left} tasks", file=sys.stderr)
