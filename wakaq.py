@@ -2679,7 +2679,7 @@ def _snapshot(app):
     for q, first in zip(app.queues, per_queue[2::3]):  # when the oldest pending became ready
         pipe.hget(app._k("ids", q.name), _json_object(first)["id"] or "")
     replies, now = pipe.execute(), sec + usec / 1e6
-    info = dict(queues={}, latency={}, dead=dead, running=[], workers_list=[])
+    info = dict(queues={}, latency={}, dead=dead, inflight=0, running=[], workers_list=[])
     counts = zip(app.queues, per_queue[::3], per_queue[1::3], replies[len(workers) :])
     for q, pending, delayed, ready in counts:
         priority = app._priority[q.name]
@@ -2688,9 +2688,11 @@ def _snapshot(app):
     for (wid, beat), fields in zip(workers, replies):
         wid = wid.decode()
         # "S.K" or "adopted:...", not "S.K:t" or "S.K:s"; not one claimed ahead (":s" empty)
-        tasks = [
-            f for f in fields if not f.endswith((b":s", b":t")) and fields.get(f + b":s") != b""
-        ]
+        # "S.K" or "adopted:...", not "S.K:t" or "S.K:s"; running once begun (a task
+        # claimed ahead has the start time "" until then)
+        claimed = [f for f in fields if not f.endswith((b":s", b":t"))]
+        tasks = [f for f in claimed if fields.get(f + b":s") != b""]
+        info["inflight"] += len(claimed)
         for f in tasks:
             msg, started = _json_object(fields[f]), fields.get(f + b":s")
             seconds = round(now - float(started), 1) if started else None
@@ -2708,7 +2710,7 @@ def _snapshot(app):
     alive = [w for w in info["workers_list"] if w["alive"]]
     served = {name for w in alive for name in w["queues"]}
     unserved = [name for name, q in info["queues"].items() if q["pending"] and name not in served]
-    info.update(inflight=len(info["running"]), workers=len(alive), unserved_queues=unserved)
+    info.update(workers=len(alive), unserved_queues=unserved)
     return info, stats
 
 
@@ -2887,7 +2889,7 @@ def _prometheus(app):
         sample("wakaq_queue_pending", q["pending"], queue=queue)
         sample("wakaq_queue_delayed", q["delayed"], queue=queue)
         sample("wakaq_queue_latency_seconds", info["latency"][queue], queue=queue)
-    sample("wakaq_running", info["inflight"])
+    sample("wakaq_running", len(info["running"]))
     sample("wakaq_dead", info["dead"])
     sample("wakaq_workers", info["workers"])
     lines = []

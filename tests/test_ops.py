@@ -273,6 +273,22 @@ def test_info_reads_running_tasks_from_the_inflight_layout_with_redis_time(r):
     assert (adopted["id"], adopted["worker"], adopted["seconds"]) == ("abc", "h.2.y", None)
 
 
+def test_info_counts_a_task_claimed_ahead_in_flight_and_not_as_running(r):
+    now = float(r.time()[0])
+    payload = json.dumps(
+        {"id": "abc", "name": "nap", "queue": "high", "retry": 0, "args": [1], "kwargs": {}}
+    )
+    ahead = payload.replace("abc", "def")
+    r.zadd("{wakaq}:workers", {"h.1.x": now})
+    fields = {"0.0": payload, "0.0:t": "1-1", "0.0:s": now - 3, "0.1": ahead, "0.1:t": "1-2"}
+    r.hset("{wakaq}:inflight:h.1.x", mapping={**fields, "0.1:s": ""})
+    info = json.loads(cli("info", "tests.test_ops:app", "--json").stdout)
+    assert info["inflight"] == 2 and [t["id"] for t in info["running"]] == ["abc"]
+    assert info["workers_list"][0]["running"] == 1
+    metrics = wakaq._prometheus(app)
+    assert re.search(r"^wakaq_running 1$", metrics, re.M), metrics
+
+
 def test_dead_lists_id_task_queue_attempts_reason_when_and_shortened_arguments(r):
     assert cli("dead", "tests.test_ops:app").stdout.strip() == "no dead tasks"
     short = dead_entry(r, args=(7, "x"), at=1_800_000_000)
