@@ -12,6 +12,7 @@ cancel tests read the same text from the function that command serves.
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -25,7 +26,9 @@ import pytest
 
 import wakaq
 from conftest import (
+    ENV,
     URL,
+    Proc,
     RedisServer,
     _free_port,
     attempt,
@@ -184,6 +187,22 @@ count_app = WakaQ(queues=["default"], url=URL, concurrency=1, heartbeat_timeout=
 def quick_or_long(seconds):
     rec("quick_or_long", seconds)
     time.sleep(seconds)
+
+
+# An app that adds its own handler to wakaq's logger in each child.
+handler_app = WakaQ(queues=["default"], url=URL, concurrency=1)
+
+
+@handler_app.after_worker_started
+def add_a_handler():
+    handler = logging.FileHandler(os.environ["APP_LOG"])
+    handler.setFormatter(logging.Formatter("app-handler %(levelname)s %(message)s"))
+    logging.getLogger("wakaq").addHandler(handler)
+
+
+@handler_app.task
+def handled(tag):
+    rec("handled", tag)
 
 
 pair_app = WakaQ(queues=["default"], url=URL, concurrency=1, async_concurrency=2)
@@ -629,6 +648,26 @@ def check_histograms(samples, attempts):
         count = sample(samples, "wakaq_task_duration_seconds_count", **labels)
         assert counts[-1] == count == attempts[(queue, task)], (task, points, count)
         assert sample(samples, "wakaq_task_duration_seconds_sum", **labels) >= 0
+
+
+@slow
+def test_an_attempt_line_reaches_a_handler_the_app_adds_and_the_worker_log_alike(r, spawn):
+    """The worker writes its attempts' lines straight to its stream only while its own
+    handler is the only one; an app's handler on wakaq's logger gets them as records."""
+    app_log = os.path.join(spawn.folder, "app.log")
+    w = Proc(
+        ["worker", "tests.test_operations:handler_app"], spawn.folder, {**ENV, "APP_LOG": app_log}
+    )
+    spawn.append(w)
+    task_id = handled.delay("x")
+    line = rf"task handled id={task_id} attempt=1 done in \d+\.\d+s$"
+
+    def app_lines():
+        return open(app_log).read() if os.path.exists(app_log) else ""
+
+    wait_for(lambda: re.search(line, app_lines(), re.M), "the app's handler to get it", diag=w.log)
+    assert re.search(rf"^app-handler INFO {line}", app_lines(), re.M), app_lines()
+    assert re.search(rf"^{_STAMP} INFO wakaq pid=\d+ task=handled: {line}", w.log(), re.M), w.log()
 
 
 @slow
