@@ -57,10 +57,11 @@ THE WORKER. A parent runs no task code; it forks `concurrency` children and watc
           check memory, fork missing children, touch its health file.
           SIGTERM/SIGINT/SIGHUP: stop (1st: children finish their tasks; 2nd: kill them,
           their tasks go back to the front; 3rd: leave what Redis could not take back yet).
-  child   claim -> run -> ack with the field's next claim. A sync app's child has two fields
-          and claims "ahead": the claim of its next task (into the other field) is sent
-          before a task runs and read after it, so it costs no round trip of its own; the
-          parent gives a claim held ahead back to the front after HOLD_AHEAD s. Idle: the
+  child   claim -> run -> ack with the field's next claim. With a field free besides (a
+          sync-only app's child has two fields; an async app's, async_concurrency), it claims
+          "ahead": the claim of its next task is sent before a task begins and read after
+          it, so it costs no round trip of its own; the parent gives a claim held ahead back
+          to the front after HOLD_AHEAD s. Idle: the
           claim goes behind a BLPOP of the wake-up lists on the same connection, so Redis
           runs it as soon as a push wakes it. SIGTERM: finish the running tasks and exit 0
           (at once if idle). SIGUSR1: a soft timeout or a cancel is due. A child whose
@@ -1839,9 +1840,9 @@ class _Worker:
         self.served = app._served_names(app.exclude_queues)[0]
         self.served_key = app._k("serve", hashlib.sha1(" ".join(self.served).encode()).hexdigest())
         #: Fields per child: an async app's child runs up to async_concurrency tasks at once;
-        #: a sync one runs one and claims the next into its second field meanwhile ("ahead").
-        self.ahead = not any(t.is_async for t in app.tasks.values())
-        self.k = 2 if self.ahead else app.async_concurrency
+        #: a sync-only app's one task, and claims the next into its second field meanwhile.
+        self.sync_only = not any(t.is_async for t in app.tasks.values())
+        self.k = 2 if self.sync_only else app.async_concurrency
         self.table = _Table(app.concurrency * self.k)
         #: Child slot -> its pid, or 0 while the slot waits to fork.
         self.children = [0] * app.concurrency
@@ -1872,7 +1873,7 @@ class _Worker:
         self.install_signals()
         text = "worker %s started: concurrency=%d (%d task(s) at once per child) queues=%s redis=%s"
         app = self.app
-        at_once = 1 if self.ahead else self.k
+        at_once = 1 if self.sync_only else self.k
         log.info(text, self.wid, app.concurrency, at_once, ",".join(self.served), _mask(app.url))
         try:
             while not self.leaving():
@@ -2391,11 +2392,12 @@ class _Child:
             self.waiting = False
 
     def run_claimed(self, field, claim, raw):
-        """Begin a claimed payload. A sync child sends its next claim, into its other field,
-        before the task runs and reads it after: the claim costs no round trip of its own,
-        and is held ahead (the parent gives it back if the task runs long). -> that claim
-        (field, claim, payload), or None."""
-        if not self.worker.ahead or self.stopping:  # (past max_tasks_per_worker: given back)
+        """Begin a claimed payload. With a field free besides, the child sends its next claim
+        (into that field) before the task runs and reads it after: the claim costs no round
+        trip of its own, and is held ahead (the parent gives it back if the task runs long).
+        -> that claim (field, claim, payload), or None."""
+        other = next((f for f in self.fields if f != field and f not in self.attempts), None)
+        if other is None or self.stopping:  # (past max_tasks_per_worker: given back)
             return self.begin(field, claim, raw)
         began = False
 
@@ -2405,7 +2407,6 @@ class _Child:
             self.begin(field, claim, raw)
             self.write_lines()
 
-        other = self.fields[1] if field == self.fields[0] else self.fields[0]
         claim_ahead, ahead = next(self.claims), None
         try:
             begins = f"{field} {self.pid}-{claim}"
