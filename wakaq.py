@@ -2250,6 +2250,7 @@ class _Child:
         self.r = _Conn(app)
         self.outage = _Outage(f"child {slot}", worker.outage.cap)
         self.fields = [f"{slot}.{k}" for k in range(self.k)]
+        self.others = {f: [g for g in self.fields if g != f] for f in self.fields}
         #: Field -> its running attempt.
         self.attempts: dict = {}
         #: Field -> the ack of its attempt that ended done (release's arguments), sent with
@@ -2396,7 +2397,11 @@ class _Child:
         (into that field) before the task runs and reads it after: the claim costs no round
         trip of its own, and is held ahead (the parent gives it back if the task runs long).
         -> that claim (field, claim, payload), or None."""
-        other = next((f for f in self.fields if f != field and f not in self.attempts), None)
+        for other in self.others[field]:
+            if other not in self.attempts:
+                break
+        else:
+            other = None
         if other is None or self.stopping:  # (past max_tasks_per_worker: given back)
             return self.begin(field, claim, raw)
         began = False
