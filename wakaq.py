@@ -576,8 +576,8 @@ return n
 # The hot path: ack the field's previous attempt, then claim the next task for it.
 # KEYS: our in-flight hash, the served set. ARGV: new token, promote ('p': move due delayed
 # tasks and look at broadcasts first), a queue to try first ('' none), ahead ('' or "FIELD
-# TOKEN": this claim is made ahead, as the task claimed in FIELD begins), then the field and
-# the ack of its attempt that ended done (7 values, as release's; or the field and '' '').
+# TOKEN": a sync-only app's claim made ahead, as the task claimed in FIELD begins), then the
+# field and the ack of its attempt that ended done (7 values, as release's; or field, '', '').
 # -> the payload; or, nothing to claim, ms to the next due task (-1: none).
 _CLAIM = _Script(
     """
@@ -587,6 +587,7 @@ local new_token, promote, top, ahead = ARGV[1], ARGV[2] == 'p', ARGV[3], ARGV[4]
 local field, done_token, done_id = ARGV[5], ARGV[6], ARGV[7]
 local t = now()
 local payload = false
+local start = ahead == '' and t or ''  -- a claim made ahead has begun when the next one says
 
 -- 0. Made ahead: it is sent as the task in field `begins` begins (or is released, unbegun:
 --    then its fields go). Its start time says so: a task claimed ahead has none ('') until
@@ -604,7 +605,7 @@ local held = redis.call('HGET', inflight, field .. ':t')
 if held and held ~= done_token then
   payload = redis.call('HGET', inflight, field)
   if not cancelled(P, id_of(payload)) then
-    redis.call('HSET', inflight, field .. ':t', new_token)
+    redis.call('HSET', inflight, field .. ':t', new_token, field .. ':s', start)
     return payload
   end
   redis.call('HDEL', inflight, field, field .. ':t', field .. ':s')
@@ -693,7 +694,6 @@ if not payload then
 end
 
 -- 7. In flight under the new token, begun now (or, claimed ahead, not yet: '').
-local start = ahead == '' and t or ''
 redis.call('HSET', inflight, field, payload, field .. ':t', new_token, field .. ':s', start)
 return payload
 """
@@ -1637,16 +1637,24 @@ class _Formatter(logging.Formatter):
 
 
 def _own_handler():
-    """The handler _setup_logging installed, if a line of wakaq's logger reaches it alone
-    and unfiltered (the app added no handler or filter on the way): a worker child may then
-    write its attempts' lines to its stream as it would. Else None."""
-    handlers = logging.root.handlers
-    handler = handlers[0] if len(handlers) == 1 else None
-    if handler is None or type(handler.formatter) is not _Formatter or handler.filters:
+    """The handler _setup_logging installed, if a line of wakaq's logger reaches it alone,
+    unfiltered and through logging's own dispatch (no app handler, filter or patch on the
+    way, its stream and formatter unchanged): a worker child may then write its attempts'
+    lines to that stream as the handler would. Else None."""
+    handler, stream = _handler
+    if logging.root.handlers != [handler] or handler.stream is not stream or log.disabled:
         return None
-    if log.handlers or log.filters or not log.propagate or logging.root.filters:
+    if handler.filters or log.handlers or log.filters or logging.root.filters:
+        return None
+    if not log.propagate or type(handler.formatter) is not _Formatter:
+        return None
+    dispatch = (logging.Logger.handle, logging.Logger.callHandlers, type(handler).emit)
+    if any(f.__module__ != "logging" for f in dispatch):  # (Sentry patches callHandlers)
         return None
     return handler if handler.level <= logging.INFO else None
+
+
+_handler: list = [None, None]  # the handler _setup_logging made, and its stream
 
 
 def _setup_logging(path, level):
@@ -1660,7 +1668,9 @@ def _setup_logging(path, level):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True, errors="backslashreplace")
     logging.basicConfig(level=level, force=True)  # force: replaces root's handlers
-    logging.root.handlers[0].setFormatter(_Formatter())
+    handler = logging.root.handlers[0]
+    handler.setFormatter(_Formatter())
+    _handler[:] = [handler, handler.stream]
     log.disabled = False  # an app's dictConfig() at import (disable_existing_loggers)
     logging.getLogger("wakaq.print").setLevel(logging.INFO)
 
@@ -2414,7 +2424,9 @@ class _Child:
 
         claim_ahead, ahead = next(self.claims), None
         try:
-            begins = f"{field} {self.pid}-{claim}"
+            # Marked begun by the claim after it: a sync-only app's (its other field is free
+            # again by then); an async app's claim ahead begins at once, and is begun already.
+            begins = f"{field} {self.pid}-{claim}" if self.worker.sync_only else ""
             payload = self.claim(other, claim_ahead, begins=begins, meanwhile=run)
             if self.outage.seen:
                 self.outage.ok()
@@ -2432,13 +2444,14 @@ class _Child:
         """The hot path: release the field's last attempt and claim the next under token
         "PID-claim"; "p" (move due tasks, broadcasts first) every PROMOTE seconds. wait: an
         idle child's BLPOP of the wake-up lists, sent first: the claim runs once a push wakes
-        it. begins: "FIELD TOKEN" of the task that meanwhile() begins while Redis works (this
-        claim is made ahead: run_claimed); else the INFO lines are written meanwhile."""
+        it. meanwhile: the task that begins while Redis works (this claim is made ahead:
+        run_claimed; begins: "FIELD TOKEN" of it, for a sync-only app); else the INFO lines
+        are written meanwhile."""
         now, promote = time.monotonic(), ""
         if now >= self.next_promote or wait:
             self.next_promote, promote = now + PROMOTE, "p"
         index = self.index[field]
-        self.table.claim(index, claim, now + HOLD_AHEAD if begins else 0.0)  # may hold it now
+        self.table.claim(index, claim, now + HOLD_AHEAD if meanwhile else 0.0)  # may hold it now
         ack = self.acks.get(field) or (field, "", "")
         args = (f"{self.pid}-{claim}", promote, self.top, begins, *ack)
         try:
@@ -2586,18 +2599,20 @@ class _Child:
         handler = _own_handler()
         while self.lines:
             msg, args = self.lines.pop(0)
+            context = _current.set(msg)
             if handler:
-                now = time.time()
-                parts = (now, (now - int(now)) * 1000, "INFO", log.name, self.pid, msg["name"])
+                now, level = time.time(), logging.getLevelName(logging.INFO)
+                parts = (now, (now - int(now)) * 1000, level, log.name, self.pid, msg["name"])
+                line = handler.formatter.line(*parts, _ATTEMPT % args)
                 with handler.lock:  # (a task's own threads may log meanwhile)
                     try:
-                        line = handler.formatter.line(*parts, _ATTEMPT % args)
                         handler.stream.write(line + "\n")  # (line-buffered: flushed)
-                        continue
-                    except Exception:  # as logging's handler would: handleError() says why
-                        handler = None
-            context = _current.set(msg)
-            log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, _ATTEMPT, args, None))
+                    except Exception:  # as the handler's emit(): handleError() says why
+                        record = log.makeRecord(log.name, logging.INFO, "", 0, line, (), None)
+                        handler.handleError(record)
+            else:
+                record = log.makeRecord(log.name, logging.INFO, __file__, 0, _ATTEMPT, args, None)
+                log.handle(record)
             _current.reset(context)
 
 
@@ -2876,7 +2891,7 @@ _METRICS = (  # what `metrics` serves: name, type, help
     ("wakaq_queue_pending", "gauge", "Tasks ready to run."),
     ("wakaq_queue_delayed", "gauge", "Tasks waiting for their eta or backoff."),
     ("wakaq_queue_latency_seconds", "gauge", "How long the oldest pending task has waited."),
-    ("wakaq_running", "gauge", "Tasks in flight."),
+    ("wakaq_running", "gauge", "Tasks running (begun, not claimed ahead)."),
     ("wakaq_dead", "gauge", "Dead letters."),
     ("wakaq_workers", "gauge", "Live workers."),
 )
