@@ -2599,7 +2599,6 @@ class _Child:
         handler = _own_handler()
         while self.lines:
             msg, args = self.lines.pop(0)
-            context = _current.set(msg)
             if handler:
                 now, level = time.time(), logging.getLevelName(logging.INFO)
                 parts = (now, (now - int(now)) * 1000, level, log.name, self.pid, msg["name"])
@@ -2610,10 +2609,11 @@ class _Child:
                     except Exception:  # as the handler's emit(): handleError() says why
                         record = log.makeRecord(log.name, logging.INFO, "", 0, line, (), None)
                         handler.handleError(record)
-            else:
+            else:  # the task's name comes from _current, as for a line the task logs
+                context = _current.set(msg)
                 record = log.makeRecord(log.name, logging.INFO, __file__, 0, _ATTEMPT, args, None)
                 log.handle(record)
-            _current.reset(context)
+                _current.reset(context)
 
 
 # ============================================================================ scheduler
