@@ -665,19 +665,19 @@ end
 if not payload and top ~= '' then payload = pop(top) end
 -- Non-empty queues in rank order, 16 at a time. A served one found empty leaves the ready
 -- set (the next push puts it back), so that later claims do not look at it again.
-local start = 0
+local offset = 0
 while not payload do
-  local names = redis.call('ZRANGE', P .. ':ready', start, start + 15)
+  local names = redis.call('ZRANGE', P .. ':ready', offset, offset + 15)
   if #names == 0 then break end
   for _, queue in ipairs(names) do
     if redis.call('SISMEMBER', served, queue) == 1 then
       payload = pop(queue)
       if payload then break end
       redis.call('ZREM', P .. ':ready', queue)
-      start = start - 1
+      offset = offset - 1
     end
   end
-  start = start + #names
+  offset = offset + #names
 end
 payload = payload or redis.call('LPOP', P .. ':bcast:' .. wid)
 

@@ -40,6 +40,7 @@ def test_every_async_task_a_full_child_runs_is_listed_as_running(r, spawn):
     hashes = {k: r.hgetall(k) for k in r.scan_iter("{wakaq}:inflight:*")}
     assert info["inflight"] == 2, hashes
     assert len(info["running"]) == 2, (info["running"], hashes)
+    assert all(0 <= t["seconds"] < 6 for t in info["running"]), info["running"]
 
 
 @slow
