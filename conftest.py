@@ -39,6 +39,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WAKAQ_PY = os.path.join(HERE, "wakaq.py")
 slow = pytest.mark.slow
 
+# A shell's background job starts with SIGINT ignored, and a process inherits that: Python
+# then leaves it ignored, and the processes the tests stop as Ctrl-C does would not stop.
+# A handler here is reset to the default in every process the tests start.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 # ===================================================================== the server binary
 
