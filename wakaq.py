@@ -1641,20 +1641,25 @@ def _own_handler():
     unfiltered and through logging's own dispatch (no app handler, filter or patch on the
     way, its stream and formatter unchanged): a worker child may then write its attempts'
     lines to that stream as the handler would. Else None."""
-    handler, stream = _handler
-    if logging.root.handlers != [handler] or handler.stream is not stream or log.disabled:
+    handler, stream, dispatch = _handler
+    root = logging.root
+    if not dispatch or root.handlers != [handler] or handler.stream is not stream:
         return None
-    if handler.filters or log.handlers or log.filters or logging.root.filters:
+    if log.disabled or not log.propagate or handler.level > logging.INFO:
         return None
-    if not log.propagate or type(handler.formatter) is not _Formatter:
+    if handler.filters or log.handlers or log.filters or root.filters:
         return None
-    dispatch = (logging.Logger.handle, logging.Logger.callHandlers, type(handler).emit)
-    if any(f.__module__ != "logging" for f in dispatch):  # (Sentry patches callHandlers)
+    if type(handler.formatter) is not _Formatter:
         return None
-    return handler if handler.level <= logging.INFO else None
+    handle, call_handlers, emit = dispatch  # the same objects: none patched since
+    if logging.Logger.handle is not handle or logging.Logger.callHandlers is not call_handlers:
+        return None
+    return handler if type(handler).emit is emit else None
 
 
-_handler: list = [None, None]  # the handler _setup_logging made, and its stream
+#: The handler _setup_logging made, its stream, and logging's dispatch functions then: ()
+#: if an app had patched them already (as Sentry's and New Relic's integrations do).
+_handler: list = [None, None, ()]
 
 
 def _setup_logging(path, level):
@@ -1670,7 +1675,14 @@ def _setup_logging(path, level):
     logging.basicConfig(level=level, force=True)  # force: replaces root's handlers
     handler = logging.root.handlers[0]
     handler.setFormatter(_Formatter())
-    _handler[:] = [handler, handler.stream]
+    dispatch = (logging.Logger.handle, logging.Logger.callHandlers, type(handler).emit)
+    # Plain functions of logging's file: a wrapper may copy __module__ (functools.wraps), a
+    # proxy even __code__ (wrapt), but neither is a function compiled from logging's source.
+    own = all(
+        type(f) is types.FunctionType and f.__code__.co_filename == logging.__file__
+        for f in dispatch
+    )
+    _handler[:] = [handler, handler.stream, dispatch if own else ()]
     log.disabled = False  # an app's dictConfig() at import (disable_existing_loggers)
     logging.getLogger("wakaq.print").setLevel(logging.INFO)
 
@@ -2738,7 +2750,6 @@ def _snapshot(app):
         info["latency"][q.name] = round(max(0.0, now - float(ready or now)), 3)
     for (wid, beat), fields in zip(workers, replies):
         wid = wid.decode()
-        # "S.K" or "adopted:...", not "S.K:t" or "S.K:s"; not one claimed ahead (":s" empty)
         # "S.K" or "adopted:...", not "S.K:t" or "S.K:s"; running once begun (a task
         # claimed ahead has the start time "" until then)
         claimed = [f for f in fields if not f.endswith((b":s", b":t"))]

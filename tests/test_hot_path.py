@@ -4,11 +4,14 @@ attempt line a worker writes straight to its own log handler (not when the app s
 handler or patched logging's dispatch). Real worker processes."""
 
 import asyncio
+import functools
 import logging
 import os
 import re
 import signal
 import time
+
+import pytest
 
 import wakaq
 from conftest import ENV, URL, Proc, attempt, children, dead, kill_pids, rec, runs, slow, wait_for
@@ -29,8 +32,8 @@ async def nap(tag, seconds):
 
 @slow
 def test_every_async_task_a_full_child_runs_is_listed_as_running(r, spawn):
-    """The child's 2nd field is filled by a claim made ahead; the task it holds begins with
-    no claim after it to mark it begun in Redis (no field is free): its start stays ''."""
+    """The child's 2nd field is filled by a claim made ahead; an async app's claim ahead
+    begins at once, so it has its start time from the claim (no later claim marks it)."""
     nap.delay("a", 6)
     nap.delay("b", 6)
     spawn("worker", "tests.test_hot_path:async_app")
@@ -146,3 +149,84 @@ def test_an_attempt_line_reaches_a_patched_logger_dispatch(r, spawn):
         return open(app_log).read() if os.path.exists(app_log) else ""
 
     wait_for(lambda: re.search(line, crumbs(), re.M), "the breadcrumb", 3, diag=crumbs)
+
+
+# Patches that look like logging's own: a functools.wraps wrapper (it copies __module__) made
+# before the worker sets its logging up, and a proxy object (as wrapt's FunctionWrapper, which
+# New Relic's agent uses) made after.
+
+
+def crumb(record):
+    if record.name == "wakaq":
+        with open(os.environ["APP_LOG"], "a") as f:
+            f.write(record.getMessage() + "\n")
+
+
+def wrap_call_handlers(original):
+    @functools.wraps(original)
+    def call_handlers(self, record):
+        try:
+            return original(self, record)
+        finally:
+            crumb(record)
+
+    return call_handlers
+
+
+class CallHandlersProxy:
+    def __init__(self, wrapped):
+        functools.update_wrapper(self, wrapped)
+
+    def __get__(self, logger, owner=None):
+        return self if logger is None else functools.partial(self, logger)
+
+    def __call__(self, logger, record):
+        try:
+            return self.__wrapped__(logger, record)
+        finally:
+            crumb(record)
+
+
+if os.environ.get("PATCH_LOGGING_AT_IMPORT"):  # in the worker only, as it imports the app
+    logging.Logger.callHandlers = wrap_call_handlers(logging.Logger.callHandlers)
+
+wrapped_app = WakaQ(queues=["default"], url=URL, concurrency=1)
+proxied_app = WakaQ(queues=["default"], url=URL, concurrency=1)
+
+
+@proxied_app.after_worker_started
+def proxy_call_handlers():
+    logging.Logger.callHandlers = CallHandlersProxy(logging.Logger.callHandlers)
+
+
+@wrapped_app.task
+def hello3(tag):
+    rec("hello3", tag)
+
+
+@proxied_app.task
+def hello4(tag):
+    rec("hello4", tag)
+
+
+@slow
+@pytest.mark.parametrize(
+    "app, task", [("wrapped_app", hello3), ("proxied_app", hello4)], ids=["wraps", "proxy"]
+)
+def test_an_attempt_line_reaches_a_dispatch_patched_to_look_like_loggings_own(r, spawn, app, task):
+    app_log = os.path.join(spawn.folder, "crumbs.log")
+    env = {
+        **ENV,
+        "APP_LOG": app_log,
+        "PATCH_LOGGING_AT_IMPORT": "1" if app == "wrapped_app" else "",
+    }
+    w = Proc(["worker", f"tests.test_hot_path:{app}"], spawn.folder, env)
+    spawn.append(w)
+    task_id = task.delay("x")
+    wait_for(lambda: runs(r, task.name), "the task to run", diag=w.log)
+    line = rf"task {task.name} id={task_id} attempt=1 done in \d+\.\d+s$"
+
+    def crumbs():
+        return open(app_log).read() if os.path.exists(app_log) else ""
+
+    wait_for(lambda: re.search(line, crumbs(), re.M), "the line through the patch", 3, diag=w.log)

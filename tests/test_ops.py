@@ -35,6 +35,7 @@ from conftest import (
     RedisServer,
     Server,
     _free_port,
+    children,
     cli,
     need_binaries,
     needs_private,
@@ -256,18 +257,28 @@ def test_info_lists_the_tasks_running_now(r, spawn):
 @slow
 def test_info_lists_a_running_task_beside_one_claimed_ahead_with_its_real_start(r, spawn):
     """The child claims the 2nd nap ahead while the 1st runs: two in flight, one running,
-    started seconds ago (not at the epoch), and the one claimed ahead not started at all."""
-    first = nap.delay(30)
-    nap.delay(30)
-    spawn("worker", "tests.test_ops:app")
-    info = wait_for(
-        lambda: (lambda i: i["inflight"] == 2 and i)(wakaq._snapshot(app)[0]),
-        "the 2nd nap to be claimed ahead",
+    started seconds ago (not at the epoch), and the one claimed ahead not started at all. The
+    worker parent is stopped meanwhile, so that it does not give the 2nd back (HOLD_AHEAD)."""
+    worker = spawn("worker", "tests.test_ops:app")
+    wait_for(
+        lambda: children(worker.pid) and wakaq._snapshot(app)[0]["workers"],
+        "the worker's child and heartbeat",
         diag=spawn.tails,
     )
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        first = nap.delay(30)
+        nap.delay(30)
+        info = wait_for(
+            lambda: (lambda i: i["inflight"] == 2 and i)(wakaq._snapshot(app)[0]),
+            "the 2nd nap to be claimed ahead",
+            diag=spawn.tails,
+        )
+        [(key, fields)] = [(k, r.hgetall(k)) for k in r.scan_iter("{wakaq}:inflight:*")]
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
     [t] = info["running"]
     assert t["id"] == first and 0 <= t["seconds"] < 30, info["running"]
-    [(key, fields)] = [(k, r.hgetall(k)) for k in r.scan_iter("{wakaq}:inflight:*")]
     starts = sorted(v for f, v in fields.items() if f.endswith(b":s"))
     assert starts[0] == b"" and float(starts[1]) > time.time() - 60, fields
 
