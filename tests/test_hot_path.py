@@ -88,6 +88,10 @@ def hello(tag):
     rec("hello", tag)
 
 
+def text_of(path):
+    return open(path).read() if os.path.exists(path) else ""
+
+
 @slow
 def test_an_attempt_line_reaches_a_file_handler_the_app_swapped_in(r, spawn):
     app_log = os.path.join(spawn.folder, "app.log")
@@ -98,7 +102,7 @@ def test_an_attempt_line_reaches_a_file_handler_the_app_swapped_in(r, spawn):
     line = rf"task hello id={task_id} attempt=1 done in \d+\.\d+s$"
 
     def app_lines():
-        return open(app_log).read() if os.path.exists(app_log) else ""
+        return text_of(app_log)
 
     deadline = time.monotonic() + 3
     while not re.search(line, app_lines(), re.M) and time.monotonic() < deadline:
@@ -110,50 +114,10 @@ def test_an_attempt_line_reaches_a_file_handler_the_app_swapped_in(r, spawn):
     assert seen_running, "the line came only at exit"
 
 
-patched_app = WakaQ(queues=["default"], url=URL, concurrency=1)
-
-
-@patched_app.after_worker_started
-def patch_call_handlers():
-    """What sentry_sdk's LoggingIntegration does: every record also becomes a breadcrumb."""
-    original = logging.Logger.callHandlers
-
-    def call_handlers(self, record):
-        try:
-            return original(self, record)
-        finally:
-            if record.name == "wakaq":
-                with open(os.environ["APP_LOG"], "a") as f:
-                    f.write(record.getMessage() + "\n")
-
-    logging.Logger.callHandlers = call_handlers
-
-
-@patched_app.task
-def hello2(tag):
-    rec("hello2", tag)
-
-
-@slow
-def test_an_attempt_line_reaches_a_patched_logger_dispatch(r, spawn):
-    app_log = os.path.join(spawn.folder, "crumbs.log")
-    w = Proc(
-        ["worker", "tests.test_hot_path:patched_app"], spawn.folder, {**ENV, "APP_LOG": app_log}
-    )
-    spawn.append(w)
-    task_id = hello2.delay("x")
-    wait_for(lambda: runs(r, "hello2"), "the task to run", diag=w.log)
-    line = rf"task hello2 id={task_id} attempt=1 done in \d+\.\d+s$"
-
-    def crumbs():
-        return open(app_log).read() if os.path.exists(app_log) else ""
-
-    wait_for(lambda: re.search(line, crumbs(), re.M), "the breadcrumb", 3, diag=crumbs)
-
-
-# Patches that look like logging's own: a functools.wraps wrapper (it copies __module__) made
-# before the worker sets its logging up, and a proxy object (as wrapt's FunctionWrapper, which
-# New Relic's agent uses) made after.
+# Patches of logging's dispatch that every line must go through: a plain function (what
+# sentry_sdk's LoggingIntegration does: every record also becomes a breadcrumb), made after
+# the worker sets its logging up; a functools.wraps wrapper (it copies __module__) made
+# before; a proxy object (as wrapt's FunctionWrapper, which New Relic's agent uses) made after.
 
 
 def crumb(record):
@@ -190,13 +154,32 @@ class CallHandlersProxy:
 if os.environ.get("PATCH_LOGGING_AT_IMPORT"):  # in the worker only, as it imports the app
     logging.Logger.callHandlers = wrap_call_handlers(logging.Logger.callHandlers)
 
+patched_app = WakaQ(queues=["default"], url=URL, concurrency=1)
 wrapped_app = WakaQ(queues=["default"], url=URL, concurrency=1)
 proxied_app = WakaQ(queues=["default"], url=URL, concurrency=1)
+
+
+@patched_app.after_worker_started
+def patch_call_handlers():
+    original = logging.Logger.callHandlers
+
+    def call_handlers(self, record):
+        try:
+            return original(self, record)
+        finally:
+            crumb(record)
+
+    logging.Logger.callHandlers = call_handlers
 
 
 @proxied_app.after_worker_started
 def proxy_call_handlers():
     logging.Logger.callHandlers = CallHandlersProxy(logging.Logger.callHandlers)
+
+
+@patched_app.task
+def hello2(tag):
+    rec("hello2", tag)
 
 
 @wrapped_app.task
@@ -211,9 +194,11 @@ def hello4(tag):
 
 @slow
 @pytest.mark.parametrize(
-    "app, task", [("wrapped_app", hello3), ("proxied_app", hello4)], ids=["wraps", "proxy"]
+    "app, task",
+    [("patched_app", hello2), ("wrapped_app", hello3), ("proxied_app", hello4)],
+    ids=["plain", "wraps", "proxy"],
 )
-def test_an_attempt_line_reaches_a_dispatch_patched_to_look_like_loggings_own(r, spawn, app, task):
+def test_an_attempt_line_reaches_a_patched_logger_dispatch(r, spawn, app, task):
     app_log = os.path.join(spawn.folder, "crumbs.log")
     env = {
         **ENV,
@@ -225,8 +210,4 @@ def test_an_attempt_line_reaches_a_dispatch_patched_to_look_like_loggings_own(r,
     task_id = task.delay("x")
     wait_for(lambda: runs(r, task.name), "the task to run", diag=w.log)
     line = rf"task {task.name} id={task_id} attempt=1 done in \d+\.\d+s$"
-
-    def crumbs():
-        return open(app_log).read() if os.path.exists(app_log) else ""
-
-    wait_for(lambda: re.search(line, crumbs(), re.M), "the line through the patch", 3, diag=w.log)
+    wait_for(lambda: re.search(line, text_of(app_log), re.M), "the breadcrumb", 3, diag=w.log)
