@@ -2608,6 +2608,8 @@ class _Child:
         """The attempts' INFO lines, as logging.info in the task would write them, less the
         caller lookup. With the worker's own log set-up alone (_own_handler), straight to its
         stream: logging's record and dispatch were half of a line's cost."""
+        if not self.lines:  # (called at every step: most often with nothing to write)
+            return
         handler = _own_handler()
         while self.lines:
             msg, args = self.lines.pop(0)
