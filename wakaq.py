@@ -61,11 +61,12 @@ THE WORKER. A parent runs no task code; it forks `concurrency` children and watc
           sync-only app's child has two fields; an async app's, async_concurrency), it claims
           "ahead": the claim of its next task is sent before a task begins and read after
           it, so it costs no round trip of its own; the parent gives a claim held ahead back
-          to the front after HOLD_AHEAD s. Idle: the
-          claim goes behind a BLPOP of the wake-up lists on the same connection, so Redis
-          runs it as soon as a push wakes it. SIGTERM: finish the running tasks and exit 0
-          (at once if idle). SIGUSR1: a soft timeout or a cancel is due. A child whose
-          parent is gone claims nothing more.
+          to the front after HOLD_AHEAD s. Idle: the claim goes behind a BLPOP of the
+          wake-up lists on the same connection, so Redis runs it as soon as a push wakes it;
+          the task that wakes it begins at once, with no claim ahead (its queue was empty a
+          moment ago). SIGTERM: finish the running tasks and exit 0 (at once if idle).
+          SIGUSR1: a soft timeout or a cancel is due. A child whose parent is gone claims
+          nothing more.
 Shared memory (mmap before fork; _Table): per field eight doubles: soft and hard deadline
 (monotonic; 0 none), "held" (the claim number N of token "PID-N" the field may hold in
 Redis; 0 empty), "running" (N of the attempt started last), "finished" (N of a done attempt
@@ -2302,11 +2303,12 @@ class _Child:
         for hook in self.app._hooks["after_worker_started"]:
             self.loop.run_until_complete(_settle(hook()))
         claimed, wait = None, None  # (field, claim, payload) to begin; the next claim's wait
+        woke = False  # claimed by a claim that waited: begin it at once
         while not self.stopping and self.done < self.limit and os.getppid() == self.ppid:
             if self.releases:
                 self.redis_step(self.flush_releases)
             if claimed:
-                claimed = self.run_claimed(*claimed)
+                claimed, woke = self.run_claimed(*claimed, ahead=not woke), False
                 continue
             field = self.free_field()
             if field is None:
@@ -2317,7 +2319,7 @@ class _Child:
             if type(payload) is int:  # nothing to claim: ms to the next due task
                 wait = self.idle(payload)
             else:
-                wait, claimed = None, (field, claim, payload)
+                woke, wait, claimed = wait is not None, None, (field, claim, payload)
         if claimed:  # held ahead and not begun: back to the front
             field, claim, raw = claimed
             self.release(field, f"{self.pid}-{claim}", raw, _Outcome("interrupted"), None)
@@ -2414,17 +2416,19 @@ class _Child:
         finally:
             self.waiting = False
 
-    def run_claimed(self, field, claim, raw):
+    def run_claimed(self, field, claim, raw, ahead=True):
         """Begin a claimed payload. With a field free besides, the child sends its next claim
         (into that field) before the task runs and reads it after: the claim costs no round
         trip of its own, and is held ahead (the parent gives it back if the task runs long).
+        Not `ahead` (the task woke an idle child): it begins at once, as a claim sent first
+        would delay it by the time Redis takes to serve that claim, likely for nothing.
         -> that claim (field, claim, payload), or None."""
         for other in self.others[field]:
             if other not in self.attempts:
                 break
         else:
             other = None
-        if other is None or self.stopping:  # (past max_tasks_per_worker: given back)
+        if other is None or not ahead or self.stopping:  # (past max_tasks_per_worker: given back)
             return self.begin(field, claim, raw)
         began = False
 

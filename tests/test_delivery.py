@@ -591,6 +591,24 @@ def test_a_task_claimed_ahead_of_a_long_one_runs_at_once_in_an_idle_child(r, spa
 
 
 @slow
+def test_a_task_that_wakes_an_idle_child_begins_with_no_claim_ahead(r, spawn):
+    """Two tasks pushed at once to an idle child: the first begins at once, and the second
+    stays in its queue while the first runs (a claim sent ahead of the first would have
+    taken it into the child's other field before the first began)."""
+    w = spawn("worker", "tests.test_delivery:app")
+    workers_ready(r, [w], app, spawn.tails)
+    wait_for(lambda: blocked_in_blpop(r), "the idle child's BLPOP", 10)
+    sleeper.delay_many([("long", 3), ("next", 0)])
+    wait_for(lambda: runs(r, "started"), "the first task to start", diag=spawn.tails)
+    held = [json.loads(p)["args"] for fields in inflight(r).values() for p in fields.values()]
+    queued = [json.loads(p)["args"] for p in r.lrange("{wakaq}:q:default", 0, -1)]
+    assert (held, queued) == ([["long", 3]], [["next", 0]]), spawn.tails()
+    assert not runs(r, "finished"), "the first task ended before the check"
+    wait_for(lambda: len(runs(r, "finished")) == 2, "both tasks to run", 10, diag=spawn.tails)
+    w.stop()
+
+
+@slow
 def test_a_task_cancelled_while_held_ahead_never_runs(r, spawn):
     sleeper.delay("long", 2)
     task_id = taken_back.delay("cancelled")
