@@ -256,9 +256,10 @@ def test_info_lists_the_tasks_running_now(r, spawn):
 
 @slow
 def test_info_lists_a_running_task_beside_one_claimed_ahead_with_its_real_start(r, spawn):
-    """The child claims the 2nd nap ahead while the 1st runs: two in flight, one running,
-    started seconds ago (not at the epoch), and the one claimed ahead not started at all. The
-    worker parent is stopped meanwhile, so that it does not give the 2nd back (HOLD_AHEAD)."""
+    """The child claims the 2nd long nap ahead while the 1st runs: two in flight, one running,
+    started seconds ago (not at the epoch), and the one claimed ahead not started at all. A
+    short nap wakes the idle child first (a task that wakes it has no claim ahead). The worker
+    parent is stopped meanwhile, so that it does not give the claim ahead back (HOLD_AHEAD)."""
     worker = spawn("worker", "tests.test_ops:app")
     wait_for(
         lambda: children(worker.pid) and wakaq._snapshot(app)[0]["workers"],
@@ -267,8 +268,7 @@ def test_info_lists_a_running_task_beside_one_claimed_ahead_with_its_real_start(
     )
     os.kill(worker.pid, signal.SIGSTOP)
     try:
-        first = nap.delay(30)
-        nap.delay(30)
+        _, first, _ = nap.delay_many([(0,), (30,), (30,)])
         info = wait_for(
             lambda: (lambda i: i["inflight"] == 2 and i)(wakaq._snapshot(app)[0]),
             "the 2nd nap to be claimed ahead",
