@@ -514,11 +514,15 @@ def test_a_running_task_is_cancelled_even_among_stale_cancels_of_its_child_older
     task_id = cancellable.delay("stale")
     wait_for(lambda: runs(r, "started"), "the task to start", diag=spawn.tails)
     [wid] = [x.decode() for x in r.zrange("{wakaq}:workers", 0, -1)]
-    pid, claim = map(int, r.hget(f"{{wakaq}}:inflight:{wid}", "0.0:t").split(b"-"))
+    fields = r.hgetall(f"{{wakaq}}:inflight:{wid}")
+    [field] = [
+        f.decode() for f, v in fields.items() if v.startswith(b'{"id":"%s"' % task_id.encode())
+    ]
+    pid, claim = map(int, fields[f"{field}:t".encode()].split(b"-"))
     assert claim > 60, claim
     os.kill(w.pid, signal.SIGSTOP)  # the stale members and the cancel reach one poll
     try:
-        r.sadd(f"{{wakaq}}:cancel:{wid}", *(f"0.0 {pid}-{n}" for n in range(1, claim)))
+        r.sadd(f"{{wakaq}}:cancel:{wid}", *(f"{field} {pid}-{n}" for n in range(1, claim)))
         assert app.cancel(task_id) == "running"
     finally:
         os.kill(w.pid, signal.SIGCONT)
