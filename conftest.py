@@ -607,6 +607,11 @@ def dead_myid(entry):
         return None
 
 
+def blocked_in_blpop(r):
+    """The clients blocked in BLPOP: idle children waiting for work."""
+    return [c for c in r.client_list() if c.get("cmd") == "blpop" and c.get("flags") == "b"]
+
+
 def leftovers(r, the_app):
     """Everything still queued, delayed or in flight (empty when all is settled)."""
     left = {}

@@ -63,10 +63,10 @@ THE WORKER. A parent runs no task code; it forks `concurrency` children and watc
           it, so it costs no round trip of its own; the parent gives a claim held ahead back
           to the front after HOLD_AHEAD s. Idle: the claim goes behind a BLPOP of the
           wake-up lists on the same connection, so Redis runs it as soon as a push wakes it;
-          the task that wakes it begins at once, with no claim ahead (its queue was empty a
-          moment ago). SIGTERM: finish the running tasks and exit 0 (at once if idle).
-          SIGUSR1: a soft timeout or a cancel is due. A child whose parent is gone claims
-          nothing more.
+          the task that wakes it begins at once, with no claim ahead (after a lone push that
+          claim finds nothing). SIGTERM: finish the running tasks and exit 0 (at once if
+          idle). SIGUSR1: a soft timeout or a cancel is due. A child whose parent is gone
+          claims nothing more.
 Shared memory (mmap before fork; _Table): per field eight doubles: soft and hard deadline
 (monotonic; 0 none), "held" (the claim number N of token "PID-N" the field may hold in
 Redis; 0 empty), "running" (N of the attempt started last), "finished" (N of a done attempt
@@ -2320,7 +2320,7 @@ class _Child:
                 wait = self.idle(payload)
             else:
                 woke, wait, claimed = wait is not None, None, (field, claim, payload)
-        if claimed:  # held ahead and not begun: back to the front
+        if claimed:  # claimed and not begun (held ahead, or a stop came): back to the front
             field, claim, raw = claimed
             self.release(field, f"{self.pid}-{claim}", raw, _Outcome("interrupted"), None)
         while self.attempts:
@@ -2420,8 +2420,10 @@ class _Child:
         """Begin a claimed payload. With a field free besides, the child sends its next claim
         (into that field) before the task runs and reads it after: the claim costs no round
         trip of its own, and is held ahead (the parent gives it back if the task runs long).
-        Not `ahead` (the task woke an idle child): it begins at once, as a claim sent first
-        would delay it by the time Redis takes to serve that claim, likely for nothing.
+        Not `ahead` (the task woke an idle child): it begins at once. Building and sending a
+        claim first delays the task (more so when the child shares Redis's CPU), and after a
+        lone push that claim finds nothing; a wake-up that brings several tasks costs one
+        round trip not overlapped instead.
         -> that claim (field, claim, payload), or None."""
         for other in self.others[field]:
             if other not in self.attempts:

@@ -36,6 +36,7 @@ import redis
 
 import wakaq
 from conftest import (
+    blocked_in_blpop,
     CHAOS_SETTINGS,
     ENV,
     HERE,
@@ -598,12 +599,16 @@ def test_a_task_that_wakes_an_idle_child_begins_with_no_claim_ahead(r, spawn):
     w = spawn("worker", "tests.test_delivery:app")
     workers_ready(r, [w], app, spawn.tails)
     wait_for(lambda: blocked_in_blpop(r), "the idle child's BLPOP", 10)
-    sleeper.delay_many([("long", 3), ("next", 0)])
-    wait_for(lambda: runs(r, "started"), "the first task to start", diag=spawn.tails)
-    held = [json.loads(p)["args"] for fields in inflight(r).values() for p in fields.values()]
-    queued = [json.loads(p)["args"] for p in r.lrange("{wakaq}:q:default", 0, -1)]
-    assert (held, queued) == ([["long", 3]], [["next", 0]]), spawn.tails()
+    os.kill(w.pid, signal.SIGSTOP)  # no give-back of a claim held ahead while we look
+    try:
+        sleeper.delay_many([("long", 3), ("next", 0)])
+        wait_for(lambda: runs(r, "started"), "the first task to start", diag=spawn.tails)
+        held = [json.loads(p)["args"] for f in inflight(r).values() for p in f.values()]
+        queued = [json.loads(p)["args"] for p in r.lrange("{wakaq}:q:default", 0, -1)]
+    finally:
+        os.kill(w.pid, signal.SIGCONT)
     assert not runs(r, "finished"), "the first task ended before the check"
+    assert (held, queued) == ([["long", 3]], [["next", 0]]), spawn.tails()
     wait_for(lambda: len(runs(r, "finished")) == 2, "both tasks to run", 10, diag=spawn.tails)
     w.stop()
 
@@ -656,10 +661,6 @@ def test_a_claim_made_ahead_that_lands_after_its_give_back_is_not_left_in_flight
     wait_for(lambda: not leftovers(r, app), "nothing left", 5, diag=spawn.tails)
     assert runs(r, "stamp").count(["next"]) == 1
     w.stop()
-
-
-def blocked_in_blpop(r):
-    return [c for c in r.client_list() if c.get("cmd") == "blpop" and c.get("flags") == "b"]
 
 
 @slow

@@ -26,6 +26,7 @@ import redis
 import wakaq
 from wakaq import Queue, WakaQ
 from conftest import (
+    blocked_in_blpop,
     ENV,
     HERE,
     REDIS_SERVER,
@@ -266,6 +267,7 @@ def test_info_lists_a_running_task_beside_one_claimed_ahead_with_its_real_start(
         "the worker's child and heartbeat",
         diag=spawn.tails,
     )
+    wait_for(lambda: blocked_in_blpop(r), "the idle child's BLPOP", diag=spawn.tails)
     os.kill(worker.pid, signal.SIGSTOP)
     try:
         _, first, _ = nap.delay_many([(0,), (30,), (30,)])
