@@ -2497,8 +2497,8 @@ class _Child:
         self.redis_step(self.flush_acks)
         if self.attempts:
             return self.drive(PROMOTE)
-        due = due_ms / 1e3 if due_ms >= 0 else float("inf")
-        return min(self.app.wait_timeout, max(0.01, due))
+        due = max(0.01, due_ms / 1e3) if due_ms >= 0 else float("inf")
+        return max(0.001, min(self.app.wait_timeout, due))  # (BLPOP 0 would wait for ever)
 
     def flush_releases(self):
         self.write_lines()

@@ -301,6 +301,8 @@ def flush_scripts():
 limited_app = WakaQ(queues=["default"], url=URL, concurrency=1, max_tasks_per_worker=2)
 limited_app.task(sleeper.fn)
 limited_app.task(stamp.fn)
+brief_wait_app = WakaQ(queues=["default"], url=URL, concurrency=1, wait_timeout=0.0001)
+brief_wait_app.task(stamp.fn)
 
 
 @app.task(hard_timeout=1)
@@ -610,6 +612,19 @@ def test_a_task_that_wakes_an_idle_child_begins_with_no_claim_ahead(r, spawn):
     assert not runs(r, "finished"), "the first task ended before the check"
     assert (held, queued) == ([["long", 3]], [["next", 0]]), spawn.tails()
     wait_for(lambda: len(runs(r, "finished")) == 2, "both tasks to run", 10, diag=spawn.tails)
+    w.stop()
+
+
+@slow
+def test_a_wait_timeout_under_a_millisecond_still_ends_an_idle_childs_wait(r, spawn):
+    """BLPOP's timeout counts milliseconds, and 0 waits for ever: the idle child's wait is at
+    least 1 ms, so it still wakes for a delayed task coming due (not after a socket timeout,
+    as a lost Redis)."""
+    w = spawn("worker", "tests.test_delivery:brief_wait_app")
+    workers_ready(r, [w], brief_wait_app, spawn.tails)
+    stamp.delay("due", eta=1)
+    wait_for(lambda: runs(r, "stamp"), "the delayed task to run", 3, diag=spawn.tails)
+    assert "lost Redis" not in w.log(), w.log()[-2000:]
     w.stop()
 
 
