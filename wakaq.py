@@ -2302,13 +2302,13 @@ class _Child:
         asyncio.set_event_loop(self.loop)
         for hook in self.app._hooks["after_worker_started"]:
             self.loop.run_until_complete(_settle(hook()))
-        claimed, wait = None, None  # (field, claim, payload) to begin; the next claim's wait
-        woke = False  # claimed by a claim that waited: begin it at once
+        # (field, claim, payload, ahead: may claim ahead of it) to begin; the next claim's wait
+        claimed, wait = None, None
         while not self.stopping and self.done < self.limit and os.getppid() == self.ppid:
             if self.releases:
                 self.redis_step(self.flush_releases)
             if claimed:
-                claimed, woke = self.run_claimed(*claimed, ahead=not woke), False
+                claimed = self.run_claimed(*claimed)
                 continue
             field = self.free_field()
             if field is None:
@@ -2319,9 +2319,10 @@ class _Child:
             if type(payload) is int:  # nothing to claim: ms to the next due task
                 wait = self.idle(payload)
             else:
-                woke, wait, claimed = wait is not None, None, (field, claim, payload)
+                claimed = (field, claim, payload, wait is None)  # (woke by it: not ahead)
+                wait = None
         if claimed:  # claimed and not begun (held ahead, or a stop came): back to the front
-            field, claim, raw = claimed
+            field, claim, raw, _ = claimed
             self.release(field, f"{self.pid}-{claim}", raw, _Outcome("interrupted"), None)
         while self.attempts:
             self.drive(None)
@@ -2416,7 +2417,7 @@ class _Child:
         finally:
             self.waiting = False
 
-    def run_claimed(self, field, claim, raw, ahead=True):
+    def run_claimed(self, field, claim, raw, ahead):
         """Begin a claimed payload. With a field free besides, the child sends its next claim
         (into that field) before the task runs and reads it after: the claim costs no round
         trip of its own, and is held ahead (the parent gives it back if the task runs long).
@@ -2424,13 +2425,13 @@ class _Child:
         claim first delays the task (more so when the child shares Redis's CPU), and after a
         lone push that claim finds nothing; a wake-up that brings several tasks costs one
         round trip not overlapped instead.
-        -> that claim (field, claim, payload), or None."""
+        -> that claim (field, claim, payload, True), or None."""
         for other in self.others[field]:
             if other not in self.attempts:
                 break
         else:
             other = None
-        if other is None or not ahead or self.stopping:  # (past max_tasks_per_worker: given back)
+        if other is None or not ahead or self.stopping:  # (stopping: it would be given back)
             return self.begin(field, claim, raw)
         began = False
 
@@ -2449,7 +2450,7 @@ class _Child:
             if self.outage.seen:
                 self.outage.ok()
             if type(payload) is not int:
-                ahead = (other, claim_ahead, payload)
+                ahead = (other, claim_ahead, payload, True)
         except redis.RedisError as e:  # the loop's next claim retries, by the outage rule
             if isinstance(e, _RECONNECT):
                 self.r.reset()
